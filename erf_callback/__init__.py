@@ -1,0 +1,50 @@
+"""erf-callback: see what your CNN looks at while it learns.
+
+The engine (:func:`compute_erf`, :func:`fit_gaussian`) is pure torch. :class:`ERFMonitor`, the
+callback for ``pytorch_lightning.Trainer``, is imported lazily so that engine users do not pay
+for importing Lightning; ``erf_callback.lightning.ERFMonitor`` is the twin for
+``lightning.pytorch.Trainer``.
+
+Example:
+    >>> import torch
+    >>> from erf_callback import compute_erf
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU())
+    >>> m = compute_erf(net, torch.randn(4, 3, 32, 32))["output"]
+    >>> m.grad.shape
+    torch.Size([32, 32])
+"""
+
+from typing import TYPE_CHECKING, Any
+
+from erf_callback.engine import compute_erf, tokens_to_grid
+from erf_callback.erf_map import ERFMap
+from erf_callback.gaussian import GaussianFit, fit_gaussian
+from erf_callback.metrics import MetricConfig
+from erf_callback.receptive_field import AxisRF, RFGeometry
+from erf_callback.warnings import ERFWarning
+
+if TYPE_CHECKING:
+    from erf_callback.pytorch_lightning import ERFMonitor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AxisRF",
+    "ERFMap",
+    "ERFMonitor",
+    "ERFWarning",
+    "GaussianFit",
+    "MetricConfig",
+    "RFGeometry",
+    "compute_erf",
+    "fit_gaussian",
+    "tokens_to_grid",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ERFMonitor":
+        from erf_callback.pytorch_lightning import ERFMonitor
+
+        return ERFMonitor
+    raise AttributeError(f"module 'erf_callback' has no attribute {name!r}")

@@ -1,0 +1,438 @@
+"""``compute_erf``: the effective receptive field of chosen layers, batched and truncated.
+
+The ERF of a unit is the gradient of that unit with respect to the input pixels (Luo et al.,
+NeurIPS 2016). Samples are independent in eval mode, so the gradient of the *sum* of the unit
+over a batch gives every sample's gradient in one backward pass. The forward stops at the
+deepest probed layer, all layers come from one forward, weight gradients are never computed,
+and samples are processed in chunks so peak memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from erf_callback.erf_map import ERFMap
+from erf_callback.guard import probe_context
+from erf_callback.metrics import MetricConfig
+from erf_callback.receptive_field import ReceptiveFieldTracer, RFGeometry
+from erf_callback.warnings import ERFWarning
+
+OUTPUT = "output"
+Reduction = Literal["abs", "replknet"]
+OutputTransform = Callable[[Any], torch.Tensor]
+
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+class _StopForward(Exception):
+    """Raised from a forward hook once every probed layer has produced its output."""
+
+
+def compute_erf(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    layers: str | Sequence[str] | None = None,
+    *,
+    position: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
+    channels: int | Sequence[int] | None = None,
+    reduction: Reduction = "abs",
+    output_transform: OutputTransform | Mapping[str, OutputTransform] | None = None,
+    chunk_size: int | None = 32,
+    config: MetricConfig | None = None,
+) -> dict[str, ERFMap]:
+    """Measure the effective receptive field of layers of ``model`` on ``inputs``.
+
+    Args:
+        model: any ``nn.Module``; ``torch.compile`` and DDP wrappers are unwrapped (the original
+            module is probed, so nothing is recompiled). Its state is left exactly as found.
+        inputs: ``(N, C, *spatial)`` with 1, 2 or 3 spatial dims. Cast to the model's dtype and
+            moved to its device.
+        layers: names as in ``model.named_modules()``; ``None`` probes the model output (key
+            ``"output"``).
+        position: the probed unit's index in the layer's output grid (default: the centre,
+            ``size // 2`` per axis). A mapping gives one position per layer.
+        channels: output channels summed into the probed unit (default: all).
+        reduction: how the input gradient is reduced over input channels: ``"abs"`` (sum of
+            absolute values) or ``"replknet"`` (unit = sum of ReLU of channels; map = sum of
+            ReLU of the gradient, as in RepLKNet's erf/visualize_erf.py).
+        output_transform: turns a layer's raw output (tuple, dict, ViT tokens) into a tensor
+            ``(N, C, *spatial)``; one callable for all layers or a mapping per layer. Default:
+            the tensor itself, or the first tensor of a tuple/list. See :func:`tokens_to_grid`.
+        chunk_size: samples per forward/backward; bounds peak memory. ``None``: all at once.
+        config: metric choices (radius factor, energy fraction, fit method, ...).
+
+    Returns:
+        ``{layer_name: ERFMap}`` in the order of ``layers``.
+
+    Raises:
+        KeyError: an unknown layer name (the message lists the closest real names).
+        ValueError: bad input rank or dtype, a layer without spatial output, a position outside
+            the output, a layer the forward never reaches.
+
+    Example:
+        >>> import torch
+        >>> from erf_callback import compute_erf
+        >>> net = torch.nn.Sequential(*[torch.nn.Conv2d(1, 1, 3, padding=1) for _ in range(3)])
+        >>> torch.nn.init.constant_(net[0].weight, 1.0) and None
+        >>> maps = compute_erf(net, torch.randn(8, 1, 32, 32), layers=["2"])
+        >>> maps["2"].grad.shape, maps["2"].metrics()["trf_x"]
+        (torch.Size([32, 32]), 7.0)
+    """
+    if reduction not in ("abs", "replknet"):
+        raise ValueError(f"reduction must be 'abs' or 'replknet'; got {reduction!r}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None; got {chunk_size}")
+    net = unwrap_model(model)
+    names = _normalize_layers(layers)
+    modules = resolve_layers(net, names)
+    x_all = _check_inputs(inputs)
+    spatial_dims = x_all.dim() - 2
+    transforms = _per_layer(output_transform, names, "output_transform")
+    positions = _per_layer(position, names, "position")
+    config = config or MetricConfig()
+
+    ref = next(iter(net.parameters()), None)
+    if ref is None:
+        ref = next(iter(net.buffers()), None)
+    device = ref.device if ref is not None else x_all.device
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else x_all.dtype
+    n = x_all.shape[0]
+    chunk = n if chunk_size is None else min(chunk_size, n)
+    if _mixes_batch_in_eval(net):
+        # BatchNorm without running statistics normalises with batch statistics even in eval
+        # mode, so samples of one chunk would leak into each other's gradients.
+        chunk = 1
+
+    sums: dict[str, torch.Tensor] = {}
+    meta: dict[str, tuple[tuple[int, ...], tuple[int, ...], RFGeometry | None]] = {}
+    with probe_context(net, [device]):
+        for start in range(0, n, chunk):
+            x = x_all[start : start + chunk].to(device=device, dtype=dtype).detach()
+            x.requires_grad_(True)
+            tracer = ReceptiveFieldTracer(x) if start == 0 else None
+            with tracer if tracer is not None else nullcontext():
+                outputs = _forward_capture(net, x, names, modules, transforms)
+            grads = []
+            for i, name in enumerate(names):
+                out = outputs[name]
+                if start == 0:
+                    pos = _check_output(name, out, spatial_dims, positions[name])
+                    geo = _safe_geometry(tracer, out)
+                    meta[name] = (tuple(out.shape[1:]), pos, geo)
+                pos = meta[name][1]
+                unit = _select_unit(out, pos, channels)
+                if reduction == "replknet":
+                    unit = torch.relu(unit)
+                if not unit.requires_grad:
+                    grads.append(torch.zeros_like(x))
+                    continue
+                (g,) = torch.autograd.grad(
+                    unit.sum(), x, retain_graph=i < len(names) - 1, allow_unused=True
+                )
+                grads.append(torch.zeros_like(x) if g is None else g)
+            del outputs
+            for name, g in zip(names, grads, strict=True):
+                g = torch.relu(g) if reduction == "replknet" else g.abs()
+                part = g.sum(dim=(0, 1), dtype=torch.float64)
+                sums[name] = part if name not in sums else sums[name] + part
+
+    result: dict[str, ERFMap] = {}
+    in_shape = tuple(x_all.shape[2:])
+    for name in names:
+        out_shape, pos, geo = meta[name]
+        grad = (sums[name] / n).cpu()
+        status = "ok"
+        if not bool(torch.isfinite(grad).all()):
+            status = "nonfinite"
+            warnings.warn(
+                f"compute_erf: the gradient of {name!r} contains NaN/Inf; its metrics are NaN. "
+                "Check the model for overflow (or probe in float32).",
+                ERFWarning,
+                stacklevel=2,
+            )
+        elif not bool(grad.any()):
+            status = "zero"
+            warnings.warn(
+                f"compute_erf: the gradient of {name!r} is zero everywhere (dead ReLUs, a unit "
+                "that does not depend on the input, or channels that are all zero); its metrics "
+                "are NaN.",
+                ERFWarning,
+                stacklevel=2,
+            )
+        location = (
+            geo.center(pos)
+            if geo is not None
+            else tuple((p + 0.5) * i / o - 0.5 for p, i, o in zip(pos, in_shape, out_shape[1:]))
+        )
+        result[name] = ERFMap(
+            grad=grad,
+            layer=name,
+            position=pos,
+            output_shape=out_shape,
+            location=tuple(float(v) for v in location),
+            geometry=geo,
+            num_samples=n,
+            reduction=reduction,
+            status=status,  # type: ignore[arg-type]
+            config=config,
+        )
+    return result
+
+
+def tokens_to_grid(
+    grid_size: Sequence[int] | None = None, num_prefix_tokens: int = 1
+) -> OutputTransform:
+    """An ``output_transform`` for transformer blocks that output tokens ``(N, T, C)``.
+
+    Drops ``num_prefix_tokens`` leading tokens (class/register tokens) and reshapes the rest to
+    ``(N, C, *grid_size)``; without ``grid_size`` the grid is square.
+
+    Example:
+        >>> import torch
+        >>> tokens_to_grid(num_prefix_tokens=1)(torch.zeros(2, 1 + 16, 8)).shape
+        torch.Size([2, 8, 4, 4])
+    """
+
+    def transform(output: Any) -> torch.Tensor:
+        tokens = _first_tensor(output)
+        if tokens.dim() != 3:
+            raise ValueError(f"tokens_to_grid expects (N, T, C) tokens; got {tuple(tokens.shape)}")
+        tokens = tokens[:, num_prefix_tokens:]
+        count = tokens.shape[1]
+        size = tuple(grid_size) if grid_size is not None else (math.isqrt(count),) * 2
+        if math.prod(size) != count:
+            raise ValueError(
+                f"{count} tokens (after dropping {num_prefix_tokens}) do not form a grid of "
+                f"{size}; pass grid_size=(h, w) or the right num_prefix_tokens."
+            )
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *size)
+
+    return transform
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module whose parameters are probed: unwraps ``torch.compile`` and DDP wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and type(model).__name__ == "DistributedDataParallel":
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def resolve_layers(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module | None]:
+    """Map layer names to modules (``"output"`` to None); a bad name gets a helpful KeyError."""
+    table = dict(model.named_modules())
+    out: dict[str, nn.Module | None] = {}
+    for name in names:
+        key = _strip_wrappers(name)
+        if key in table and key != "":
+            out[name] = table[key]
+        elif name == OUTPUT:
+            out[name] = None
+        else:
+            raise KeyError(_unknown_layer_message(name, [k for k in table if k]))
+    return out
+
+
+def spatial_layer_names(model: nn.Module) -> list[str]:
+    """Names of the convolution and pooling modules, the usual candidates for probing."""
+    kinds = (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd)
+    return [n for n, m in unwrap_model(model).named_modules() if n and isinstance(m, kinds)]
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _normalize_layers(layers: str | Sequence[str] | None) -> list[str]:
+    if layers is None:
+        return [OUTPUT]
+    names = [layers] if isinstance(layers, str) else list(layers)
+    if not names:
+        raise ValueError("layers is empty; pass layer names or None for the model output.")
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"layer names must be strings; got {name!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"layers has duplicates: {names}")
+    return names
+
+
+def _strip_wrappers(name: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix) :], True
+    return name
+
+
+def _unknown_layer_message(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.5)
+    close += [c for c in candidates if name and name in c and c not in close][: 5 - len(close)]
+    hint = (
+        f" Closest names: {', '.join(repr(c) for c in close)}."
+        if close
+        else f" Top-level names: {', '.join(repr(c) for c in candidates if '.' not in c)[:400]}."
+    )
+    return (
+        f"No layer named {name!r} in the model.{hint} Names are those of "
+        "model.named_modules(); use 'output' (or layers=None) for the model output."
+    )
+
+
+def _check_inputs(inputs: Any) -> torch.Tensor:
+    if not isinstance(inputs, torch.Tensor):
+        raise TypeError(f"inputs must be a torch.Tensor (N, C, *spatial); got {type(inputs)}")
+    if inputs.dim() not in (3, 4, 5):
+        hint = " Add the batch dim: inputs.unsqueeze(0)." if inputs.dim() in (2, 3) else ""
+        raise ValueError(
+            f"inputs must be (N, C, *spatial) with 1-3 spatial dims; got shape "
+            f"{tuple(inputs.shape)}.{hint}"
+        )
+    if inputs.shape[0] == 0:
+        raise ValueError("inputs has no samples (N == 0).")
+    if not inputs.is_floating_point():
+        raise ValueError(
+            f"inputs must be floating point to take gradients; got {inputs.dtype}. "
+            "Convert them, e.g. inputs.float() / 255."
+        )
+    return inputs
+
+
+def _per_layer(value: Any, names: list[str], what: str) -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        unknown = set(value) - set(names)
+        if unknown:
+            raise KeyError(f"{what} names layers that are not probed: {sorted(unknown)}")
+        return {n: value.get(n) for n in names}
+    return dict.fromkeys(names, value)
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        for item in output:
+            if isinstance(item, torch.Tensor):
+                return item
+    raise ValueError(
+        f"the layer returned {type(output).__name__}, not a tensor; pass "
+        "output_transform=lambda out: ... that returns an (N, C, *spatial) tensor."
+    )
+
+
+def _forward_capture(
+    model: nn.Module,
+    x: torch.Tensor,
+    names: list[str],
+    modules: dict[str, nn.Module | None],
+    transforms: dict[str, OutputTransform | None],
+) -> dict[str, torch.Tensor]:
+    captured: dict[str, torch.Tensor] = {}
+    hooked = [n for n in names if modules[n] is not None]
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            if name in captured:  # a module called twice: its first call is probed
+                return
+            captured[name] = _apply_transform(name, output, transforms[name])
+            if len(captured) == len(names):
+                raise _StopForward
+
+        return hook
+
+    handles = [modules[n].register_forward_hook(make_hook(n)) for n in hooked]  # type: ignore[union-attr]
+    try:
+        output = model(x)
+    except _StopForward:
+        output = None
+    finally:
+        for h in handles:
+            h.remove()
+    if OUTPUT in names and modules[OUTPUT] is None and output is not None:
+        captured[OUTPUT] = _apply_transform(OUTPUT, output, transforms[OUTPUT])
+    missing = [n for n in names if n not in captured]
+    if missing:
+        raise ValueError(
+            f"The model's forward never called {missing}: they exist but are not used on this "
+            "path (e.g. a branch not taken, or a module only used in training_step). Probe "
+            "modules that forward() runs."
+        )
+    return captured
+
+
+def _apply_transform(name: str, output: Any, transform: OutputTransform | None) -> torch.Tensor:
+    if transform is not None:
+        out = transform(output)
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(f"output_transform for {name!r} returned {type(out).__name__}")
+        return out
+    try:
+        return _first_tensor(output)
+    except ValueError as err:
+        raise ValueError(f"layer {name!r}: {err}") from None
+
+
+def _check_output(
+    name: str, out: torch.Tensor, spatial_dims: int, position: Sequence[int] | None
+) -> tuple[int, ...]:
+    if out.dim() != spatial_dims + 2:
+        raise ValueError(
+            f"layer {name!r} outputs shape {tuple(out.shape)}, but an ERF needs "
+            f"(N, C, *spatial) with {spatial_dims} spatial dims like the input. Probe a layer "
+            "with a spatial output (a conv/pool/block), or pass output_transform (e.g. "
+            "tokens_to_grid() for transformer tokens)."
+        )
+    spatial = tuple(out.shape[2:])
+    if position is None:
+        return tuple(s // 2 for s in spatial)
+    pos = tuple(int(p) for p in position)
+    if len(pos) != spatial_dims or any(not 0 <= p < s for p, s in zip(pos, spatial)):
+        raise ValueError(
+            f"position {tuple(position)} is outside layer {name!r}'s output grid {spatial}; "
+            f"use indices 0 <= p < size per axis (the centre is {tuple(s // 2 for s in spatial)})."
+        )
+    return pos
+
+
+def _select_unit(
+    out: torch.Tensor, pos: tuple[int, ...], channels: int | Sequence[int] | None
+) -> torch.Tensor:
+    unit = out[(slice(None), slice(None), *pos)]
+    if channels is None:
+        return unit
+    idx = [channels] if isinstance(channels, int) else list(channels)
+    bad = [c for c in idx if not -unit.shape[1] <= c < unit.shape[1]]
+    if bad or not idx:
+        raise ValueError(
+            f"channels {idx} are not valid for an output with {unit.shape[1]} channels."
+        )
+    return unit[:, idx]
+
+
+def _safe_geometry(tracer: ReceptiveFieldTracer | None, out: torch.Tensor) -> RFGeometry | None:
+    if tracer is None:
+        return None
+    try:
+        return tracer.geometry(out)
+    except Exception:  # a tracer bug must never cost the user their probe
+        return None
+
+
+def _mixes_batch_in_eval(model: nn.Module) -> bool:
+    return any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats
+        for m in model.modules()
+    )
+

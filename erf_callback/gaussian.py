@@ -1,0 +1,428 @@
+"""Gaussian fit of an ERF map with moment semantics and robustness to a floor.
+
+Three methods, one result type (:class:`GaussianFit`):
+
+* ``"robust"`` (default): floor-corrected windowed moments. Start from the half-maximum region,
+  then iterate: estimate a constant floor as the median of the pixels outside the Mahalanobis
+  window ``d^2 <= window^2`` (default ``window = 5``), and take the first and second moments of
+  ``map - floor`` inside that window. On a clean map the window holds the whole distribution and
+  the floor is zero, so the result *is* the exact mean and covariance of the ERF distribution
+  (the closed forms of uniform conv stacks hold to rounding). On real maps a uniform pedestal
+  (noise, tails that never decay) is removed instead of inflating the sigmas.
+* ``"moments"``: plain moments of the whole map, no floor, no window.
+* ``"least_squares"``: a least-squares fit of ``floor + amplitude * Gaussian(mean, cov)``
+  seeded by ``"robust"`` (needs scipy). This is what most tools do; note it does *not* give
+  moment semantics on maps that are not yet Gaussian (shallow stacks).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+
+from erf_callback.warnings import ERFWarning
+
+FitMethod = Literal["robust", "moments", "least_squares"]
+
+# Eigenvalues of the covariance below this are treated as zero width when the model is
+# evaluated: a single-pixel or one-pixel-wide map then fits exactly instead of dividing by 0.
+_MIN_EVAL_VARIANCE = 1e-6
+# The search window never gets narrower than a Gaussian of this variance (half a pixel std),
+# so sub-pixel ERFs are still seen whole.
+_MIN_WINDOW_VARIANCE = 0.25
+# Enough far-away pixels to take a median from; fewer and the floor is assumed to be zero.
+_MIN_FLOOR_PIXELS = 8
+# The floor median is taken on a regular subsample of at most this many pixels.
+_FLOOR_SAMPLE = 32768
+
+
+@dataclass(frozen=True)
+class GaussianFit:
+    """A Gaussian fitted to an ERF map.
+
+    Coordinates are input-pixel indices in the map's axis order ((x,), (y, x) or (z, y, x)).
+
+    Attributes:
+        mean: centre, shape (d,).
+        cov: covariance, shape (d, d): rotated ERFs have non-zero off-diagonal terms.
+        floor: constant pedestal removed before the moments (0 for ``"moments"``).
+        amplitude: peak height of the Gaussian above the floor (least-squares given the shape).
+        r2: coefficient of determination of ``floor + amplitude * gaussian`` against the map
+            (1.0 for a perfect Gaussian; NaN for a constant map).
+        method: the method that produced the fit.
+        converged: whether the iteration met its tolerance.
+        message: empty when all went well, else what went wrong or what is degenerate.
+
+    Example:
+        >>> import numpy as np
+        >>> y, x = np.mgrid[:32, :32]
+        >>> fit = fit_gaussian(np.exp(-((y - 15) ** 2 + (x - 16) ** 2) / (2 * 3.0**2)))
+        >>> np.round(fit.sigma, 3).tolist(), round(fit.r2, 6)
+        ([3.0, 3.0], 1.0)
+    """
+
+    mean: np.ndarray
+    cov: np.ndarray
+    floor: float = 0.0
+    amplitude: float = float("nan")
+    r2: float = float("nan")
+    method: str = "robust"
+    converged: bool = True
+    message: str = ""
+    _extra: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def sigma(self) -> np.ndarray:
+        """Per-axis standard deviation, ``sqrt(diag(cov))``."""
+        return np.sqrt(np.clip(np.diag(self.cov), 0.0, None))
+
+    @property
+    def principal_sigmas(self) -> np.ndarray:
+        """Standard deviations along the principal axes, largest first."""
+        eig = np.linalg.eigvalsh(self.cov) if self.ok else np.full(len(self.mean), np.nan)
+        return np.sqrt(np.clip(eig, 0.0, None))[::-1]
+
+    @property
+    def ok(self) -> bool:
+        """True when mean and covariance are finite."""
+        return bool(np.all(np.isfinite(self.mean)) and np.all(np.isfinite(self.cov)))
+
+    def mahalanobis_sq(self, coords: list[np.ndarray]) -> np.ndarray:
+        """Squared Mahalanobis distance on the open grid ``coords`` (one 1-D array per axis)."""
+        return _mahalanobis_sq(coords, self.mean, _inverse(self.cov, _MIN_EVAL_VARIANCE))
+
+
+def fit_gaussian(
+    erf: torch.Tensor | np.ndarray,
+    method: FitMethod = "robust",
+    *,
+    window: float = 5.0,
+    max_iter: int = 50,
+    tol: float = 1e-6,
+) -> GaussianFit:
+    """Fit a Gaussian to a non-negative 1-, 2- or 3-D map.
+
+    Args:
+        erf: the map (for example ``ERFMap.grad``).
+        method: ``"robust"`` (floor-corrected windowed moments), ``"moments"`` or
+            ``"least_squares"``; see the module docstring.
+        window: Mahalanobis radius of the moment window of ``"robust"``. Mass of a Gaussian
+            beyond 5 is below 4e-6 in up to 3-D; the small truncation is corrected exactly.
+        max_iter: iteration cap of ``"robust"``.
+        tol: convergence tolerance (relative change of mean and covariance).
+
+    Returns:
+        The fit. Degenerate maps never raise: an all-zero or non-finite map gives NaN fields, a
+        message and an :class:`ERFWarning`; a single pixel or a line gives zero variance along
+        the degenerate directions.
+
+    Example:
+        >>> import torch
+        >>> from erf_callback import fit_gaussian
+        >>> fit = fit_gaussian(torch.ones(5, 5))  # uniform 5x5 box: variance (5^2 - 1) / 12
+        >>> fit.cov.round(6).tolist()
+        [[2.0, 0.0], [0.0, 2.0]]
+    """
+    a = _as_float64(erf)
+    if a.ndim not in (1, 2, 3):
+        raise ValueError(
+            f"fit_gaussian takes a 1-, 2- or 3-D map; got shape {tuple(a.shape)}. "
+            "Reduce batch and channel dimensions first (ERFMap.grad already is)."
+        )
+    if method not in ("robust", "moments", "least_squares"):
+        raise ValueError(
+            f"unknown method {method!r}; use 'robust', 'moments' or 'least_squares'."
+        )
+    d = a.ndim
+    if not np.all(np.isfinite(a)):
+        return _failed(d, method, "the map contains NaN or Inf")
+    if not np.any(a):
+        return _failed(d, method, "the map is all zeros")
+    coords = [np.arange(n, dtype=np.float64) for n in a.shape]
+
+    if method == "moments":
+        m0, mean, cov = _moments(a, coords)
+        if not m0 > 0:
+            return _failed(d, method, "the map has no positive mass")
+        return _finish(a, coords, mean, cov, 0.0, method, True, "")
+
+    robust = _fit_robust(a, coords, window, max_iter, tol)
+    if robust is None:
+        return _failed(d, method, "the map has no positive mass above its floor")
+    mean, cov, floor, converged = robust
+    msg = "" if converged else f"robust fit did not converge in {max_iter} iterations"
+    if method == "robust":
+        return _finish(a, coords, mean, cov, floor, method, converged, msg)
+    return _fit_least_squares(a, coords, mean, cov, floor)
+
+
+# --------------------------------------------------------------------------------------------
+# robust: floor + windowed moments
+
+
+def _fit_robust(
+    a: np.ndarray, coords: list[np.ndarray], window: float, max_iter: int, tol: float
+) -> tuple[np.ndarray, np.ndarray, float, bool] | None:
+    d = a.ndim
+    init = _half_max_init(a, coords)
+    if init is None:
+        return None
+    mean, cov = init
+    floor = 0.0
+    r2 = window * window
+    correction = _truncated_variance_factor(d, r2)
+    sample_idx, sample_vals = _subsample(a)
+    for _ in range(max_iter):
+        prec = _inverse(cov, _MIN_WINDOW_VARIANCE)
+        floor = _floor_outside(sample_idx, sample_vals, mean, prec, r2)
+        box = _window_box(a.shape, mean, cov, window)
+        box_coords = [c[s] for c, s in zip(coords, box, strict=True)]
+        d2 = _mahalanobis_sq(box_coords, mean, prec)
+        w = np.where(d2 <= r2, a[box] - floor, 0.0)
+        m0, new_mean, new_cov = _moments(w, box_coords)
+        if not m0 > 0 or not np.all(np.isfinite(new_cov)):
+            return None
+        new_cov = new_cov / correction
+        scale = max(float(np.sqrt(np.max(np.abs(np.diag(new_cov))))), 1.0)
+        delta = max(
+            float(np.max(np.abs(new_mean - mean))) / scale,
+            float(np.max(np.abs(new_cov - cov))) / (scale * scale),
+        )
+        mean, cov = new_mean, new_cov
+        if delta < tol:
+            return mean, cov, floor, True
+    return mean, cov, floor, False
+
+
+def _half_max_init(
+    a: np.ndarray, coords: list[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Mean and covariance from the region above half maximum.
+
+    For a Gaussian that region is the ellipsoid of Mahalanobis radius ``sqrt(2 ln 2)``, whose
+    uniform covariance is ``cov * 2 ln 2 / (d + 2)``; inverting that gives a start that is
+    close even when a floor dominates the total mass (where plain moments are off by 10x).
+    """
+    base = max(float(a.min()), 0.0)
+    peak = float(a.max())
+    if not peak > base:
+        return None
+    mask = (a >= base + 0.5 * (peak - base)).astype(np.float64)
+    _, mean, cov = _moments(mask, coords)
+    cov = cov * (a.ndim + 2) / (2.0 * math.log(2.0))
+    return mean, cov + np.eye(a.ndim) * _MIN_WINDOW_VARIANCE
+
+
+def _truncated_variance_factor(d: int, r2: float) -> float:
+    """``Var`` of a d-D Gaussian truncated to Mahalanobis radius ``sqrt(r2)`` over ``Var``.
+
+    Equals ``P(chi2_{d+2} <= r2) / P(chi2_d <= r2)``; closed forms for d <= 3 avoid scipy.
+    """
+    return _chi2_cdf(d + 2, r2) / _chi2_cdf(d, r2)
+
+
+def _chi2_cdf(k: int, x: float) -> float:
+    if k % 2 == 0:
+        # P(chi2_{2m} <= x) = 1 - exp(-x/2) sum_{i<m} (x/2)^i / i!
+        h, term, total = x / 2.0, 1.0, 0.0
+        for i in range(k // 2):
+            if i:
+                term *= h / i
+            total += term
+        return 1.0 - math.exp(-h) * total
+    # odd k: erf term plus the series sqrt(2x/pi) exp(-x/2) sum x^i / (1*3*...*(2i+1))
+    s, term, total = math.sqrt(x), 1.0, 0.0
+    for i in range((k - 1) // 2):
+        if i:
+            term *= x / (2 * i + 1)
+        total += term
+    return math.erf(s / math.sqrt(2.0)) - math.sqrt(2.0 / math.pi) * s * math.exp(-x / 2) * total
+
+
+def _subsample(a: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """A regular grid subsample (index arrays per axis and values) for the floor median."""
+    step = max(1, math.ceil((a.size / _FLOOR_SAMPLE) ** (1.0 / a.ndim)))
+    idx = [np.arange(0, n, step, dtype=np.float64) for n in a.shape]
+    vals = a[tuple(slice(None, None, step) for _ in range(a.ndim))]
+    return idx, vals
+
+
+def _floor_outside(
+    idx: list[np.ndarray], vals: np.ndarray, mean: np.ndarray, prec: np.ndarray, r2: float
+) -> float:
+    outside = vals[_mahalanobis_sq(idx, mean, prec) > r2]
+    if outside.size < _MIN_FLOOR_PIXELS:
+        # No pixel is far enough from the ERF to tell a floor from a tail: assume none.
+        return 0.0
+    return float(np.median(outside))
+
+
+def _window_box(
+    shape: tuple[int, ...], mean: np.ndarray, cov: np.ndarray, window: float
+) -> tuple[slice, ...]:
+    half = window * np.sqrt(np.clip(np.diag(cov), _MIN_WINDOW_VARIANCE, None))
+    lo = np.floor(mean - half).astype(np.int64)
+    hi = np.ceil(mean + half).astype(np.int64) + 1
+    return tuple(
+        slice(int(np.clip(l_, 0, n)), int(np.clip(h, 0, n)))
+        for l_, h, n in zip(lo, hi, shape, strict=True)
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# least squares (scipy)
+
+
+def _fit_least_squares(
+    a: np.ndarray, coords: list[np.ndarray], mean: np.ndarray, cov: np.ndarray, floor: float
+) -> GaussianFit:
+    try:
+        from scipy.optimize import least_squares
+    except ImportError as err:  # pragma: no cover - exercised only without scipy
+        raise ImportError(
+            "fit_gaussian(method='least_squares') needs scipy: pip install 'erf-callback[lsq]'"
+        ) from err
+    d = a.ndim
+    tri = np.tril_indices(d)
+    # The precision is parametrised by its Cholesky factor L (P = L L^T), so every step of the
+    # solver is a valid covariance; parameters are scaled by the peak so residuals are O(1).
+    scale = max(float(a.max()) - floor, 1e-300)
+    chol0 = np.linalg.cholesky(_inverse(cov, _MIN_WINDOW_VARIANCE))
+    p0 = np.concatenate([[floor / scale, 1.0], mean, chol0[tri]])
+    target = a / scale
+
+    def unpack(p: np.ndarray) -> tuple[float, float, np.ndarray, np.ndarray]:
+        lower = np.zeros((d, d))
+        lower[tri] = p[2 + d :]
+        return p[0], p[1], p[2 : 2 + d], lower
+
+    def residual(p: np.ndarray) -> np.ndarray:
+        b, amp, mu, lower = unpack(p)
+        d2 = _mahalanobis_sq(coords, mu, lower @ lower.T)
+        return (b + amp * np.exp(-0.5 * d2) - target).ravel()
+
+    sol = least_squares(residual, p0, method="trf", x_scale="jac")
+    b, _, mu, lower = unpack(sol.x)
+    return _finish(
+        a,
+        coords,
+        mu.copy(),
+        np.linalg.inv(lower @ lower.T),
+        float(b * scale),
+        "least_squares",
+        bool(sol.success),
+        "" if sol.success else f"least squares: {sol.message}",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# shared numerics
+
+
+def _as_float64(erf: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(erf, torch.Tensor):
+        return erf.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(erf, dtype=np.float64)
+
+
+def _moments(
+    w: np.ndarray, coords: list[np.ndarray]
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """Total, mean and covariance of the weights ``w`` on the open grid ``coords``.
+
+    Works on marginals (and 2-D marginals for cross terms), so the cost is one pass of sums
+    over the array rather than d^2 full-size products.
+    """
+    d = w.ndim
+    m0 = float(w.sum())
+    if m0 == 0.0:
+        return 0.0, np.full(d, np.nan), np.full((d, d), np.nan)
+    axes = range(d)
+    marg = [w.sum(axis=tuple(k for k in axes if k != i)) if d > 1 else w for i in axes]
+    mean = np.array([float(marg[i] @ coords[i]) / m0 for i in axes])
+    centred = [coords[i] - mean[i] for i in axes]
+    cov = np.empty((d, d))
+    for i in axes:
+        cov[i, i] = float(marg[i] @ (centred[i] * centred[i])) / m0
+        for j in range(i + 1, d):
+            m2 = w.sum(axis=tuple(k for k in axes if k not in (i, j))) if d > 2 else w
+            cov[i, j] = cov[j, i] = float(centred[i] @ m2 @ centred[j]) / m0
+    return m0, mean, cov
+
+
+def _inverse(cov: np.ndarray, min_variance: float) -> np.ndarray:
+    """Inverse of ``cov`` with eigenvalues floored at ``min_variance`` (degenerate maps)."""
+    vals, vecs = np.linalg.eigh((cov + cov.T) / 2)
+    vals = np.maximum(vals, min_variance)
+    return (vecs / vals) @ vecs.T
+
+
+def _mahalanobis_sq(coords: list[np.ndarray], mean: np.ndarray, prec: np.ndarray) -> np.ndarray:
+    d = len(coords)
+    shape_of = [[-1 if k == i else 1 for k in range(d)] for i in range(d)]
+    delta = [(coords[i] - mean[i]).reshape(shape_of[i]) for i in range(d)]
+    out = prec[0, 0] * delta[0] * delta[0]
+    for i in range(d):
+        for j in range(i, d):
+            if i == j == 0:
+                continue
+            factor = prec[i, j] if i == j else 2.0 * prec[i, j]
+            out = out + factor * delta[i] * delta[j]
+    return out
+
+
+def _finish(
+    a: np.ndarray,
+    coords: list[np.ndarray],
+    mean: np.ndarray,
+    cov: np.ndarray,
+    floor: float,
+    method: str,
+    converged: bool,
+    message: str,
+) -> GaussianFit:
+    """Amplitude and R^2 of ``floor + amplitude * exp(-d^2 / 2)`` against the map.
+
+    The Gaussian is evaluated only inside 8 sigma (exp(-32) ~ 1e-14 beyond); outside it the
+    model is the floor alone.
+    """
+    cov = (cov + cov.T) / 2
+    prec = _inverse(cov, _MIN_EVAL_VARIANCE)
+    box = _window_box(a.shape, mean, cov, 8.0)
+    box_coords = [c[s] for c, s in zip(coords, box, strict=True)]
+    g = np.exp(-0.5 * _mahalanobis_sq(box_coords, mean, prec))
+    resid_in = a[box] - floor
+    gg = float(np.sum(g * g))
+    amplitude = float(np.sum(resid_in * g)) / gg if gg > 0 else float("nan")
+    total_ss = float(np.sum((a - a.mean()) ** 2))
+    outside_ss = float(np.sum((a - floor) ** 2)) - float(np.sum(resid_in**2))
+    inside_ss = float(np.sum((resid_in - amplitude * g) ** 2)) if gg > 0 else float("nan")
+    residual_ss = max(inside_ss + outside_ss, 0.0)
+    r2 = 1.0 - residual_ss / total_ss if total_ss > 0 else float("nan")
+    return GaussianFit(
+        mean=np.asarray(mean, dtype=np.float64),
+        cov=cov,
+        floor=float(floor),
+        amplitude=amplitude,
+        r2=r2,
+        method=method,
+        converged=converged,
+        message=message,
+    )
+
+
+def _failed(d: int, method: str, why: str) -> GaussianFit:
+    warnings.warn(f"fit_gaussian: {why}; returning NaN.", ERFWarning, stacklevel=3)
+    return GaussianFit(
+        mean=np.full(d, np.nan),
+        cov=np.full((d, d), np.nan),
+        floor=float("nan"),
+        method=method,
+        converged=False,
+        message=why,
+    )
