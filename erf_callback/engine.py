@@ -12,8 +12,8 @@ from __future__ import annotations
 import difflib
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any, Literal
 
 import torch
@@ -29,10 +29,10 @@ OUTPUT = "output"
 Reduction = Literal["abs", "replknet"]
 OutputTransform = Callable[[Any], torch.Tensor]
 
-_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+_WRAPPER_PARTS = ("_orig_mod", "module")
 
 
-class _StopForward(Exception):
+class _StopForward(Exception):  # noqa: N818 - a control-flow signal, not an error
     """Raised from a forward hook once every probed layer has produced its output."""
 
 
@@ -113,7 +113,7 @@ def compute_erf(
 
     sums: dict[str, torch.Tensor] = {}
     meta: dict[str, tuple[tuple[int, ...], tuple[int, ...], RFGeometry | None]] = {}
-    with probe_context(net, [device]):
+    with probe_context(net, [device]), original_forwards(net):
         for start in range(0, n, chunk):
             x = x_all[start : start + chunk].to(device=device, dtype=dtype).detach()
             x.requires_grad_(True)
@@ -132,8 +132,11 @@ def compute_erf(
                 if reduction == "replknet":
                     unit = torch.relu(unit)
                 if not unit.requires_grad:
-                    grads.append(torch.zeros_like(x))
-                    continue
+                    raise ValueError(
+                        f"layer {name!r}'s output is not connected to the input by autograd "
+                        "(computed under no_grad, detached, or by a fused inference kernel); "
+                        "probe a layer whose output is differentiable w.r.t. the input."
+                    )
                 (g,) = torch.autograd.grad(
                     unit.sum(), x, retain_graph=i < len(names) - 1, allow_unused=True
                 )
@@ -161,16 +164,20 @@ def compute_erf(
         elif not bool(grad.any()):
             status = "zero"
             warnings.warn(
-                f"compute_erf: the gradient of {name!r} is zero everywhere (dead ReLUs, a unit "
-                "that does not depend on the input, or channels that are all zero); its metrics "
-                "are NaN.",
+                f"compute_erf: the gradient of {name!r} is zero everywhere; its metrics are NaN. "
+                "Causes: dead ReLUs, a unit that does not depend on the input, or a sum over "
+                "channels that is constant (after LayerNorm/GroupNorm it always is): pick "
+                "channels=[...] or reduction='replknet'.",
                 ERFWarning,
                 stacklevel=2,
             )
         location = (
             geo.center(pos)
             if geo is not None
-            else tuple((p + 0.5) * i / o - 0.5 for p, i, o in zip(pos, in_shape, out_shape[1:]))
+            else tuple(
+                (p + 0.5) * i / o - 0.5
+                for p, i, o in zip(pos, in_shape, out_shape[1:], strict=True)
+            )
         )
         result[name] = ERFMap(
             grad=grad,
@@ -231,7 +238,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def resolve_layers(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module | None]:
     """Map layer names to modules (``"output"`` to None); a bad name gets a helpful KeyError."""
-    table = dict(model.named_modules())
+    table = {_strip_wrappers(n): m for n, m in model.named_modules()}
     out: dict[str, nn.Module | None] = {}
     for name in names:
         key = _strip_wrappers(name)
@@ -242,6 +249,57 @@ def resolve_layers(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Modul
         else:
             raise KeyError(_unknown_layer_message(name, [k for k in table if k]))
     return out
+
+
+def deepest_spatial_layer(
+    model: nn.Module, inputs: torch.Tensor, output_transform: OutputTransform | None = None
+) -> str:
+    """The submodule whose forward finishes last with a spatial output (more than one position).
+
+    This is the default probed layer of :class:`ERFMonitor`: in a ResNet it is ``"layer4"``,
+    in a VGG the ``"features"`` block; the classifier head and global pooling are skipped.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(),
+        ...                           torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        >>> deepest_spatial_layer(net, torch.randn(1, 1, 8, 8))
+        '1'
+    """
+    net = unwrap_model(model)
+    x = _check_inputs(inputs)[:1]
+    finished: list[str] = []
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            try:
+                out = _apply_transform(name, output, output_transform)
+            except Exception:
+                return
+            if out.dim() == x.dim() and math.prod(out.shape[2:]) > 1:
+                finished.append(name)
+
+        return hook
+
+    handles = [
+        m.register_forward_hook(make_hook(_strip_wrappers(n)))
+        for n, m in net.named_modules()
+        if n and not _strip_wrappers(n) == ""
+    ]
+    ref = next(iter(net.parameters()), None)
+    try:
+        with probe_context(net), original_forwards(net), torch.no_grad():
+            x = x.to(ref.device, ref.dtype) if ref is not None else x
+            net(x)
+    finally:
+        for h in handles:
+            h.remove()
+    if not finished:
+        raise ValueError(
+            "No submodule of the model has a spatial output (N, C, *spatial); name the layers "
+            "to probe explicitly (with output_transform for token outputs)."
+        )
+    return finished[-1]
 
 
 def spatial_layer_names(model: nn.Module) -> list[str]:
@@ -268,13 +326,42 @@ def _normalize_layers(layers: str | Sequence[str] | None) -> list[str]:
 
 
 def _strip_wrappers(name: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name, changed = name[len(prefix) :], True
-    return name
+    """Drop the ``_orig_mod`` / ``module`` segments that compile and DDP wrappers add."""
+    parts = name.split(".")
+    while parts and parts[0] in _WRAPPER_PARTS:
+        parts.pop(0)
+    return ".".join(p for p in parts if p != "_orig_mod")
+
+
+@contextmanager
+def original_forwards(model: nn.Module) -> Iterator[None]:
+    """Route compiled modules to their original forward for the duration of a probe.
+
+    Eval mode and inputs that require grad would make a compiled module recompile (and a
+    probe is not worth a recompile). ``torch.compile``'d submodules get their instance
+    ``forward`` pointed at ``_orig_mod.__call__`` (hooks still fire); a module compiled by
+    Lightning (``_compiler_ctx``) gets its ``original_forward`` back.
+    """
+    saved: list[tuple[nn.Module, bool, Any]] = []
+    for m in model.modules():
+        inner = getattr(m, "_orig_mod", None)
+        ctx = getattr(m, "_compiler_ctx", None)
+        if isinstance(inner, nn.Module):
+            replacement = inner.__call__
+        elif isinstance(ctx, dict) and callable(ctx.get("original_forward")):
+            replacement = ctx["original_forward"]
+        else:
+            continue
+        saved.append((m, "forward" in m.__dict__, m.__dict__.get("forward")))
+        m.forward = replacement  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for m, had_own, own in reversed(saved):
+            if had_own:
+                m.forward = own  # type: ignore[method-assign]
+            else:
+                del m.forward
 
 
 def _unknown_layer_message(name: str, candidates: list[str]) -> str:
@@ -398,7 +485,7 @@ def _check_output(
     if position is None:
         return tuple(s // 2 for s in spatial)
     pos = tuple(int(p) for p in position)
-    if len(pos) != spatial_dims or any(not 0 <= p < s for p, s in zip(pos, spatial)):
+    if len(pos) != spatial_dims or any(not 0 <= p < s for p, s in zip(pos, spatial, strict=False)):
         raise ValueError(
             f"position {tuple(position)} is outside layer {name!r}'s output grid {spatial}; "
             f"use indices 0 <= p < size per axis (the centre is {tuple(s // 2 for s in spatial)})."
@@ -435,4 +522,3 @@ def _mixes_batch_in_eval(model: nn.Module) -> bool:
         isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats
         for m in model.modules()
     )
-

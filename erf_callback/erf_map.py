@@ -151,7 +151,7 @@ class ERFMap:
         default = tuple(s // 2 for s in self.output_shape[1:])
         if self.position == default:
             return None
-        return tuple(int(round(v)) for v in self.location)
+        return tuple(round(v) for v in self.location)
 
 
 def _erf_trf_ratio(radius: float, trf: tuple[float, ...]) -> float:

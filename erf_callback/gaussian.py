@@ -111,8 +111,9 @@ def fit_gaussian(
         erf: the map (for example ``ERFMap.grad``).
         method: ``"robust"`` (floor-corrected windowed moments), ``"moments"`` or
             ``"least_squares"``; see the module docstring.
-        window: Mahalanobis radius of the moment window of ``"robust"``. Mass of a Gaussian
-            beyond 5 is below 4e-6 in up to 3-D; the small truncation is corrected exactly.
+        window: Mahalanobis radius of the moment window of ``"robust"``. A Gaussian's mass
+            beyond 5 is below 4e-6 in up to 3-D; narrower windows are corrected for the part
+            of a Gaussian's variance they cut (exact for Gaussians).
         max_iter: iteration cap of ``"robust"``.
         tol: convergence tolerance (relative change of mean and covariance).
 
@@ -135,9 +136,7 @@ def fit_gaussian(
             "Reduce batch and channel dimensions first (ERFMap.grad already is)."
         )
     if method not in ("robust", "moments", "least_squares"):
-        raise ValueError(
-            f"unknown method {method!r}; use 'robust', 'moments' or 'least_squares'."
-        )
+        raise ValueError(f"unknown method {method!r}; use 'robust', 'moments' or 'least_squares'.")
     d = a.ndim
     if not np.all(np.isfinite(a)):
         return _failed(d, method, "the map contains NaN or Inf")
@@ -174,12 +173,15 @@ def _fit_robust(
         return None
     mean, cov = init
     floor = 0.0
+    amplitude = float(a.max())
     r2 = window * window
-    correction = _truncated_variance_factor(d, r2)
+    # Below 5 the window cuts a visible part of a Gaussian's variance, so it is corrected; at 5
+    # the cut is < 5e-5 and a correction would only bias compact (not yet Gaussian) maps.
+    correction = _truncated_variance_factor(d, r2) if window < 5.0 else 1.0
     sample_idx, sample_vals = _subsample(a)
     for _ in range(max_iter):
         prec = _inverse(cov, _MIN_WINDOW_VARIANCE)
-        floor = _floor_outside(sample_idx, sample_vals, mean, prec, r2)
+        floor = _estimate_floor(sample_idx, sample_vals, mean, prec, window, amplitude)
         box = _window_box(a.shape, mean, cov, window)
         box_coords = [c[s] for c, s in zip(coords, box, strict=True)]
         d2 = _mahalanobis_sq(box_coords, mean, prec)
@@ -188,6 +190,7 @@ def _fit_robust(
         if not m0 > 0 or not np.all(np.isfinite(new_cov)):
             return None
         new_cov = new_cov / correction
+        amplitude = _peak_of(m0, new_cov)
         scale = max(float(np.sqrt(np.max(np.abs(np.diag(new_cov))))), 1.0)
         delta = max(
             float(np.max(np.abs(new_mean - mean))) / scale,
@@ -199,9 +202,7 @@ def _fit_robust(
     return mean, cov, floor, False
 
 
-def _half_max_init(
-    a: np.ndarray, coords: list[np.ndarray]
-) -> tuple[np.ndarray, np.ndarray] | None:
+def _half_max_init(a: np.ndarray, coords: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
     """Mean and covariance from the region above half maximum.
 
     For a Gaussian that region is the ellipsoid of Mahalanobis radius ``sqrt(2 ln 2)``, whose
@@ -252,14 +253,40 @@ def _subsample(a: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
     return idx, vals
 
 
-def _floor_outside(
-    idx: list[np.ndarray], vals: np.ndarray, mean: np.ndarray, prec: np.ndarray, r2: float
+def _estimate_floor(
+    idx: list[np.ndarray],
+    vals: np.ndarray,
+    mean: np.ndarray,
+    prec: np.ndarray,
+    window: float,
+    amplitude: float,
 ) -> float:
-    outside = vals[_mahalanobis_sq(idx, mean, prec) > r2]
-    if outside.size < _MIN_FLOOR_PIXELS:
-        # No pixel is far enough from the ERF to tell a floor from a tail: assume none.
+    """Median of the pixels far from the ERF: the constant pedestal under it.
+
+    Pixels beyond the window are used when there are enough of them. When the ERF nearly fills
+    the map, nearer rings (Mahalanobis 4, then 3) are used with the current Gaussian's tail
+    subtracted first, so the estimate stays unbiased for a Gaussian plus a floor.
+    """
+    d2 = _mahalanobis_sq(idx, mean, prec)
+    for radius in (window, 4.0, 3.0):
+        if radius > window:
+            continue
+        outside = d2 > radius * radius
+        if np.count_nonzero(outside) >= _MIN_FLOOR_PIXELS:
+            far = vals[outside]
+            if radius < window:
+                far = far - amplitude * np.exp(-0.5 * d2[outside])
+            return float(np.median(far))
+    # No pixel is far enough from the ERF to tell a floor from a tail: assume none.
+    return 0.0
+
+
+def _peak_of(mass: float, cov: np.ndarray) -> float:
+    """Peak height of the Gaussian with total ``mass`` and covariance ``cov`` (pixel units)."""
+    det = float(np.linalg.det(cov))
+    if not det > 0:
         return 0.0
-    return float(np.median(outside))
+    return mass / math.sqrt((2 * math.pi) ** cov.shape[0] * det)
 
 
 def _window_box(
@@ -330,9 +357,7 @@ def _as_float64(erf: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.asarray(erf, dtype=np.float64)
 
 
-def _moments(
-    w: np.ndarray, coords: list[np.ndarray]
-) -> tuple[float, np.ndarray, np.ndarray]:
+def _moments(w: np.ndarray, coords: list[np.ndarray]) -> tuple[float, np.ndarray, np.ndarray]:
     """Total, mean and covariance of the weights ``w`` on the open grid ``coords``.
 
     Works on marginals (and 2-D marginals for cross terms), so the cost is one pass of sums

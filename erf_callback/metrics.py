@@ -111,7 +111,7 @@ def area_ratio(
     if not top > 0 or not np.all(np.isfinite(a)):
         return {float(t): float("nan") for t in thresholds}
     a = a / top
-    c = [n // 2 for n in a.shape] if center is None else [int(round(v)) for v in center]
+    c = [n // 2 for n in a.shape] if center is None else [round(v) for v in center]
     # Integral image with a zero border: any axis-aligned box sum in 2^d lookups.
     s = a
     for axis in range(a.ndim):
@@ -124,9 +124,7 @@ def area_ratio(
     hi = [np.clip(ci + i + 1, 0, n) for ci, n in zip(c, a.shape, strict=True)]
     sums = np.zeros(len(i))
     for corner in range(1 << a.ndim):
-        idx = tuple(
-            (hi[k] if corner >> k & 1 else lo[k]) for k in range(a.ndim)
-        )
+        idx = tuple((hi[k] if corner >> k & 1 else lo[k]) for k in range(a.ndim))
         sign = (-1) ** (a.ndim - bin(corner).count("1"))
         sums += sign * s[idx]
     out: dict[float, float] = {}

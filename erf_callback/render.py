@@ -175,6 +175,8 @@ def colorize(
     if values.ndim != 2:
         raise ValueError(f"colorize expects a 2-D array, got shape {values.shape}")
     lut = _lut(cmap)
+    if values.size == 0:
+        return np.zeros((*values.shape, 3), dtype=np.uint8)
     finite = np.isfinite(values)
     all_finite = bool(finite.all())
     if not all_finite and not finite.any():
@@ -450,8 +452,8 @@ def render_heatmap(
     erf2, mean2, cov2, box2, loc2 = to_display_2d(erf, mean, cov, trf_box, location)
     f = _upscale_factor(erf2.shape, min_size)
     small = _colorize_map(erf2, log_scale, cmap)
-    img = _upscale(small, f)
-    if not img.flags.writeable or img is small:
+    img = _upscale(small, f)  # a fresh array either way (colorize output, or reshape copy)
+    if not img.flags.writeable:
         img = np.array(img)  # the overlays write into it
     if box2 is not None:
         _draw_box(img, box2, f, _TRF_RGB)

@@ -1,0 +1,94 @@
+"""Shared helpers of the benchmark scripts: interleaved timing, medians of ratios, tables.
+
+Machines are noisy, so every benchmark compares a candidate with a baseline measured in the
+same process: repetitions of all variants are interleaved (the order alternates every round),
+after a warm-up, and a ratio is the median over rounds of the per-round ratio.
+"""
+
+from __future__ import annotations
+
+import gc
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from anywhere: import the working tree's package
+    sys.path.insert(0, str(ROOT))
+
+
+def interleaved(
+    funcs: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    sync: Callable[[], None] | None = None,
+) -> dict[str, list[float]]:
+    """Seconds per call of each function; rounds alternate forward and reverse order."""
+    for _ in range(warmup):
+        for f in funcs.values():
+            f()
+            if sync is not None:
+                sync()
+    names = list(funcs)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(repeats):
+        order = names if r % 2 == 0 else names[::-1]
+        for k in order:
+            gc.collect()
+            if sync is not None:
+                sync()
+            t0 = time.perf_counter()
+            funcs[k]()
+            if sync is not None:
+                sync()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
+    """Median over rounds of ``numerator[r] / denominator[r]`` (same-round pairs)."""
+    return median([a / b for a, b in zip(numerator, denominator, strict=True)])
+
+
+def spread(values: Sequence[float]) -> str:
+    """``min..max`` relative to the median, to show how noisy a row is."""
+    m = median(values)
+    return f"{min(values) / m:.2f}..{max(values) / m:.2f}"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for n, row in enumerate(cells):
+        lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def header(title: str) -> None:
+    import numpy as np
+
+    try:
+        import torch
+
+        torch_info = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    except ImportError:  # pragma: no cover
+        torch_info = "no torch"
+    print(f"== {title}")
+    print(
+        f"   python {platform.python_version()}, {torch_info}, numpy {np.__version__}, "
+        f"{platform.machine()} ({platform.processor() or 'cpu'})"
+    )

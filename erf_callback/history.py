@@ -1,0 +1,154 @@
+"""The record of every probe: metrics, change since initialisation, downsampled maps."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from erf_callback.render import downsample_map
+
+#: Change-from-initialisation metrics added to every record (and logged as scalars).
+CHANGE_METRICS = ("radius_growth", "map_correlation", "center_shift")
+
+
+class ERFHistory:
+    """Probe records in order, each ``{"probe", "step", "epoch", "layer", "status", metrics...}``.
+
+    Maps are kept downsampled (``map_size`` per side at most, float32) so a long run stays
+    small; they feed the evolution grid and the change metrics and survive checkpoints.
+
+    Example:
+        >>> import torch
+        >>> h = ERFHistory()
+        >>> h.add(0, 0, "layer1", "ok", {"radius": 2.0, "center_y": 8.0, "center_x": 8.0},
+        ...       torch.ones(16, 16))["radius_growth"]
+        1.0
+    """
+
+    def __init__(self, map_size: int = 64) -> None:
+        self.map_size = map_size
+        self.records: list[dict[str, Any]] = []
+        self.maps: dict[str, list[tuple[int, torch.Tensor]]] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def num_probes(self) -> int:
+        return 1 + max((r["probe"] for r in self.records), default=-1)
+
+    def steps(self) -> list[int]:
+        return sorted({r["step"] for r in self.records})
+
+    def first(self, layer: str) -> dict[str, Any] | None:
+        """The earliest valid record of ``layer`` (the initialisation probe)."""
+        return next((r for r in self.records if r["layer"] == layer and r["status"] == "ok"), None)
+
+    def add(
+        self,
+        step: int,
+        epoch: int,
+        layer: str,
+        status: str,
+        metrics: Mapping[str, float],
+        erf: torch.Tensor,
+        probe: int | None = None,
+    ) -> dict[str, Any]:
+        """Append a record (with change metrics against the first valid one) and its map."""
+        small = torch.from_numpy(downsample_map(erf.numpy(), self.map_size)).float()
+        base = self.first(layer)
+        record: dict[str, Any] = {
+            "probe": self.num_probes if probe is None else probe,
+            "step": step,
+            "epoch": epoch,
+            "layer": layer,
+            "status": status,
+            **{k: float(v) for k, v in metrics.items()},
+        }
+        record.update(self._change(record, base, small, layer))
+        self.records.append(record)
+        if status == "ok":
+            self.maps.setdefault(layer, []).append((step, small))
+        return record
+
+    def _change(
+        self, record: dict[str, Any], base: dict[str, Any] | None, small: torch.Tensor, layer: str
+    ) -> dict[str, float]:
+        nan = float("nan")
+        if record["status"] != "ok":
+            return dict.fromkeys(CHANGE_METRICS, nan)
+        if base is None:  # this is the first valid probe
+            return {"radius_growth": 1.0, "map_correlation": 1.0, "center_shift": 0.0}
+        growth = record.get("radius", nan) / base["radius"] if base.get("radius") else nan
+        init_map = self.maps[layer][0][1]
+        corr = _correlation(init_map, small) if init_map.shape == small.shape else nan
+        keys = [k for k in record if k.startswith("center_") and k != "center_offset"]
+        shift = math.sqrt(sum((record[k] - base.get(k, nan)) ** 2 for k in keys)) if keys else nan
+        return {"radius_growth": growth, "map_correlation": corr, "center_shift": shift}
+
+    # ---- persistence ---------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain containers and tensors only, so checkpoints load with ``weights_only=True``."""
+        return {
+            "map_size": self.map_size,
+            "records": [dict(r) for r in self.records],
+            "maps": {k: [(s, m.clone()) for s, m in v] for k, v in self.maps.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.map_size = int(state["map_size"])
+        self.records = [dict(r) for r in state["records"]]
+        self.maps = {k: [(int(s), m) for s, m in v] for k, v in state["maps"].items()}
+
+    def write(self, directory: str, basename: str = "erf_history") -> tuple[str, str]:
+        """Write ``<basename>.csv`` (metrics, one row per probe and layer: ``pd.read_csv``) and
+        ``<basename>.json`` (records plus the downsampled maps). Returns both paths."""
+        os.makedirs(directory, exist_ok=True)
+        csv_path = os.path.join(directory, f"{basename}.csv")
+        json_path = os.path.join(directory, f"{basename}.json")
+        columns: list[str] = []
+        for r in self.records:
+            columns += [k for k in r if k not in columns]
+        tmp = csv_path + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.records)
+        os.replace(tmp, csv_path)
+        payload = {
+            "format": "erf-callback history v1",
+            "records": [{k: _json_number(v) for k, v in r.items()} for r in self.records],
+            "maps": {
+                layer: [{"step": s, "map": m.tolist()} for s, m in entries]
+                for layer, entries in self.maps.items()
+            },
+        }
+        tmp = json_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(payload, f)
+        os.replace(tmp, json_path)
+        return csv_path, json_path
+
+
+def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    x, y = a.double().flatten(), b.double().flatten()
+    x, y = x - x.mean(), y - y.mean()
+    denom = float(torch.sqrt((x * x).sum() * (y * y).sum()))
+    return float((x * y).sum()) / denom if denom > 0 else float("nan")
+
+
+def _json_number(v: Any) -> Any:
+    # JSON has no NaN/Inf; null keeps the file valid for every reader (pandas reads it as NaN).
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, np.generic):
+        return v.item()
+    return v

@@ -1,0 +1,101 @@
+"""When to probe: every N optimiser steps, every N epochs, at given steps, log-spaced, or auto."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+#: Probing may cost at most this fraction of training time under the automatic schedule.
+DEFAULT_MAX_OVERHEAD = 0.02
+#: Optimiser steps timed before the automatic interval is fixed.
+AUTO_WARMUP_STEPS = 10
+
+
+@dataclass
+class ProbeSchedule:
+    """Decides at which ``global_step`` (optimiser steps) and epoch ends a probe runs.
+
+    Several rules may be combined; a step is due when any rule says so. When no rule is given
+    the schedule is automatic: after :data:`AUTO_WARMUP_STEPS` steps the interval is set so
+    that one probe costs at most ``max_overhead`` of the training time in between, rounded up
+    to 1, 2 or 5 x 10^k steps, and then kept (it is part of the checkpointed state).
+
+    Args:
+        every_n_steps: probe when ``global_step % every_n_steps == 0``.
+        every_n_epochs: probe at the end of every N-th training epoch.
+        at_steps: explicit steps.
+        log_spaced: probes per decade of steps (``round(10 ** (i / log_spaced))``): dense
+            early, where the ERF moves most.
+        max_overhead: budget of the automatic schedule.
+
+    Example:
+        >>> s = ProbeSchedule(every_n_steps=100, log_spaced=2)
+        >>> [step for step in range(1, 400) if s.due_at_step(step)]
+        [1, 3, 10, 32, 100, 200, 300, 316]
+    """
+
+    every_n_steps: int | None = None
+    every_n_epochs: int | None = None
+    at_steps: Iterable[int] | None = None
+    log_spaced: int | None = None
+    max_overhead: float = DEFAULT_MAX_OVERHEAD
+    auto_interval: int | None = None
+    _at: frozenset[int] = field(default=frozenset(), init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("every_n_steps", "every_n_epochs", "log_spaced"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+                raise ValueError(f"{name} must be a positive int or None; got {value!r}")
+        if not 0 < self.max_overhead < 1:
+            raise ValueError(f"max_overhead must be in (0, 1); got {self.max_overhead}")
+        steps = list(self.at_steps or [])
+        if any(isinstance(s, bool) or int(s) != s or s < 0 for s in steps):
+            raise ValueError(f"at_steps must be non-negative ints; got {steps}")
+        self._at = frozenset(int(s) for s in steps)
+
+    @property
+    def is_auto(self) -> bool:
+        """True when no explicit rule was given."""
+        return not (self.every_n_steps or self.every_n_epochs or self._at or self.log_spaced)
+
+    def due_at_step(self, step: int) -> bool:
+        """Whether a probe is due right after the optimiser step that made ``global_step``."""
+        if step in self._at:
+            return True
+        interval = self.every_n_steps or (self.auto_interval if self.is_auto else None)
+        if interval and step % interval == 0:
+            return True
+        return bool(self.log_spaced) and step in self._log_steps_around(step)
+
+    def due_at_epoch_end(self, epoch: int) -> bool:
+        """Whether a probe is due at the end of (zero-based) ``epoch``."""
+        return bool(self.every_n_epochs) and (epoch + 1) % self.every_n_epochs == 0
+
+    def choose_auto_interval(self, probe_seconds: float, step_seconds: float) -> int:
+        """Fix the automatic interval from measured probe and step times."""
+        raw = probe_seconds / (self.max_overhead * max(step_seconds, 1e-9))
+        self.auto_interval = nice_ceil(raw)
+        return self.auto_interval
+
+    def _log_steps_around(self, step: int) -> set[int]:
+        assert self.log_spaced
+        i = round(self.log_spaced * math.log10(step)) if step > 0 else 0
+        return {round(10 ** (j / self.log_spaced)) for j in (i - 1, i, i + 1) if j >= 0}
+
+
+def nice_ceil(value: float) -> int:
+    """The smallest of 1, 2, 5, 10, 20, 50, ... that is >= ``value``.
+
+    Example:
+        >>> [nice_ceil(v) for v in (0.3, 1, 3, 7, 11, 180)]
+        [1, 1, 5, 10, 20, 200]
+    """
+    if not value > 1:
+        return 1
+    exp = 10 ** math.floor(math.log10(value))
+    for m in (1, 2, 5, 10):
+        if m * exp >= value:
+            return int(m * exp)
+    return int(10 * exp)  # pragma: no cover - unreachable

@@ -1,0 +1,363 @@
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from nets import ResNet, closed_form, relu_stack, uniform_stack
+from torch import nn
+
+from erf_callback import ERFWarning, MetricConfig, compute_erf, tokens_to_grid
+
+
+@pytest.mark.parametrize(
+    ("kernels", "dilations", "strides", "dims", "size"),
+    [
+        ([3, 3, 3], None, None, 2, 48),
+        ([5] * 4, [2, 1, 2, 1], None, 2, 96),
+        ([3, 5, 3], None, [2, 1, 1], 2, 64),
+        ([3, 3, 3, 3], None, [2, 2, 1, 1], 2, 96),
+        ([7, 3], [1, 3], [1, 2], 1, 128),
+        ([3] * 6, None, None, 1, 64),
+        ([3, 3], [1, 2], None, 3, 24),
+    ],
+)
+def test_sigma_and_trf_match_closed_forms(kernels, dilations, strides, dims, size):
+    net = uniform_stack(kernels, dilations, strides, dims)
+    x = torch.randn((3, 1) + (size,) * dims)
+    m = compute_erf(net, x, layers=[str(len(kernels) - 1)])[str(len(kernels) - 1)]
+    var, trf = closed_form(kernels, dilations, strides)
+    metrics = m.metrics()
+    names = {1: [""], 2: ["_y", "_x"], 3: ["_z", "_y", "_x"]}[dims]
+    for s in names:
+        assert metrics[f"sigma{s}"] == pytest.approx(math.sqrt(var), rel=0.01)
+        assert metrics[f"trf{s}"] == trf
+    assert metrics["center_offset"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["border_mass"] < 1e-3
+    assert metrics["erf_trf_ratio"] == pytest.approx(2 * metrics["radius"] / trf)
+    assert m.geometry is not None and m.geometry.exact
+
+
+def test_radius_is_two_geometric_mean_sigmas_and_configurable():
+    net = uniform_stack([3, 5])
+    m = compute_erf(net, torch.randn(2, 1, 40, 40), config=MetricConfig(radius_factor=3.0))
+    metrics = m["output"].metrics()
+    assert metrics["radius"] == pytest.approx(3.0 * metrics["sigma_x"])
+
+
+def test_non_square_odd_and_even_inputs():
+    net = uniform_stack([3, 3, 3])
+    for shape in [(33, 48), (48, 33), (31, 31), (40, 64)]:
+        m = compute_erf(net, torch.randn(2, 1, *shape))["output"]
+        assert tuple(m.grad.shape) == shape
+        assert m.grad.dtype == torch.float64
+        expected = tuple(float(s // 2) for s in shape)
+        np.testing.assert_allclose(m.gaussian.mean, expected, atol=1e-9)
+        assert m.metrics()["sigma_y"] == pytest.approx(math.sqrt(2.0), rel=1e-3)
+
+
+def test_trf_of_resnet18_stages():
+    net = ResNet(width=4)
+    maps = compute_erf(net, torch.randn(2, 3, 64, 64), ["layer1", "layer2", "layer3", "layer4"])
+    got = [maps[n].trf[1] for n in ("layer1", "layer2", "layer3", "layer4")]
+    assert got == [43, 99, 211, 435]
+
+
+def test_radius_grows_like_sqrt_depth():
+    # Luo et al. 2016: random ReLU nets, ERF radius ~ sqrt(depth) (averaged over weights).
+    depths = [4, 8, 16, 32]
+    radii = []
+    for depth in depths:
+        runs = []
+        for seed in range(3):
+            torch.manual_seed(seed)
+            net = relu_stack(depth)
+            runs.append(compute_erf(net, torch.randn(8, 1, 96, 96))["output"].metrics()["radius"])
+        radii.append(np.mean(runs))
+    slope = np.polyfit(np.log(depths), np.log(radii), 1)[0]
+    assert 0.4 < slope < 0.6, (slope, radii)
+
+
+def test_chunking_does_not_change_the_map():
+    torch.manual_seed(0)
+    net = ResNet(width=4).eval()
+    x = torch.randn(7, 3, 32, 32)
+    ref = compute_erf(net, x, ["layer2"], chunk_size=None)["layer2"].grad
+    for chunk in (1, 3, 7):
+        got = compute_erf(net, x, ["layer2"], chunk_size=chunk)["layer2"].grad
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-9)
+
+
+def test_matches_a_per_image_reference_and_replknet_convention():
+    torch.manual_seed(1)
+    net = ResNet(width=4).eval()
+    x = torch.randn(5, 3, 32, 32)
+    feats = {}
+    net.layer2.register_forward_hook(lambda m, i, o: feats.__setitem__("o", o))
+    ref_abs = torch.zeros(32, 32, dtype=torch.float64)
+    ref_rep = torch.zeros(32, 32, dtype=torch.float64)
+    for img in x:
+        sample = img[None].clone().requires_grad_(True)
+        net(sample)
+        out = feats["o"]
+        h, w = out.shape[2] // 2, out.shape[3] // 2
+        (g,) = torch.autograd.grad(out[:, :, h, w].sum(), sample, retain_graph=True)
+        ref_abs += g.abs().sum((0, 1)).double()
+        # RepLKNet erf/visualize_erf.py get_input_grad
+        (g,) = torch.autograd.grad(torch.relu(out[:, :, h, w]).sum(), sample)
+        ref_rep += torch.relu(g).sum((0, 1)).double()
+    got = compute_erf(net, x, ["layer2"])["layer2"].grad
+    torch.testing.assert_close(got, ref_abs / 5, rtol=1e-5, atol=1e-6 * got.max().item())
+    got = compute_erf(net, x, ["layer2"], reduction="replknet")["layer2"].grad
+    torch.testing.assert_close(got, ref_rep / 5, rtol=1e-5, atol=1e-6 * got.max().item())
+
+
+def test_position_and_channels():
+    net = uniform_stack([3, 3])
+    m = compute_erf(net, torch.randn(2, 1, 32, 32), position=(5, 20))["output"]
+    np.testing.assert_allclose(m.gaussian.mean, [5.0, 20.0], atol=1e-9)
+    assert m.location == (5.0, 20.0)
+    assert m.metrics()["center_offset"] == pytest.approx(0.0, abs=1e-9)
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 4, 3, padding=1)
+    x = torch.randn(3, 2, 16, 16)
+    one = compute_erf(conv, x, channels=[1])["output"].grad
+    w = conv.weight[1].detach().abs().sum(0).double()  # the ERF of one linear unit is |w|
+    torch.testing.assert_close(one[7:10, 7:10], w, rtol=1e-6, atol=1e-9)
+    assert one.sum() == pytest.approx(w.sum().item(), rel=1e-6)
+
+
+def test_probing_leaves_the_model_exactly_as_it_was():
+    torch.manual_seed(0)
+    net = ResNet(width=4)
+    net.train()
+    net.layer1.eval()  # a frozen part: must stay in eval mode (no blanket .train())
+    for p in net.layer1.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(4, 3, 32, 32)
+    net(x).sum().backward()  # populate .grad and move BatchNorm statistics
+    params = {n: p.detach().clone() for n, p in net.named_parameters()}
+    grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    buffers = {n: b.clone() for n, b in net.named_buffers()}
+    modes = {n: m.training for n, m in net.named_modules()}
+    flags = {n: p.requires_grad for n, p in net.named_parameters()}
+    rng = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+
+    compute_erf(net, x, ["layer2", "layer3"])
+
+    for n, p in net.named_parameters():
+        assert torch.equal(p, params[n]), n
+        assert (p.grad is None) == (n not in grads)
+        if p.grad is not None:
+            assert torch.equal(p.grad, grads[n]), n
+        assert p.requires_grad == flags[n], n
+    for n, b in net.named_buffers():
+        assert torch.equal(b, buffers[n]), n
+    assert {n: m.training for n, m in net.named_modules()} == modes
+    assert torch.equal(torch.get_rng_state(), rng[0])
+    assert np.array_equal(np.random.get_state()[1], rng[1])
+    assert random.getstate() == rng[2]
+
+
+def test_buffers_changed_by_the_forward_are_restored():
+    class Counter(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 3, padding=1)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            self.calls += 1  # stateful even in eval mode
+            return self.conv(x)
+
+    net = Counter()
+    compute_erf(net, torch.randn(2, 1, 8, 8))
+    assert net.calls.item() == 0
+
+
+def test_autocast_and_channels_last_and_low_precision():
+    torch.manual_seed(0)
+    net = ResNet(width=4).eval()
+    x = torch.randn(3, 3, 32, 32)
+    ref = compute_erf(net, x, ["layer2"])["layer2"].grad
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = compute_erf(net, x, ["layer2"])["layer2"].grad
+    torch.testing.assert_close(got, ref)  # probing disables autocast: float32 results
+    cl = compute_erf(
+        net.to(memory_format=torch.channels_last),
+        x.to(memory_format=torch.channels_last),
+        ["layer2"],
+    )["layer2"].grad
+    torch.testing.assert_close(cl, ref, rtol=1e-5, atol=1e-9)
+    half = compute_erf(net.to(torch.bfloat16), x, ["layer2"])["layer2"]  # a "bf16-true" model
+    assert half.grad.dtype == torch.float64
+    assert torch.corrcoef(torch.stack([half.grad.flatten(), ref.flatten()]))[0, 1] > 0.98
+
+
+def test_torch_compile_is_probed_without_recompiling():
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(1)
+        return gm.forward
+
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.compile(uniform_stack([3, 3]), backend=counting_backend)
+
+        def forward(self, x):
+            return self.body(x)
+
+    net = Wrapper()
+    x = torch.randn(2, 1, 16, 16)
+    net(x)
+    assert len(compiles) == 1
+    m = compute_erf(net, x, ["body.1"])["body.1"]  # names without the _orig_mod segment
+    net(x)
+    assert len(compiles) == 1
+    assert m.metrics()["sigma_x"] == pytest.approx(math.sqrt(4 / 3), rel=1e-3)
+    top = torch.compile(uniform_stack([3]), backend=counting_backend)
+    assert compute_erf(top, x, ["_orig_mod.0"])["_orig_mod.0"].metrics()["trf_x"] == 3
+
+
+def test_tuple_outputs_and_transformer_tokens():
+    class TupleOut(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x), "aux"
+
+    net = nn.Sequential()
+    net.add_module("block", TupleOut())
+    m = compute_erf(net.block, torch.randn(2, 1, 16, 16))["output"]
+    assert m.grad.shape == (16, 16)
+
+    class TinyViT(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.patch = nn.Conv2d(3, 16, 4, stride=4)
+            self.cls = nn.Parameter(torch.zeros(1, 1, 16))
+            self.block = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+
+        def forward(self, x):
+            t = self.patch(x).flatten(2).transpose(1, 2)
+            t = torch.cat([self.cls.expand(len(x), -1, -1), t], dim=1)
+            return self.block(t)
+
+    torch.manual_seed(0)
+    vit = TinyViT()
+    maps = compute_erf(
+        vit,
+        torch.randn(2, 3, 32, 32),
+        ["block"],
+        output_transform=tokens_to_grid(),
+        reduction="replknet",  # the plain channel sum after LayerNorm is constant
+    )
+    grad = maps["block"].grad
+    assert grad.shape == (32, 32)
+    assert (grad > 0).float().mean() > 0.9  # attention: the unit sees the whole image
+    assert math.isinf(maps["block"].metrics()["trf_x"])
+    assert maps["block"].metrics()["erf_trf_ratio"] == 0.0
+
+
+def test_bn_without_running_stats_is_probed_per_sample():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False))
+    x = torch.randn(4, 1, 16, 16)
+    batched = compute_erf(net, x, chunk_size=4)["output"].grad
+    single = sum(compute_erf(net, x[i : i + 1])["output"].grad for i in range(4)) / 4
+    torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-9)
+
+
+# ----- errors and numerical trouble ---------------------------------------------------------
+
+
+def test_unknown_layer_lists_the_closest_names():
+    with pytest.raises(KeyError, match=r"'layer_3'.*Closest names: 'layer3', "):
+        compute_erf(ResNet(width=4), torch.randn(1, 3, 32, 32), ["layer_3"])
+
+
+def test_non_spatial_layer_is_rejected_with_a_fix():
+    with pytest.raises(ValueError, match=r"'fc' outputs shape \(1, 10\).*output_transform"):
+        compute_erf(ResNet(width=4), torch.randn(1, 3, 32, 32), ["fc"])
+
+
+@pytest.mark.parametrize(
+    ("inputs", "match"),
+    [
+        (torch.randn(32, 32), "unsqueeze"),
+        (torch.randint(0, 255, (1, 3, 32, 32)), "floating point"),
+        (torch.randn(1, 1, 2, 2, 2, 2), "1-3 spatial dims"),
+    ],
+)
+def test_bad_inputs(inputs, match):
+    net = nn.Conv2d(3, 3, 3)
+    with pytest.raises(ValueError, match=match):
+        compute_erf(net, inputs)
+
+
+def test_position_outside_the_output():
+    with pytest.raises(ValueError, match=r"outside layer 'output'.*\(8, 8\).*centre is \(4, 4\)"):
+        compute_erf(nn.Conv2d(1, 1, 1), torch.randn(1, 1, 8, 8), position=(8, 0))
+
+
+def test_layer_never_reached():
+    class Unused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = nn.Conv2d(1, 1, 3)
+            self.spare = nn.Conv2d(1, 1, 3)
+
+        def forward(self, x):
+            return self.used(x)
+
+    with pytest.raises(ValueError, match=r"never called \['spare'\]"):
+        compute_erf(Unused(), torch.randn(1, 1, 8, 8), ["spare"])
+
+
+def test_nan_gradients_warn_and_give_nan_metrics():
+    class Bad(nn.Module):
+        def forward(self, x):
+            return x * float("nan")
+
+    with pytest.warns(ERFWarning, match="NaN/Inf"):
+        m = compute_erf(Bad(), torch.randn(2, 1, 8, 8))["output"]
+    assert m.status == "nonfinite"
+    metrics = m.metrics()
+    assert metrics["trf_x"] == 1  # structure is still known
+    assert all(math.isnan(v) for k, v in metrics.items() if not k.startswith("trf"))
+
+
+def test_layernorm_channel_sum_is_constant_and_the_warning_says_so():
+    class ChannelNorm(nn.Module):  # LayerNorm over channels at each position, as in ConvNeXt
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.norm = nn.Conv2d(1, 4, 3, padding=1), nn.LayerNorm(4)
+
+        def forward(self, x):
+            return self.norm(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    net = ChannelNorm()
+    with pytest.warns(ERFWarning, match="reduction='replknet'"):
+        assert compute_erf(net, torch.randn(2, 1, 8, 8))["output"].status == "zero"
+    assert compute_erf(net, torch.randn(2, 1, 8, 8), channels=[0])["output"].status == "ok"
+
+
+def test_zero_gradients_warn():
+    net = nn.Conv2d(1, 1, 3, padding=1)
+    nn.init.zeros_(net.weight)
+    with pytest.warns(ERFWarning, match="zero everywhere"):
+        m = compute_erf(net, torch.randn(2, 1, 8, 8))["output"]
+    assert m.status == "zero"
+    assert math.isnan(m.metrics()["radius"])
+
+
+def test_border_warning():
+    net = uniform_stack([9] * 6)
+    with pytest.warns(ERFWarning, match="reaches the input's border"):
+        metrics = compute_erf(net, torch.randn(1, 1, 24, 24))["output"].metrics()
+    assert metrics["border_mass"] > 0.01

@@ -1,0 +1,108 @@
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from nets import closed_form, gaussian_map, uniform_stack
+
+from erf_callback import ERFWarning, fit_gaussian
+
+
+def rotated_cov(sy: float, sx: float, theta: float) -> np.ndarray:
+    c, s = math.cos(theta), math.sin(theta)
+    rot = np.array([[c, -s], [s, c]])
+    return rot @ np.diag([sy**2, sx**2]) @ rot.T
+
+
+@pytest.mark.parametrize(
+    ("shape", "mean", "sy", "sx", "theta"),
+    [
+        ((64, 64), (31.0, 33.5), 3.0, 6.0, 0.0),
+        ((64, 96), (30.2, 50.7), 4.0, 9.0, 0.6),
+        ((128, 128), (60.0, 70.0), 12.0, 5.0, -1.1),
+        ((48, 80), (20.0, 41.0), 2.0, 2.0, 0.3),
+    ],
+)
+@pytest.mark.parametrize("method", ["robust", "moments", "least_squares"])
+def test_rotated_anisotropic_gaussian(shape, mean, sy, sx, theta, method):
+    cov = rotated_cov(sy, sx, theta)
+    fit = fit_gaussian(gaussian_map(shape, mean, cov), method)
+    np.testing.assert_allclose(fit.mean, mean, atol=1e-3)
+    np.testing.assert_allclose(fit.cov, cov, rtol=1e-3, atol=1e-3 * cov.max())
+    np.testing.assert_allclose(fit.sigma, np.sqrt(np.diag(cov)), rtol=1e-3)
+    np.testing.assert_allclose(sorted(fit.principal_sigmas), sorted([sy, sx]), rtol=1e-3)
+    assert fit.r2 == pytest.approx(1.0, abs=1e-6)
+    assert fit.amplitude == pytest.approx(1.0, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("shape", "sigma"), [((64, 64), 3.0), ((128, 128), 5.0), ((128, 96), 10.0), ((256, 256), 8.0)]
+)
+def test_robust_fit_ignores_a_floor(shape, sigma):
+    # A uniform floor at 0.2% of the peak: plain moments are off by 60-1000% here.
+    cov = rotated_cov(sigma, 1.5 * sigma, 0.4)
+    center = (shape[0] / 2 + 0.3, shape[1] / 2 - 1.2)
+    erf = gaussian_map(shape, center, cov) + 0.002
+    robust = fit_gaussian(erf)
+    moments = fit_gaussian(erf, "moments")
+    truth = np.sqrt(np.diag(cov))
+    np.testing.assert_allclose(robust.sigma, truth, rtol=0.02)
+    assert robust.floor == pytest.approx(0.002, rel=1e-3)
+    assert np.max(np.abs(moments.sigma / truth - 1)) > 0.05  # the problem is real
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize(("depth", "k"), [(1, 3), (2, 3), (1, 5), (3, 5), (6, 3)])
+def test_robust_fit_has_moment_semantics_on_shallow_stacks(dims, depth, k):
+    # Shallow stacks are far from Gaussian; the sigmas must still be the exact std.
+    size = 48 if dims < 3 else 24
+    x = torch.zeros((1, 1) + (size,) * dims, dtype=torch.float64)
+    x[(0, 0) + (size // 2,) * dims] = 1.0
+    net = uniform_stack([k] * depth, dims=dims).double()
+    with torch.no_grad():
+        erf = net(x)[0, 0]
+    var, _ = closed_form([k] * depth)
+    fit = fit_gaussian(erf)
+    np.testing.assert_allclose(fit.sigma, math.sqrt(var), rtol=1e-3)
+
+
+def test_least_squares_lacks_moment_semantics_on_a_box():
+    # Documented trade-off: why least squares is not the default.
+    box = torch.zeros(32, 32, dtype=torch.float64)
+    box[14:19, 14:19] = 1.0
+    assert fit_gaussian(box).sigma[0] == pytest.approx(math.sqrt(2.0), rel=1e-4)
+    assert abs(fit_gaussian(box, "least_squares").sigma[0] / math.sqrt(2.0) - 1) > 0.1
+
+
+def test_degenerate_maps_do_not_crash():
+    with pytest.warns(ERFWarning, match="all zeros"):
+        zero = fit_gaussian(torch.zeros(16, 16))
+    assert not zero.ok and math.isnan(zero.r2) and "zeros" in zero.message
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pixel = torch.zeros(16, 16)
+        pixel[5, 7] = 3.0
+        fit = fit_gaussian(pixel)
+        np.testing.assert_allclose(fit.mean, [5.0, 7.0])
+        np.testing.assert_allclose(fit.sigma, [0.0, 0.0], atol=1e-9)
+        assert fit.r2 == pytest.approx(1.0)
+
+        line = torch.zeros(16, 16)
+        line[8, 2:13] = 1.0
+        fit = fit_gaussian(line)
+        assert fit.sigma[0] == pytest.approx(0.0, abs=1e-9)
+        assert fit.sigma[1] == pytest.approx(math.sqrt((11**2 - 1) / 12))
+
+    nan = torch.ones(8, 8)
+    nan[0, 0] = float("nan")
+    with pytest.warns(ERFWarning, match="NaN"):
+        assert not fit_gaussian(nan).ok
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="1-, 2- or 3-D"):
+        fit_gaussian(torch.ones(2, 2, 2, 2))
+    with pytest.raises(ValueError, match="unknown method"):
+        fit_gaussian(torch.ones(4, 4), "gauss")
