@@ -137,7 +137,7 @@ def reference(model: nn.Module, x: torch.Tensor, layer: str) -> torch.Tensor:
 
 
 def reference_truncated(trunc: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Per-image on the truncated net (RepLKNet's own scripts patch forward to stop at the stage)."""
+    """Per-image on the truncated net (RepLKNet's scripts patch forward to stop at the stage)."""
     trunc.eval()
     for p in trunc.parameters():
         p.requires_grad_(True)
@@ -167,7 +167,7 @@ def lower_bound(trunc: nn.Module, x: torch.Tensor, chunk: int) -> torch.Tensor:
     return acc.cpu() / x.shape[0]
 
 
-def candidate(model: nn.Module, x: torch.Tensor, chunk: int | None | object) -> ERFMap:
+def candidate(model: nn.Module, x: torch.Tensor, chunk: int | object | None) -> ERFMap:
     if chunk is _DEFAULT:
         return compute_erf(model, x, layers=[LAYER])[LAYER]
     return compute_erf(model, x, layers=[LAYER], chunk_size=chunk)[LAYER]  # type: ignore[arg-type]
@@ -215,9 +215,10 @@ def _memory_child(chunk: int, n: int, size: int) -> None:
 def measure_memory(n: int, size: int) -> dict[int, float]:
     out: dict[int, float] = {}
     for chunk in CHUNKS:
+        cmd = [sys.executable, __file__, "--_memory-child", str(chunk)]
+        cmd += ["--n", str(n), "--size", str(size)]
         proc = subprocess.run(
-            [sys.executable, __file__, "--_memory-child", str(chunk), "--n", str(n)]
-            + ["--size", str(size)],
+            cmd,
             capture_output=True,
             text=True,
             check=False,
@@ -377,7 +378,12 @@ def main() -> int:
         print("   peak RSS increase of one compute_erf call, fresh process per chunk size:")
         mem = measure_memory(args.n, size)
         if mem:
-            print(bu.table(("chunk_size", "peak RSS increase (MiB)"), [(c, f"{m:.0f}") for c, m in mem.items()]))
+            print(
+                bu.table(
+                    ("chunk_size", "peak RSS increase (MiB)"),
+                    [(c, f"{m:.0f}") for c, m in mem.items()],
+                )
+            )
     elif device.type == "cuda":
         print()
         print("   peak CUDA memory per chunk size:")

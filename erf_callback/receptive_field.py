@@ -24,9 +24,11 @@ Rules, from most to least exact:
   each output dim is the union (hull) of the inputs' receptive fields on that dim.
 * **Marked non-exact** (``exact=False``): ``conv_transpose`` with stride > 1 (the set of
   contributing inputs is periodic, not affine; we report the affine hull), interpolation
-  (``jump *= in/out``, size grows by ``(taps - 1) * jump``, start from PyTorch's sampling
-  formula; exact only for nearest down-sampling by an integer factor), adaptive pooling with
-  uneven bins, ``pixel_shuffle``, ``cat`` along a spatial dim, unions of fields with different
+  (``jump *= in/out``, size grows by ``(taps - 1) * jump`` with taps = 1 nearest, 2 linear,
+  4 cubic; the window is centred on PyTorch's continuous source coordinate, so ``center()``
+  is the sampling position; exact only for nearest down-sampling by an integer factor and
+  linear/cubic down-sampling by an even integer without ``align_corners``), adaptive pooling
+  with uneven bins, ``pixel_shuffle``, ``cat`` along a spatial dim, unions of fields with different
   jumps, and any unknown op that changes the size of a dim carrying geometry (resampling
   fallback: ``jump *= in/out``, size kept).
 * **Global fallback** (``size=inf``, ``exact=False``): reshapes that merge or split spatial
@@ -46,6 +48,7 @@ positions.
 from __future__ import annotations
 
 import math
+import operator
 import re
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -394,17 +397,20 @@ class ReceptiveFieldTracer(TorchFunctionMode):
         return e[1]
 
     def _sources(self, args: tuple, kwargs: dict) -> list[tuple[torch.Tensor, _Rec]]:
+        """Traced tensors among the arguments (and inside list/tuple arguments, e.g. cat)."""
+        # Hot path (runs for every op): inline lookups, no helper calls.
+        recs, tensor = self._recs, torch.Tensor
         found = []
-        for a in (*args, *kwargs.values()):
-            if isinstance(a, torch.Tensor):
-                r = self._lookup(a)
-                if r is not None:
-                    found.append((a, r))
+        for a in (*args, *kwargs.values()) if kwargs else args:
+            if isinstance(a, tensor):
+                e = recs.get(id(a))
+                if e is not None and e[0]() is a:
+                    found.append((a, e[1]))
             elif isinstance(a, (list, tuple)):
                 for b in a:
-                    r = self._lookup(b)
-                    if r is not None:
-                        found.append((b, r))
+                    e = recs.get(id(b))
+                    if e is not None and e[0]() is b:
+                        found.append((b, e[1]))
         return found
 
     def _generic(self, srcs: Sequence[tuple[torch.Tensor, _Rec]], out: torch.Tensor) -> _Rec:
@@ -753,9 +759,12 @@ def _h_interpolate(tr, func, args, kwargs, out, outs):
         r = 1 / scales[i] if scales[i] is not None and not recompute else n / max(m, 1)
         integer_step = r >= 1 and float(r).is_integer()
         if mode.startswith("nearest"):
-            # src = floor(a + o*r): affine in o, hence exact, when r is an integer.
-            a = 0.5 * r if mode == "nearest-exact" else 0.0
-            off = math.floor(a) if integer_step else a
+            # src = floor(a + o*r): affine in o, hence exact, when r is an integer. Otherwise
+            # centre on the continuous position that floor() rounds ('nearest-exact' rounds
+            # (o + 0.5) * r - 0.5 to the nearest pixel).
+            exact_mode = mode == "nearest-exact"
+            a = 0.5 * r if exact_mode else 0.0
+            off = math.floor(a) if integer_step else (a - 0.5 if exact_mode else a)
             exact = integer_step
         else:
             # Continuous source coordinate src = a + o*r; the kernel's taps straddle it, so
@@ -902,6 +911,15 @@ def _h_reshape(tr, func, args, kwargs, out, outs):
     return _reshape_rec(rec, x.shape, out.shape)
 
 
+def _basic_index(i: Any) -> Any:
+    """None, Ellipsis, slice or int (numpy ints accepted); anything else is advanced."""
+    if i is None or i is Ellipsis or isinstance(i, slice):
+        return i
+    if isinstance(i, (bool, torch.Tensor, list, tuple)):
+        raise _UnhandledError  # advanced (tensor / list / bool) indexing: conservative
+    return operator.index(i)
+
+
 @_register("__getitem__")
 def _h_getitem(tr, func, args, kwargs, out, outs):
     x, idx = args[0], args[1]
@@ -909,15 +927,7 @@ def _h_getitem(tr, func, args, kwargs, out, outs):
     if rec is None:
         raise _UnhandledError
     idx = idx if isinstance(idx, tuple) else (idx,)
-    basic = all(
-        i is None
-        or i is Ellipsis
-        or isinstance(i, slice)
-        or (isinstance(i, int) and not isinstance(i, bool))
-        for i in idx
-    )
-    if not basic:
-        raise _UnhandledError  # advanced (tensor / list / bool) indexing: conservative
+    idx = tuple(_basic_index(i) for i in idx)
     used = sum(1 for i in idx if i is not None and i is not Ellipsis)
     expanded: list[Any] = []
     for i in idx:
@@ -1177,7 +1187,6 @@ def _h_along_dim(tr, func, args, kwargs, out, outs):
     "index_put",
     "stft",
     "istft",
-    "bilinear",
 )
 def _h_mix(tr, func, args, kwargs, out, outs):
     """Unknown spatial mixing: every traced axis becomes a global, non-exact dependency."""

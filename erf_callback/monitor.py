@@ -1,0 +1,541 @@
+"""The logic of ``ERFMonitor``, free of any Lightning import.
+
+``erf_callback.pytorch_lightning.ERFMonitor`` and ``erf_callback.lightning.ERFMonitor`` are
+this class mixed into the ``Callback`` of their namespace (the two namespaces cannot be mixed in
+one Trainer). Everything here only duck-types the ``trainer`` and ``pl_module`` it is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from erf_callback.engine import (
+    OutputTransform,
+    Reduction,
+    compute_erf,
+    deepest_spatial_layer,
+    resolve_layers,
+)
+from erf_callback.erf_map import ERFMap
+from erf_callback.history import CHANGE_METRICS, ERFHistory
+from erf_callback.metrics import MetricConfig
+from erf_callback.publish import ImagePublisher, add_custom_scalars, log_scalars
+from erf_callback.render import render_evolution, render_heatmap, render_radial_profile
+from erf_callback.schedule import AUTO_WARMUP_STEPS, DEFAULT_MAX_OVERHEAD, ProbeSchedule
+from erf_callback.warnings import ERFWarning
+
+log = logging.getLogger("erf_callback")
+
+InputSource = Literal["train", "noise"] | torch.Tensor | Iterable[Any]
+InputKey = int | str | Callable[[Any], torch.Tensor] | None
+
+_STATE_VERSION = 1
+
+
+class ERFMonitorBase:
+    """Track the effective receptive field of chosen layers through training.
+
+    Probes at initialisation (before the first optimiser step), on a schedule, and once at
+    the end; logs ``<tag_prefix>/<layer>/<metric>`` scalars to every logger, heatmaps, radial
+    profiles and an evolution grid to TensorBoard (and W&B), and writes the history as CSV and
+    JSON into the logger's directory. Probing never changes training: it runs in eval mode
+    with ``torch.autograd.grad`` on ``pl_module``, and restores modes, flags, buffers and RNG.
+
+    Args:
+        layers: layer names of the probed module (as in ``named_modules()``). Default: the
+            deepest module with a spatial output (e.g. ``"layer4"`` in a ResNet).
+        every_n_steps: probe every N optimiser steps (``trainer.global_step``).
+        num_samples: probe inputs averaged per probe.
+        every_n_epochs: probe at the end of every N-th epoch.
+        at_steps: probe at these optimiser steps.
+        log_spaced: probes per decade of steps (dense early, where the ERF moves most).
+        max_overhead: with no schedule argument at all, the interval is chosen after the
+            first steps so probing costs at most this fraction of training time.
+        probe_at_init: probe before the first optimiser step (also the fit-start check).
+        probe_at_end: probe once when training ends.
+        inputs: ``"train"`` (default: a fixed batch captured once from the training data, so
+            every probe sees the same images), ``"noise"`` (standard Gaussian noise from the
+            callback's own generator seeded by ``seed``), a tensor ``(N, C, *spatial)``, or an
+            iterable of batches (e.g. a DataLoader).
+        input_key: which element of a batch is the input: an index (tuple/list), a key (dict)
+            or a callable ``batch -> tensor``. Default: the first tensor found.
+        seed: seed of the noise generator.
+        module: attribute path of the submodule to probe (e.g. ``"backbone"``); default the
+            LightningModule itself (its ``forward`` must run the network).
+        position, channels, reduction, output_transform, chunk_size: as in
+            :func:`~erf_callback.compute_erf`.
+        metric_config: metric choices (radius factor, energy fraction, fit method, ...).
+        log_images: log heatmaps, radial profiles and the evolution grid.
+        images_every_n_probes: log images at every N-th probe only (scalars always).
+        cmap: matplotlib colour map of the heatmaps.
+        history_map_size: maps are kept downsampled to at most this many pixels per side.
+        tag_prefix: first part of every logged tag.
+        history_filename: base name of the CSV/JSON history files.
+
+    Example:
+        >>> from erf_callback import ERFMonitor
+        >>> monitor = ERFMonitor(layers=["layer2", "layer4"], every_n_steps=200, num_samples=32)
+    """
+
+    def __init__(
+        self,
+        layers: str | Sequence[str] | None = None,
+        every_n_steps: int | None = None,
+        num_samples: int = 32,
+        *,
+        every_n_epochs: int | None = None,
+        at_steps: Sequence[int] | None = None,
+        log_spaced: int | None = None,
+        max_overhead: float = DEFAULT_MAX_OVERHEAD,
+        probe_at_init: bool = True,
+        probe_at_end: bool = True,
+        inputs: InputSource = "train",
+        input_key: InputKey = None,
+        seed: int = 0,
+        module: str | None = None,
+        position: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
+        channels: int | Sequence[int] | None = None,
+        reduction: Reduction = "abs",
+        output_transform: OutputTransform | Mapping[str, OutputTransform] | None = None,
+        chunk_size: int | None = 32,
+        metric_config: MetricConfig | None = None,
+        log_images: bool = True,
+        images_every_n_probes: int = 1,
+        cmap: str = "inferno",
+        history_map_size: int = 64,
+        tag_prefix: str = "erf",
+        history_filename: str = "erf_history",
+    ) -> None:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int; got {num_samples!r}")
+        if isinstance(inputs, str) and inputs not in ("train", "noise"):
+            raise ValueError(
+                f"inputs must be 'train', 'noise', a tensor or an iterable of batches; got "
+                f"{inputs!r}"
+            )
+        if isinstance(inputs, torch.Tensor) and inputs.dim() not in (3, 4, 5):
+            raise ValueError(
+                f"an inputs tensor must be (N, C, *spatial); got shape {tuple(inputs.shape)}"
+            )
+        if images_every_n_probes < 1:
+            raise ValueError(f"images_every_n_probes must be >= 1; got {images_every_n_probes}")
+        if not tag_prefix or tag_prefix.endswith("/"):
+            raise ValueError(f"tag_prefix must be non-empty without a trailing '/': {tag_prefix!r}")
+        self.layers = [layers] if isinstance(layers, str) else (list(layers) if layers else None)
+        self.num_samples = num_samples
+        self.schedule = ProbeSchedule(
+            every_n_steps=every_n_steps,
+            every_n_epochs=every_n_epochs,
+            at_steps=at_steps,
+            log_spaced=log_spaced,
+            max_overhead=max_overhead,
+        )
+        self.probe_at_init = probe_at_init
+        self.probe_at_end = probe_at_end
+        self.input_source = inputs
+        self.input_key = input_key
+        self.seed = seed
+        self.module = module
+        self.erf_kwargs: dict[str, Any] = {
+            "position": position,
+            "channels": channels,
+            "reduction": reduction,
+            "output_transform": output_transform,
+            "chunk_size": chunk_size,
+            "config": metric_config or MetricConfig(),
+        }
+        self.log_images = log_images
+        self.images_every_n_probes = images_every_n_probes
+        self.cmap = cmap
+        self.tag_prefix = tag_prefix
+        self.history_filename = history_filename
+        self.history = ERFHistory(history_map_size)
+
+        self._inputs: torch.Tensor | None = None  # CPU copy; part of the checkpoint
+        self._device_inputs: torch.Tensor | None = None
+        self._enabled = True
+        self._last_step_seen: int | None = None
+        self._last_probed_step: int | None = None
+        self._step_clock: float | None = None
+        self._step_times: list[float] = []
+        self._probe_seconds: list[float] = []
+        self._warned: set[str] = set()
+        self._images = ImagePublisher()
+
+    # ---- Lightning hooks -----------------------------------------------------------------
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(  # type: ignore[attr-defined]
+            layers=self.layers, tag_prefix=self.tag_prefix, module=self.module
+        )
+
+    def setup(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._enabled = not getattr(trainer, "fast_dev_run", False)
+        if not self._enabled:
+            log.info("erf-callback: fast_dev_run is on; ERFMonitor does not probe.")
+            return
+        net = self._probed_module(pl_module)
+        if self.layers is not None:
+            resolve_layers(net, self.layers)  # unknown names fail here, before any data
+
+    def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        if not self._enabled:
+            return
+        if trainer.is_global_zero:
+            add_custom_scalars(trainer.loggers, self.tag_prefix)
+        if self._inputs is None and not isinstance(self.input_source, str):
+            self._inputs = self._inputs_from_source(self.input_source)
+        self._last_step_seen = trainer.global_step
+
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: nn.Module, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._enabled or trainer.sanity_checking:
+            return
+        if self._inputs is None:
+            self._inputs = self._capture_inputs(trainer, batch)
+        if self.layers is None:
+            self.layers = [deepest_spatial_layer(self._probed_module(pl_module), self._inputs)]
+            log.info("erf-callback: probing the deepest spatial layer %r", self.layers[0])
+        if self._last_probed_step is None:
+            # The fit-start check: a bad configuration fails here, before any training time.
+            start = time.perf_counter()
+            self._probe(trainer, pl_module, dry=not self.probe_at_init, strict=True)
+            self._probe_seconds.append(time.perf_counter() - start)
+            self._step_clock = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._enabled or trainer.sanity_checking:
+            return
+        step = trainer.global_step
+        if step == self._last_step_seen:
+            return  # inside a gradient-accumulation window: no optimiser step happened
+        self._last_step_seen = step
+        self._time_step(trainer)
+        if self.schedule.due_at_step(step):
+            self._probe_if_new(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: nn.Module) -> None:
+        if self._enabled and self.schedule.due_at_epoch_end(trainer.current_epoch):
+            self._probe_if_new(trainer, pl_module)
+
+    def on_train_end(self, trainer: Any, pl_module: nn.Module) -> None:
+        if not self._enabled or self._last_probed_step is None:
+            return
+        if self.probe_at_end:
+            self._probe_if_new(trainer, pl_module)
+        if trainer.is_global_zero and len(self.history):
+            self._write_history(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "layers": self.layers,
+            "history": self.history.state_dict(),
+            "auto_interval": self.schedule.auto_interval,
+            "last_probed_step": self._last_probed_step,
+            "inputs": self._inputs,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("version") != _STATE_VERSION:
+            raise ValueError(
+                f"ERFMonitor state version {state_dict.get('version')} is not supported "
+                f"(this erf-callback writes version {_STATE_VERSION})."
+            )
+        self.layers = state_dict["layers"]
+        self.history.load_state_dict(state_dict["history"])
+        self.schedule.auto_interval = state_dict["auto_interval"]
+        self._last_probed_step = state_dict["last_probed_step"]
+        self._inputs = state_dict["inputs"]
+        self._device_inputs = None
+
+    # ---- public helpers --------------------------------------------------------------------
+
+    @property
+    def probe_seconds(self) -> list[float]:
+        """Wall time of every probe of this run (for overhead accounting)."""
+        return list(self._probe_seconds)
+
+    @property
+    def probe_inputs(self) -> torch.Tensor | None:
+        """The fixed probe inputs (CPU), once captured."""
+        return self._inputs
+
+    # ---- probing ---------------------------------------------------------------------------
+
+    def _probed_module(self, pl_module: nn.Module) -> nn.Module:
+        if self.module is None:
+            return pl_module
+        try:
+            return pl_module.get_submodule(self.module)
+        except AttributeError as err:
+            children = [n for n, _ in pl_module.named_children()]
+            raise ValueError(
+                f"ERFMonitor(module={self.module!r}): no such submodule; the LightningModule "
+                f"has {children}."
+            ) from err
+
+    def _probe_if_new(self, trainer: Any, pl_module: nn.Module) -> None:
+        if trainer.global_step == self._last_probed_step:
+            return  # never twice for one global_step
+        start = time.perf_counter()
+        self._probe(trainer, pl_module, dry=False, strict=False)
+        self._probe_seconds.append(time.perf_counter() - start)
+        if self._step_clock is not None:
+            self._step_clock += time.perf_counter() - start  # probe time is not step time
+
+    def _probe(self, trainer: Any, pl_module: nn.Module, *, dry: bool, strict: bool) -> None:
+        assert self.layers is not None and self._inputs is not None
+        net = self._probed_module(pl_module)
+        x = self._inputs_on(net)
+        step = trainer.global_step
+        try:
+            with warnings.catch_warnings():
+                # The engine's NaN/zero warnings are re-issued below once per layer and kind.
+                warnings.simplefilter("ignore", ERFWarning)
+                maps = compute_erf(net, x, self.layers, **self.erf_kwargs)
+        except NotImplementedError as err:
+            raise ValueError(
+                "ERFMonitor calls the LightningModule's forward(x), which is not implemented. "
+                "Implement forward, or pass module='<attribute of the network>'."
+            ) from err
+        except (ValueError, KeyError, TypeError):
+            raise  # configuration errors: loud, at fit start
+        except RuntimeError as err:
+            if strict:
+                raise
+            self._warn_once(
+                f"skip:{type(err).__name__}", f"ERF probe at step {step} skipped: {err}"
+            )
+            return
+        self._last_probed_step = step
+        if dry:
+            return
+        self._record(trainer, maps)
+
+    def _record(self, trainer: Any, maps: dict[str, ERFMap]) -> None:
+        step, epoch = trainer.global_step, trainer.current_epoch
+        probe = self.history.num_probes
+        scalars: dict[str, float] = {}
+        valid: dict[str, ERFMap] = {}
+        for layer, m in maps.items():
+            if m.status != "ok":
+                self._warn_once(
+                    f"{m.status}:{layer}",
+                    f"ERF probe of {layer!r} at step {step} skipped: "
+                    + ("NaN/Inf gradients" if m.status == "nonfinite" else "all-zero gradients")
+                    + "; training goes on.",
+                )
+                self.history.add(step, epoch, layer, m.status, {}, m.grad, probe)
+                continue
+            with warnings.catch_warnings(record=True) as more:
+                warnings.simplefilter("always", ERFWarning)
+                metrics = m.metrics()
+            for w in more:
+                self._warn_once(f"border:{layer}", str(w.message))
+            centre = dict(
+                zip(("center_z", "center_y", "center_x")[-m.spatial_dims :], m.gaussian.mean)
+            )
+            record = self.history.add(
+                step, epoch, layer, "ok", {**metrics, **centre}, m.grad, probe
+            )
+            for key in (*metrics, *CHANGE_METRICS):
+                scalars[f"{self.tag_prefix}/{layer}/{key}"] = record[key]
+            valid[layer] = m
+        if not trainer.is_global_zero:
+            return
+        log_scalars(trainer.loggers, scalars, step)
+        if self.log_images and valid and probe % self.images_every_n_probes == 0:
+            self._images.publish(trainer.loggers, self._render(valid), step)
+        self._write_history(trainer)
+
+    def _render(self, maps: dict[str, ERFMap]) -> dict[str, np.ndarray]:
+        images: dict[str, np.ndarray] = {}
+        for layer, m in maps.items():
+            fit = m.gaussian
+            arr = m.numpy()
+            box = None
+            if m.geometry is not None:
+                box = tuple(
+                    (a.start + p * a.jump, a.start + p * a.jump + a.size - 1)
+                    for a, p in zip(m.geometry.axes, m.position, strict=True)
+                )
+            common = {
+                "mean": fit.mean,
+                "cov": fit.cov,
+                "trf_box": box,
+                "location": m.location,
+                "cmap": self.cmap,
+            }
+            tag = f"{self.tag_prefix}/{layer}"
+            images[f"{tag}/heatmap"] = render_heatmap(arr, **common)
+            images[f"{tag}/heatmap_log"] = render_heatmap(arr, log_scale=True, **common)
+            images[f"{tag}/radial_profile"] = render_radial_profile(
+                arr, mean=fit.mean, cov=fit.cov, floor=max(fit.floor, 0.0), title=layer
+            )
+            frames = self.history.maps.get(layer, [])
+            if frames:
+                images[f"{tag}/evolution"] = render_evolution(
+                    [f.numpy() for _, f in frames],
+                    [f"step {s}" for s, _ in frames],
+                    cmap=self.cmap,
+                )
+        return images
+
+    # ---- inputs ----------------------------------------------------------------------------
+
+    def _inputs_on(self, net: nn.Module) -> torch.Tensor:
+        assert self._inputs is not None
+        ref = next(iter(net.parameters()), None)
+        device = ref.device if ref is not None else torch.device("cpu")
+        if self._device_inputs is None or self._device_inputs.device != device:
+            self._device_inputs = self._inputs.to(device)
+        return self._device_inputs
+
+    def _capture_inputs(self, trainer: Any, batch: Any) -> torch.Tensor:
+        first = self._extract(batch)
+        if self.input_source == "noise":
+            gen = torch.Generator().manual_seed(self.seed)
+            shape = (self.num_samples, *first.shape[1:])
+            return torch.randn(shape, generator=gen, dtype=torch.float32)
+        parts, have = [first.detach().to("cpu", copy=True)], first.shape[0]
+        if have < self.num_samples:
+            loader = getattr(trainer, "train_dataloader", None)
+            if loader is not None and not _reuses_workers(loader):
+                extra = self._inputs_from_source(loader, skip=1, need=self.num_samples - have)
+                parts.append(extra)
+            else:
+                self._warn_once(
+                    "few-samples",
+                    f"ERFMonitor: the first batch has {have} samples < num_samples="
+                    f"{self.num_samples}, and the dataloader cannot be re-read safely "
+                    "(persistent workers); probing with the samples at hand.",
+                )
+        inputs = torch.cat(parts)[: self.num_samples]
+        return inputs.float() if not inputs.is_floating_point() else inputs
+
+    def _inputs_from_source(
+        self, source: Iterable[Any], skip: int = 0, need: int | None = None
+    ) -> torch.Tensor:
+        if isinstance(source, torch.Tensor):
+            return source[: self.num_samples].detach().to("cpu", copy=True)
+        need = self.num_samples if need is None else need
+        parts: list[torch.Tensor] = []
+        with _preserved_rng():
+            # A fresh iterator draws a shuffle seed from the global RNG: give it back so the
+            # training loop's own iterator sees exactly the stream it would have seen.
+            for i, batch in enumerate(source):
+                if i < skip:
+                    continue
+                parts.append(self._extract(batch).detach().to("cpu", copy=True))
+                if sum(p.shape[0] for p in parts) >= need:
+                    break
+        if not parts:
+            raise ValueError("ERFMonitor: the inputs iterable yielded no batches.")
+        return torch.cat(parts)[:need]
+
+    def _extract(self, batch: Any) -> torch.Tensor:
+        key = self.input_key
+        try:
+            if callable(key):
+                x = key(batch)
+            elif key is not None:
+                x = batch[key]
+            else:
+                x = _first_tensor(batch)
+        except (KeyError, IndexError, TypeError) as err:
+            raise ValueError(
+                f"ERFMonitor(input_key={key!r}) cannot take the input from a batch of type "
+                f"{type(batch).__name__}: {err}. Pass input_key as an index, a dict key or a "
+                "callable batch -> tensor."
+            ) from err
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(
+                f"ERFMonitor: the batch's input is {type(x).__name__}, not a tensor; set "
+                "input_key to pick the image tensor."
+            )
+        return x
+
+    # ---- bookkeeping -----------------------------------------------------------------------
+
+    def _time_step(self, trainer: Any) -> None:
+        now = time.perf_counter()
+        if self._step_clock is not None:
+            self._step_times.append(now - self._step_clock)
+        self._step_clock = now
+        if (
+            self.schedule.is_auto
+            and self.schedule.auto_interval is None
+            and len(self._step_times) >= AUTO_WARMUP_STEPS
+            and self._probe_seconds
+        ):
+            step_s = float(np.median(self._step_times))
+            interval = self.schedule.choose_auto_interval(max(self._probe_seconds), step_s)
+            strategy = getattr(trainer, "strategy", None)
+            if strategy is not None and hasattr(strategy, "broadcast"):
+                # Ranks time differently; all must agree or a collective could hang.
+                interval = int(strategy.broadcast(interval, src=0))
+                self.schedule.auto_interval = interval
+            log.info(
+                "erf-callback: probe %.3fs, step %.4fs -> probing every %d steps (<= %.0f%%)",
+                max(self._probe_seconds),
+                step_s,
+                interval,
+                100 * self.schedule.max_overhead,
+            )
+
+    def _write_history(self, trainer: Any) -> None:
+        directory = getattr(trainer, "log_dir", None) or trainer.default_root_dir
+        self.history.write(directory, self.history_filename)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, ERFWarning, stacklevel=3)
+
+
+def _first_tensor(batch: Any) -> torch.Tensor:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    items = batch.values() if isinstance(batch, Mapping) else batch
+    if isinstance(items, (list, tuple)) or isinstance(batch, Mapping):
+        for item in items:
+            try:
+                return _first_tensor(item)
+            except TypeError:
+                continue
+    raise TypeError(f"no tensor in a batch of type {type(batch).__name__}")
+
+
+def _reuses_workers(loader: Any) -> bool:
+    return bool(getattr(loader, "persistent_workers", False)) and (
+        getattr(loader, "num_workers", 0) > 0
+    )
+
+
+@contextmanager
+def _preserved_rng() -> Any:
+    py, np_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(np_state)

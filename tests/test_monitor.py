@@ -1,0 +1,231 @@
+import glob
+import json
+import math
+import os
+import warnings
+
+import pandas as pd
+import pytest
+import torch
+from lit import data, make_trainer, module_class, trainer_class
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from erf_callback import ERFMonitor, ERFWarning, compute_erf
+from erf_callback.lightning import ERFMonitor as LightningERFMonitor
+
+LAYERS = ["net.2", "net.7"]
+
+
+def events(log_dir: str) -> EventAccumulator:
+    acc = EventAccumulator(log_dir, size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def fit(tmp_path, monitor, namespace="pytorch_lightning", model=None, **kwargs):
+    model = model or module_class(namespace)()
+    trainer = make_trainer(tmp_path, [monitor], namespace, **kwargs)
+    trainer.fit(model)
+    return trainer, model
+
+
+def test_tensorboard_scalars_images_and_history(tmp_path):
+    monitor = ERFMonitor(layers=LAYERS, every_n_steps=2, num_samples=8)
+    trainer, model = fit(tmp_path, monitor)
+    acc = events(trainer.logger.log_dir)
+    tags = acc.Tags()
+    for layer in LAYERS:
+        steps = [e.step for e in acc.Scalars(f"erf/{layer}/radius")]
+        assert steps == [0, 2, 4, 5]  # init, every 2 optimiser steps, end
+        for metric in ("sigma_x", "gaussian_r2", "area_ratio@0.5", "erf_trf_ratio", "trf_y"):
+            assert f"erf/{layer}/{metric}" in tags["scalars"]
+        for kind in ("heatmap", "heatmap_log", "radial_profile", "evolution"):
+            assert [i.step for i in acc.Images(f"erf/{layer}/{kind}")] == [0, 2, 4, 5]
+        heat = acc.Images(f"erf/{layer}/heatmap")[-1]
+        assert (heat.width, heat.height) == (256, 256)  # 16x16 input, upscaled 16x
+        profile = acc.Images(f"erf/{layer}/radial_profile")[-1]
+        assert (profile.width, profile.height) == (480, 320)
+        strip = [i.width for i in acc.Images(f"erf/{layer}/evolution")]
+        assert strip == sorted(strip) and strip[0] < strip[-1]  # one more frame per probe
+        assert acc.Scalars(f"erf/{layer}/radius_growth")[0].value == 1.0
+    assert "custom_scalars__config__" in tags["tensors"]
+
+    # The last probe ran on the final weights: its scalars equal compute_erf now.
+    maps = compute_erf(model, monitor.probe_inputs, LAYERS)
+    for layer in LAYERS:
+        expected = maps[layer].metrics()
+        for metric in ("radius", "sigma_y", "trf_x", "area_ratio@0.3"):
+            logged = acc.Scalars(f"erf/{layer}/{metric}")[-1].value
+            assert logged == pytest.approx(expected[metric], rel=1e-5)
+
+    history = pd.read_csv(os.path.join(trainer.logger.log_dir, "erf_history.csv"))
+    assert len(history) == 8 and set(history.layer) == set(LAYERS)
+    assert list(history[history.layer == "net.7"].step) == [0, 2, 4, 5]
+    assert (history.radius_growth[history.step == 0] == 1.0).all()
+    with open(os.path.join(trainer.logger.log_dir, "erf_history.json")) as f:
+        payload = json.load(f)
+    assert len(payload["maps"]["net.7"]) == 4 and len(payload["maps"]["net.7"][0]["map"]) == 16
+
+
+def test_csv_logger_gets_scalars_and_no_images(tmp_path, caplog):
+    _, loggers = trainer_class()
+    csv = loggers.CSVLogger(str(tmp_path), name="csv")
+    monitor = ERFMonitor(layers=["net.2"], every_n_steps=2, num_samples=8)
+    with caplog.at_level("INFO", logger="erf_callback"):
+        fit(tmp_path, monitor, logger=csv)
+    frame = pd.read_csv(os.path.join(csv.log_dir, "metrics.csv"))
+    radius = frame["erf/net.2/radius"].dropna()
+    assert list(frame.loc[radius.index, "step"]) == [0, 2, 4, 5]
+    assert (radius > 0).all()
+    assert sum("cannot store images" in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("namespace", ["pytorch_lightning", "lightning"])
+def test_both_namespaces(tmp_path, namespace):
+    cls = ERFMonitor if namespace == "pytorch_lightning" else LightningERFMonitor
+    monitor = cls(layers=["net.7"], every_n_steps=2, num_samples=8)
+    fit(tmp_path, monitor, namespace)
+    assert [r["step"] for r in monitor.history.records] == [0, 2, 4, 5]
+
+
+def test_each_class_belongs_to_its_own_namespace():
+    import lightning.pytorch as lp
+    import pytorch_lightning as pl
+
+    assert issubclass(ERFMonitor, pl.Callback) and not issubclass(ERFMonitor, lp.Callback)
+    assert issubclass(LightningERFMonitor, lp.Callback)
+    assert not issubclass(LightningERFMonitor, pl.Callback)
+
+
+def test_probing_never_changes_training(tmp_path):
+    def run(callbacks):
+        torch.manual_seed(123)
+        model = module_class()()
+        _, loggers = trainer_class()
+        csv = loggers.CSVLogger(str(tmp_path), name=f"run{len(callbacks)}")
+        trainer = make_trainer(tmp_path, callbacks, logger=csv, max_steps=12)
+        trainer.fit(model)
+        losses = pd.read_csv(os.path.join(csv.log_dir, "metrics.csv"))["train_loss"].dropna()
+        return {k: v.clone() for k, v in model.state_dict().items()}, losses.tolist()
+
+    weights_a, losses_a = run([])
+    weights_b, losses_b = run([ERFMonitor(), ERFMonitor(layers=["net.2"], every_n_steps=1)])
+    assert losses_a == losses_b and len(losses_a) == 12
+    assert weights_a.keys() == weights_b.keys()
+    for k in weights_a:
+        assert torch.equal(weights_a[k], weights_b[k]), k
+
+
+def test_resume_keeps_history_and_schedule(tmp_path):
+    Classifier = module_class()
+    _, loggers = trainer_class()
+    first = ERFMonitor(layers=["net.7"], every_n_steps=3, num_samples=8)
+    trainer = make_trainer(tmp_path, [first], max_steps=4, enable_checkpointing=True)
+    trainer.fit(Classifier())
+    ckpt = glob.glob(os.path.join(str(tmp_path), "**", "*.ckpt"), recursive=True)[0]
+    assert [r["step"] for r in first.history.records] == [0, 3, 4]
+
+    second = ERFMonitor(layers=["net.7"], every_n_steps=3, num_samples=8)
+    trainer = make_trainer(tmp_path, [second], max_steps=8)
+    trainer.fit(Classifier(), ckpt_path=ckpt)
+    # The checkpoint was written before run 1's end probe; no second init probe on resume.
+    assert [r["step"] for r in second.history.records] == [0, 3, 6, 8]
+    assert torch.equal(second.probe_inputs, first.probe_inputs)
+    growth = second.history.records[-1]["radius_growth"]
+    assert growth == pytest.approx(
+        second.history.records[-1]["radius"] / first.history.records[0]["radius"]
+    )
+
+
+def test_two_monitors_do_not_collide(tmp_path):
+    a = ERFMonitor(layers=["net.2"], every_n_steps=2, num_samples=8)
+    b = ERFMonitor(layers=["net.7"], every_n_steps=2, num_samples=8, tag_prefix="erf2")
+    assert a.state_key != b.state_key
+    trainer = make_trainer(tmp_path, [a, b], max_steps=2, enable_checkpointing=True)
+    trainer.fit(module_class()())
+    ckpt = torch.load(
+        glob.glob(os.path.join(str(tmp_path), "**", "*.ckpt"), recursive=True)[0],
+        weights_only=True,  # the callback state is plain data and tensors
+    )
+    assert {a.state_key, b.state_key} <= set(ckpt["callbacks"])
+
+
+def test_accumulation_probes_once_per_optimiser_step(tmp_path):
+    monitor = ERFMonitor(layers=["net.7"], every_n_steps=1, num_samples=8)
+    fit(tmp_path, monitor, accumulate_grad_batches=3, max_steps=3)
+    assert [r["step"] for r in monitor.history.records] == [0, 1, 2, 3]
+
+
+def test_epoch_schedule_and_log_spaced(tmp_path):
+    monitor = ERFMonitor(layers=["net.7"], every_n_epochs=1, log_spaced=2, num_samples=8)
+    fit(tmp_path, monitor, max_steps=-1, max_epochs=2)  # 8 steps per epoch
+    assert [r["step"] for r in monitor.history.records] == [0, 1, 3, 8, 10, 16]
+
+
+def test_no_probes_in_sanity_check_fast_dev_run_validate_and_test(tmp_path):
+    monitor = ERFMonitor(layers=["net.7"], every_n_steps=100, num_samples=8)
+    trainer, model = fit(tmp_path, monitor, num_sanity_val_steps=2, limit_val_batches=2)
+    assert [r["step"] for r in monitor.history.records] == [0, 5]
+    trainer.validate(model)
+    assert len(monitor.history) == 2
+
+    dev = ERFMonitor(layers=["net.7"], every_n_steps=1, num_samples=8)
+    fit(tmp_path, dev, fast_dev_run=2, logger=None)
+    assert len(dev.history) == 0
+
+
+def test_configuration_errors_surface_at_fit_start(tmp_path):
+    model = module_class()()
+    with pytest.raises(KeyError, match=r"'net.77'.*Closest names: 'net.7'"):
+        fit(tmp_path, ERFMonitor(layers=["net.77"]), model=model)
+    assert model.training_steps == 0
+    with pytest.raises(ValueError, match=r"'net.10' outputs shape"):
+        fit(tmp_path, ERFMonitor(layers=["net.10"]), model=model)
+    assert model.training_steps == 0
+    with pytest.raises(ValueError, match="every_n_steps must be a positive int"):
+        ERFMonitor(every_n_steps=0)
+    with pytest.raises(ValueError, match="no such submodule"):
+        fit(tmp_path, ERFMonitor(module="backbone"), model=model)
+
+
+def test_nan_probe_warns_skips_and_training_goes_on(tmp_path):
+    model = module_class()(poison_after=2)
+    monitor = ERFMonitor(layers=["net.7"], every_n_steps=1, num_samples=8)
+    with pytest.warns(ERFWarning, match="skipped: NaN/Inf"):
+        fit(tmp_path, monitor, model=model)
+    assert model.training_steps == 5
+    statuses = [r["status"] for r in monitor.history.records]
+    assert statuses[:2] == ["ok", "ok"] and set(statuses[2:]) == {"nonfinite"}
+
+
+def test_default_layer_noise_inputs_and_input_key(tmp_path):
+    monitor = ERFMonitor(num_samples=4, inputs="noise", seed=7, every_n_steps=100)
+    fit(tmp_path, monitor)
+    assert monitor.layers == ["net.7"]  # the deepest module with a spatial output
+    expected = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(monitor.probe_inputs, expected)
+
+    class DictBatches(module_class()):
+        def training_step(self, batch, batch_idx):
+            return super().training_step((batch["image"], batch["label"]), batch_idx)
+
+        def train_dataloader(self):
+            def collate(items):
+                x, y = torch.utils.data.default_collate(items)
+                return {"label": y, "image": x}
+
+            return torch.utils.data.DataLoader(data(), batch_size=8, collate_fn=collate)
+
+    keyed = ERFMonitor(layers=["net.2"], num_samples=20, input_key="image", every_n_steps=100)
+    fit(tmp_path, keyed, model=DictBatches())
+    assert keyed.probe_inputs.shape == (20, 3, 16, 16)  # topped up beyond one batch of 8
+
+
+def test_explicit_tensor_inputs_and_warnings_are_once(tmp_path):
+    inputs = torch.randn(6, 3, 16, 16)
+    monitor = ERFMonitor(layers=["net.7"], inputs=inputs, every_n_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ERFWarning)
+        fit(tmp_path, monitor)
+    assert torch.equal(monitor.probe_inputs, inputs)
+    assert not math.isnan(monitor.history.records[-1]["radius"])
