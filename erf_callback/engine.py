@@ -284,7 +284,7 @@ def deepest_spatial_layer(
     handles = [
         m.register_forward_hook(make_hook(_strip_wrappers(n)))
         for n, m in net.named_modules()
-        if n and not _strip_wrappers(n) == ""
+        if _strip_wrappers(n) != ""
     ]
     ref = next(iter(net.parameters()), None)
     try:

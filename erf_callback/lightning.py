@@ -1,7 +1,8 @@
 """``ERFMonitor`` for ``lightning.pytorch.Trainer``.
 
-The two Lightning namespaces cannot be mixed: a callback from one is rejected by a Trainer of
-the other. Use this class with ``lightning.pytorch.Trainer``, and erf_callback.ERFMonitor (for pytorch_lightning).
+The two Lightning namespaces must not be mixed in one Trainer. Use this class with
+``lightning.pytorch.Trainer``, and ``erf_callback.ERFMonitor``
+with ``pytorch_lightning.Trainer``.
 """
 
 from lightning.pytorch.callbacks import Callback

@@ -301,7 +301,8 @@ class ERFMonitorBase:
             self._step_clock += time.perf_counter() - start  # probe time is not step time
 
     def _probe(self, trainer: Any, pl_module: nn.Module, *, dry: bool, strict: bool) -> None:
-        assert self.layers is not None and self._inputs is not None
+        assert self.layers is not None
+        assert self._inputs is not None
         net = self._probed_module(pl_module)
         x = self._inputs_on(net)
         step = trainer.global_step
@@ -350,7 +351,11 @@ class ERFMonitorBase:
             for w in more:
                 self._warn_once(f"border:{layer}", str(w.message))
             centre = dict(
-                zip(("center_z", "center_y", "center_x")[-m.spatial_dims :], m.gaussian.mean)
+                zip(
+                    ("center_z", "center_y", "center_x")[-m.spatial_dims :],
+                    m.gaussian.mean,
+                    strict=True,
+                )
             )
             record = self.history.add(
                 step, epoch, layer, "ok", {**metrics, **centre}, m.grad, probe

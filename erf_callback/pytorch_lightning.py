@@ -1,7 +1,8 @@
 """``ERFMonitor`` for ``pytorch_lightning.Trainer``.
 
-The two Lightning namespaces cannot be mixed: a callback from one is rejected by a Trainer of
-the other. Use this class with ``pytorch_lightning.Trainer``, and erf_callback.lightning.ERFMonitor (for lightning.pytorch).
+The two Lightning namespaces must not be mixed in one Trainer. Use this class with
+``pytorch_lightning.Trainer``, and ``erf_callback.lightning.ERFMonitor``
+with ``lightning.pytorch.Trainer``.
 """
 
 from pytorch_lightning.callbacks import Callback

@@ -118,7 +118,6 @@ def test_probing_never_changes_training(tmp_path):
 
 def test_resume_keeps_history_and_schedule(tmp_path):
     Classifier = module_class()
-    _, loggers = trainer_class()
     first = ERFMonitor(layers=["net.7"], every_n_steps=3, num_samples=8)
     trainer = make_trainer(tmp_path, [first], max_steps=4, enable_checkpointing=True)
     trainer.fit(Classifier())
