@@ -162,6 +162,7 @@ class ERFMonitorBase:
         self.history = ERFHistory(history_map_size)
 
         self._inputs: torch.Tensor | None = None  # CPU copy; part of the checkpoint
+        self._history_dir: str | None = None
         self._device_inputs: torch.Tensor | None = None
         self._enabled = True
         self._last_step_seen: int | None = None
@@ -194,6 +195,8 @@ class ERFMonitorBase:
     def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
         if not self._enabled:
             return
+        # Trainer.log_dir broadcasts from rank 0: every rank must ask, and at the same point.
+        self._history_dir = getattr(trainer, "log_dir", None) or trainer.default_root_dir
         if trainer.is_global_zero:
             add_custom_scalars(trainer.loggers, self.tag_prefix)
         if self._inputs is None and not isinstance(self.input_source, str):
@@ -506,7 +509,7 @@ class ERFMonitorBase:
             )
 
     def _write_history(self, trainer: Any) -> None:
-        directory = getattr(trainer, "log_dir", None) or trainer.default_root_dir
+        directory = self._history_dir or trainer.default_root_dir
         self.history.write(directory, self.history_filename)
 
     def _warn_once(self, key: str, message: str) -> None:

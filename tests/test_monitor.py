@@ -228,3 +228,54 @@ def test_explicit_tensor_inputs_and_warnings_are_once(tmp_path):
         fit(tmp_path, monitor)
     assert torch.equal(monitor.probe_inputs, inputs)
     assert not math.isnan(monitor.history.records[-1]["radius"])
+
+
+def test_bf16_true_precision(tmp_path):
+    monitor = ERFMonitor(layers=["net.7"], every_n_steps=2, num_samples=8)
+    _, model = fit(tmp_path, monitor, precision="bf16-true")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    last = monitor.history.records[-1]
+    assert last["status"] == "ok" and last["radius"] > 0
+
+
+def test_compiled_module_is_probed_without_recompiling(tmp_path):
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(1)
+        return gm.forward
+
+    model = module_class()()
+    model.net = torch.compile(model.net, backend=counting_backend)
+    monitor = ERFMonitor(layers=["net.7"], every_n_steps=1, num_samples=8)
+    fit(tmp_path, monitor, model=model)
+    assert [r["step"] for r in monitor.history.records] == [0, 1, 2, 3, 4, 5]
+    # one graph for training (plus possibly one for the last, smaller shapes); none for probes
+    assert 1 <= len(compiles) <= 2
+    before = len(compiles)
+    compute_erf(model, monitor.probe_inputs, ["net.7"])
+    assert len(compiles) == before
+
+
+def test_image_loggers_and_scalar_only_loggers(tmp_path):
+    class FakeWandb:
+        """The two WandbLogger methods the callback uses, recording calls."""
+
+        def __init__(self) -> None:
+            self.images, self.metrics = [], []
+
+        def log_metrics(self, metrics, step):
+            self.metrics.append((step, dict(metrics)))
+
+        def log_image(self, key, images, step=None):
+            assert isinstance(images, list) and images[0].dtype.name == "uint8"
+            self.images.append((step, key, images[0].shape))
+
+    from erf_callback.publish import ImagePublisher, log_scalars
+
+    wandb = FakeWandb()
+    log_scalars([wandb], {"erf/a/radius": 2.0, "erf/a/trf_x": float("inf")}, step=3)
+    assert wandb.metrics == [(3, {"erf/a/radius": 2.0})]  # non-finite values stay out of charts
+    img = torch.zeros(4, 4, 3, dtype=torch.uint8).numpy()
+    ImagePublisher().publish([wandb], {"erf/a/heatmap": img}, step=3)
+    assert wandb.images == [(3, "erf/a/heatmap", (4, 4, 3))]
