@@ -8,6 +8,7 @@ after a warm-up, and a ratio is the median over rounds of the per-round ratio.
 from __future__ import annotations
 
 import gc
+import os
 import platform
 import statistics
 import sys
@@ -93,7 +94,28 @@ def header(title: str) -> None:
     except ImportError:  # pragma: no cover
         torch_info = "no torch"
     print(f"== {title}")
+    print(f"   {load_note()}")
     print(
         f"   python {platform.python_version()}, {torch_info}, numpy {np.__version__}, "
         f"{platform.machine()} ({platform.processor() or 'cpu'})"
+    )
+
+
+def load_note() -> str:
+    """The 1-minute load average against the core count (other jobs skew every timing)."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # pragma: no cover - not on Linux/macOS
+        return "load average unknown"
+    return f"load average {load:.2f} on {os.cpu_count()} cores"
+
+
+def noise_warning(times: dict[str, list[float]], limit: float = 1.5) -> str | None:
+    """A warning when some variant's slowest round is over ``limit`` x its median."""
+    noisy = [k for k, ts in times.items() if max(ts) > limit * median(ts)]
+    if not noisy:
+        return None
+    return (
+        f"WARNING: noisy run ({load_note()}): {len(noisy)} of {len(times)} variants had a round "
+        f"over {limit:g}x their median; the ratios below may be off. Re-run on a quiet machine."
     )

@@ -371,6 +371,9 @@ def main() -> int:
         )
     )
     print(f"   best lower bound: {best_lb}")
+    warning = bu.noise_warning(times)
+    if warning:
+        print(f"   {warning}")
 
     # ---- memory
     if device.type == "cpu" and not args.no_memory and not args.quick:

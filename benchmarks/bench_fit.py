@@ -192,6 +192,7 @@ def main() -> int:
         print(f"   {note}")
 
     rows, errs, speed = [], {c: {"ours": [], "openerf": []} for c in CATEGORIES}, []
+    all_times: dict[str, list[float]] = {}
     oe_fail: list[str] = []
     total_oe = total_ours = 0.0
     for case in cases:
@@ -210,6 +211,7 @@ def main() -> int:
                 else:
                     funcs["openerf"] = lambda a=a: openerf(oe_fit, a)
             times = bu.interleaved(funcs, repeats, warmup=1)
+        all_times.update({f"{k} {case.category} {case.name}": v for k, v in times.items()})
         errs[case.category]["ours"].append(e_ours)
         errs[case.category]["openerf"].append(e_oe)
         t_ours = 1e3 * bu.median(times["ours"])
@@ -248,6 +250,9 @@ def main() -> int:
         )
     )
     print("   rel err = max over y, x of |sigma - true| / true; times are medians of rounds")
+    warning = bu.noise_warning(all_times, limit=2.0) if repeats >= 3 else None
+    if warning:
+        print(f"   {warning}")
     for line in oe_fail:
         print(f"   OpenERF raised on {line}")
 

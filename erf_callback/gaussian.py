@@ -2,13 +2,15 @@
 
 Three methods, one result type (:class:`GaussianFit`):
 
-* ``"robust"`` (default): floor-corrected windowed moments. Start from the half-maximum region,
-  then iterate: estimate a constant floor as the median of the pixels outside the Mahalanobis
-  window ``d^2 <= window^2`` (default ``window = 5``), and take the first and second moments of
-  ``map - floor`` inside that window. On a clean map the window holds the whole distribution and
-  the floor is zero, so the result *is* the exact mean and covariance of the ERF distribution
-  (the closed forms of uniform conv stacks hold to rounding). On real maps a uniform pedestal
-  (noise, tails that never decay) is removed instead of inflating the sigmas.
+* ``"robust"`` (default): floor-corrected windowed moments. If the pixels far outside the
+  plain-moment window hold no pedestal, the plain moments are returned (one pass). Otherwise
+  start from the half-maximum region and iterate: estimate a constant floor as the clipped mean
+  of the pixels outside the Mahalanobis window ``d^2 <= window^2`` (default ``window = 5``), and
+  take the first and second moments of ``map - floor`` inside that window (the variance the
+  window cuts off a Gaussian is restored in proportion to the mass in its outermost ring). On a
+  clean map the result *is* the exact mean and covariance of the ERF distribution (the closed
+  forms of uniform conv stacks hold to rounding). On real maps a pedestal (noise, tails that
+  never decay) is removed instead of inflating the sigmas.
 * ``"moments"``: plain moments of the whole map, no floor, no window.
 * ``"least_squares"``: a least-squares fit of ``floor + amplitude * Gaussian(mean, cov)``
   seeded by ``"robust"`` (needs scipy). This is what most tools do; note it does *not* give
@@ -39,6 +41,10 @@ _MIN_WINDOW_VARIANCE = 0.25
 _MIN_FLOOR_PIXELS = 8
 # The floor median is taken on a regular subsample of at most this many pixels.
 _FLOOR_SAMPLE = 32768
+# A far-pixel median at most this fraction of the peak counts as "no pedestal".
+_CLEAN_FLOOR = 1e-6
+# Relative change per iteration below which a noise-driven limit cycle is accepted.
+_STALL_TOL = 1e-3
 
 
 @dataclass(frozen=True)
@@ -111,9 +117,9 @@ def fit_gaussian(
         erf: the map (for example ``ERFMap.grad``).
         method: ``"robust"`` (floor-corrected windowed moments), ``"moments"`` or
             ``"least_squares"``; see the module docstring.
-        window: Mahalanobis radius of the moment window of ``"robust"``. A Gaussian's mass
-            beyond 5 is below 4e-6 in up to 3-D; narrower windows are corrected for the part
-            of a Gaussian's variance they cut (exact for Gaussians).
+        window: Mahalanobis radius of the moment window of ``"robust"``. The part of a
+            Gaussian's variance the window cuts is corrected in proportion to the mass found
+            in its outermost ring (exact for Gaussians, no change for compact maps).
         max_iter: iteration cap of ``"robust"``.
         tol: convergence tolerance (relative change of mean and covariance).
 
@@ -168,38 +174,69 @@ def _fit_robust(
     a: np.ndarray, coords: list[np.ndarray], window: float, max_iter: int, tol: float
 ) -> tuple[np.ndarray, np.ndarray, float, bool] | None:
     d = a.ndim
+    sample_idx, sample_vals = _subsample(a)
+    peak = float(a.max())
+    # Fast exact path: when the pixels far outside the plain-moment window carry no pedestal,
+    # the plain moments are the answer (exact for Gaussians and compact maps alike).
+    m0, mean, cov = _moments(a, coords)
+    if m0 > 0 and np.all(np.isfinite(cov)):
+        d2 = _mahalanobis_sq(sample_idx, mean, _inverse(cov, _MIN_WINDOW_VARIANCE))
+        far = sample_vals[d2 > window * window]
+        if far.size >= _MIN_FLOOR_PIXELS and abs(float(np.median(far))) <= _CLEAN_FLOOR * peak:
+            return mean, cov, 0.0, True
+
     init = _half_max_init(a, coords)
     if init is None:
         return None
     mean, cov = init
     floor = 0.0
-    amplitude = float(a.max())
+    amplitude = peak
     r2 = window * window
-    # Below 5 the window cuts a visible part of a Gaussian's variance, so it is corrected; at 5
-    # the cut is < 5e-5 and a correction would only bias compact (not yet Gaussian) maps.
-    correction = _truncated_variance_factor(d, r2) if window < 5.0 else 1.0
-    sample_idx, sample_vals = _subsample(a)
+    # Share of a Gaussian's mass in the outermost unit ring of the window, and the factor by
+    # which the window cuts its variance. The cut is corrected in proportion to the mass the
+    # ring really holds: fully for Gaussian tails, not at all for compact maps.
+    ring_share = (_chi2_cdf(d, r2) - _chi2_cdf(d, (window - 1) ** 2)) / _chi2_cdf(d, r2)
+    cut = _truncated_variance_factor(d, r2)
+    ring_r2 = (window - 1) ** 2
+    history: list[float] = []
+    previous: tuple[np.ndarray, np.ndarray] | None = None
     for _ in range(max_iter):
         prec = _inverse(cov, _MIN_WINDOW_VARIANCE)
         floor = _estimate_floor(sample_idx, sample_vals, mean, prec, window, amplitude)
         box = _window_box(a.shape, mean, cov, window)
         box_coords = [c[s] for c, s in zip(coords, box, strict=True)]
         d2 = _mahalanobis_sq(box_coords, mean, prec)
-        w = np.where(d2 <= r2, a[box] - floor, 0.0)
+        inside = d2 <= r2
+        w = np.where(inside, a[box] - floor, 0.0)
         m0, new_mean, new_cov = _moments(w, box_coords)
         if not m0 > 0 or not np.all(np.isfinite(new_cov)):
             return None
-        new_cov = new_cov / correction
+        ring_mass = float(w[inside & (d2 > ring_r2)].sum())
+        weight = min(max(ring_mass / (ring_share * m0), 0.0), 1.0) if ring_share > 0 else 0.0
+        new_cov = new_cov / (1.0 - weight * (1.0 - cut))
         amplitude = _peak_of(m0, new_cov)
-        scale = max(float(np.sqrt(np.max(np.abs(np.diag(new_cov))))), 1.0)
-        delta = max(
-            float(np.max(np.abs(new_mean - mean))) / scale,
-            float(np.max(np.abs(new_cov - cov))) / (scale * scale),
-        )
-        mean, cov = new_mean, new_cov
+        delta = _relative_change((mean, cov), (new_mean, new_cov))
         if delta < tol:
-            return mean, cov, floor, True
+            return new_mean, new_cov, floor, True
+        # Noise makes pixels on the window's edge flip in and out: the iteration can settle
+        # into a 2-cycle (or a slow crawl) far below the noise-limited precision. A 2-cycle is
+        # answered with the average of its two states.
+        if previous is not None and _relative_change(previous, (new_mean, new_cov)) < tol:
+            return (mean + new_mean) / 2, (cov + new_cov) / 2, floor, True
+        history.append(delta)
+        if len(history) >= 3 and max(history[-3:]) < _STALL_TOL:
+            return new_mean, new_cov, floor, True
+        previous = (mean, cov)
+        mean, cov = new_mean, new_cov
     return mean, cov, floor, False
+
+
+def _relative_change(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> float:
+    scale = max(float(np.sqrt(np.max(np.abs(np.diag(b[1]))))), 1.0)
+    return max(
+        float(np.max(np.abs(a[0] - b[0]))) / scale,
+        float(np.max(np.abs(a[1] - b[1]))) / (scale * scale),
+    )
 
 
 def _half_max_init(a: np.ndarray, coords: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -261,7 +298,7 @@ def _estimate_floor(
     window: float,
     amplitude: float,
 ) -> float:
-    """Median of the pixels far from the ERF: the constant pedestal under it.
+    """Clipped mean of the pixels far from the ERF: the constant pedestal under it.
 
     Pixels beyond the window are used when there are enough of them. When the ERF nearly fills
     the map, nearer rings (Mahalanobis 4, then 3) are used with the current Gaussian's tail
@@ -276,9 +313,24 @@ def _estimate_floor(
             far = vals[outside]
             if radius < window:
                 far = far - amplitude * np.exp(-0.5 * d2[outside])
-            return float(np.median(far))
+            return _clipped_mean(far)
     # No pixel is far enough from the ERF to tell a floor from a tail: assume none.
     return 0.0
+
+
+def _clipped_mean(values: np.ndarray) -> float:
+    """Mean after dropping values beyond 5 MADs of the median (one pass).
+
+    The mean, not the median, is the pedestal to remove: |gradient| noise is skewed
+    (half-normal), and its median sits 15% below its mean. The clip keeps unrelated bright
+    structures far from the ERF out of the estimate.
+    """
+    med = float(np.median(values))
+    mad = float(np.median(np.abs(values - med)))
+    if mad == 0.0:
+        return med
+    kept = values[np.abs(values - med) <= 5.0 * 1.4826 * mad]
+    return float(kept.mean())
 
 
 def _peak_of(mass: float, cov: np.ndarray) -> float:

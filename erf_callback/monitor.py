@@ -232,6 +232,8 @@ class ERFMonitorBase:
         self._time_step(trainer)
         if self.schedule.due_at_step(step):
             self._probe_if_new(trainer, pl_module)
+            if self.schedule.is_auto and self._step_times:
+                self._choose_interval(trainer)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: nn.Module) -> None:
         if self._enabled and self.schedule.due_at_epoch_end(trainer.current_epoch):
@@ -493,20 +495,29 @@ class ERFMonitorBase:
             and len(self._step_times) >= AUTO_WARMUP_STEPS
             and self._probe_seconds
         ):
-            step_s = float(np.median(self._step_times))
-            interval = self.schedule.choose_auto_interval(max(self._probe_seconds), step_s)
-            strategy = getattr(trainer, "strategy", None)
-            if strategy is not None and hasattr(strategy, "broadcast"):
-                # Ranks time differently; all must agree or a collective could hang.
-                interval = int(strategy.broadcast(interval, src=0))
-                self.schedule.auto_interval = interval
-            log.info(
-                "erf-callback: probe %.3fs, step %.4fs -> probing every %d steps (<= %.0f%%)",
-                max(self._probe_seconds),
-                step_s,
-                interval,
-                100 * self.schedule.max_overhead,
-            )
+            self._choose_interval(trainer)
+
+    def _choose_interval(self, trainer: Any) -> None:
+        """Set the automatic interval from measured times; called at the same steps on all ranks.
+
+        The first probe carries one-time costs (imports, plotting caches), so once later
+        probes exist their median is used; the interval is revisited after every probe.
+        """
+        probe_s = float(np.median(self._probe_seconds[1:] or self._probe_seconds))
+        step_s = float(np.median(self._step_times[-200:]))
+        interval = self.schedule.choose_auto_interval(probe_s, step_s)
+        strategy = getattr(trainer, "strategy", None)
+        if strategy is not None and hasattr(strategy, "broadcast"):
+            # Ranks time differently; all must agree or a collective could hang.
+            interval = int(strategy.broadcast(interval, src=0))
+            self.schedule.auto_interval = interval
+        log.info(
+            "erf-callback: probe %.3fs, step %.4fs -> probing every %d steps (<= %.0f%%)",
+            probe_s,
+            step_s,
+            interval,
+            100 * self.schedule.max_overhead,
+        )
 
     def _write_history(self, trainer: Any) -> None:
         directory = self._history_dir or trainer.default_root_dir

@@ -279,3 +279,29 @@ def test_image_loggers_and_scalar_only_loggers(tmp_path):
     img = torch.zeros(4, 4, 3, dtype=torch.uint8).numpy()
     ImagePublisher().publish([wandb], {"erf/a/heatmap": img}, step=3)
     assert wandb.images == [(3, "erf/a/heatmap", (4, 4, 3))]
+
+
+def test_automatic_schedule_respects_the_overhead_budget(tmp_path, monkeypatch):
+    # Deterministic clock: every training step takes 1 s, every probe 3 s, so with a 2% budget
+    # the interval must be nice_ceil(3 / (0.02 * 1)) = 200 steps.
+    import erf_callback.monitor as monitor_module
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(monitor_module.time, "perf_counter", lambda: clock["t"])
+
+    class Timed(module_class()):
+        def training_step(self, batch, batch_idx):
+            clock["t"] += 1.0
+            return super().training_step(batch, batch_idx)
+
+    monitor = ERFMonitor(layers=["net.7"], num_samples=8)
+    original = monitor._probe
+
+    def slow_probe(*args, **kwargs):
+        clock["t"] += 3.0
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(monitor, "_probe", slow_probe)
+    fit(tmp_path, monitor, model=Timed(), max_steps=410, max_epochs=-1)
+    assert monitor.schedule.auto_interval == 200
+    assert [r["step"] for r in monitor.history.records] == [0, 200, 400, 410]
