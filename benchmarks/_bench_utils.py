@@ -26,13 +26,24 @@ def interleaved(
     repeats: int,
     warmup: int = 1,
     sync: Callable[[], None] | None = None,
+    min_round: float = 0.0,
 ) -> dict[str, list[float]]:
-    """Seconds per call of each function; rounds alternate forward and reverse order."""
+    """Seconds per call of each function; rounds alternate forward and reverse order.
+
+    With ``min_round`` > 0, a function faster than that is called in a loop (sized once from
+    its warm-up time) so each timed round lasts about ``min_round`` seconds, as timeit does:
+    a single sub-millisecond call is dominated by timer and cold-cache noise.
+    """
+    loops = dict.fromkeys(funcs, 1)
     for _ in range(warmup):
-        for f in funcs.values():
+        for k, f in funcs.items():
+            t0 = time.perf_counter()
             f()
             if sync is not None:
                 sync()
+            took = time.perf_counter() - t0
+            if min_round > 0:
+                loops[k] = max(1, min(1000, int(min_round / max(took, 1e-9))))
     names = list(funcs)
     times: dict[str, list[float]] = {k: [] for k in names}
     for r in range(repeats):
@@ -42,10 +53,11 @@ def interleaved(
             if sync is not None:
                 sync()
             t0 = time.perf_counter()
-            funcs[k]()
+            for _ in range(loops[k]):
+                funcs[k]()
             if sync is not None:
                 sync()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append((time.perf_counter() - t0) / loops[k])
     return times
 
 

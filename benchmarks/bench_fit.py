@@ -210,7 +210,7 @@ def main() -> int:
                     oe_fail.append(f"{case.category} {case.name}: {type(err).__name__}: {err}")
                 else:
                     funcs["openerf"] = lambda a=a: openerf(oe_fit, a)
-            times = bu.interleaved(funcs, repeats, warmup=1)
+            times = bu.interleaved(funcs, repeats, warmup=1, min_round=0.02)
         all_times.update({f"{k} {case.category} {case.name}": v for k, v in times.items()})
         errs[case.category]["ours"].append(e_ours)
         errs[case.category]["openerf"].append(e_oe)
