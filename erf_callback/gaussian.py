@@ -3,7 +3,9 @@
 Three methods, one result type (:class:`GaussianFit`):
 
 * ``"robust"`` (default): floor-corrected windowed moments. If the pixels far outside the
-  plain-moment window hold no pedestal, the plain moments are returned (one pass). Otherwise
+  plain-moment window hold no pedestal, the plain moments are returned (one pass; where a
+  Gaussian tail runs into the image edge, the variance the edge cut off is restored in
+  proportion to the mass found at the edge). Otherwise
   start from the half-maximum region and iterate: estimate a constant floor as the clipped mean
   of the pixels outside the Mahalanobis window ``d^2 <= window^2`` (default ``window = 5``), and
   take the first and second moments of ``map - floor`` inside that window (the variance the
@@ -183,6 +185,7 @@ def _fit_robust(
         d2 = _mahalanobis_sq(sample_idx, mean, _inverse(cov, _MIN_WINDOW_VARIANCE))
         far = sample_vals[d2 > window * window]
         if far.size >= _MIN_FLOOR_PIXELS and abs(float(np.median(far))) <= _CLEAN_FLOOR * peak:
+            mean, cov = _restore_edge_cut(a, m0, mean, cov)
             return mean, cov, 0.0, True
 
     init = _half_max_init(a, coords)
@@ -237,6 +240,76 @@ def _relative_change(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.n
         float(np.max(np.abs(a[0] - b[0]))) / scale,
         float(np.max(np.abs(a[1] - b[1]))) / (scale * scale),
     )
+
+
+def _restore_edge_cut(
+    a: np.ndarray, mass: float, mean: np.ndarray, cov: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Undo the truncation of a Gaussian tail by the image edges, where the map shows one.
+
+    Per axis, the mass measured in the two edge slabs is compared with what a Gaussian of the
+    current moments puts there; their ratio (clipped to [0, 1]) weights the correction from
+    the visible (truncated-normal) mean and variance back to the untruncated ones. Compact
+    maps that stay clear of the edges have no edge mass and are returned unchanged.
+    """
+    mean, cov = mean.copy(), cov.copy()
+    scale = np.ones(a.ndim)
+    for i, n in enumerate(a.shape):
+        var = cov[i, i]
+        if not var > 0:
+            continue
+        others = tuple(k for k in range(a.ndim) if k != i)
+        marginal = a.sum(axis=others) if others else a
+        measured = float(marginal[0] + marginal[-1])
+        if measured <= 0.0:
+            continue
+        mu, sd = mean[i], math.sqrt(var)
+        lo, hi = -0.5, n - 0.5
+        edge = _normal_mass(lo, lo + 1, mu, sd) + _normal_mass(hi - 1, hi, mu, sd)
+        inside = _normal_mass(lo, hi, mu, sd)
+        predicted = mass / inside * edge if inside > 0 else 0.0
+        if not predicted > 1e-12 * mass:
+            continue
+        weight = min(measured / predicted, 1.0)
+        true_mu, true_var = _untruncate(mu, var, lo, hi)
+        mean[i] += weight * (true_mu - mu)
+        new_var = var + weight * (true_var - var)
+        scale[i] = math.sqrt(new_var / var)
+    return mean, cov * np.outer(scale, scale)
+
+
+def _normal_mass(lo: float, hi: float, mu: float, sd: float) -> float:
+    z = 1.0 / (sd * math.sqrt(2.0))
+    return 0.5 * (math.erf((hi - mu) * z) - math.erf((lo - mu) * z))
+
+
+def _untruncate(mu_obs: float, var_obs: float, lo: float, hi: float) -> tuple[float, float]:
+    """Mean and variance of the normal whose truncation to [lo, hi] has the observed moments.
+
+    Fixed-point iteration on the truncated-normal moment formulas (mild truncation converges
+    in a few steps; a hard cut is left as observed).
+    """
+    mu, var = mu_obs, var_obs
+    for _ in range(50):
+        sd = math.sqrt(var)
+        alpha, beta = (lo - mu) / sd, (hi - mu) / sd
+        z = _normal_mass(lo, hi, mu, sd)
+        if not z > 1e-6:
+            return mu_obs, var_obs
+        pa, pb = _phi(alpha), _phi(beta)
+        shift = (pa - pb) / z
+        ratio = 1.0 + (alpha * pa - beta * pb) / z - shift * shift
+        new_mu = mu_obs - sd * shift
+        new_var = var_obs / ratio if ratio > 0 else var_obs
+        done = abs(new_var - var) <= 1e-14 * var and abs(new_mu - mu) <= 1e-12 * (1 + abs(mu))
+        mu, var = new_mu, new_var
+        if done:
+            break
+    return mu, var
+
+
+def _phi(x: float) -> float:
+    return math.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
 
 
 def _half_max_init(a: np.ndarray, coords: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
