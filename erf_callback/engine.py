@@ -81,7 +81,6 @@ def compute_erf(
         >>> import torch
         >>> from erf_callback import compute_erf
         >>> net = torch.nn.Sequential(*[torch.nn.Conv2d(1, 1, 3, padding=1) for _ in range(3)])
-        >>> torch.nn.init.constant_(net[0].weight, 1.0) and None
         >>> maps = compute_erf(net, torch.randn(8, 1, 32, 32), layers=["2"])
         >>> maps["2"].grad.shape, maps["2"].metrics()["trf_x"]
         (torch.Size([32, 32]), 7.0)

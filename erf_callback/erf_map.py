@@ -99,7 +99,8 @@ class ERFMap:
     def metrics(self) -> dict[str, float]:
         """Flat ``name -> float`` dict, ready for a logger; keys are documented in docs/metrics.md.
 
-        All values are NaN when :attr:`status` is not ``"ok"``.
+        When :attr:`status` is not ``"ok"`` every value is NaN except ``trf_*``, which depend
+        on the architecture only.
         """
         d = self.spatial_dims
         suffixes = axis_suffixes(d)

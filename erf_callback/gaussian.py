@@ -45,6 +45,8 @@ _MIN_FLOOR_PIXELS = 8
 _FLOOR_SAMPLE = 32768
 # A far-pixel median at most this fraction of the peak counts as "no pedestal".
 _CLEAN_FLOOR = 1e-6
+# Edge restoration only where the untruncated Gaussian keeps at least this share inside.
+_MIN_VISIBLE = 0.75
 # Relative change per iteration below which a noise-driven limit cycle is accepted.
 _STALL_TOL = 1e-3
 
@@ -247,10 +249,12 @@ def _restore_edge_cut(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Undo the truncation of a Gaussian tail by the image edges, where the map shows one.
 
-    Per axis, the mass measured in the two edge slabs is compared with what a Gaussian of the
-    current moments puts there; their ratio (clipped to [0, 1]) weights the correction from
-    the visible (truncated-normal) mean and variance back to the untruncated ones. Compact
-    maps that stay clear of the edges have no edge mass and are returned unchanged.
+    Per axis, the visible mean and variance are taken as those of a truncated normal and
+    untruncated; the mass measured in the two edge slabs is compared with what that Gaussian
+    puts there. Their ratio weights the correction: 1 when they agree, falling to 0 both for
+    maps that stay clear of the edges (compact maps keep their exact moments) and for edges
+    holding far more than a Gaussian tail. Cuts that would leave less than 75% of the Gaussian
+    visible are not restored: there a tail cannot be told from a flat band.
     """
     mean, cov = mean.copy(), cov.copy()
     scale = np.ones(a.ndim)
@@ -263,15 +267,24 @@ def _restore_edge_cut(
         measured = float(marginal[0] + marginal[-1])
         if measured <= 0.0:
             continue
-        mu, sd = mean[i], math.sqrt(var)
+        mu = mean[i]
         lo, hi = -0.5, n - 0.5
-        edge = _normal_mass(lo, lo + 1, mu, sd) + _normal_mass(hi - 1, hi, mu, sd)
-        inside = _normal_mass(lo, hi, mu, sd)
+        true_mu, true_var = _untruncate(mu, var, lo, hi)
+        sd = math.sqrt(true_var)
+        inside = _normal_mass(lo, hi, true_mu, sd)
+        if inside < _MIN_VISIBLE:
+            # Cut this hard, a Gaussian tail cannot be told from a flat band (the middle of an
+            # ever wider Gaussian): keep the visible moments; border_mass flags such maps.
+            continue
+        edge = _normal_mass(lo, lo + 1, true_mu, sd) + _normal_mass(hi - 1, hi, true_mu, sd)
         predicted = mass / inside * edge if inside > 0 else 0.0
         if not predicted > 1e-12 * mass:
             continue
-        weight = min(measured / predicted, 1.0)
-        true_mu, true_var = _untruncate(mu, var, lo, hi)
+        # 1 where the edges hold what the untruncated Gaussian predicts; back to 0 both for no
+        # edge mass (compact maps) and for far more than a tail (a band or box cut by the edge,
+        # which is not a Gaussian to extrapolate).
+        ratio = measured / predicted
+        weight = ratio if ratio <= 1.0 else max(0.0, 2.0 - ratio)
         mean[i] += weight * (true_mu - mu)
         new_var = var + weight * (true_var - var)
         scale[i] = math.sqrt(new_var / var)
@@ -322,7 +335,9 @@ def _half_max_init(a: np.ndarray, coords: list[np.ndarray]) -> tuple[np.ndarray,
     base = max(float(a.min()), 0.0)
     peak = float(a.max())
     if not peak > base:
-        return None
+        if not peak > 0:
+            return None
+        base = 0.0  # a constant map: the whole map is the distribution
     mask = (a >= base + 0.5 * (peak - base)).astype(np.float64)
     _, mean, cov = _moments(mask, coords)
     cov = cov * (a.ndim + 2) / (2.0 * math.log(2.0))

@@ -146,8 +146,8 @@ def border_mass(mean: np.ndarray, cov: np.ndarray, shape: Sequence[int]) -> floa
 
     Example:
         >>> import numpy as np
-        >>> round(border_mass(np.array([0.0]), np.array([[4.0]]), [64]), 3)  # half is cut off
-        0.451
+        >>> round(border_mass(np.array([0.0]), np.array([[4.0]]), [64]), 3)  # centred on pixel 0
+        0.401
     """
     inside = 1.0
     for mu, var, n in zip(mean, np.diag(cov), shape, strict=True):

@@ -35,6 +35,14 @@ from erf_callback.schedule import AUTO_WARMUP_STEPS, DEFAULT_MAX_OVERHEAD, Probe
 from erf_callback.warnings import ERFWarning
 
 log = logging.getLogger("erf_callback")
+if not log.handlers:
+    # Like Lightning's own logger: one-time notes (auto interval, loggers without images)
+    # should reach the console without users configuring logging.
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    log.addHandler(_handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 InputSource = Literal["train", "noise"] | torch.Tensor | Iterable[Any]
 InputKey = int | str | Callable[[Any], torch.Tensor] | None
@@ -132,6 +140,9 @@ class ERFMonitorBase:
         if not tag_prefix or tag_prefix.endswith("/"):
             raise ValueError(f"tag_prefix must be non-empty without a trailing '/': {tag_prefix!r}")
         self.layers = [layers] if isinstance(layers, str) else (list(layers) if layers else None)
+        # The state key must not change when the default layer is resolved at fit start, or a
+        # resumed run would not find its own state in the checkpoint.
+        self._layers_arg = None if self.layers is None else list(self.layers)
         self.num_samples = num_samples
         self.schedule = ProbeSchedule(
             every_n_steps=every_n_steps,
@@ -178,7 +189,7 @@ class ERFMonitorBase:
     @property
     def state_key(self) -> str:
         return self._generate_state_key(  # type: ignore[attr-defined]
-            layers=self.layers, tag_prefix=self.tag_prefix, module=self.module
+            layers=self._layers_arg, tag_prefix=self.tag_prefix, module=self.module
         )
 
     def setup(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
@@ -230,7 +241,11 @@ class ERFMonitorBase:
             return  # inside a gradient-accumulation window: no optimiser step happened
         self._last_step_seen = step
         self._time_step(trainer)
-        if self.schedule.due_at_step(step):
+        if self._needs_timing_probe():
+            # Resumed before the automatic interval was chosen: time one probe now.
+            self._probe_if_new(trainer, pl_module)
+            self._choose_interval(trainer)
+        elif self.schedule.due_at_step(step):
             self._probe_if_new(trainer, pl_module)
             if self.schedule.is_auto and self._step_times:
                 self._choose_interval(trainer)
@@ -340,6 +355,7 @@ class ERFMonitorBase:
         probe = self.history.num_probes
         scalars: dict[str, float] = {}
         valid: dict[str, ERFMap] = {}
+        layer_metrics: dict[str, dict[str, float]] = {}
         for layer, m in maps.items():
             if m.status != "ok":
                 self._warn_once(
@@ -368,14 +384,22 @@ class ERFMonitorBase:
             for key in (*metrics, *CHANGE_METRICS):
                 scalars[f"{self.tag_prefix}/{layer}/{key}"] = record[key]
             valid[layer] = m
+            layer_metrics[layer] = metrics
         if not trainer.is_global_zero:
             return
         log_scalars(trainer.loggers, scalars, step)
         if self.log_images and valid and probe % self.images_every_n_probes == 0:
-            self._images.publish(trainer.loggers, self._render(valid), step)
+            self._images.publish(trainer.loggers, self._render(valid, layer_metrics), step)
         self._write_history(trainer)
 
-    def _render(self, maps: dict[str, ERFMap]) -> dict[str, np.ndarray]:
+    def _render(
+        self, maps: dict[str, ERFMap], metrics: dict[str, dict[str, float]] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Heatmaps (linear, log), radial profile and evolution grid per layer (uint8 HWC)."""
+        if metrics is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ERFWarning)
+                metrics = {layer: m.metrics() for layer, m in maps.items()}
         images: dict[str, np.ndarray] = {}
         for layer, m in maps.items():
             fit = m.gaussian
@@ -397,7 +421,13 @@ class ERFMonitorBase:
             images[f"{tag}/heatmap"] = render_heatmap(arr, **common)
             images[f"{tag}/heatmap_log"] = render_heatmap(arr, log_scale=True, **common)
             images[f"{tag}/radial_profile"] = render_radial_profile(
-                arr, mean=fit.mean, cov=fit.cov, floor=max(fit.floor, 0.0), title=layer
+                arr,
+                mean=fit.mean,
+                cov=fit.cov,
+                floor=max(fit.floor, 0.0),
+                radius=metrics[layer]["radius"],
+                energy_radius=metrics[layer]["energy_radius"],
+                title=layer,
             )
             frames = self.history.maps.get(layer, [])
             if frames:
@@ -496,6 +526,14 @@ class ERFMonitorBase:
             and self._probe_seconds
         ):
             self._choose_interval(trainer)
+
+    def _needs_timing_probe(self) -> bool:
+        return (
+            self.schedule.is_auto
+            and self.schedule.auto_interval is None
+            and not self._probe_seconds
+            and len(self._step_times) >= AUTO_WARMUP_STEPS
+        )
 
     def _choose_interval(self, trainer: Any) -> None:
         """Set the automatic interval from measured times; called at the same steps on all ranks.

@@ -125,6 +125,15 @@ def test_gaussian_tails_cut_by_the_image_edge_are_restored(center, sigma):
     assert np.max(np.abs(visible.sigma / truth - 1)) > 0.015
 
 
+def test_a_band_cut_by_the_edges_is_not_extrapolated_as_a_gaussian():
+    band = torch.zeros(16, 16, dtype=torch.float64)
+    band[6:9, :] = 1.0  # uniform along x, across the whole map
+    fit = fit_gaussian(band)
+    assert fit.sigma[1] == pytest.approx(math.sqrt((16**2 - 1) / 12), rel=1e-9)
+    assert fit.sigma[0] == pytest.approx(math.sqrt((3**2 - 1) / 12), rel=1e-9)
+    assert fit_gaussian(torch.ones(5, 5)).sigma[0] == pytest.approx(math.sqrt(2.0))
+
+
 def test_compact_map_touching_no_edge_keeps_its_exact_moments():
     box = torch.zeros(20, 20, dtype=torch.float64)
     box[1:19, 5:8] = 1.0  # one pixel clear of the top and bottom edges

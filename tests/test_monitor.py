@@ -116,6 +116,17 @@ def test_probing_never_changes_training(tmp_path):
         assert torch.equal(weights_a[k], weights_b[k]), k
 
 
+def test_resume_with_the_default_layer_finds_its_state(tmp_path):
+    first = ERFMonitor(every_n_steps=3, num_samples=8)  # layers resolved at fit start
+    trainer = make_trainer(tmp_path, [first], max_steps=4, enable_checkpointing=True)
+    trainer.fit(module_class()())
+    ckpt = glob.glob(os.path.join(str(tmp_path), "**", "*.ckpt"), recursive=True)[0]
+    second = ERFMonitor(every_n_steps=3, num_samples=8)
+    assert second.state_key == first.state_key
+    make_trainer(tmp_path, [second], max_steps=8).fit(module_class()(), ckpt_path=ckpt)
+    assert [r["step"] for r in second.history.records] == [0, 3, 6, 8]
+
+
 def test_resume_keeps_history_and_schedule(tmp_path):
     Classifier = module_class()
     first = ERFMonitor(layers=["net.7"], every_n_steps=3, num_samples=8)
