@@ -331,20 +331,20 @@ class ERFMonitorBase:
                 # The engine's NaN/zero warnings are re-issued below once per layer and kind.
                 warnings.simplefilter("ignore", ERFWarning)
                 maps = compute_erf(net, x, self.layers, **self.erf_kwargs)
-        except NotImplementedError as err:
-            raise ValueError(
-                "ERFMonitor calls the LightningModule's forward(x), which is not implemented. "
-                "Implement forward, or pass module='<attribute of the network>'."
-            ) from err
-        except (ValueError, KeyError, TypeError):
-            raise  # configuration errors: loud, at fit start
-        except RuntimeError as err:
-            if strict:
-                raise
-            self._warn_once(
-                f"skip:{type(err).__name__}", f"ERF probe at step {step} skipped: {err}"
-            )
-            return
+        except Exception as err:
+            if not strict:  # mid-training: a skipped probe, never a crashed run
+                self._warn_once(
+                    f"skip:{type(err).__name__}",
+                    f"ERF probe at step {step} skipped ({type(err).__name__}: {err}); "
+                    "training goes on.",
+                )
+                return
+            if isinstance(err, NotImplementedError):
+                raise ValueError(
+                    "ERFMonitor calls the LightningModule's forward(x), which is not "
+                    "implemented. Implement forward, or pass module='<attribute of the network>'."
+                ) from err
+            raise  # configuration errors: loud, at fit start, before any training time
         self._last_probed_step = step
         if dry:
             return

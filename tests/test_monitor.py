@@ -316,3 +316,31 @@ def test_automatic_schedule_respects_the_overhead_budget(tmp_path, monkeypatch):
     fit(tmp_path, monitor, model=Timed(), max_steps=410, max_epochs=-1)
     assert monitor.schedule.auto_interval == 200
     assert [r["step"] for r in monitor.history.records] == [0, 200, 400, 410]
+
+
+def test_a_failing_probe_mid_training_is_skipped_not_fatal(tmp_path):
+    class Flaky(module_class()):
+        def forward(self, x):
+            if self.global_step >= 2:
+                raise RuntimeError("out of memory (simulated)")
+            return super().forward(x)
+
+    model = Flaky()
+    monitor = ERFMonitor(layers=["net.7"], every_n_steps=1, num_samples=8)
+    with pytest.warns(ERFWarning, match=r"skipped \(RuntimeError: out of memory"):
+        fit(tmp_path, monitor, model=model)
+    assert model.training_steps == 5
+    assert [r["step"] for r in monitor.history.records] == [0, 1]
+
+
+def test_module_without_forward_gets_a_clear_error_at_fit_start(tmp_path):
+    class NoForward(module_class()):
+        forward = module_class().__mro__[1].forward  # LightningModule's NotImplemented stub
+
+    model = NoForward()
+    with pytest.raises(ValueError, match="module='<attribute of the network>'"):
+        fit(tmp_path, ERFMonitor(layers=["net.7"], num_samples=8), model=model)
+    assert model.training_steps == 0
+    monitor = ERFMonitor(layers=["7"], module="net", every_n_steps=2, num_samples=8)
+    fit(tmp_path, monitor, model=NoForward())
+    assert [r["step"] for r in monitor.history.records] == [0, 2, 4, 5]
