@@ -98,11 +98,7 @@ def compute_erf(
     positions = _per_layer(position, names, "position")
     config = config or MetricConfig()
 
-    ref = next(iter(net.parameters()), None)
-    if ref is None:
-        ref = next(iter(net.buffers()), None)
-    device = ref.device if ref is not None else x_all.device
-    dtype = ref.dtype if ref is not None and ref.is_floating_point() else x_all.dtype
+    device, dtype = model_device_dtype(net, x_all)
     n = x_all.shape[0]
     chunk = n if chunk_size is None else min(chunk_size, n)
     if _mixes_batch_in_eval(net):
@@ -224,6 +220,20 @@ def tokens_to_grid(
     return transform
 
 
+def model_device_dtype(model: nn.Module, inputs: torch.Tensor) -> tuple[torch.device, torch.dtype]:
+    """Where and in which floating dtype ``model`` computes (its first parameter or buffer).
+
+    A model without tensors, or with only integer ones, falls back to ``inputs``' device and
+    dtype. A ``bf16-true`` model gives bfloat16: probe inputs are cast to it.
+    """
+    ref = next(iter(model.parameters()), None)
+    if ref is None:
+        ref = next(iter(model.buffers()), None)
+    device = ref.device if ref is not None else inputs.device
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else inputs.dtype
+    return device, dtype
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The module whose parameters are probed: unwraps ``torch.compile`` and DDP wrappers."""
     while True:
@@ -280,16 +290,14 @@ def deepest_spatial_layer(
 
         return hook
 
+    names = {n: _strip_wrappers(n) for n, _ in net.named_modules()}
     handles = [
-        m.register_forward_hook(make_hook(_strip_wrappers(n)))
-        for n, m in net.named_modules()
-        if _strip_wrappers(n) != ""
+        m.register_forward_hook(make_hook(names[n])) for n, m in net.named_modules() if names[n]
     ]
-    ref = next(iter(net.parameters()), None)
+    device, dtype = model_device_dtype(net, x)
     try:
         with probe_context(net), original_forwards(net), torch.no_grad():
-            x = x.to(ref.device, ref.dtype) if ref is not None else x
-            net(x)
+            net(x.to(device, dtype))
     finally:
         for h in handles:
             h.remove()

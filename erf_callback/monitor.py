@@ -24,6 +24,7 @@ from erf_callback.engine import (
     Reduction,
     compute_erf,
     deepest_spatial_layer,
+    model_device_dtype,
     resolve_layers,
 )
 from erf_callback.erf_map import ERFMap
@@ -226,9 +227,7 @@ class ERFMonitorBase:
             log.info("erf-callback: probing the deepest spatial layer %r", self.layers[0])
         if self._last_probed_step is None:
             # The fit-start check: a bad configuration fails here, before any training time.
-            start = time.perf_counter()
-            self._probe(trainer, pl_module, dry=not self.probe_at_init, strict=True)
-            self._probe_seconds.append(time.perf_counter() - start)
+            self._probe_if_new(trainer, pl_module, dry=not self.probe_at_init, strict=True)
             self._step_clock = time.perf_counter()
 
     def on_train_batch_end(
@@ -311,11 +310,13 @@ class ERFMonitorBase:
                 f"has {children}."
             ) from err
 
-    def _probe_if_new(self, trainer: Any, pl_module: nn.Module) -> None:
+    def _probe_if_new(
+        self, trainer: Any, pl_module: nn.Module, *, dry: bool = False, strict: bool = False
+    ) -> None:
         if trainer.global_step == self._last_probed_step:
             return  # never twice for one global_step
         start = time.perf_counter()
-        self._probe(trainer, pl_module, dry=False, strict=False)
+        self._probe(trainer, pl_module, dry=dry, strict=strict)
         self._probe_seconds.append(time.perf_counter() - start)
         if self._step_clock is not None:
             self._step_clock += time.perf_counter() - start  # probe time is not step time
@@ -442,8 +443,7 @@ class ERFMonitorBase:
 
     def _inputs_on(self, net: nn.Module) -> torch.Tensor:
         assert self._inputs is not None
-        ref = next(iter(net.parameters()), None)
-        device = ref.device if ref is not None else torch.device("cpu")
+        device, _ = model_device_dtype(net, self._inputs)
         if self._device_inputs is None or self._device_inputs.device != device:
             self._device_inputs = self._inputs.to(device)
         return self._device_inputs
