@@ -308,26 +308,41 @@ def main() -> int:
     trunc = truncated(model)
     x = torch.randn(args.n, 3, size, size, device=device)
 
-    # ---- correctness: the maps agree (and which one is off, against a float64 ground truth)
+    # ---- correctness: the maps agree.
+    # compute_erf must equal the same computation done by hand; float32 results of different
+    # kernels (batch 1 vs batched) can differ by more than rounding, because a pre-activation
+    # or a max-pool candidate within rounding of its rival flips a ReLU / max-pool decision and
+    # reroutes one sample's gradient. That is shown as information, not held against the
+    # engine; exactness is checked in float64 (no flips) and against the same float32 kernels.
     ref_map = reference(model, x, LAYER)
     ours = candidate(model, x, _DEFAULT)
     ours_c1 = candidate(model, x, 1).grad
+    hand_same_chunk = lower_bound(trunc, x, eff_default)
     model64 = copy.deepcopy(model).double()
     truth = lower_bound(truncated(model64), x.double(), 8)
+    ours64 = compute_erf(model64, x.double(), layers=[LAYER])[LAYER].grad
     del model64
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         return float((a - b).abs().max()) / float(b.abs().max())
 
     agree = {
-        "compute_erf (default chunk) vs reference": rel(ours.grad, ref_map),
+        "compute_erf (float64) vs float64 hand-written truth": rel(ours64, truth),
+        f"compute_erf (default chunk) vs hand-written loop, chunk {eff_default}": rel(
+            ours.grad, hand_same_chunk
+        ),
         "compute_erf chunk_size=1 vs reference (same batch-1 kernels)": rel(ours_c1, ref_map),
-        "compute_erf (default chunk) vs float64 truth": rel(ours.grad, truth),
+    }
+    info = {
+        "compute_erf (float32, default chunk) vs float64 truth": rel(ours.grad, truth),
         "reference (float32, batch 1) vs float64 truth": rel(ref_map, truth),
     }
     print("   map agreement, max |a - b| / max |b|:")
     for k, v in agree.items():
-        print(f"     {k:<62s} {v:.1e}")
+        print(f"     {k:<66s} {v:.1e}")
+    print("   float32 rounding (information: ReLU / max-pool decisions may flip):")
+    for k, v in info.items():
+        print(f"     {k:<66s} {v:.1e}")
     # ---- timings
     funcs: dict[str, object] = {
         "reference (per-image, full model)": lambda: reference(model, x, LAYER),
@@ -426,11 +441,6 @@ def main() -> int:
     )
 
     # ---- targets
-    print(
-        "   info: compute_erf (default chunk) vs the float32 per-image reference: "
-        f"{agree['compute_erf (default chunk) vs reference']:.1e}; the reference itself is "
-        f"{agree['reference (float32, batch 1) vs float64 truth']:.1e} from float64"
-    )
     speedup = bu.ratio(times[ref_key], times[default_key])
     vs_lb = bu.ratio(times[default_key], times[best_lb])
     print()
@@ -443,12 +453,9 @@ def main() -> int:
         f"TARGET compute_erf / best hand-written lower bound{dev}: {vs_lb:.2f}x "
         f"(target <= 1.15x): {bu.verdict(vs_lb <= 1.15)}"
     )
-    worst = max(
-        agree["compute_erf (default chunk) vs float64 truth"],
-        agree["compute_erf chunk_size=1 vs reference (same batch-1 kernels)"],
-    )
+    worst = max(agree.values())
     print(
-        f"TARGET maps agree (compute_erf vs float64 truth, and chunk_size=1 vs reference): "
+        "TARGET maps agree (float64 vs truth; float32 vs the same kernels by hand): "
         f"max rel diff {worst:.1e} (target <= 1e-5): {bu.verdict(worst <= 1e-5)}"
     )
     print(
