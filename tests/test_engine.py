@@ -1,3 +1,4 @@
+import copy
 import math
 import random
 
@@ -187,7 +188,7 @@ def test_autocast_and_channels_last_and_low_precision():
         got = compute_erf(net, x, ["layer2"])["layer2"].grad
     torch.testing.assert_close(got, ref)  # probing disables autocast: float32 results
     # channels_last runs other kernels; float64 keeps ReLU/max-pool ties from flipping.
-    net64, x64 = net.double(), x.double()
+    net64, x64 = copy.deepcopy(net).double(), x.double()
     ref64 = compute_erf(net64, x64, ["layer2"])["layer2"].grad
     cl = compute_erf(
         net64.to(memory_format=torch.channels_last),
@@ -195,7 +196,6 @@ def test_autocast_and_channels_last_and_low_precision():
         ["layer2"],
     )["layer2"].grad
     torch.testing.assert_close(cl, ref64, rtol=1e-12, atol=1e-15)
-    net = net.float().to(memory_format=torch.contiguous_format)
     half = compute_erf(net.to(torch.bfloat16), x, ["layer2"])["layer2"]  # a "bf16-true" model
     assert half.grad.dtype == torch.float64
     assert torch.corrcoef(torch.stack([half.grad.flatten(), ref.flatten()]))[0, 1] > 0.98
