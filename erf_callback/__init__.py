@@ -16,11 +16,9 @@ Example:
 
 from typing import TYPE_CHECKING, Any
 
-from erf_callback.engine import compute_erf, tokens_to_grid
-from erf_callback.erf_map import ERFMap
-from erf_callback.gaussian import GaussianFit, fit_gaussian
-from erf_callback.metrics import MetricConfig
-from erf_callback.receptive_field import AxisRF, RFGeometry
+from erf_callback.engine import ERFMap, ProbeConfig, compute_erf, tokens_to_grid
+from erf_callback.fit import GaussianFit, MetricConfig, fit_gaussian
+from erf_callback.trf import AxisRF, RFGeometry
 from erf_callback.warnings import ERFWarning
 
 if TYPE_CHECKING:
@@ -35,6 +33,7 @@ __all__ = [
     "ERFWarning",
     "GaussianFit",
     "MetricConfig",
+    "ProbeConfig",
     "RFGeometry",
     "compute_erf",
     "fit_gaussian",

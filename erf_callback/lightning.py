@@ -7,7 +7,7 @@ with ``pytorch_lightning.Trainer``.
 
 from lightning.pytorch.callbacks import Callback
 
-from erf_callback.monitor import ERFMonitorBase
+from erf_callback.callback.core import ERFMonitorBase
 
 
 class ERFMonitor(ERFMonitorBase, Callback):

@@ -7,7 +7,7 @@ with ``lightning.pytorch.Trainer``.
 
 from pytorch_lightning.callbacks import Callback
 
-from erf_callback.monitor import ERFMonitorBase
+from erf_callback.callback.core import ERFMonitorBase
 
 
 class ERFMonitor(ERFMonitorBase, Callback):

@@ -7,11 +7,11 @@ import warnings
 import pandas as pd
 import pytest
 import torch
-from lit import data, make_trainer, module_class, trainer_class
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from erf_callback import ERFMonitor, ERFWarning, compute_erf
 from erf_callback.lightning import ERFMonitor as LightningERFMonitor
+from tests.helpers.lit import data, make_trainer, module_class, trainer_class
 
 LAYERS = ["net.2", "net.7"]
 
@@ -282,7 +282,7 @@ def test_image_loggers_and_scalar_only_loggers(tmp_path):
             assert isinstance(images, list) and images[0].dtype.name == "uint8"
             self.images.append((step, key, images[0].shape))
 
-    from erf_callback.publish import ImagePublisher, log_scalars
+    from erf_callback.callback.publish import ImagePublisher, log_scalars
 
     wandb = FakeWandb()
     log_scalars([wandb], {"erf/a/radius": 2.0, "erf/a/trf_x": float("inf")}, step=3)
@@ -295,7 +295,7 @@ def test_image_loggers_and_scalar_only_loggers(tmp_path):
 def test_automatic_schedule_respects_the_overhead_budget(tmp_path, monkeypatch):
     # Deterministic clock: every training step takes 1 s, every probe 3 s, so with a 2% budget
     # the interval must be nice_ceil(3 / (0.02 * 1)) = 200 steps.
-    import erf_callback.monitor as monitor_module
+    import erf_callback.callback.core as monitor_module
 
     clock = {"t": 0.0}
     monkeypatch.setattr(monitor_module.time, "perf_counter", lambda: clock["t"])

@@ -4,9 +4,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from nets import closed_form, gaussian_map, uniform_stack
 
 from erf_callback import ERFWarning, fit_gaussian
+from tests.helpers.nets import closed_form, gaussian_map, uniform_stack
 
 
 def rotated_cov(sy: float, sx: float, theta: float) -> np.ndarray:

@@ -15,11 +15,11 @@ from collections.abc import Callable, Sequence
 import pytest
 import torch
 import torch.nn.functional as F
-from nets import ResNet
 from torch import nn
 
-from erf_callback import receptive_field as rf_mod
-from erf_callback.receptive_field import AxisRF, ReceptiveFieldTracer, RFGeometry
+from erf_callback.trf import AxisRF, ReceptiveFieldTracer, RFGeometry
+from erf_callback.trf import receptive_field as rf_mod
+from tests.helpers.nets import ResNet
 
 # ---------------------------------------------------------------------------------------------
 # Helpers

@@ -110,6 +110,21 @@ class RFGeometry:
         """Input coordinates of the TRF centre of the unit at spatial ``position``."""
         return tuple(a.center(p) for a, p in zip(self.axes, position, strict=True))
 
+    def box(self, position: Sequence[int]) -> tuple[tuple[float, float], ...]:
+        """First and last input pixel of the TRF of the unit at ``position``, per axis.
+
+        The box is unclipped: it may start before pixel 0 or end after the last pixel (and is
+        infinite on axes with a global receptive field).
+
+        Example:
+            >>> RFGeometry((AxisRF(jump=2.0, start=-1.0, size=5.0),)).box((3,))
+            ((5.0, 9.0),)
+        """
+        return tuple(
+            (a.start + p * a.jump, a.start + p * a.jump + a.size - 1)
+            for a, p in zip(self.axes, position, strict=True)
+        )
+
 
 # ---------------------------------------------------------------------------------------------
 # Per-tensor records and AxisRF algebra.

@@ -1,18 +1,10 @@
-"""Pictures of effective receptive fields (ERFs) for TensorBoard.
+"""Heatmaps of ERF maps, rasterised in numpy, for TensorBoard.
 
 Everything here returns ``uint8`` arrays of shape ``(H, W, 3)`` ("HWC"), ready for
-``SummaryWriter.add_image(tag, img, step, dataformats="HWC")``.
-
-Design constraints, because these functions run inside training loops:
-
-* Heatmaps are pure numpy (colour-map lookup, integer upscaling, overlays rasterised by
-  setting pixels): about a millisecond for a 256x256 map, no matplotlib figure.
-* Figures with text (radial profile, evolution grid) use :class:`matplotlib.figure.Figure`
-  with an explicit :class:`~matplotlib.backends.backend_agg.FigureCanvasAgg`.
-  ``matplotlib.pyplot`` is never imported: it keeps global figure state (figures stay alive
-  until closed) and may pick an interactive backend, both wrong for a library used inside a
-  trainer. Figures that pyplot does not know about are ordinary objects and are garbage
-  collected once the pixels are copied out.
+``SummaryWriter.add_image(tag, img, step, dataformats="HWC")``. Heatmaps are pure numpy
+(colour-map lookup, integer upscaling, overlays rasterised by setting pixels): about a
+millisecond for a 256x256 map, no matplotlib figure. Only the colour tables come from
+matplotlib's registry. Figures with text live in :mod:`erf_callback.render.figures`.
 
 Maps are float arrays with 1, 2 or 3 spatial axes, in torch order ``(z, y, x)``.
 Coordinates (means, boxes, locations) are pixel indices in the same order, so
@@ -24,21 +16,11 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
 
 import matplotlib
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
-__all__ = [
-    "colorize",
-    "downsample_map",
-    "render_evolution",
-    "render_heatmap",
-    "render_radial_profile",
-    "to_display_2d",
-]
+__all__ = ["colorize", "colorize_map", "render_heatmap", "to_display_2d"]
 
 # Overlay colours (RGB). Chosen to stand out on the dark-to-yellow "inferno" map: the 1-sigma
 # ellipse is the primary cue (solid cyan), the 2-sigma ellipse is secondary (dashed white),
@@ -56,7 +38,6 @@ _LOG_EPS = 1e-3
 _MAX_UPSCALED_SIDE = 4096
 _LINE_PX = 2  # overlay line thickness in upscaled pixels
 _DASH_PX = 8.0  # dash length of the 2-sigma ellipse in upscaled pixels
-_DPI = 100.0  # figures are sized in pixels; at 100 dpi 1 inch = 100 px
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,7 +200,7 @@ def _log_scale(values: np.ndarray) -> np.ndarray:
     return np.log10(1.0 + v / (_LOG_EPS * vmax)) * (1.0 / math.log10(1.0 + 1.0 / _LOG_EPS))
 
 
-def _colorize_map(values: np.ndarray, log_scale: bool, cmap: str) -> np.ndarray:
+def colorize_map(values: np.ndarray, log_scale: bool, cmap: str) -> np.ndarray:
     """Colourise an ERF map with 0 at the bottom colour and its maximum at the top one.
 
     ERFs are non-negative, so anchoring the bottom at 0 (rather than at the data minimum)
@@ -451,7 +432,7 @@ def render_heatmap(
     """
     erf2, mean2, cov2, box2, loc2 = to_display_2d(erf, mean, cov, trf_box, location)
     f = _upscale_factor(erf2.shape, min_size)
-    small = _colorize_map(erf2, log_scale, cmap)
+    small = colorize_map(erf2, log_scale, cmap)
     img = _upscale(small, f)  # a fresh array either way (colorize output, or reshape copy)
     if not img.flags.writeable:
         img = np.array(img)  # the overlays write into it
@@ -464,353 +445,3 @@ def render_heatmap(
     if loc2 is not None:
         _draw_marker(img, loc2, f, _MARKER_RGB)
     return img
-
-
-# --------------------------------------------------------------------------------------------
-# Radial profile
-# --------------------------------------------------------------------------------------------
-
-
-def _distances(shape: tuple[int, ...], mean: np.ndarray) -> np.ndarray:
-    """Euclidean distance of every pixel centre of a ``shape`` grid from ``mean``."""
-    mean = np.asarray(mean, dtype=np.float64).reshape(-1)
-    if mean.shape[0] != len(shape):
-        raise ValueError(f"mean has {mean.shape[0]} coordinates for a {len(shape)}-D map")
-    grids = np.ogrid[tuple(slice(0, n) for n in shape)]
-    r2 = np.zeros(shape)
-    for g, m in zip(grids, mean, strict=True):
-        r2 = r2 + (g - m) ** 2  # broadcasting open grids: one full-size temporary per axis
-    return np.sqrt(r2)
-
-
-def _mass_within(dist: np.ndarray, mass: np.ndarray, radii: np.ndarray) -> np.ndarray:
-    """Fraction of ``mass`` at pixels with ``dist <= r`` for each (ascending) ``r`` in radii."""
-    total = float(mass.sum())
-    if not total > 0:
-        return np.zeros(len(radii))
-    # Bin every pixel by the first radius that contains it: O(n log k), no full sort.
-    idx = np.searchsorted(radii, dist.ravel(), side="left")
-    binned = np.bincount(idx, weights=mass.ravel(), minlength=len(radii) + 1)
-    return np.cumsum(binned[: len(radii)]) / total
-
-
-def _cumulative_mass(erf: np.ndarray, mean: np.ndarray, radii: np.ndarray) -> np.ndarray:
-    """Fraction of the map's mass within distance ``r`` of ``mean``, for each ``r`` in radii.
-
-    Pixels count by their centre (pixel index = coordinate); negative and non-finite values
-    count as 0. Pure function, shared by the measured and the fitted curve.
-
-    Example:
-        >>> _cumulative_mass(np.array([1.0, 2.0, 1.0]), np.array([1.0]), np.array([0.0, 1.0]))
-        array([0.5, 1. ])
-    """
-    erf = np.asarray(erf, dtype=np.float64)
-    radii = np.asarray(radii, dtype=np.float64).reshape(-1)
-    mass = np.where(np.isfinite(erf), np.maximum(erf, 0.0), 0.0)
-    order = np.argsort(radii, kind="stable")
-    out = np.empty(len(radii))
-    out[order] = _mass_within(_distances(erf.shape, mean), mass, radii[order])
-    return out
-
-
-def _gaussian_on_grid(
-    shape: tuple[int, ...], mean: np.ndarray, cov: np.ndarray
-) -> np.ndarray | None:
-    """Unnormalised Gaussian ``exp(-d^T cov^-1 d / 2)`` at every pixel centre, or ``None``.
-
-    ``None`` when the covariance is not finite and positive definite (no density to draw).
-    """
-    mean = np.asarray(mean, dtype=np.float64).reshape(-1)
-    cov = np.asarray(cov, dtype=np.float64).reshape(len(shape), len(shape))
-    if not (np.isfinite(mean).all() and np.isfinite(cov).all()):
-        return None
-    cov = 0.5 * (cov + cov.T)
-    if np.linalg.eigvalsh(cov).min() <= 0:
-        return None
-    prec = np.linalg.inv(cov)
-    grids = [g - m for g, m in zip(np.ogrid[tuple(slice(0, n) for n in shape)], mean, strict=True)]
-    q = np.zeros(shape)
-    for i, gi in enumerate(grids):
-        for j in range(i, len(grids)):
-            q = q + (1.0 if i == j else 2.0) * prec[i, j] * (gi * grids[j])
-    return np.exp(-0.5 * q)
-
-
-def _figure(width: int, height: int) -> tuple[Figure, FigureCanvasAgg]:
-    """A pyplot-free figure of exactly ``width`` x ``height`` pixels with an Agg canvas."""
-    fig = Figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI)
-    canvas = FigureCanvasAgg(fig)
-    return fig, canvas
-
-
-def _figure_to_array(canvas: FigureCanvasAgg, width: int, height: int) -> np.ndarray:
-    """Render and copy the pixels out (so the figure can be collected)."""
-    canvas.draw()
-    rgb = np.asarray(canvas.buffer_rgba())[..., :3]
-    # float inches * dpi can round one pixel short; pad/crop to the exact requested size.
-    if rgb.shape[:2] != (height, width):
-        out = np.full((height, width, 3), 255, dtype=np.uint8)
-        h, w = min(height, rgb.shape[0]), min(width, rgb.shape[1])
-        out[:h, :w] = rgb[:h, :w]
-        return out
-    return np.ascontiguousarray(rgb)
-
-
-def render_radial_profile(
-    erf: np.ndarray,
-    *,
-    mean: np.ndarray,
-    cov: np.ndarray,
-    floor: float = 0.0,
-    radius: float | None = None,
-    energy_radius: float | None = None,
-    title: str = "",
-    size: tuple[int, int] = (480, 320),
-) -> np.ndarray:
-    """Cumulative ERF mass vs distance from the fitted centre, measured against the fit.
-
-    The measured curve is the fraction of ``clip(erf - floor, 0)`` within distance ``r`` of
-    ``mean`` (pixel centres, Euclidean distance in all d dims, so it works for 1-, 2- and
-    3-D maps). The fitted curve is the same quantity for the fitted Gaussian evaluated on the
-    same pixel grid, so cropping at the image border affects both curves equally and a good
-    fit makes them coincide. The x-range stops a little after both curves reach 99.9%.
-    Vertical lines mark ``radius`` and ``energy_radius`` when given. A degenerate covariance
-    (not positive definite) omits the fitted curve.
-
-    Args:
-        erf: ERF map, ``(z, y, x)`` order.
-        mean: fitted centre, shape ``(d,)``.
-        cov: fitted covariance, shape ``(d, d)``.
-        floor: noise floor subtracted before accumulating.
-        radius: e.g. the fitted ERF radius, drawn as a vertical line.
-        energy_radius: e.g. the radius holding a fixed share of the energy, drawn likewise.
-        title: axes title.
-        size: ``(width, height)`` of the image in pixels.
-
-    Returns:
-        ``uint8`` array of shape ``(height, width, 3)``.
-
-    Example:
-        >>> yy, xx = np.mgrid[:41, :41]
-        >>> erf = np.exp(-((yy - 20.0) ** 2 + (xx - 20.0) ** 2) / 50)
-        >>> img = render_radial_profile(erf, mean=np.array([20.0, 20.0]), cov=25 * np.eye(2))
-        >>> img.shape
-        (320, 480, 3)
-    """
-    erf = np.asarray(erf, dtype=np.float64)
-    width, height = int(size[0]), int(size[1])
-    mean = np.asarray(mean, dtype=np.float64).reshape(-1)
-    dist = _distances(erf.shape, mean)
-    mass = np.where(np.isfinite(erf), np.maximum(erf - floor, 0.0), 0.0)
-    gauss = _gaussian_on_grid(erf.shape, mean, cov) if np.all(np.isfinite(mean)) else None
-
-    # Choose the x-range on a coarse pass: where both curves are (nearly) complete.
-    r_all = float(dist.max()) if dist.size else 1.0
-    r_all = r_all if r_all > 0 else 1.0
-    coarse = np.linspace(0.0, r_all, 512)
-    ends = []
-    for m in (mass, gauss):
-        if m is not None and m.sum() > 0:
-            c = _mass_within(dist, m, coarse)
-            ends.append(coarse[min(np.searchsorted(c, 0.999), len(coarse) - 1)])
-    ends += [v for v in (radius, energy_radius) if v is not None and math.isfinite(v)]
-    r_hi = min(1.15 * max(ends), r_all) if ends and max(ends) > 0 else r_all
-    radii = np.linspace(0.0, r_hi, 300)
-
-    fig, canvas = _figure(width, height)
-    # Fixed pixel margins instead of tight/constrained layout: those cost 10-30 ms per draw.
-    top = 30 if title else 12
-    fig.subplots_adjust(
-        left=58 / width, right=1 - 12 / width, bottom=44 / height, top=1 - top / height
-    )
-    ax = fig.add_subplot()
-    ax.plot(radii, _mass_within(dist, mass, radii), color="C0", lw=1.8, label="measured ERF")
-    if gauss is not None:
-        ax.plot(
-            radii,
-            _mass_within(dist, gauss, radii),
-            color="C1",
-            lw=1.5,
-            ls="--",
-            label="fitted Gaussian",
-        )
-    if radius is not None and math.isfinite(radius):
-        ax.axvline(radius, color="C2", lw=1.2, ls=":", label=f"radius = {radius:.1f} px")
-    if energy_radius is not None and math.isfinite(energy_radius):
-        ax.axvline(
-            energy_radius,
-            color="C3",
-            lw=1.2,
-            ls="-.",
-            label=f"energy radius = {energy_radius:.1f} px",
-        )
-    ax.set_xlim(0.0, r_hi)
-    ax.set_ylim(0.0, 1.02)
-    ax.set_xlabel("radius [input px]")
-    ax.set_ylabel("cumulative ERF mass")
-    ax.grid(True, alpha=0.3)
-    if title:
-        # An explicit y turns off automatic title placement (a tight-bbox pass, ~10 ms).
-        ax.set_title(title, fontsize=10, y=1.0, pad=6.0)
-    # A fixed legend position: loc="best" searches overlaps and is slow.
-    ax.legend(loc="lower right", fontsize=8, framealpha=0.85)
-    return _figure_to_array(canvas, width, height)
-
-
-# --------------------------------------------------------------------------------------------
-# Evolution grid
-# --------------------------------------------------------------------------------------------
-
-_GRID_PAD = 6  # px between tiles and around the grid
-_LABEL_PX = 18  # px of label strip above each tile
-
-
-def _select_frames(n: int, max_frames: int) -> list[int]:
-    """Indices of the frames to show: all, or the first, the last and evenly spaced between."""
-    if n <= max_frames:
-        return list(range(n))
-    if max_frames <= 1:
-        return [n - 1]
-    # The spacing (n-1)/(max_frames-1) is > 1 here, so the rounded indices are distinct.
-    return [int(i) for i in np.round(np.linspace(0, n - 1, max_frames)).astype(int)]
-
-
-def _grid_layout(n: int, tile: int, max_columns: int) -> tuple[int, int, list[tuple[int, int]]]:
-    """Image size and the top-left pixel ``(row, col)`` of each of ``n`` tiles (row-major)."""
-    ncols = max(1, min(n, max_columns))
-    nrows = math.ceil(n / ncols)
-    width = _GRID_PAD + ncols * (tile + _GRID_PAD)
-    height = _GRID_PAD + nrows * (_LABEL_PX + tile + _GRID_PAD)
-    origins = [
-        (_GRID_PAD + (i // ncols) * (_LABEL_PX + tile + _GRID_PAD) + _LABEL_PX,
-         _GRID_PAD + (i % ncols) * (tile + _GRID_PAD))
-        for i in range(n)
-    ]  # fmt: skip
-    return height, width, origins
-
-
-def _fit_tile(img: np.ndarray, tile: int, background: int = 255) -> np.ndarray:
-    """Nearest-neighbour resize into a ``tile`` x ``tile`` square, keeping the aspect ratio.
-
-    Upscaling repeats pixels; downscaling picks the pixel under each output pixel's centre
-    (maps in a history are already area-pooled by :func:`downsample_map`).
-    """
-    h, w = img.shape[:2]
-    scale = tile / max(h, w)
-    th, tw = max(1, round(h * scale)), max(1, round(w * scale))
-    rows = np.minimum(((np.arange(th) + 0.5) * (h / th)).astype(np.intp), h - 1)
-    cols = np.minimum(((np.arange(tw) + 0.5) * (w / tw)).astype(np.intp), w - 1)
-    out = np.full((tile, tile, 3), background, dtype=np.uint8)
-    # Top-aligned (directly under its label), centred horizontally.
-    c0 = (tile - tw) // 2
-    out[:th, c0 : c0 + tw] = img[rows[:, None], cols[None, :]]
-    return out
-
-
-def render_evolution(
-    frames: Sequence[np.ndarray],
-    labels: Sequence[str],
-    *,
-    log_scale: bool = False,
-    cmap: str = "inferno",
-    tile: int = 128,
-    max_columns: int = 8,
-) -> np.ndarray:
-    """Grid of ERF heatmaps over training (init -> now), each labelled.
-
-    Each tile is normalised to its own maximum so the change of *shape* stays visible even
-    when the overall gradient magnitude drifts. Tiles are ``tile`` x ``tile`` pixels (maps are
-    fitted in keeping their aspect ratio, nearest neighbour), laid out row-major in at most
-    ``max_columns`` columns, each with its label above it. With more than
-    ``2 * max_columns`` frames, only the first, the last and evenly spaced ones in between
-    (``2 * max_columns`` in all) are shown. 1-D and 3-D frames are reduced like
-    :func:`to_display_2d`. The tiles are composed in numpy; a matplotlib figure only adds the
-    text.
-
-    Args:
-        frames: ERF maps, oldest first.
-        labels: one label per frame, e.g. ``"step 200"``.
-        log_scale: log colour scale (see :func:`render_heatmap`).
-        cmap: matplotlib colour-map name.
-        tile: tile side in pixels.
-        max_columns: maximum number of tiles per row.
-
-    Returns:
-        ``uint8`` array ``(H, W, 3)``.
-
-    Raises:
-        ValueError: for no frames or a label count that does not match.
-
-    Example:
-        >>> maps = [np.random.default_rng(i).random((16, 16)) for i in range(3)]
-        >>> render_evolution(maps, ["step 0", "step 100", "step 200"]).shape
-        (158, 408, 3)
-    """
-    if len(frames) == 0:
-        raise ValueError("render_evolution needs at least one frame")
-    if len(labels) != len(frames):
-        raise ValueError(f"got {len(frames)} frames but {len(labels)} labels")
-    keep = _select_frames(len(frames), 2 * max(1, max_columns))
-    height, width, origins = _grid_layout(len(keep), tile, max_columns)
-    canvas_img = np.full((height, width, 3), 255, dtype=np.uint8)
-    for i, (r, c) in zip(keep, origins, strict=True):
-        small = _colorize_map(to_display_2d(frames[i])[0], log_scale, cmap)
-        canvas_img[r : r + tile, c : c + tile] = _fit_tile(small, tile)
-
-    fig, canvas = _figure(width, height)
-    # figimage pastes the array 1:1 in pixel units (no resampling); only the text is drawn.
-    fig.figimage(canvas_img, xo=0, yo=0, origin="upper")
-    for i, (r, c) in zip(keep, origins, strict=True):
-        label = str(labels[i])
-        # Shrink long labels so they fit over their tile (~0.6 em per character).
-        fontsize = float(np.clip(1.2 * tile / max(len(label), 1), 6.0, 9.0))
-        fig.text(
-            (c + tile / 2) / width,
-            1.0 - (r - _LABEL_PX / 2) / height,
-            label,
-            ha="center",
-            va="center",
-            fontsize=fontsize,
-        )
-    return _figure_to_array(canvas, width, height)
-
-
-# --------------------------------------------------------------------------------------------
-# History downsampling
-# --------------------------------------------------------------------------------------------
-
-
-def downsample_map(erf: np.ndarray, max_side: int = 64) -> np.ndarray:
-    """Area-average pool so that every axis is at most ``max_side`` (for storing histories).
-
-    Along an axis of length ``n > max_side`` the block size is ``b = ceil(n / max_side)`` and
-    the new length ``ceil(n / b)``; the last block may be shorter and is averaged over its
-    real extent. Mean-pooling keeps the value per area: the sum of each output pixel times
-    its block's area equals the total of the input. Axes already short enough are untouched,
-    and a map that fits is returned as a float64 copy (never a view of the caller's buffer).
-
-    Args:
-        erf: map with any number of axes.
-        max_side: maximum length of every axis.
-
-    Returns:
-        The pooled float64 map.
-
-    Example:
-        >>> downsample_map(np.ones((130, 40)), max_side=64).shape
-        (44, 40)
-    """
-    if max_side < 1:
-        raise ValueError(f"max_side must be >= 1, got {max_side}")
-    out = np.array(erf, dtype=np.float64)
-    for axis, n in enumerate(out.shape):
-        if n <= max_side:
-            continue
-        b = math.ceil(n / max_side)
-        starts = np.arange(0, n, b)
-        counts = np.diff(np.append(starts, n)).astype(np.float64)
-        sums = np.add.reduceat(out, starts, axis=axis)
-        shape = [1] * out.ndim
-        shape[axis] = len(starts)
-        out = sums / counts.reshape(shape)
-    return out

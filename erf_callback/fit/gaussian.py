@@ -29,7 +29,10 @@ from typing import Literal
 import numpy as np
 import torch
 
+from erf_callback.fit.grid import mahalanobis_sq, open_grid
 from erf_callback.warnings import ERFWarning
+
+__all__ = ["FitMethod", "GaussianFit", "fit_gaussian"]
 
 FitMethod = Literal["robust", "moments", "least_squares"]
 
@@ -104,7 +107,7 @@ class GaussianFit:
 
     def mahalanobis_sq(self, coords: list[np.ndarray]) -> np.ndarray:
         """Squared Mahalanobis distance on the open grid ``coords`` (one 1-D array per axis)."""
-        return _mahalanobis_sq(coords, self.mean, _inverse(self.cov, _MIN_EVAL_VARIANCE))
+        return mahalanobis_sq(coords, self.mean, _inverse(self.cov, _MIN_EVAL_VARIANCE))
 
 
 def fit_gaussian(
@@ -152,7 +155,7 @@ def fit_gaussian(
         return _failed(d, method, "the map contains NaN or Inf")
     if not np.any(a):
         return _failed(d, method, "the map is all zeros")
-    coords = [np.arange(n, dtype=np.float64) for n in a.shape]
+    coords = open_grid(a.shape)
 
     if method == "moments":
         m0, mean, cov = _moments(a, coords)
@@ -184,7 +187,7 @@ def _fit_robust(
     # the plain moments are the answer (exact for Gaussians and compact maps alike).
     m0, mean, cov = _moments(a, coords)
     if m0 > 0 and np.all(np.isfinite(cov)):
-        d2 = _mahalanobis_sq(sample_idx, mean, _inverse(cov, _MIN_WINDOW_VARIANCE))
+        d2 = mahalanobis_sq(sample_idx, mean, _inverse(cov, _MIN_WINDOW_VARIANCE))
         far = sample_vals[d2 > window * window]
         if far.size >= _MIN_FLOOR_PIXELS and abs(float(np.median(far))) <= _CLEAN_FLOOR * peak:
             mean, cov = _restore_edge_cut(a, m0, mean, cov)
@@ -210,7 +213,7 @@ def _fit_robust(
         floor = _estimate_floor(sample_idx, sample_vals, mean, prec, window, amplitude)
         box = _window_box(a.shape, mean, cov, window)
         box_coords = [c[s] for c, s in zip(coords, box, strict=True)]
-        d2 = _mahalanobis_sq(box_coords, mean, prec)
+        d2 = mahalanobis_sq(box_coords, mean, prec)
         inside = d2 <= r2
         w = np.where(inside, a[box] - floor, 0.0)
         m0, new_mean, new_cov = _moments(w, box_coords)
@@ -392,7 +395,7 @@ def _estimate_floor(
     the map, nearer rings (Mahalanobis 4, then 3) are used with the current Gaussian's tail
     subtracted first, so the estimate stays unbiased for a Gaussian plus a floor.
     """
-    d2 = _mahalanobis_sq(idx, mean, prec)
+    d2 = mahalanobis_sq(idx, mean, prec)
     for radius in (window, 4.0, 3.0):
         if radius > window:
             continue
@@ -470,7 +473,7 @@ def _fit_least_squares(
 
     def residual(p: np.ndarray) -> np.ndarray:
         b, amp, mu, lower = unpack(p)
-        d2 = _mahalanobis_sq(coords, mu, lower @ lower.T)
+        d2 = mahalanobis_sq(coords, mu, lower @ lower.T)
         return (b + amp * np.exp(-0.5 * d2) - target).ravel()
 
     sol = least_squares(residual, p0, method="trf", x_scale="jac")
@@ -527,20 +530,6 @@ def _inverse(cov: np.ndarray, min_variance: float) -> np.ndarray:
     return (vecs / vals) @ vecs.T
 
 
-def _mahalanobis_sq(coords: list[np.ndarray], mean: np.ndarray, prec: np.ndarray) -> np.ndarray:
-    d = len(coords)
-    shape_of = [[-1 if k == i else 1 for k in range(d)] for i in range(d)]
-    delta = [(coords[i] - mean[i]).reshape(shape_of[i]) for i in range(d)]
-    out = prec[0, 0] * delta[0] * delta[0]
-    for i in range(d):
-        for j in range(i, d):
-            if i == j == 0:
-                continue
-            factor = prec[i, j] if i == j else 2.0 * prec[i, j]
-            out = out + factor * delta[i] * delta[j]
-    return out
-
-
 def _finish(
     a: np.ndarray,
     coords: list[np.ndarray],
@@ -560,7 +549,7 @@ def _finish(
     prec = _inverse(cov, _MIN_EVAL_VARIANCE)
     box = _window_box(a.shape, mean, cov, 8.0)
     box_coords = [c[s] for c, s in zip(coords, box, strict=True)]
-    g = np.exp(-0.5 * _mahalanobis_sq(box_coords, mean, prec))
+    g = np.exp(-0.5 * mahalanobis_sq(box_coords, mean, prec))
     resid_in = a[box] - floor
     gg = float(np.sum(g * g))
     amplitude = float(np.sum(resid_in * g)) / gg if gg > 0 else float("nan")

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pandas as pd
 
@@ -18,7 +19,7 @@ SCRIPT = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     warnings.filterwarnings("ignore")
     import torch
-    from lit import make_trainer, module_class
+    from tests.helpers.lit import make_trainer, module_class
     from erf_callback import ERFMonitor
 
     class Probed(module_class()):
@@ -38,7 +39,7 @@ SCRIPT = textwrap.dedent(
 
 def test_ddp_ranks_probe_together_and_rank_zero_writes(tmp_path):
     script = tmp_path / "ddp_run.py"
-    tests = os.path.dirname(os.path.abspath(__file__))
+    tests = str(Path(__file__).resolve().parents[2])
     script.write_text(SCRIPT.format(tests=tests, root=str(tmp_path)))
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(

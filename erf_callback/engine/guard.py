@@ -17,6 +17,36 @@ import numpy as np
 import torch
 from torch import nn
 
+__all__ = ["preserved_rng", "probe_context"]
+
+
+@contextmanager
+def preserved_rng(devices: Sequence[torch.device | str] | None = None) -> Iterator[None]:
+    """Give back the RNG streams of torch, NumPy and Python exactly as they were.
+
+    Args:
+        devices: devices whose CUDA generators are saved too. ``None``: every initialised
+            CUDA device.
+
+    Example:
+        >>> state = torch.get_rng_state()
+        >>> with preserved_rng():
+        ...     _ = torch.rand(3)
+        >>> torch.equal(torch.get_rng_state(), state)
+        True
+    """
+    if devices is None:
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    else:
+        cuda = sorted({d.index or 0 for d in map(torch.device, devices) if d.type == "cuda"})
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
 
 @contextmanager
 def probe_context(model: nn.Module, devices: Sequence[torch.device] = ()) -> Iterator[None]:
@@ -38,12 +68,9 @@ def probe_context(model: nn.Module, devices: Sequence[torch.device] = ()) -> Ite
     modes = [(m, m.training) for m in model.modules()]
     grads = [(p, p.requires_grad) for p in model.parameters()]
     buffers = [(b, b._version, b.detach().clone()) for b in model.buffers()]
-    cuda = sorted({d.index or 0 for d in map(torch.device, devices) if d.type == "cuda"})
-    py_state, np_state = random.getstate(), np.random.get_state()
-    device_type = next(iter(devices), torch.device("cpu"))
-    device_type = torch.device(device_type).type
+    device_type = torch.device(next(iter(devices), torch.device("cpu"))).type
     try:
-        with torch.random.fork_rng(devices=cuda), torch.autocast(device_type, enabled=False):
+        with preserved_rng(devices), torch.autocast(device_type, enabled=False):
             model.eval()
             for p, _ in grads:
                 p.requires_grad_(False)
@@ -58,5 +85,3 @@ def probe_context(model: nn.Module, devices: Sequence[torch.device] = ()) -> Ite
             for b, version, saved in buffers:
                 if b._version != version:
                     b.copy_(saved)
-        random.setstate(py_state)
-        np.random.set_state(np_state)

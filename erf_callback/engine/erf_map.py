@@ -11,16 +11,18 @@ from typing import Literal
 import numpy as np
 import torch
 
-from erf_callback.gaussian import GaussianFit, fit_gaussian
-from erf_callback.metrics import (
+from erf_callback.fit.gaussian import GaussianFit, fit_gaussian
+from erf_callback.fit.metrics import (
     MetricConfig,
     area_ratio,
     border_mass,
     energy_radius,
     radius_from_sigmas,
 )
-from erf_callback.receptive_field import RFGeometry
+from erf_callback.trf import RFGeometry
 from erf_callback.warnings import ERFWarning
+
+__all__ = ["ERFMap", "Status", "axis_suffixes"]
 
 Status = Literal["ok", "nonfinite", "zero"]
 

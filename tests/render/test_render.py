@@ -17,21 +17,21 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from erf_callback import render
-from erf_callback.render import (
+from erf_callback.fit import grid
+from erf_callback.fit.grid import downsample_map
+from erf_callback.render import figures, raster
+from erf_callback.render.figures import render_evolution, render_radial_profile
+from erf_callback.render.raster import (
     _MARKER_RGB,
     _SIGMA1_RGB,
     _SIGMA2_RGB,
     _TRF_RGB,
     colorize,
-    downsample_map,
-    render_evolution,
     render_heatmap,
-    render_radial_profile,
     to_display_2d,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,7 +403,7 @@ def test_log_scale_brings_up_tails() -> None:
 
 def test_log_scale_formula() -> None:
     v = np.array([[0.0, 1e-3, 0.5, 1.0, -1.0, np.nan]]) * 4.0
-    s = render._log_scale(v)
+    s = raster._log_scale(v)
     eps = 1e-3
     expected = np.log10(1 + np.array([0.0, 1e-3, 0.5, 1.0, 0.0]) / eps) / np.log10(1 + 1 / eps)
     np.testing.assert_allclose(s[0, :5], expected)
@@ -430,13 +430,13 @@ def test_cumulative_mass_matches_gaussian_theory() -> None:
     cov = sigma**2 * np.eye(2)
     erf = gaussian_map((81, 81), mean, cov)
     radii = np.array([0.0, sigma, 2 * sigma, 100.0])
-    measured = render._cumulative_mass(erf, mean, radii)
+    measured = grid.cumulative_mass(erf, mean, radii)
     expected = 1 - math.exp(-2)  # 2-D isotropic: P(r <= k sigma) = 1 - exp(-k^2 / 2)
     assert measured[2] == pytest.approx(expected, rel=0.01)
     # At r = sigma = 5 several lattice points sit exactly on the circle (3-4-5): ~2% high.
     assert measured[1] == pytest.approx(1 - math.exp(-0.5), rel=0.03)
     assert measured[3] == pytest.approx(1.0)
-    fitted = render._cumulative_mass(render._gaussian_on_grid(erf.shape, mean, cov), mean, radii)
+    fitted = grid.cumulative_mass(grid.gaussian_on_grid(erf.shape, mean, cov), mean, radii)
     assert fitted[2] == pytest.approx(expected, rel=0.01)
 
 
@@ -445,7 +445,7 @@ def test_cumulative_mass_3d_and_unsorted_radii() -> None:
     mean = np.array([16.0, 16.0, 16.0])
     erf = gaussian_map((33, 33, 33), mean, sigma**2 * np.eye(3))
     radii = np.array([3 * sigma, 2 * sigma, 0.5])
-    out = render._cumulative_mass(erf, mean, radii)
+    out = grid.cumulative_mass(erf, mean, radii)
     # 3-D isotropic (chi with 3 dof) at 2 sigma: erf(sqrt 2) - sqrt(2/pi) * 2 * exp(-2).
     expected = math.erf(math.sqrt(2)) - math.sqrt(2 / math.pi) * 2 * math.exp(-2)
     assert out[1] == pytest.approx(expected, rel=0.02)
@@ -455,7 +455,7 @@ def test_cumulative_mass_3d_and_unsorted_radii() -> None:
 
 def test_cumulative_mass_ignores_negative_and_nan() -> None:
     erf = np.array([1.0, -5.0, np.nan, 3.0])
-    out = render._cumulative_mass(erf, np.array([0.0]), np.array([0.0, 2.5, 3.0]))
+    out = grid.cumulative_mass(erf, np.array([0.0]), np.array([0.0, 2.5, 3.0]))
     np.testing.assert_allclose(out, [0.25, 0.25, 1.0])
 
 
@@ -518,7 +518,7 @@ def test_evolution_layout() -> None:
     img = render_evolution(
         frames, [f"step {100 * i}" for i in range(5)], tile=tile, max_columns=cols
     )
-    height, width, origins = render._grid_layout(5, tile, cols)
+    height, width, origins = figures._grid_layout(5, tile, cols)
     assert img.dtype == np.uint8
     assert img.shape == (height, width, 3)
     assert len({r for r, _ in origins}) == 2
@@ -529,33 +529,33 @@ def test_evolution_layout() -> None:
         np.testing.assert_array_equal(tile_of(img, origin, tile), expected)
         # Each tile has a label (dark text) in the strip above it.
         r, c = origin
-        strip = img[r - render._LABEL_PX : r, c : c + tile]
+        strip = img[r - figures._LABEL_PX : r, c : c + tile]
         assert (strip.min(axis=-1) < 100).any()
     # The unused sixth slot (second row, third column) stays blank, label strip included.
     r, c = origins[3][0], origins[2][1]
-    assert (img[r - render._LABEL_PX : r + tile, c : c + tile] == 255).all()
+    assert (img[r - figures._LABEL_PX : r + tile, c : c + tile] == 255).all()
 
 
 def test_evolution_tiles_normalised_to_own_max() -> None:
     base = gaussian_map((16, 16), np.array([8.0, 8.0]), 9 * np.eye(2))
     img = render_evolution([base, 1000 * base], ["a", "b"], tile=32)
-    _, _, origins = render._grid_layout(2, 32, 8)
+    _, _, origins = figures._grid_layout(2, 32, 8)
     np.testing.assert_array_equal(tile_of(img, origins[0], 32), tile_of(img, origins[1], 32))
 
 
 def test_evolution_subsampling_keeps_first_and_last() -> None:
-    idx = render._select_frames(40, 16)
+    idx = figures._select_frames(40, 16)
     assert len(idx) == 16
     assert idx[0] == 0
     assert idx[-1] == 39
     assert all(b > a for a, b in itertools.pairwise(idx))
-    assert render._select_frames(10, 16) == list(range(10))
-    assert render._select_frames(17, 16)[-1] == 16
+    assert figures._select_frames(10, 16) == list(range(10))
+    assert figures._select_frames(17, 16)[-1] == 16
 
     frames = dot_frames(40)
     tile = 16
     img = render_evolution(frames, [f"step {i}" for i in range(40)], tile=tile, max_columns=8)
-    height, width, origins = render._grid_layout(16, tile, 8)
+    height, width, origins = figures._grid_layout(16, tile, 8)
     assert img.shape == (height, width, 3)  # 2 rows of 8 tiles
     top = np.array(matplotlib.colormaps["inferno"](1.0, bytes=True)[:3])
     for slot, frame_idx in ((0, 0), (15, 39), (7, idx[7])):
@@ -567,7 +567,7 @@ def test_evolution_non_square_1d_3d_and_log() -> None:
     frames = [np.random.default_rng(0).random((10, 30)), np.ones(40), np.ones((3, 12, 12))]
     img = render_evolution(frames, ["wide", "1-D", "3-D"], log_scale=True, tile=48)
     assert img.dtype == np.uint8
-    assert img.shape == (*render._grid_layout(3, 48, 8)[:2], 3)
+    assert img.shape == (*figures._grid_layout(3, 48, 8)[:2], 3)
 
 
 def test_evolution_errors() -> None:
@@ -642,7 +642,8 @@ def test_renderers_never_import_pyplot() -> None:
         R.render_radial_profile(erf, mean=m, cov=c, radius=5.0, energy_radius=4.0, title="t")
         R.render_evolution([erf, erf], ["step 0", "step 1"])
         R.colorize(erf)
-        R.downsample_map(erf, 8)
+        from erf_callback.fit.grid import downsample_map
+        downsample_map(erf, 8)
         print(json.dumps({"before": before, "after": "matplotlib.pyplot" in sys.modules}))
         """
     )
@@ -653,6 +654,21 @@ def test_renderers_never_import_pyplot() -> None:
     flags = json.loads(res.stdout.strip().splitlines()[-1])
     assert not flags["before"], "importing the erf_callback package already imported pyplot"
     assert not flags["after"], "a renderer imported matplotlib.pyplot"
+
+
+def test_history_and_engine_never_import_matplotlib() -> None:
+    script = (
+        "import sys, torch; from erf_callback.callback.history import ERFHistory; "
+        "import erf_callback; erf_callback.compute_erf(torch.nn.Conv2d(1, 1, 3), "
+        "torch.randn(1, 1, 8, 8))['output'].metrics(); "
+        "ERFHistory().add(0, 0, 'a', 'ok', {}, torch.ones(80, 80)); "
+        "print(any(m.startswith('matplotlib') for m in sys.modules))"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "False"
 
 
 def test_figures_are_garbage_collected(erf: np.ndarray) -> None:

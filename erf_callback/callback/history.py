@@ -12,7 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from erf_callback.render import downsample_map
+from erf_callback.fit.grid import downsample_map
+
+__all__ = ["CHANGE_METRICS", "ERFHistory"]
 
 #: Change-from-initialisation metrics added to every record (and logged as scalars).
 CHANGE_METRICS = ("radius_growth", "map_correlation", "center_shift")

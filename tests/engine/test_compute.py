@@ -5,10 +5,10 @@ import random
 import numpy as np
 import pytest
 import torch
-from nets import ResNet, closed_form, relu_stack, uniform_stack
 from torch import nn
 
 from erf_callback import ERFWarning, MetricConfig, compute_erf, tokens_to_grid
+from tests.helpers.nets import ResNet, closed_form, relu_stack, uniform_stack
 
 
 @pytest.mark.parametrize(

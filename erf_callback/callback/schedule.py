@@ -6,6 +6,8 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+__all__ = ["AUTO_WARMUP_STEPS", "DEFAULT_MAX_OVERHEAD", "ProbeSchedule", "nice_ceil"]
+
 #: Probing may cost at most this fraction of training time under the automatic schedule.
 DEFAULT_MAX_OVERHEAD = 0.02
 #: Optimiser steps timed before the automatic interval is fixed.

@@ -17,6 +17,15 @@ from typing import Any
 
 import numpy as np
 
+__all__ = [
+    "ImagePublisher",
+    "add_custom_scalars",
+    "custom_scalars_layout",
+    "finite_scalars",
+    "log_scalars",
+    "tensorboard_writer",
+]
+
 log = logging.getLogger("erf_callback")
 
 

@@ -8,32 +8,43 @@ one Trainer). Everything here only duck-types the ``trainer`` and ``pl_module`` 
 from __future__ import annotations
 
 import logging
-import random
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import contextmanager
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from erf_callback.engine import (
-    OutputTransform,
-    Reduction,
-    compute_erf,
-    deepest_spatial_layer,
-    model_device_dtype,
-    resolve_layers,
+from erf_callback.callback.history import CHANGE_METRICS, ERFHistory
+from erf_callback.callback.images import render_probe_images
+from erf_callback.callback.inputs import (
+    InputKey,
+    InputSource,
+    extract_input,
+    gather_inputs,
+    noise_like,
+    reuses_workers,
 )
-from erf_callback.erf_map import ERFMap
-from erf_callback.history import CHANGE_METRICS, ERFHistory
-from erf_callback.metrics import MetricConfig
-from erf_callback.publish import ImagePublisher, add_custom_scalars, log_scalars
-from erf_callback.render import render_evolution, render_heatmap, render_radial_profile
-from erf_callback.schedule import AUTO_WARMUP_STEPS, DEFAULT_MAX_OVERHEAD, ProbeSchedule
+from erf_callback.callback.publish import ImagePublisher, add_custom_scalars, log_scalars
+from erf_callback.callback.schedule import AUTO_WARMUP_STEPS, DEFAULT_MAX_OVERHEAD, ProbeSchedule
+from erf_callback.engine.compute import compute_erf
+from erf_callback.engine.config import (
+    DEFAULT,
+    Channels,
+    Default,
+    Position,
+    ProbeConfig,
+    Reduction,
+)
+from erf_callback.engine.erf_map import ERFMap
+from erf_callback.engine.layers import deepest_spatial_layer, model_device_dtype, resolve_layers
+from erf_callback.engine.transforms import OutputTransform
+from erf_callback.fit.metrics import MetricConfig
 from erf_callback.warnings import ERFWarning
+
+__all__ = ["ERFMonitorBase"]
 
 log = logging.getLogger("erf_callback")
 if not log.handlers:
@@ -44,9 +55,6 @@ if not log.handlers:
     log.addHandler(_handler)
     log.setLevel(logging.INFO)
     log.propagate = False
-
-InputSource = Literal["train", "noise"] | torch.Tensor | Iterable[Any]
-InputKey = int | str | Callable[[Any], torch.Tensor] | None
 
 _STATE_VERSION = 1
 
@@ -81,9 +89,12 @@ class ERFMonitorBase:
         seed: seed of the noise generator.
         module: attribute path of the submodule to probe (e.g. ``"backbone"``); default the
             LightningModule itself (its ``forward`` must run the network).
+        probe: every probe option in one :class:`~erf_callback.ProbeConfig`; the keyword
+            arguments below override its fields.
         position, channels, reduction, output_transform, chunk_size: as in
             :func:`~erf_callback.compute_erf`.
-        metric_config: metric choices (radius factor, energy fraction, fit method, ...).
+        metric_config: metric choices (radius factor, energy fraction, fit method, ...); the
+            same as ``ProbeConfig.metrics``.
         log_images: log heatmaps, radial profiles and the evolution grid.
         images_every_n_probes: log images at every N-th probe only (scalars always).
         cmap: matplotlib colour map of the heatmaps.
@@ -112,12 +123,16 @@ class ERFMonitorBase:
         input_key: InputKey = None,
         seed: int = 0,
         module: str | None = None,
-        position: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
-        channels: int | Sequence[int] | None = None,
-        reduction: Reduction = "abs",
-        output_transform: OutputTransform | Mapping[str, OutputTransform] | None = None,
-        chunk_size: int | None = 32,
-        metric_config: MetricConfig | None = None,
+        probe: ProbeConfig | None = None,
+        position: Position | Default | None = DEFAULT,
+        channels: Channels | Default | None = DEFAULT,
+        reduction: Reduction | Default = DEFAULT,
+        output_transform: OutputTransform
+        | Mapping[str, OutputTransform]
+        | Default
+        | None = DEFAULT,
+        chunk_size: int | Default | None = DEFAULT,
+        metric_config: MetricConfig | Default | None = DEFAULT,
         log_images: bool = True,
         images_every_n_probes: int = 1,
         cmap: str = "inferno",
@@ -158,14 +173,14 @@ class ERFMonitorBase:
         self.input_key = input_key
         self.seed = seed
         self.module = module
-        self.erf_kwargs: dict[str, Any] = {
-            "position": position,
-            "channels": channels,
-            "reduction": reduction,
-            "output_transform": output_transform,
-            "chunk_size": chunk_size,
-            "config": metric_config or MetricConfig(),
-        }
+        self.probe_config = (probe or ProbeConfig()).replace(
+            position=position,
+            channels=channels,
+            reduction=reduction,
+            output_transform=output_transform,
+            chunk_size=chunk_size,
+            metrics=MetricConfig() if metric_config is None else metric_config,
+        )
         self.log_images = log_images
         self.images_every_n_probes = images_every_n_probes
         self.cmap = cmap
@@ -212,7 +227,7 @@ class ERFMonitorBase:
         if trainer.is_global_zero:
             add_custom_scalars(trainer.loggers, self.tag_prefix)
         if self._inputs is None and not isinstance(self.input_source, str):
-            self._inputs = self._inputs_from_source(self.input_source)
+            self._inputs = gather_inputs(self.input_source, self.input_key, self.num_samples)
         self._last_step_seen = trainer.global_step
 
     def on_train_batch_start(
@@ -331,7 +346,7 @@ class ERFMonitorBase:
             with warnings.catch_warnings():
                 # The engine's NaN/zero warnings are re-issued below once per layer and kind.
                 warnings.simplefilter("ignore", ERFWarning)
-                maps = compute_erf(net, x, self.layers, **self.erf_kwargs)
+                maps = compute_erf(net, x, self.layers, probe=self.probe_config)
         except Exception as err:
             if not strict:  # mid-training: a skipped probe, never a crashed run
                 self._warn_once(
@@ -390,54 +405,11 @@ class ERFMonitorBase:
             return
         log_scalars(trainer.loggers, scalars, step)
         if self.log_images and valid and probe % self.images_every_n_probes == 0:
-            self._images.publish(trainer.loggers, self._render(valid, layer_metrics), step)
-        self._write_history(trainer)
-
-    def _render(
-        self, maps: dict[str, ERFMap], metrics: dict[str, dict[str, float]] | None = None
-    ) -> dict[str, np.ndarray]:
-        """Heatmaps (linear, log), radial profile and evolution grid per layer (uint8 HWC)."""
-        if metrics is None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ERFWarning)
-                metrics = {layer: m.metrics() for layer, m in maps.items()}
-        images: dict[str, np.ndarray] = {}
-        for layer, m in maps.items():
-            fit = m.gaussian
-            arr = m.numpy()
-            box = None
-            if m.geometry is not None:
-                box = tuple(
-                    (a.start + p * a.jump, a.start + p * a.jump + a.size - 1)
-                    for a, p in zip(m.geometry.axes, m.position, strict=True)
-                )
-            common = {
-                "mean": fit.mean,
-                "cov": fit.cov,
-                "trf_box": box,
-                "location": m.location,
-                "cmap": self.cmap,
-            }
-            tag = f"{self.tag_prefix}/{layer}"
-            images[f"{tag}/heatmap"] = render_heatmap(arr, **common)
-            images[f"{tag}/heatmap_log"] = render_heatmap(arr, log_scale=True, **common)
-            images[f"{tag}/radial_profile"] = render_radial_profile(
-                arr,
-                mean=fit.mean,
-                cov=fit.cov,
-                floor=max(fit.floor, 0.0),
-                radius=metrics[layer]["radius"],
-                energy_radius=metrics[layer]["energy_radius"],
-                title=layer,
+            images = render_probe_images(
+                valid, self.history, self.tag_prefix, self.cmap, layer_metrics
             )
-            frames = self.history.maps.get(layer, [])
-            if frames:
-                images[f"{tag}/evolution"] = render_evolution(
-                    [f.numpy() for _, f in frames],
-                    [f"step {s}" for s, _ in frames],
-                    cmap=self.cmap,
-                )
-        return images
+            self._images.publish(trainer.loggers, images, step)
+        self._write_history(trainer)
 
     # ---- inputs ----------------------------------------------------------------------------
 
@@ -449,17 +421,15 @@ class ERFMonitorBase:
         return self._device_inputs
 
     def _capture_inputs(self, trainer: Any, batch: Any) -> torch.Tensor:
-        first = self._extract(batch)
+        first = extract_input(batch, self.input_key)
         if self.input_source == "noise":
-            gen = torch.Generator().manual_seed(self.seed)
-            shape = (self.num_samples, *first.shape[1:])
-            return torch.randn(shape, generator=gen, dtype=torch.float32)
+            return noise_like(first, self.num_samples, self.seed)
         parts, have = [first.detach().to("cpu", copy=True)], first.shape[0]
         if have < self.num_samples:
             loader = getattr(trainer, "train_dataloader", None)
-            if loader is not None and not _reuses_workers(loader):
-                extra = self._inputs_from_source(loader, skip=1, need=self.num_samples - have)
-                parts.append(extra)
+            if loader is not None and not reuses_workers(loader):
+                need = self.num_samples - have
+                parts.append(gather_inputs(loader, self.input_key, need, skip=1))
             else:
                 self._warn_once(
                     "few-samples",
@@ -469,48 +439,6 @@ class ERFMonitorBase:
                 )
         inputs = torch.cat(parts)[: self.num_samples]
         return inputs.float() if not inputs.is_floating_point() else inputs
-
-    def _inputs_from_source(
-        self, source: Iterable[Any], skip: int = 0, need: int | None = None
-    ) -> torch.Tensor:
-        if isinstance(source, torch.Tensor):
-            return source[: self.num_samples].detach().to("cpu", copy=True)
-        need = self.num_samples if need is None else need
-        parts: list[torch.Tensor] = []
-        with _preserved_rng():
-            # A fresh iterator draws a shuffle seed from the global RNG: give it back so the
-            # training loop's own iterator sees exactly the stream it would have seen.
-            for i, batch in enumerate(source):
-                if i < skip:
-                    continue
-                parts.append(self._extract(batch).detach().to("cpu", copy=True))
-                if sum(p.shape[0] for p in parts) >= need:
-                    break
-        if not parts:
-            raise ValueError("ERFMonitor: the inputs iterable yielded no batches.")
-        return torch.cat(parts)[:need]
-
-    def _extract(self, batch: Any) -> torch.Tensor:
-        key = self.input_key
-        try:
-            if callable(key):
-                x = key(batch)
-            elif key is not None:
-                x = batch[key]
-            else:
-                x = _first_tensor(batch)
-        except (KeyError, IndexError, TypeError) as err:
-            raise ValueError(
-                f"ERFMonitor(input_key={key!r}) cannot take the input from a batch of type "
-                f"{type(batch).__name__}: {err}. Pass input_key as an index, a dict key or a "
-                "callable batch -> tensor."
-            ) from err
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(
-                f"ERFMonitor: the batch's input is {type(x).__name__}, not a tensor; set "
-                "input_key to pick the image tensor."
-            )
-        return x
 
     # ---- bookkeeping -----------------------------------------------------------------------
 
@@ -565,34 +493,3 @@ class ERFMonitorBase:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, ERFWarning, stacklevel=3)
-
-
-def _first_tensor(batch: Any) -> torch.Tensor:
-    if isinstance(batch, torch.Tensor):
-        return batch
-    items = batch.values() if isinstance(batch, Mapping) else batch
-    if isinstance(items, (list, tuple)) or isinstance(batch, Mapping):
-        for item in items:
-            try:
-                return _first_tensor(item)
-            except TypeError:
-                continue
-    raise TypeError(f"no tensor in a batch of type {type(batch).__name__}")
-
-
-def _reuses_workers(loader: Any) -> bool:
-    return bool(getattr(loader, "persistent_workers", False)) and (
-        getattr(loader, "num_workers", 0) > 0
-    )
-
-
-@contextmanager
-def _preserved_rng() -> Any:
-    py, np_state = random.getstate(), np.random.get_state()
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        random.setstate(py)
-        np.random.set_state(np_state)

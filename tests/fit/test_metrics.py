@@ -2,9 +2,9 @@ import math
 
 import numpy as np
 import pytest
-from nets import gaussian_map
 
-from erf_callback.metrics import MetricConfig, area_ratio, border_mass, energy_radius
+from erf_callback.fit.metrics import MetricConfig, area_ratio, border_mass, energy_radius
+from tests.helpers.nets import gaussian_map
 
 
 def replknet_get_rectangle(data: np.ndarray, thresh: float):

@@ -1,0 +1,39 @@
+"""The ERF engine: :func:`compute_erf` and what it returns. Pure torch, no Lightning.
+
+* :mod:`.compute`: chunked gradient accumulation and map assembly.
+* :mod:`.config`: :class:`ProbeConfig`, every probe option in one frozen object.
+* :mod:`.erf_map`: :class:`ERFMap`, one layer's map and its metrics.
+* :mod:`.guard`: leaving the model exactly as found.
+* :mod:`.layers`: layer names, wrappers, the default layer.
+* :mod:`.transforms`: layer outputs to ``(N, C, *spatial)`` tensors.
+* :mod:`.validate`: argument checks with messages that say the fix.
+"""
+
+from erf_callback.engine.compute import compute_erf
+from erf_callback.engine.config import OUTPUT, ProbeConfig, Reduction
+from erf_callback.engine.erf_map import ERFMap, Status
+from erf_callback.engine.guard import preserved_rng, probe_context
+from erf_callback.engine.layers import (
+    deepest_spatial_layer,
+    model_device_dtype,
+    resolve_layers,
+    unwrap_model,
+)
+from erf_callback.engine.transforms import OutputTransform, tokens_to_grid
+
+__all__ = [
+    "OUTPUT",
+    "ERFMap",
+    "OutputTransform",
+    "ProbeConfig",
+    "Reduction",
+    "Status",
+    "compute_erf",
+    "deepest_spatial_layer",
+    "model_device_dtype",
+    "preserved_rng",
+    "probe_context",
+    "resolve_layers",
+    "tokens_to_grid",
+    "unwrap_model",
+]

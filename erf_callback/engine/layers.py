@@ -1,0 +1,174 @@
+"""Finding the layers to probe: names, wrappers, the default layer, the model's device.
+
+``torch.compile`` and DDP wrap a model and prefix its submodule names (``_orig_mod.``,
+``module.``); everything here sees through them, so users name layers as in their own code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from erf_callback.engine.config import OUTPUT
+from erf_callback.engine.guard import probe_context
+from erf_callback.engine.transforms import OutputTransform, apply_transform
+from erf_callback.engine.validate import check_inputs
+
+__all__ = [
+    "OUTPUT",
+    "deepest_spatial_layer",
+    "model_device_dtype",
+    "original_forwards",
+    "resolve_layers",
+    "unwrap_model",
+]
+
+_WRAPPER_PARTS = ("_orig_mod", "module")
+
+
+def model_device_dtype(model: nn.Module, inputs: torch.Tensor) -> tuple[torch.device, torch.dtype]:
+    """Where and in which floating dtype ``model`` computes (its first parameter or buffer).
+
+    A model without tensors, or with only integer ones, falls back to ``inputs``' device and
+    dtype. A ``bf16-true`` model gives bfloat16: probe inputs are cast to it.
+    """
+    ref = next(iter(model.parameters()), None)
+    if ref is None:
+        ref = next(iter(model.buffers()), None)
+    device = ref.device if ref is not None else inputs.device
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else inputs.dtype
+    return device, dtype
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module whose parameters are probed: unwraps ``torch.compile`` and DDP wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and type(model).__name__ == "DistributedDataParallel":
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def resolve_layers(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module | None]:
+    """Map layer names to modules (``"output"`` to None); a bad name gets a helpful KeyError."""
+    table = {_strip_wrappers(n): m for n, m in model.named_modules()}
+    out: dict[str, nn.Module | None] = {}
+    for name in names:
+        key = _strip_wrappers(name)
+        if key in table and key != "":
+            out[name] = table[key]
+        elif name == OUTPUT:
+            out[name] = None
+        else:
+            raise KeyError(_unknown_layer_message(name, [k for k in table if k]))
+    return out
+
+
+def deepest_spatial_layer(
+    model: nn.Module, inputs: torch.Tensor, output_transform: OutputTransform | None = None
+) -> str:
+    """The submodule whose forward finishes last with a spatial output (more than one position).
+
+    This is the default probed layer of :class:`ERFMonitor`: in a ResNet it is ``"layer4"``,
+    in a VGG the ``"features"`` block; the classifier head and global pooling are skipped.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(),
+        ...                           torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        >>> deepest_spatial_layer(net, torch.randn(1, 1, 8, 8))
+        '1'
+    """
+    net = unwrap_model(model)
+    x = check_inputs(inputs)[:1]
+    finished: list[str] = []
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            try:
+                out = apply_transform(name, output, output_transform)
+            except Exception:
+                return
+            if out.dim() == x.dim() and math.prod(out.shape[2:]) > 1:
+                finished.append(name)
+
+        return hook
+
+    names = {n: _strip_wrappers(n) for n, _ in net.named_modules()}
+    handles = [
+        m.register_forward_hook(make_hook(names[n])) for n, m in net.named_modules() if names[n]
+    ]
+    device, dtype = model_device_dtype(net, x)
+    try:
+        with probe_context(net), original_forwards(net), torch.no_grad():
+            net(x.to(device, dtype))
+    finally:
+        for h in handles:
+            h.remove()
+    if not finished:
+        raise ValueError(
+            "No submodule of the model has a spatial output (N, C, *spatial); name the layers "
+            "to probe explicitly (with output_transform for token outputs)."
+        )
+    return finished[-1]
+
+
+def _strip_wrappers(name: str) -> str:
+    """Drop the ``_orig_mod`` / ``module`` segments that compile and DDP wrappers add."""
+    parts = name.split(".")
+    while parts and parts[0] in _WRAPPER_PARTS:
+        parts.pop(0)
+    return ".".join(p for p in parts if p != "_orig_mod")
+
+
+@contextmanager
+def original_forwards(model: nn.Module) -> Iterator[None]:
+    """Route compiled modules to their original forward for the duration of a probe.
+
+    Eval mode and inputs that require grad would make a compiled module recompile (and a
+    probe is not worth a recompile). ``torch.compile``'d submodules get their instance
+    ``forward`` pointed at ``_orig_mod.__call__`` (hooks still fire); a module compiled by
+    Lightning (``_compiler_ctx``) gets its ``original_forward`` back.
+    """
+    saved: list[tuple[nn.Module, bool, Any]] = []
+    for m in model.modules():
+        inner = getattr(m, "_orig_mod", None)
+        ctx = getattr(m, "_compiler_ctx", None)
+        if isinstance(inner, nn.Module):
+            replacement = inner.__call__
+        elif isinstance(ctx, dict) and callable(ctx.get("original_forward")):
+            replacement = ctx["original_forward"]
+        else:
+            continue
+        saved.append((m, "forward" in m.__dict__, m.__dict__.get("forward")))
+        m.forward = replacement  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for m, had_own, own in reversed(saved):
+            if had_own:
+                m.forward = own  # type: ignore[method-assign]
+            else:
+                del m.forward
+
+
+def _unknown_layer_message(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.5)
+    close += [c for c in candidates if name and name in c and c not in close][: 5 - len(close)]
+    hint = (
+        f" Closest names: {', '.join(repr(c) for c in close)}."
+        if close
+        else f" Top-level names: {', '.join(repr(c) for c in candidates if '.' not in c)[:400]}."
+    )
+    return (
+        f"No layer named {name!r} in the model.{hint} Names are those of "
+        "model.named_modules(); use 'output' (or layers=None) for the model output."
+    )

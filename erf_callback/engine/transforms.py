@@ -1,0 +1,69 @@
+"""Turning a layer's raw output into the ``(N, C, *spatial)`` tensor whose unit is probed."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["OutputTransform", "apply_transform", "first_output_tensor", "tokens_to_grid"]
+
+OutputTransform = Callable[[Any], torch.Tensor]
+
+
+def tokens_to_grid(
+    grid_size: Sequence[int] | None = None, num_prefix_tokens: int = 1
+) -> OutputTransform:
+    """An ``output_transform`` for transformer blocks that output tokens ``(N, T, C)``.
+
+    Drops ``num_prefix_tokens`` leading tokens (class/register tokens) and reshapes the rest to
+    ``(N, C, *grid_size)``; without ``grid_size`` the grid is square.
+
+    Example:
+        >>> import torch
+        >>> tokens_to_grid(num_prefix_tokens=1)(torch.zeros(2, 1 + 16, 8)).shape
+        torch.Size([2, 8, 4, 4])
+    """
+
+    def transform(output: Any) -> torch.Tensor:
+        tokens = first_output_tensor(output)
+        if tokens.dim() != 3:
+            raise ValueError(f"tokens_to_grid expects (N, T, C) tokens; got {tuple(tokens.shape)}")
+        tokens = tokens[:, num_prefix_tokens:]
+        count = tokens.shape[1]
+        size = tuple(grid_size) if grid_size is not None else (math.isqrt(count),) * 2
+        if math.prod(size) != count:
+            raise ValueError(
+                f"{count} tokens (after dropping {num_prefix_tokens}) do not form a grid of "
+                f"{size}; pass grid_size=(h, w) or the right num_prefix_tokens."
+            )
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *size)
+
+    return transform
+
+
+def first_output_tensor(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        for item in output:
+            if isinstance(item, torch.Tensor):
+                return item
+    raise ValueError(
+        f"the layer returned {type(output).__name__}, not a tensor; pass "
+        "output_transform=lambda out: ... that returns an (N, C, *spatial) tensor."
+    )
+
+
+def apply_transform(name: str, output: Any, transform: OutputTransform | None) -> torch.Tensor:
+    if transform is not None:
+        out = transform(output)
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(f"output_transform for {name!r} returned {type(out).__name__}")
+        return out
+    try:
+        return first_output_tensor(output)
+    except ValueError as err:
+        raise ValueError(f"layer {name!r}: {err}") from None

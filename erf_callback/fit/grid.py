@@ -1,0 +1,148 @@
+"""Numerics on the pixel grid shared by the fit, the metrics, the pictures and the history.
+
+Coordinates are pixel indices in the map's axis order ((x,), (y, x) or (z, y, x)): pixel
+``(r, c)`` has its centre at coordinate ``(r, c)``. Everything is numpy; nothing here draws.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = [
+    "cumulative_mass",
+    "distance_sq",
+    "downsample_map",
+    "gaussian_on_grid",
+    "mahalanobis_sq",
+    "mass_within",
+    "open_grid",
+]
+
+
+def open_grid(shape: Sequence[int]) -> list[np.ndarray]:
+    """One float64 coordinate vector per axis (``np.arange(n)``), as the functions here take."""
+    return [np.arange(n, dtype=np.float64) for n in shape]
+
+
+def mahalanobis_sq(coords: list[np.ndarray], mean: np.ndarray, prec: np.ndarray) -> np.ndarray:
+    """``(p - mean)^T prec (p - mean)`` at every point of the open grid ``coords``.
+
+    Example:
+        >>> mahalanobis_sq([np.arange(3.0)], np.array([1.0]), np.array([[4.0]])).tolist()
+        [4.0, 0.0, 4.0]
+    """
+    d = len(coords)
+    shape_of = [[-1 if k == i else 1 for k in range(d)] for i in range(d)]
+    delta = [(coords[i] - mean[i]).reshape(shape_of[i]) for i in range(d)]
+    out = prec[0, 0] * delta[0] * delta[0]
+    for i in range(d):
+        for j in range(i, d):
+            if i == j == 0:
+                continue
+            factor = prec[i, j] if i == j else 2.0 * prec[i, j]
+            out = out + factor * delta[i] * delta[j]
+    return out
+
+
+def distance_sq(shape: Sequence[int], center: Sequence[float]) -> np.ndarray:
+    """Squared Euclidean distance of every pixel centre of a ``shape`` grid from ``center``.
+
+    Example:
+        >>> distance_sq((1, 3), (0.0, 1.0)).tolist()
+        [[1.0, 0.0, 1.0]]
+    """
+    center = np.asarray(center, dtype=np.float64).reshape(-1)
+    if center.shape[0] != len(shape):
+        raise ValueError(f"center has {center.shape[0]} coordinates for a {len(shape)}-D map")
+    full = mahalanobis_sq(open_grid(shape), center, np.eye(len(shape)))
+    return np.broadcast_to(full, tuple(shape)).astype(np.float64, copy=True)
+
+
+def mass_within(dist: np.ndarray, mass: np.ndarray, radii: np.ndarray) -> np.ndarray:
+    """Fraction of ``mass`` at pixels with ``dist <= r`` for each (ascending) ``r`` in radii."""
+    total = float(mass.sum())
+    if not total > 0:
+        return np.zeros(len(radii))
+    # Bin every pixel by the first radius that contains it: O(n log k), no full sort.
+    idx = np.searchsorted(radii, dist.ravel(), side="left")
+    binned = np.bincount(idx, weights=mass.ravel(), minlength=len(radii) + 1)
+    return np.cumsum(binned[: len(radii)]) / total
+
+
+def cumulative_mass(erf: np.ndarray, mean: np.ndarray, radii: np.ndarray) -> np.ndarray:
+    """Fraction of the map's mass within distance ``r`` of ``mean``, for each ``r`` in radii.
+
+    Pixels count by their centre (pixel index = coordinate); negative and non-finite values
+    count as 0.
+
+    Example:
+        >>> cumulative_mass(np.array([1.0, 2.0, 1.0]), np.array([1.0]), np.array([0.0, 1.0]))
+        array([0.5, 1. ])
+    """
+    erf = np.asarray(erf, dtype=np.float64)
+    radii = np.asarray(radii, dtype=np.float64).reshape(-1)
+    mass = np.where(np.isfinite(erf), np.maximum(erf, 0.0), 0.0)
+    order = np.argsort(radii, kind="stable")
+    out = np.empty(len(radii))
+    out[order] = mass_within(np.sqrt(distance_sq(erf.shape, mean)), mass, radii[order])
+    return out
+
+
+def gaussian_on_grid(shape: Sequence[int], mean: np.ndarray, cov: np.ndarray) -> np.ndarray | None:
+    """Unnormalised Gaussian ``exp(-d^T cov^-1 d / 2)`` at every pixel centre, or ``None``.
+
+    ``None`` when the covariance is not finite and positive definite (no density to draw).
+
+    Example:
+        >>> gaussian_on_grid((3,), np.array([1.0]), np.array([[1.0]])).round(4).tolist()
+        [0.6065, 1.0, 0.6065]
+    """
+    d = len(shape)
+    mean = np.asarray(mean, dtype=np.float64).reshape(-1)
+    cov = np.asarray(cov, dtype=np.float64).reshape(d, d)
+    if not (np.isfinite(mean).all() and np.isfinite(cov).all()):
+        return None
+    cov = 0.5 * (cov + cov.T)
+    if np.linalg.eigvalsh(cov).min() <= 0:
+        return None
+    q = mahalanobis_sq(open_grid(shape), mean, np.linalg.inv(cov))
+    return np.broadcast_to(np.exp(-0.5 * q), tuple(shape)).copy()
+
+
+def downsample_map(erf: np.ndarray, max_side: int = 64) -> np.ndarray:
+    """Area-average pool so that every axis is at most ``max_side`` (for storing histories).
+
+    Along an axis of length ``n > max_side`` the block size is ``b = ceil(n / max_side)`` and
+    the new length ``ceil(n / b)``; the last block may be shorter and is averaged over its
+    real extent. Mean-pooling keeps the value per area: the sum of each output pixel times
+    its block's area equals the total of the input. Axes already short enough are untouched,
+    and a map that fits is returned as a float64 copy (never a view of the caller's buffer).
+
+    Args:
+        erf: map with any number of axes.
+        max_side: maximum length of every axis.
+
+    Returns:
+        The pooled float64 map.
+
+    Example:
+        >>> downsample_map(np.ones((130, 40)), max_side=64).shape
+        (44, 40)
+    """
+    if max_side < 1:
+        raise ValueError(f"max_side must be >= 1, got {max_side}")
+    out = np.array(erf, dtype=np.float64)
+    for axis, n in enumerate(out.shape):
+        if n <= max_side:
+            continue
+        b = math.ceil(n / max_side)
+        starts = np.arange(0, n, b)
+        counts = np.diff(np.append(starts, n)).astype(np.float64)
+        sums = np.add.reduceat(out, starts, axis=axis)
+        shape = [1] * out.ndim
+        shape[axis] = len(starts)
+        out = sums / counts.reshape(shape)
+    return out
