@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from erf_callback import ERFWarning, MetricConfig, compute_erf, tokens_to_grid
-from tests.helpers.nets import ResNet, closed_form, relu_stack, uniform_stack
+from tests.helpers.nets import ResNet, relu_stack, stack_closed_form, uniform_stack
 
 
 @pytest.mark.parametrize(
@@ -27,7 +27,8 @@ def test_sigma_and_trf_match_closed_forms(kernels, dilations, strides, dims, siz
     net = uniform_stack(kernels, dilations, strides, dims)
     x = torch.randn((3, 1) + (size,) * dims)
     m = compute_erf(net, x, layers=[str(len(kernels) - 1)])[str(len(kernels) - 1)]
-    var, trf = closed_form(kernels, dilations, strides)
+    (form,) = {stack_closed_form(kernels, strides, dilations, dims=dims)[ax] for ax in range(dims)}
+    var, trf = form.variance, form.trf
     metrics = m.metrics()
     names = {1: [""], 2: ["_y", "_x"], 3: ["_z", "_y", "_x"]}[dims]
     for s in names:

@@ -6,13 +6,8 @@ import pytest
 import torch
 
 from erf_callback import ERFWarning, fit_gaussian
-from tests.helpers.nets import closed_form, gaussian_map, uniform_stack
-
-
-def rotated_cov(sy: float, sx: float, theta: float) -> np.ndarray:
-    c, s = math.cos(theta), math.sin(theta)
-    rot = np.array([[c, -s], [s, c]])
-    return rot @ np.diag([sy**2, sx**2]) @ rot.T
+from tests.helpers.maps import gaussian_map, rotated_cov
+from tests.helpers.nets import stack_closed_form, uniform_stack
 
 
 @pytest.mark.parametrize(
@@ -62,7 +57,7 @@ def test_robust_fit_has_moment_semantics_on_shallow_stacks(dims, depth, k):
     net = uniform_stack([k] * depth, dims=dims).double()
     with torch.no_grad():
         erf = net(x)[0, 0]
-    var, _ = closed_form([k] * depth)
+    var = stack_closed_form([k] * depth)[0].variance
     fit = fit_gaussian(erf)
     np.testing.assert_allclose(fit.sigma, math.sqrt(var), rtol=1e-3)
 

@@ -30,6 +30,7 @@ from erf_callback.render.raster import (
     render_heatmap,
     to_display_2d,
 )
+from tests.helpers.maps import gaussian_map, rotated_cov
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,20 +38,6 @@ REPO = Path(__file__).resolve().parents[2]
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-
-
-def gaussian_map(shape: tuple[int, ...], mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
-    """Unnormalised Gaussian sampled at pixel centres (pixel index = coordinate)."""
-    grid = np.stack(np.indices(shape), axis=-1).astype(float) - np.asarray(mean, dtype=float)
-    q = np.einsum("...i,ij,...j->...", grid, np.linalg.inv(cov), grid)
-    return np.exp(-0.5 * q)
-
-
-def rotated_cov(sigma_major: float, sigma_minor: float, angle: float) -> np.ndarray:
-    """(y, x) covariance whose major axis points along (cos angle, sin angle) in (y, x)."""
-    u = np.array([math.cos(angle), math.sin(angle)])
-    v = np.array([-math.sin(angle), math.cos(angle)])
-    return sigma_major**2 * np.outer(u, u) + sigma_minor**2 * np.outer(v, v)
 
 
 def new_pixels(img: np.ndarray, plain: np.ndarray, color: tuple[int, int, int]) -> np.ndarray:
