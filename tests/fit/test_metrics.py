@@ -3,20 +3,15 @@ import math
 import numpy as np
 import pytest
 
-from erf_callback.fit.metrics import MetricConfig, area_ratio, border_mass, energy_radius
-from tests.helpers.maps import gaussian_map
-
-
-def replknet_get_rectangle(data: np.ndarray, thresh: float):
-    """RepLKNet erf/analyze_erf.py, verbatim logic."""
-    h, w = data.shape
-    all_sum = np.sum(data)
-    for i in range(1, h // 2):
-        selected_area = data[h // 2 - i : h // 2 + 1 + i, w // 2 - i : w // 2 + 1 + i]
-        area_sum = np.sum(selected_area)
-        if area_sum / all_sum > thresh:
-            return i * 2 + 1, (i * 2 + 1) / h * (i * 2 + 1) / w
-    return None
+from erf_callback.fit.metrics import (
+    MetricConfig,
+    area_ratio,
+    border_mass,
+    energy_radius,
+    radius_from_sigmas,
+)
+from tests.helpers.maps import gaussian_map, rotated_cov
+from tests.helpers.replknet import replknet_area_ratio
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -27,11 +22,42 @@ def test_area_ratio_matches_replknet(seed, size):
     erf = gaussian_map((size, size), (size // 2, size // 2), np.eye(2) * sigma**2)
     erf = erf * rng.uniform(0.5, 50) + rng.uniform(0, 0.01, erf.shape)
     ours = area_ratio(erf)
-    scaled = np.log10(erf + 1)
-    scaled = scaled / scaled.max()
     for t in (0.2, 0.3, 0.5, 0.99):
-        _, expected = replknet_get_rectangle(scaled, t)
-        assert ours[t] == pytest.approx(expected, rel=1e-12)
+        assert ours[t] == pytest.approx(replknet_area_ratio(erf, t), rel=1e-12)
+
+
+@pytest.mark.parametrize(("center", "t"), [((5, 22), 0.5), ((20, 4), 0.3), ((3, 3), 0.99)])
+def test_area_ratio_square_is_centred_on_the_given_position(center, t):
+    # An ERF far from the map centre: the squares grow around ``center``, not (H // 2, W // 2).
+    erf = gaussian_map((32, 40), center, rotated_cov(2.0, 3.0, 0.7)) * 20
+    ours = area_ratio(erf, (t,), center)[t]
+    assert ours == pytest.approx(replknet_area_ratio(erf, t, center), rel=1e-12)
+    assert ours != pytest.approx(replknet_area_ratio(erf, t), rel=1e-3)  # the centre matters
+
+
+def test_area_ratio_threshold_is_strict():
+    # log10(9 + 1) = 1 exactly, so the scaled map is exactly 0/1 and the sums are integers.
+    # Three of the four unit pixels are in the first 3-pixel window: 3/4 = 0.75 exactly, which
+    # does not *exceed* t = 0.75 (RepLKNet compares with ">"); the square must grow to 11.
+    line = np.zeros(21)
+    line[[5, 9, 10, 11]] = 9.0
+    assert area_ratio(line, (0.75, 0.74))[0.75] == pytest.approx(11 / 21, rel=1e-12)
+    assert area_ratio(line, (0.74,))[0.74] == pytest.approx(3 / 21, rel=1e-12)
+    square = np.zeros((15, 15))
+    square[6:9, 6:9] = 9.0  # the central 3x3: 9 of 12 units
+    square[[0, 0, 14], [0, 14, 7]] = 9.0
+    assert area_ratio(square, (0.75,))[0.75] == pytest.approx(1.0, rel=1e-12)  # 15x15
+    assert replknet_area_ratio(square, 0.75, (7, 7)) == pytest.approx(1.0, rel=1e-12)
+    assert area_ratio(square, (0.7,))[0.7] == pytest.approx(9 / 225, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("sigmas", "factor", "expected"),
+    [((2.0, 8.0), 2.0, 8.0), ((1.0, 4.0, 16.0), 1.0, 4.0), ((3.0,), 2.5, 7.5)],
+)
+def test_radius_is_the_geometric_mean_of_the_sigmas(sigmas, factor, expected):
+    # Anisotropic on purpose: the arithmetic mean (10 and 7 in the first two rows) differs.
+    assert radius_from_sigmas(sigmas, factor) == pytest.approx(expected, rel=1e-12)
 
 
 def test_area_ratio_in_1d_and_3d():

@@ -13,24 +13,26 @@ from torch.nn import functional as F
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
+IntOrAxes = int | Sequence[int]
+
+
 def uniform_stack(
-    kernels: list[int],
-    dilations: list[int] | None = None,
-    strides: list[int] | None = None,
+    kernels: Sequence[IntOrAxes],
+    dilations: Sequence[IntOrAxes] | None = None,
+    strides: Sequence[IntOrAxes] | None = None,
     dims: int = 2,
 ) -> nn.Sequential:
-    """Convs with all-one weights and no bias: the ERF has a closed form."""
-    dilations = dilations or [1] * len(kernels)
-    strides = strides or [1] * len(kernels)
+    """Convs with all-one weights, no bias and 'same'-style padding: the ERF has a closed form
+    (:func:`stack_closed_form`). Entries are ints or one int per axis (anisotropic kernels)."""
+    n = len(kernels)
     layers = []
-    for k, d, s in zip(kernels, dilations, strides, strict=True):
-        conv = _CONV[dims](1, 1, k, stride=s, dilation=d, padding=d * (k - 1) // 2, bias=False)
+    for k, d, s in zip(kernels, dilations or [1] * n, strides or [1] * n, strict=True):
+        ks, ds = _per_axis(k, 1, dims), _per_axis(d, 1, dims)
+        padding = tuple(di * (ki - 1) // 2 for ki, di in zip(ks, ds, strict=True))
+        conv = _CONV[dims](1, 1, ks, stride=s, dilation=ds, padding=padding, bias=False)
         nn.init.constant_(conv.weight, 1.0)
         layers.append(conv)
     return nn.Sequential(*layers)
-
-
-IntOrAxes = int | Sequence[int]
 
 
 @dataclass(frozen=True)
@@ -59,15 +61,16 @@ def _per_axis(value: IntOrAxes | None, default: int, dims: int) -> tuple[int, ..
 
 def stack_closed_form(
     kernels: Sequence[IntOrAxes],
-    strides: Sequence[IntOrAxes] | None = None,
     dilations: Sequence[IntOrAxes] | None = None,
+    strides: Sequence[IntOrAxes] | None = None,
     paddings: Sequence[IntOrAxes] | None = None,
     dims: int | None = None,
 ) -> list[AxisForm]:
     """Per-axis start, jump, TRF and uniform-weight ERF variance of a stack of convolutions.
 
-    Each per-layer entry is an int (same on every axis) or one int per axis; ``None`` lists
-    mean stride 1, dilation 1, padding 0. ``j_l`` is the product of the strides before layer l.
+    The argument order is that of :func:`uniform_stack`. Each per-layer entry is an int
+    (same on every axis) or one int per axis; ``None`` lists mean stride 1, dilation 1,
+    padding 0. ``j_l`` is the product of the strides before layer l.
 
     Example:
         >>> [(a.trf, a.variance) for a in stack_closed_form([3, 3, 3])]  # 3 x (3^2 - 1) / 12

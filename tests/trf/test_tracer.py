@@ -189,7 +189,7 @@ def test_closed_form_variance_and_width_by_enumeration(kernels, strides, dilatio
     ]
     mean = sum(offsets) / len(offsets)
     variance = sum((o - mean) ** 2 for o in offsets) / len(offsets)
-    (form,) = stack_closed_form(kernels, strides, dilations)
+    (form,) = stack_closed_form(kernels, dilations, strides)
     assert form.variance == pytest.approx(variance, rel=1e-12)
     assert form.trf == max(offsets) - min(offsets) + 1
     assert form.jump == math.prod(strides)
