@@ -2,6 +2,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy.stats import norm
 
 from erf_callback.fit.metrics import (
     MetricConfig,
@@ -89,11 +90,73 @@ def test_energy_radius_brute_force():
     assert energy_radius(erf, center, 0.8) == pytest.approx(expected)
 
 
-def test_border_mass():
-    cov = np.eye(2) * 9.0
-    assert border_mass(np.array([32.0, 32.0]), cov, (64, 64)) < 1e-12
-    # Centred on the left edge: half of the x marginal is outside.
-    assert border_mass(np.array([32.0, -0.5]), cov, (64, 64)) == pytest.approx(0.5, abs=1e-9)
+def outside_mass(mean, sds, shape):
+    """1 - prod_axes P(-0.5 <= X_i <= n_i - 0.5) for independent normals (scipy's cdf)."""
+    inside = 1.0
+    for mu, sd, n in zip(mean, sds, shape, strict=True):
+        inside *= norm.cdf(n - 0.5, mu, sd) - norm.cdf(-0.5, mu, sd)
+    return 1.0 - inside
+
+
+@pytest.mark.parametrize(
+    ("mean", "sds", "shape"),
+    [
+        ((32.0, 32.0), (3.0, 3.0), (64, 64)),
+        ((3.0, 40.0), (2.0, 5.0), (64, 48)),  # near the top and the right edge
+        ((-0.5, 10.0), (3.0, 1.0), (64, 20)),  # centred on the top pixel edge: half outside
+        ((7.0,), (4.0,), (10,)),
+        ((1.0, 12.0, 30.0), (1.5, 6.0, 2.0), (8, 24, 32)),
+    ],
+)
+def test_border_mass_is_the_gaussian_mass_outside_the_pixel_edges(mean, sds, shape):
+    got = border_mass(np.array(mean), np.diag(np.square(sds)), shape)
+    assert got == pytest.approx(outside_mass(mean, sds, shape), rel=1e-9, abs=1e-15)
+
+
+def test_border_mass_of_zero_width_axes_and_bad_fits():
+    # A zero-variance axis is all inside or all outside (pixel edges inclusive); it multiplies
+    # the other axes' share, whatever the order.
+    partial = outside_mass((0.0,), (2.0,), (16,))
+    assert border_mass(np.array([0.0, 5.0]), np.diag([4.0, 0.0]), (16, 8)) == pytest.approx(partial)
+    assert border_mass(np.array([5.0, 0.0]), np.diag([0.0, 4.0]), (8, 16)) == pytest.approx(partial)
+    assert border_mass(np.array([0.0, 7.5]), np.diag([4.0, 0.0]), (16, 8)) == pytest.approx(partial)
+    assert border_mass(np.array([0.0, -0.5]), np.diag([4.0, 0.0]), (16, 8)) == pytest.approx(
+        partial
+    )
+    assert border_mass(np.array([0.0, 7.6]), np.diag([4.0, 0.0]), (16, 8)) == 1.0
+    assert border_mass(np.array([0.0, -0.6]), np.diag([4.0, 0.0]), (16, 8)) == 1.0
+    assert border_mass(np.array([3.0]), np.array([[-1e-12]]), (8,)) == 0.0  # rounding noise
+    assert math.isnan(border_mass(np.array([math.nan, 1.0]), np.eye(2), (8, 8)))
+    assert math.isnan(border_mass(np.array([1.0, 1.0]), np.diag([1.0, math.inf]), (8, 8)))
+    with pytest.raises(ValueError, match="zip"):
+        border_mass(np.array([1.0, 1.0]), np.eye(2), (8,))
+
+
+def test_metric_config_accepts_the_edges_of_the_valid_ranges():
+    cfg = MetricConfig(radius_factor=1e-9, energy_fraction=1.0, area_thresholds=(1e-9, 0.999))
+    assert (cfg.radius_factor, cfg.energy_fraction) == (1e-9, 1.0)
+    assert cfg.area_thresholds == (1e-9, 0.999)
+    default = MetricConfig()
+    assert (default.radius_factor, default.energy_fraction) == (2.0, 0.95)
+    assert default.area_thresholds == (0.2, 0.3, 0.5, 0.99)
+    assert (default.fit_method, default.border_warning) == ("robust", 0.01)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"radius_factor": 0}, r"radius_factor must be > 0; got 0"),
+        ({"radius_factor": -1.0}, r"radius_factor must be > 0; got -1.0"),
+        ({"radius_factor": math.nan}, r"radius_factor must be > 0; got nan"),
+        ({"energy_fraction": 0.0}, r"energy_fraction must be in \(0, 1\]; got 0.0"),
+        ({"energy_fraction": 1.5}, r"energy_fraction must be in \(0, 1\]; got 1.5"),
+        ({"area_thresholds": (0.5, 1.0)}, r"area thresholds must be in \(0, 1\); got 1.0"),
+        ({"area_thresholds": (0.0,)}, r"area thresholds must be in \(0, 1\); got 0.0"),
+    ],
+)
+def test_metric_config_rejects_values_outside_the_ranges(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MetricConfig(**kwargs)
 
 
 def test_metric_config_validation():
