@@ -43,46 +43,42 @@ class FakeWriter:
         self.layouts.append(layout)
 
 
-class FakeTensorBoard:
+class RecordingLogger:
+    """``log_metrics`` as every Lightning logger has it, recording calls."""
+
     def __init__(self) -> None:
+        self.metrics: list[tuple[int, dict]] = []
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+
+class FakeTensorBoard(RecordingLogger):
+    def __init__(self) -> None:
+        super().__init__()
         self.experiment = FakeWriter()
-        self.metrics: list[tuple[int, dict]] = []
-
-    def log_metrics(self, metrics: dict, step: int) -> None:
-        self.metrics.append((step, dict(metrics)))
 
 
-class FakeWandb:
-    """The two WandbLogger methods the callback uses, recording calls."""
+class FakeWandb(RecordingLogger):
+    """The two WandbLogger methods the callback uses."""
 
     def __init__(self) -> None:
-        self.images: list[tuple[int, str, tuple[int, ...]]] = []
-        self.metrics: list[tuple[int, dict]] = []
-
-    def log_metrics(self, metrics: dict, step: int) -> None:
-        self.metrics.append((step, dict(metrics)))
+        super().__init__()
+        self.images: list[tuple[int | None, str, tuple[int, ...]]] = []
 
     def log_image(self, key: str, images: list, step: int | None = None) -> None:
         assert isinstance(images, list) and images[0].dtype == np.uint8
         self.images.append((step, key, images[0].shape))
 
 
-class FakeCsv:
-    """A logger with scalars only (like CSVLogger): its experiment cannot take images."""
+class FakeCsv(RecordingLogger):
+    """Scalars only (like CSVLogger): its experiment cannot take images."""
 
-    def __init__(self) -> None:
-        self.experiment = object()
-        self.metrics: list[tuple[int, dict]] = []
-
-    def log_metrics(self, metrics: dict, step: int) -> None:
-        self.metrics.append((step, dict(metrics)))
+    experiment = object()
 
 
-class OfflineLogger:
+class OfflineLogger(RecordingLogger):
     """A logger whose lazily built experiment fails (e.g. W&B offline)."""
-
-    def log_metrics(self, metrics: dict, step: int) -> None:
-        pass
 
     @property
     def experiment(self) -> Any:

@@ -44,7 +44,7 @@ def test_sigma_and_trf_match_closed_forms(kernels, dilations, strides, dims, siz
     inside = (0.5 * (math.erf((size - 0.5 - centre) * z) - math.erf((-0.5 - centre) * z))) ** dims
     assert metrics["border_mass"] == pytest.approx(1 - inside, abs=1e-12)
     assert metrics["erf_trf_ratio"] == pytest.approx(4 * math.sqrt(var) / trf, rel=1e-12)
-    assert m.geometry is not None and m.geometry.exact
+    assert m.geometry.exact
 
 
 @pytest.mark.parametrize("factor", [2.0, 3.0])

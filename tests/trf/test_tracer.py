@@ -652,7 +652,6 @@ def test_vit_grid_is_global_not_none(attention: str) -> None:
     patch = tracer.geometry(feats["patch"])
     assert patch.axes == (AxisRF(0, 4, 4, True),) * 2
     grid = tracer.geometry(feats["grid"])
-    assert grid is not None
     assert grid.width == (math.inf, math.inf)
     assert not grid.exact
     # Centres of a global grid fall on the natural patch grid over the 32x32 input.
