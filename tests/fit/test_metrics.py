@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -61,6 +62,16 @@ def test_radius_is_the_geometric_mean_of_the_sigmas(sigmas, factor, expected):
     assert radius_from_sigmas(sigmas, factor) == pytest.approx(expected, rel=1e-12)
 
 
+def test_radius_default_factor_zero_width_and_invalid_sigmas():
+    assert radius_from_sigmas([2.0, 8.0]) == pytest.approx(8.0, rel=1e-12)  # factor 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no log(0) warning on the way to 0
+        assert radius_from_sigmas([0.0, 3.0]) == 0.0
+        assert radius_from_sigmas([3.0, -1e-300]) == 0.0
+    for bad in ([math.nan, 2.0], [math.inf, 2.0], [2.0, -math.inf], []):
+        assert math.isnan(radius_from_sigmas(bad)), bad
+
+
 def test_area_ratio_in_1d_and_3d():
     line = np.zeros(21)
     line[9:12] = 1.0
@@ -78,16 +89,56 @@ def test_energy_radius_is_exact_for_a_gaussian():
     assert r == pytest.approx(sigma * math.sqrt(-2 * math.log(0.05)), rel=0.01)
 
 
-def test_energy_radius_brute_force():
-    rng = np.random.default_rng(3)
-    erf = rng.random((17, 23))
-    center = (7.3, 12.1)
-    yy, xx = np.mgrid[:17, :23]
-    dist = np.hypot(yy - center[0], xx - center[1]).ravel()
+def brute_force_energy_radius(mass, center, fraction):
+    """Sort every pixel by distance; the radius of the pixel that brings the cumulative mass
+    to ``fraction`` of the total."""
+    coords = np.indices(mass.shape).reshape(mass.ndim, -1).T
+    dist = np.sqrt(((coords - np.asarray(center)) ** 2).sum(axis=1))
     order = np.argsort(dist, kind="stable")
-    cum = np.cumsum(erf.ravel()[order])
-    expected = dist[order][np.searchsorted(cum, 0.8 * erf.sum())]
-    assert energy_radius(erf, center, 0.8) == pytest.approx(expected)
+    cum = np.cumsum(mass.ravel()[order])
+    return dist[order][np.searchsorted(cum, fraction * mass.sum() * (1 - 1e-12))]
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("fraction", [0.3, 0.8, 0.95, 1.0])
+def test_energy_radius_brute_force(seed, fraction):
+    # Random maps and centres, 1- to 3-D: many pixels share a distance shell, so the answer is
+    # rarely the shell's first pixel.
+    rng = np.random.default_rng(seed)
+    shape = [(41,), (17, 23), (9, 11, 7)][seed % 3]
+    erf = rng.random(shape) ** 3
+    center = [rng.uniform(0, n - 1) for n in shape]
+    expected = brute_force_energy_radius(erf, center, fraction)
+    assert energy_radius(erf, center, fraction) == pytest.approx(expected, rel=1e-12)
+
+
+def test_energy_radius_mass_that_reaches_the_goal_exactly():
+    # Unit masses at distances 0..3: half the mass is reached exactly by the second pixel.
+    line = np.ones(4)
+    assert energy_radius(line, (0.0,), 0.5) == 1.0
+    assert energy_radius(line, (0.0,), 0.75) == 2.0
+    assert energy_radius(line, (0.0,), 1.0) == 3.0  # the goal is in the last shell
+    corners = np.zeros((7, 7))
+    corners[0, 0] = corners[6, 6] = 1.0
+    assert energy_radius(corners, (3.0, 3.0), 1.0) == pytest.approx(math.sqrt(18), rel=1e-15)
+
+
+def test_energy_radius_defaults_floor_and_degenerate_maps():
+    sigma = 4.0
+    erf = gaussian_map((64, 64), (30.0, 33.0), np.eye(2) * sigma**2)
+    assert energy_radius(erf, (30.0, 33.0)) == energy_radius(erf, (30.0, 33.0), 0.95)
+    # The floor is subtracted and what falls below it counts as 0, not as negative mass.
+    floored = erf + 0.01
+    expected = brute_force_energy_radius(np.clip(floored - 0.01, 0, None), (30.0, 33.0), 0.9)
+    assert energy_radius(floored, (30.0, 33.0), 0.9, floor=0.01) == pytest.approx(expected)
+    signed = erf - 0.02  # a negative pedestal must not cancel mass
+    expected = brute_force_energy_radius(np.clip(signed, 0, None), (30.0, 33.0), 0.9)
+    assert energy_radius(signed, (30.0, 33.0), 0.9) == pytest.approx(expected)
+    small = erf * 1e-3 / erf.sum()  # total mass 0.001: a scale, not a failure
+    assert energy_radius(small, (30.0, 33.0), 0.9) == energy_radius(erf, (30.0, 33.0), 0.9)
+    assert math.isnan(energy_radius(np.zeros((8, 8)), (4.0, 4.0)))
+    assert math.isnan(energy_radius(erf, (math.nan, 3.0)))
+    assert math.isnan(energy_radius(erf, (30.0, math.inf)))
 
 
 def outside_mass(mean, sds, shape):
