@@ -167,4 +167,14 @@ def test_mass_within_counts_pixels_up_to_each_radius_inclusive():
     mass = np.array([1.0, 2.0, 3.0, 4.0, 10.0])
     got = grid.mass_within(dist, mass, np.array([0.0, 0.5, 1.0, 3.4, 3.5]))
     np.testing.assert_allclose(got, np.array([1.0, 1.0, 6.0, 10.0, 20.0]) / 20.0, rtol=1e-15)
-    np.testing.assert_array_equal(grid.mass_within(dist, np.zeros(5), np.array([1.0])), [0.0])
+    # Radii beyond every pixel, and a total below 1 (a scale, not "no mass").
+    got = grid.mass_within(dist, mass / 40.0, np.array([1.0, 10.0, 20.0]))
+    np.testing.assert_allclose(got, [0.3, 1.0, 1.0], rtol=1e-15)
+    assert got.shape == (3,)
+    empty = grid.mass_within(dist, np.zeros(5), np.array([1.0, 2.0]))
+    assert empty.shape == (2,) and not empty.any()
+
+
+def test_cumulative_mass_takes_a_scalar_radius():
+    got = grid.cumulative_mass(np.array([1.0, 2.0, 1.0]), np.array([1.0]), 0.0)
+    np.testing.assert_allclose(got, [0.5], rtol=1e-15)
