@@ -72,6 +72,18 @@ def test_radius_default_factor_zero_width_and_invalid_sigmas():
         assert math.isnan(radius_from_sigmas(bad)), bad
 
 
+@pytest.mark.parametrize(
+    "erf",
+    [np.zeros((8, 8)), np.full((4, 4), np.nan), np.full((3, 5), np.inf), np.zeros((0, 6))],
+    ids=["zeros", "nan", "inf", "empty"],
+)
+def test_area_ratio_of_a_map_without_finite_mass_is_nan(erf):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = area_ratio(erf, (0.2, 0.5))
+    assert list(got) == [0.2, 0.5] and all(math.isnan(v) for v in got.values())
+
+
 def test_area_ratio_in_1d_and_3d():
     line = np.zeros(21)
     line[9:12] = 1.0
