@@ -84,6 +84,19 @@ def test_area_ratio_of_a_map_without_finite_mass_is_nan(erf):
     assert list(got) == [0.2, 0.5] and all(math.isnan(v) for v in got.values())
 
 
+def test_area_ratio_smallest_square_is_3_and_largest_is_the_map():
+    dot = np.zeros((11, 11))
+    dot[5, 5] = 4.0  # all mass in the centre pixel: RepLKNet's first square is already 3x3
+    assert area_ratio(dot, (0.5,))[0.5] == pytest.approx(9 / 121, rel=1e-12)
+    assert replknet_area_ratio(dot, 0.5) == pytest.approx(9 / 121, rel=1e-12)
+    ends = np.zeros(11)
+    ends[[0, 10]] = 1.0  # probed at pixel 0: the square must reach pixel 10 (side 21 > 11)
+    assert area_ratio(ends, (0.6,), center=(0,))[0.6] == 1.0
+    # No square holds more than all of the mass: the ratio is the whole map, capped at 1.
+    assert area_ratio(ends, (1.0,))[1.0] == 1.0
+    assert area_ratio(np.ones((9, 9)), (1.0,), center=(2, 6))[1.0] == 1.0
+
+
 def test_area_ratio_in_1d_and_3d():
     line = np.zeros(21)
     line[9:12] = 1.0
@@ -133,6 +146,14 @@ def test_energy_radius_mass_that_reaches_the_goal_exactly():
     corners = np.zeros((7, 7))
     corners[0, 0] = corners[6, 6] = 1.0
     assert energy_radius(corners, (3.0, 3.0), 1.0) == pytest.approx(math.sqrt(18), rel=1e-15)
+
+
+def test_energy_radius_goal_reached_exactly_inside_a_shell():
+    # Pixels at r = 1, 1 and sqrt(2) share one distance shell; the first r = 1 pixel brings the
+    # mass to exactly half: the answer is 1, not the next pixel's sqrt(2).
+    square = np.array([[1.0, 1.0], [0.0, 2.0]])
+    assert energy_radius(square, (0.0, 0.0), 0.5) == 1.0
+    assert brute_force_energy_radius(square, (0.0, 0.0), 0.5) == 1.0
 
 
 def test_energy_radius_defaults_floor_and_degenerate_maps():
