@@ -34,34 +34,14 @@ import torch
 from torch import nn
 
 from erf_callback import ERFMap, compute_erf, fit_gaussian
+from tests.helpers.nets import BasicBlock  # _bench_utils put the repository root on sys.path
 
 CHUNKS = (1, 4, 8, 16, 32)
 LAYER = "layer3"
 
 
 # --------------------------------------------------------------------------------------------
-# torchvision-style ResNet-18 in plain torch
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = None
-        if stride != 1 or inplanes != planes:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+# torchvision-style ResNet-18 in plain torch (full width, Kaiming init; the tests' BasicBlock)
 
 
 class ResNet18(nn.Module):

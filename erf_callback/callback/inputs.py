@@ -13,7 +13,15 @@ import torch
 
 from erf_callback.engine.guard import preserved_rng
 
-__all__ = ["InputKey", "InputSource", "extract_input", "gather_inputs", "noise_like"]
+__all__ = [
+    "InputKey",
+    "InputSource",
+    "extract_input",
+    "first_batch_tensor",
+    "gather_inputs",
+    "noise_like",
+    "reuses_workers",
+]
 
 InputSource = Literal["train", "noise"] | torch.Tensor | Iterable[Any]
 InputKey = int | str | Callable[[Any], torch.Tensor] | None

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from erf_callback import ERFWarning, MetricConfig, compute_erf, tokens_to_grid
-from tests.helpers.nets import ResNet, closed_form, relu_stack, uniform_stack
+from tests.helpers.nets import ResNet, relu_stack, stack_closed_form, uniform_stack
+from tests.helpers.replknet import replknet_area_ratio
 
 
 @pytest.mark.parametrize(
@@ -27,23 +28,38 @@ def test_sigma_and_trf_match_closed_forms(kernels, dilations, strides, dims, siz
     net = uniform_stack(kernels, dilations, strides, dims)
     x = torch.randn((3, 1) + (size,) * dims)
     m = compute_erf(net, x, layers=[str(len(kernels) - 1)])[str(len(kernels) - 1)]
-    var, trf = closed_form(kernels, dilations, strides)
+    (form,) = {stack_closed_form(kernels, dilations, strides, dims=dims)[ax] for ax in range(dims)}
+    var, trf = form.variance, form.trf
     metrics = m.metrics()
     names = {1: [""], 2: ["_y", "_x"], 3: ["_z", "_y", "_x"]}[dims]
+    # The gradients of an all-ones linear stack are integers (exact in float32) and the map is
+    # clean, so the fitted moments are exact up to float64 rounding: 1e-12, not 1%.
     for s in names:
-        assert metrics[f"sigma{s}"] == pytest.approx(math.sqrt(var), rel=0.01)
+        assert metrics[f"sigma{s}"] == pytest.approx(math.sqrt(var), rel=1e-12)
         assert metrics[f"trf{s}"] == trf
-    assert metrics["center_offset"] == pytest.approx(0.0, abs=1e-6)
-    assert metrics["border_mass"] < 1e-3
-    assert metrics["erf_trf_ratio"] == pytest.approx(2 * metrics["radius"] / trf)
-    assert m.geometry is not None and m.geometry.exact
+    assert metrics["radius"] == pytest.approx(2 * math.sqrt(var), rel=1e-12)
+    assert metrics["center_offset"] == pytest.approx(0.0, abs=1e-9)
+    # Gaussian mass outside [-0.5, n - 0.5] on each axis, from the closed-form variance.
+    centre, z = size // 2, 1 / math.sqrt(2 * var)
+    inside = (0.5 * (math.erf((size - 0.5 - centre) * z) - math.erf((-0.5 - centre) * z))) ** dims
+    assert metrics["border_mass"] == pytest.approx(1 - inside, abs=1e-12)
+    assert metrics["erf_trf_ratio"] == pytest.approx(4 * math.sqrt(var) / trf, rel=1e-12)
+    assert m.geometry.exact
 
 
-def test_radius_is_two_geometric_mean_sigmas_and_configurable():
-    net = uniform_stack([3, 5])
-    m = compute_erf(net, torch.randn(2, 1, 40, 40), config=MetricConfig(radius_factor=3.0))
+@pytest.mark.parametrize("factor", [2.0, 3.0])
+def test_anisotropic_radius_is_the_geometric_mean_of_sigma_y_and_sigma_x(factor):
+    # Kernels 3x9 then 5x7: sigma_y^2 = (8 + 24) / 12, sigma_x^2 = (80 + 48) / 12, so the
+    # geometric mean (radius) and the arithmetic mean differ by 20%; TRFs 7 and 15 likewise.
+    net = uniform_stack([(3, 9), (5, 7)])
+    m = compute_erf(net, torch.randn(2, 1, 48, 48), config=MetricConfig(radius_factor=factor))
     metrics = m["output"].metrics()
-    assert metrics["radius"] == pytest.approx(3.0 * metrics["sigma_x"])
+    sy, sx = (math.sqrt(a.variance) for a in stack_closed_form([(3, 9), (5, 7)]))
+    assert (metrics["sigma_y"], metrics["sigma_x"]) == pytest.approx((sy, sx), rel=1e-12)
+    assert metrics["radius"] == pytest.approx(factor * math.sqrt(sy * sx), rel=1e-12)
+    assert (metrics["trf_y"], metrics["trf_x"]) == (7, 15)
+    expected_ratio = 2 * factor * math.sqrt(sy * sx) / math.sqrt(7 * 15)
+    assert metrics["erf_trf_ratio"] == pytest.approx(expected_ratio, rel=1e-12)
 
 
 def test_non_square_odd_and_even_inputs():
@@ -129,6 +145,62 @@ def test_position_and_channels():
     w = conv.weight[1].detach().abs().sum(0).double()  # the ERF of one linear unit is |w|
     torch.testing.assert_close(one[7:10, 7:10], w, rtol=1e-6, atol=1e-9)
     assert one.sum() == pytest.approx(w.sum().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize(("position", "location"), [((5, 14), (10, 28)), ((3, 3), (6, 6))])
+def test_area_ratio_squares_grow_around_the_probed_unit(position, location):
+    # A stride-2 stack: output unit (i, j) sits on input pixel (2i, 2j), so position and
+    # location differ and both differ from the input centre (20, 20) that the default unit
+    # (10, 10) would use.
+    net = uniform_stack([3, 3], strides=[2, 1])
+    m = compute_erf(net, torch.randn(2, 1, 40, 40), position=position)["output"]
+    assert m.location == location
+    metrics = m.metrics()
+    erf = m.grad.numpy()
+    for t in (0.2, 0.3, 0.5, 0.99):
+        expected = replknet_area_ratio(erf, t, location)
+        assert metrics[f"area_ratio@{t:g}"] == pytest.approx(expected, rel=1e-12), t
+    assert metrics["area_ratio@0.5"] != pytest.approx(replknet_area_ratio(erf, 0.5), rel=1e-3)
+
+
+def test_default_unit_keeps_replknets_map_centre():
+    net = uniform_stack([3, 5])
+    m = compute_erf(net, torch.randn(2, 1, 33, 40))["output"]
+    erf = m.grad.numpy()
+    for t in (0.2, 0.5, 0.99):
+        expected = replknet_area_ratio(erf, t)
+        assert m.metrics()[f"area_ratio@{t:g}"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_probing_leaves_every_rng_stream_as_it_was():
+    class Noisy(nn.Module):
+        """Draws from torch, NumPy and Python RNGs in every forward, eval mode included."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3, padding=1)
+
+        def forward(self, x):
+            jitter = torch.rand(()) + float(np.random.rand()) + random.random()
+            return self.conv(x) * (1 + 1e-3 * jitter)
+
+    def draws():
+        return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in "abc"]
+
+    def seed_all():
+        torch.manual_seed(11)
+        np.random.seed(11)
+        random.seed(11)
+
+    net, x = Noisy().eval(), torch.randn(2, 1, 16, 16)
+    seed_all()
+    expected = draws()
+    seed_all()
+    net(x)
+    assert all(a != b for a, b in zip(draws(), expected, strict=True))  # the forward draws
+    seed_all()
+    compute_erf(net, x, chunk_size=1)  # two forwards
+    assert draws() == expected
 
 
 def test_probing_leaves_the_model_exactly_as_it_was():

@@ -1,6 +1,10 @@
-"""Small models in plain torch for the tests (torchvision does not install on our machines)."""
+"""Small models in plain torch for the tests and benchmarks (torchvision does not install on
+our machines), and the closed form of uniform conv stacks."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -9,37 +13,97 @@ from torch.nn import functional as F
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
+IntOrAxes = int | Sequence[int]
+
+
 def uniform_stack(
-    kernels: list[int],
-    dilations: list[int] | None = None,
-    strides: list[int] | None = None,
+    kernels: Sequence[IntOrAxes],
+    dilations: Sequence[IntOrAxes] | None = None,
+    strides: Sequence[IntOrAxes] | None = None,
     dims: int = 2,
 ) -> nn.Sequential:
-    """Convs with all-one weights and no bias: the ERF has a closed form."""
-    dilations = dilations or [1] * len(kernels)
-    strides = strides or [1] * len(kernels)
+    """Convs with all-one weights, no bias and 'same'-style padding: the ERF has a closed form
+    (:func:`stack_closed_form`). Entries are ints or one int per axis (anisotropic kernels)."""
+    n = len(kernels)
     layers = []
-    for k, d, s in zip(kernels, dilations, strides, strict=True):
-        conv = _CONV[dims](1, 1, k, stride=s, dilation=d, padding=d * (k - 1) // 2, bias=False)
+    for k, d, s in zip(kernels, dilations or [1] * n, strides or [1] * n, strict=True):
+        ks, ds = _per_axis(k, 1, dims), _per_axis(d, 1, dims)
+        padding = tuple(di * (ki - 1) // 2 for ki, di in zip(ks, ds, strict=True))
+        conv = _CONV[dims](1, 1, ks, stride=s, dilation=ds, padding=padding, bias=False)
         nn.init.constant_(conv.weight, 1.0)
         layers.append(conv)
     return nn.Sequential(*layers)
 
 
-def closed_form(kernels, dilations=None, strides=None) -> tuple[float, int]:
-    """Per-axis variance and TRF width of a uniform stack (REFERENCE.md)."""
-    dilations = dilations or [1] * len(kernels)
-    strides = strides or [1] * len(kernels)
-    var, trf, jump = 0.0, 1, 1
-    for k, d, s in zip(kernels, dilations, strides, strict=True):
-        var += (jump * d) ** 2 * (k * k - 1) / 12
-        trf += (k - 1) * d * jump
-        jump *= s
-    return var, trf
+@dataclass(frozen=True)
+class AxisForm:
+    """Closed form of one axis of a conv stack (REFERENCE.md, "Closed form for tests").
+
+    Attributes:
+        start: input coordinate of the first pixel seen by output unit 0 (``-sum p_l j_l``).
+        jump: input pixels between neighbouring output units (product of the strides).
+        trf: theoretical receptive field width, ``1 + sum (k_l - 1) d_l j_l``.
+        variance: ERF variance of a stack with uniform positive weights,
+            ``sum (j_l d_l)^2 (k_l^2 - 1) / 12`` (the variance of ``sum j_l d_l U_l``).
+    """
+
+    start: float
+    jump: float
+    trf: float
+    variance: float
+
+
+def _per_axis(value: IntOrAxes | None, default: int, dims: int) -> tuple[int, ...]:
+    if value is None:
+        return (default,) * dims
+    return tuple(value) if isinstance(value, Sequence) else (value,) * dims
+
+
+def stack_closed_form(
+    kernels: Sequence[IntOrAxes],
+    dilations: Sequence[IntOrAxes] | None = None,
+    strides: Sequence[IntOrAxes] | None = None,
+    paddings: Sequence[IntOrAxes] | None = None,
+    dims: int | None = None,
+) -> list[AxisForm]:
+    """Per-axis start, jump, TRF and uniform-weight ERF variance of a stack of convolutions.
+
+    The argument order is that of :func:`uniform_stack`. Each per-layer entry is an int
+    (same on every axis) or one int per axis; ``None`` lists mean stride 1, dilation 1,
+    padding 0. ``j_l`` is the product of the strides before layer l.
+
+    Example:
+        >>> [(a.trf, a.variance) for a in stack_closed_form([3, 3, 3])]  # 3 x (3^2 - 1) / 12
+        [(7.0, 2.0)]
+        >>> stack_closed_form([7, 3], strides=[2, 2], paddings=[3, 1])[0].start
+        -5.0
+    """
+    n = len(kernels)
+    if dims is None:
+        tuples = [
+            v for v in (*kernels, *(strides or ()), *(dilations or ())) if not isinstance(v, int)
+        ]
+        dims = len(tuples[0]) if tuples else 1
+    ks = [_per_axis(k, 1, dims) for k in kernels]
+    ss = [_per_axis(v, 1, dims) for v in (strides or [None] * n)]
+    ds = [_per_axis(v, 1, dims) for v in (dilations or [None] * n)]
+    ps = [_per_axis(v, 0, dims) for v in (paddings or [None] * n)]
+    out = []
+    for ax in range(dims):
+        start, jump, trf, var = 0.0, 1.0, 1.0, 0.0
+        for k, s, d, p in zip(ks, ss, ds, ps, strict=True):
+            start -= p[ax] * jump
+            trf += (k[ax] - 1) * d[ax] * jump
+            var += (jump * d[ax]) ** 2 * (k[ax] ** 2 - 1) / 12
+            jump *= s[ax]
+        out.append(AxisForm(start, jump, trf, var))
+    return out
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
+    """torchvision's ResNet basic block (in-place residual add, 1x1 strided shortcut)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
@@ -92,12 +156,3 @@ def relu_stack(depth: int, channels: int = 8, kernel: int = 3) -> nn.Sequential:
     for _ in range(depth - 1):
         layers += [nn.ReLU(), nn.Conv2d(channels, channels, kernel, padding=kernel // 2)]
     return nn.Sequential(*layers)
-
-
-def gaussian_map(shape, mean, cov) -> torch.Tensor:
-    """A sampled (unnormalised) Gaussian on a grid, float64."""
-    grids = torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in shape], indexing="ij")
-    delta = torch.stack([g - m for g, m in zip(grids, mean, strict=True)], dim=-1)
-    prec = torch.linalg.inv(torch.as_tensor(cov, dtype=torch.float64))
-    d2 = torch.einsum("...i,ij,...j->...", delta, prec, delta)
-    return torch.exp(-0.5 * d2)

@@ -17,8 +17,6 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from erf_callback.fit import grid
-from erf_callback.fit.grid import downsample_map
 from erf_callback.render import figures, raster
 from erf_callback.render.figures import render_evolution, render_radial_profile
 from erf_callback.render.raster import (
@@ -30,6 +28,7 @@ from erf_callback.render.raster import (
     render_heatmap,
     to_display_2d,
 )
+from tests.helpers.maps import gaussian_map, rotated_cov
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,20 +36,6 @@ REPO = Path(__file__).resolve().parents[2]
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-
-
-def gaussian_map(shape: tuple[int, ...], mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
-    """Unnormalised Gaussian sampled at pixel centres (pixel index = coordinate)."""
-    grid = np.stack(np.indices(shape), axis=-1).astype(float) - np.asarray(mean, dtype=float)
-    q = np.einsum("...i,ij,...j->...", grid, np.linalg.inv(cov), grid)
-    return np.exp(-0.5 * q)
-
-
-def rotated_cov(sigma_major: float, sigma_minor: float, angle: float) -> np.ndarray:
-    """(y, x) covariance whose major axis points along (cos angle, sin angle) in (y, x)."""
-    u = np.array([math.cos(angle), math.sin(angle)])
-    v = np.array([-math.sin(angle), math.cos(angle)])
-    return sigma_major**2 * np.outer(u, u) + sigma_minor**2 * np.outer(v, v)
 
 
 def new_pixels(img: np.ndarray, plain: np.ndarray, color: tuple[int, int, int]) -> np.ndarray:
@@ -424,41 +409,6 @@ def test_heatmap_nan_map_is_grey() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_cumulative_mass_matches_gaussian_theory() -> None:
-    sigma = 5.0
-    mean = np.array([40.0, 40.0])
-    cov = sigma**2 * np.eye(2)
-    erf = gaussian_map((81, 81), mean, cov)
-    radii = np.array([0.0, sigma, 2 * sigma, 100.0])
-    measured = grid.cumulative_mass(erf, mean, radii)
-    expected = 1 - math.exp(-2)  # 2-D isotropic: P(r <= k sigma) = 1 - exp(-k^2 / 2)
-    assert measured[2] == pytest.approx(expected, rel=0.01)
-    # At r = sigma = 5 several lattice points sit exactly on the circle (3-4-5): ~2% high.
-    assert measured[1] == pytest.approx(1 - math.exp(-0.5), rel=0.03)
-    assert measured[3] == pytest.approx(1.0)
-    fitted = grid.cumulative_mass(grid.gaussian_on_grid(erf.shape, mean, cov), mean, radii)
-    assert fitted[2] == pytest.approx(expected, rel=0.01)
-
-
-def test_cumulative_mass_3d_and_unsorted_radii() -> None:
-    sigma = 4.0
-    mean = np.array([16.0, 16.0, 16.0])
-    erf = gaussian_map((33, 33, 33), mean, sigma**2 * np.eye(3))
-    radii = np.array([3 * sigma, 2 * sigma, 0.5])
-    out = grid.cumulative_mass(erf, mean, radii)
-    # 3-D isotropic (chi with 3 dof) at 2 sigma: erf(sqrt 2) - sqrt(2/pi) * 2 * exp(-2).
-    expected = math.erf(math.sqrt(2)) - math.sqrt(2 / math.pi) * 2 * math.exp(-2)
-    assert out[1] == pytest.approx(expected, rel=0.02)
-    assert out[0] > out[1] > out[2] >= 0.0
-    assert out[2] == pytest.approx(1 / erf.sum())  # only the centre pixel (value 1)
-
-
-def test_cumulative_mass_ignores_negative_and_nan() -> None:
-    erf = np.array([1.0, -5.0, np.nan, 3.0])
-    out = grid.cumulative_mass(erf, np.array([0.0]), np.array([0.0, 2.5, 3.0]))
-    np.testing.assert_allclose(out, [0.25, 0.25, 1.0])
-
-
 @pytest.mark.parametrize("size", [(480, 320), (500, 333), (301, 199)])
 def test_radial_profile_size(erf: np.ndarray, size: tuple[int, int]) -> None:
     img = render_radial_profile(
@@ -575,51 +525,6 @@ def test_evolution_errors() -> None:
         render_evolution([], [])
     with pytest.raises(ValueError, match="labels"):
         render_evolution([np.ones((4, 4))], ["a", "b"])
-
-
-# --------------------------------------------------------------------------------------------
-# downsample_map
-# --------------------------------------------------------------------------------------------
-
-
-def test_downsample_preserves_mean_and_block_means() -> None:
-    rng = np.random.default_rng(3)
-    a = rng.random((128, 256))
-    out = downsample_map(a, 64)
-    assert out.shape == (64, 64)
-    assert out.mean() == pytest.approx(a.mean())
-    assert out[3, 5] == pytest.approx(a[6:8, 20:24].mean())
-
-
-def test_downsample_uneven_blocks() -> None:
-    rng = np.random.default_rng(4)
-    a = rng.random((130, 40))
-    out = downsample_map(a, 64)
-    assert out.shape == (44, 40)  # block 3, ceil(130 / 3) = 44, last block 1 row
-    np.testing.assert_allclose(out[-1], a[129])
-    np.testing.assert_allclose(out[0], a[:3].mean(axis=0))
-    areas = np.array([3.0] * 43 + [1.0])
-    assert (out * areas[:, None]).sum() == pytest.approx(a.sum())
-
-
-@pytest.mark.parametrize(
-    ("shape", "max_side", "expected"),
-    [((100, 100, 100), 64, (50, 50, 50)), ((1000,), 64, (63,)), ((65, 10), 64, (33, 10))],
-)
-def test_downsample_shapes(
-    shape: tuple[int, ...], max_side: int, expected: tuple[int, ...]
-) -> None:
-    out = downsample_map(np.ones(shape), max_side)
-    assert out.shape == expected
-    assert np.allclose(out, 1.0)
-
-
-def test_downsample_small_map_unchanged() -> None:
-    a = np.random.default_rng(5).random((64, 64))
-    out = downsample_map(a, 64)
-    np.testing.assert_array_equal(out, a)
-    assert out.dtype == np.float64
-    assert not np.shares_memory(out, a)
 
 
 # --------------------------------------------------------------------------------------------

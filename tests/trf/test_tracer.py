@@ -8,6 +8,7 @@ that support must equal the traced interval ``[start + i*jump, start + i*jump + 
 
 from __future__ import annotations
 
+import itertools
 import math
 import weakref
 from collections.abc import Callable, Sequence
@@ -17,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from erf_callback import tokens_to_grid
 from erf_callback.trf import AxisRF, ReceptiveFieldTracer, RFGeometry
 from erf_callback.trf import receptive_field as rf_mod
-from tests.helpers.nets import ResNet
+from tests.helpers.nets import ResNet, stack_closed_form
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
@@ -74,23 +76,10 @@ def traced_interval(geo: RFGeometry, index: Sequence[int]) -> list[tuple[float, 
     ]
 
 
-def closed_form(layers: Sequence[dict]) -> list[tuple[float, float, float]]:
-    """Textbook TRF recursion per axis: (start, jump, size) after a stack of conv layers.
-
-    size = 1 + sum_l (k_l - 1) d_l j_l and start = -sum_l p_l j_l, with j_l the product of the
-    strides before layer l.
-    """
-    nd = len(layers[0]["k"])
-    res = []
-    for ax in range(nd):
-        start, jump, size = 0.0, 1.0, 1.0
-        for layer in layers:
-            k, s, d, p = (layer[key][ax] for key in ("k", "s", "d", "p"))
-            start -= p * jump
-            size += (k - 1) * d * jump
-            jump *= s
-        res.append((start, jump, size))
-    return res
+def spec_columns(layers: Sequence[dict]) -> dict[str, list]:
+    """Expanded layer specs as the keyword lists of :func:`stack_closed_form`."""
+    names = {"k": "kernels", "s": "strides", "d": "dilations", "p": "paddings"}
+    return {name: [layer[key] for layer in layers] for key, name in names.items()}
 
 
 def conv_stack(layers: Sequence[dict], channels: int = 2) -> nn.Sequential:
@@ -163,10 +152,10 @@ def test_conv_stack_matches_closed_form(name: str) -> None:
     size = {1: 200, 2: 72, 3: 40}[nd]
     shape = (1, 2, *(size,) * nd)
     geo = geometry_of(model, torch.rand(shape))
-    expected = closed_form(layers)
+    expected = stack_closed_form(**spec_columns(layers))
     assert geo.exact
-    for axis, (start, jump, width) in zip(geo.axes, expected, strict=True):
-        assert (axis.start, axis.jump, axis.size) == (start, jump, width)
+    for axis, form in zip(geo.axes, expected, strict=True):
+        assert (axis.start, axis.jump, axis.size) == (form.start, form.jump, form.trf)
     # Independent check: the gradient support of a central unit has exactly this extent.
     out_shape = model(torch.rand(shape)).shape[2:]
     index = [n // 2 for n in out_shape]
@@ -177,8 +166,33 @@ def test_conv_stack_matches_closed_form(name: str) -> None:
 
 def test_closed_form_helper_on_textbook_values() -> None:
     # Guard the test oracle itself: three 3x3 convs = 7, a 7x7/2 stem + 3x3/2 pool = 11.
-    assert closed_form([expand(L(3), 1)] * 3)[0][2] == 7
-    assert closed_form([expand(L(7, s=2, p=3), 1), expand(L(3, s=2, p=1), 1)])[0] == (-5, 4, 11)
+    assert stack_closed_form(**spec_columns([expand(L(3), 1)] * 3))[0].trf == 7
+    (stem,) = stack_closed_form(
+        **spec_columns([expand(L(7, s=2, p=3), 1), expand(L(3, s=2, p=1), 1)])
+    )
+    assert (stem.start, stem.jump, stem.trf) == (-5, 4, 11)
+
+
+@pytest.mark.parametrize(
+    ("kernels", "strides", "dilations"),
+    [([3, 3, 3], None, None), ([3, 2, 5], [2, 1, 3], [1, 2, 1]), ([4, 3], [3, 1], [2, 3])],
+)
+def test_closed_form_variance_and_width_by_enumeration(kernels, strides, dilations) -> None:
+    # The unit at 0 sees sum_l j_l d_l U_l with U_l uniform on the kernel offsets: enumerate
+    # every combination and take the exact variance and support.
+    strides = strides or [1] * len(kernels)
+    dilations = dilations or [1] * len(kernels)
+    jumps = [math.prod(strides[:i]) for i in range(len(kernels))]
+    offsets = [
+        sum(j * d * u for j, d, u in zip(jumps, dilations, combo, strict=True))
+        for combo in itertools.product(*(range(k) for k in kernels))
+    ]
+    mean = sum(offsets) / len(offsets)
+    variance = sum((o - mean) ** 2 for o in offsets) / len(offsets)
+    (form,) = stack_closed_form(kernels, dilations, strides)
+    assert form.variance == pytest.approx(variance, rel=1e-12)
+    assert form.trf == max(offsets) - min(offsets) + 1
+    assert form.jump == math.prod(strides)
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
@@ -626,25 +640,18 @@ class ToyViT(nn.Module):
         return t + a
 
 
-def tokens_to_grid(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """A typical ``output_transform``: drop the class token, (N, T, C) -> (N, C, h, w)."""
-    return tokens[:, 1:].transpose(1, 2).reshape(len(tokens), -1, h, w)
-
-
 @pytest.mark.parametrize("attention", ["mha", "sdpa", "explicit"])
 def test_vit_grid_is_global_not_none(attention: str) -> None:
     model = ToyViT(attention=attention)
     feats = {}
     model.patch_embed.register_forward_hook(lambda _m, _i, o: feats.__setitem__("patch", o))
     # The transform runs inside the forward (in a hook), hence inside the traced region.
-    model.register_forward_hook(
-        lambda _m, _i, o: feats.__setitem__("grid", tokens_to_grid(o, 8, 8))
-    )
+    to_grid = tokens_to_grid((8, 8))  # the package's transform: drop the class token
+    model.register_forward_hook(lambda _m, _i, o: feats.__setitem__("grid", to_grid(o)))
     tracer, _ = trace(model, torch.randn(2, 3, 32, 32))
     patch = tracer.geometry(feats["patch"])
     assert patch.axes == (AxisRF(0, 4, 4, True),) * 2
     grid = tracer.geometry(feats["grid"])
-    assert grid is not None
     assert grid.width == (math.inf, math.inf)
     assert not grid.exact
     # Centres of a global grid fall on the natural patch grid over the 32x32 input.

@@ -1,0 +1,111 @@
+"""ProbeSchedule: each rule on its own, their union, the automatic interval, nice_ceil."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from erf_callback.callback.schedule import DEFAULT_MAX_OVERHEAD, ProbeSchedule, nice_ceil
+
+
+def due_steps(schedule: ProbeSchedule, last: int) -> list[int]:
+    return [step for step in range(last + 1) if schedule.due_at_step(step)]
+
+
+def test_every_n_steps_is_due_at_the_multiples_only():
+    assert due_steps(ProbeSchedule(every_n_steps=7), 30) == [0, 7, 14, 21, 28]
+    assert due_steps(ProbeSchedule(every_n_steps=1), 4) == [0, 1, 2, 3, 4]
+
+
+def test_every_n_epochs_is_due_at_epoch_ends_only():
+    s = ProbeSchedule(every_n_epochs=3)
+    assert [e for e in range(10) if s.due_at_epoch_end(e)] == [2, 5, 8]  # zero-based epochs
+    assert due_steps(s, 50) == []
+    assert not ProbeSchedule(every_n_steps=2).due_at_epoch_end(1)
+
+
+def test_at_steps_are_exactly_the_given_steps():
+    s = ProbeSchedule(at_steps=[17, 3, 3, 0])
+    assert due_steps(s, 40) == [0, 3, 17]
+    assert not s.is_auto
+
+
+@pytest.mark.parametrize("per_decade", [1, 2, 3, 5])
+def test_log_spaced_steps_are_rounded_powers_of_ten(per_decade):
+    expected = sorted({round(10 ** (i / per_decade)) for i in range(3 * per_decade + 1)})
+    assert due_steps(ProbeSchedule(log_spaced=per_decade), 1000) == expected
+
+
+def test_rules_combine_as_a_union():
+    s = ProbeSchedule(every_n_steps=10, at_steps=[5, 13], log_spaced=1, every_n_epochs=2)
+    assert due_steps(s, 30) == [0, 1, 5, 10, 13, 20, 30]
+    assert s.due_at_epoch_end(1) and not s.due_at_epoch_end(0)
+
+
+def test_automatic_interval_meets_the_overhead_budget():
+    s = ProbeSchedule()
+    assert s.is_auto and s.max_overhead == DEFAULT_MAX_OVERHEAD
+    assert due_steps(s, 500) == []  # nothing is due before the interval is chosen
+    # 3 s per probe, 1 s per step, 2% budget: 150 steps at least, rounded up to 200.
+    assert s.choose_auto_interval(probe_seconds=3.0, step_seconds=1.0) == 200
+    assert due_steps(s, 650) == [0, 200, 400, 600]
+    tight = ProbeSchedule(max_overhead=0.5)
+    assert tight.choose_auto_interval(probe_seconds=0.1, step_seconds=1.0) == 1
+    assert tight.choose_auto_interval(probe_seconds=1.0, step_seconds=0.0) > 10**8  # no div 0
+
+
+def test_explicit_rules_ignore_an_automatic_interval():
+    s = ProbeSchedule(every_n_epochs=1, auto_interval=5)
+    assert not s.is_auto
+    assert due_steps(s, 20) == []
+    assert due_steps(ProbeSchedule(auto_interval=5), 12) == [0, 5, 10]  # restored from state
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (-3.0, 1),
+        (0.0, 1),
+        (math.nan, 1),
+        (1.0, 1),
+        (1.0001, 2),
+        (2.0, 2),
+        (2.5, 5),
+        (5.0, 5),
+        (5.01, 10),
+        (10.0, 10),
+        (10.5, 20),
+        (150.0, 200),
+        (499.0, 500),
+        (123456.0, 200000),
+    ],
+)
+def test_nice_ceil_table(value, expected):
+    assert nice_ceil(value) == expected
+
+
+@pytest.mark.parametrize("value", [1.3, 3.7, 9.99, 42.0, 777.7, 3.1e5, 9.9e6])
+def test_nice_ceil_is_the_smallest_nice_number_at_or_above(value):
+    nice = sorted(m * 10**k for k in range(9) for m in (1, 2, 5))
+    assert nice_ceil(value) == min(n for n in nice if n >= value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"every_n_steps": 0}, "every_n_steps must be a positive int"),
+        ({"every_n_steps": 2.5}, "every_n_steps must be a positive int"),
+        ({"every_n_steps": True}, "every_n_steps must be a positive int"),
+        ({"every_n_epochs": -1}, "every_n_epochs must be a positive int"),
+        ({"log_spaced": 0}, "log_spaced must be a positive int"),
+        ({"max_overhead": 0.0}, r"max_overhead must be in \(0, 1\)"),
+        ({"max_overhead": 1.0}, r"max_overhead must be in \(0, 1\)"),
+        ({"at_steps": [3, -1]}, "at_steps must be non-negative ints"),
+        ({"at_steps": [2.5]}, "at_steps must be non-negative ints"),
+        ({"at_steps": [False]}, "at_steps must be non-negative ints"),
+    ],
+)
+def test_bad_rules_are_rejected_with_the_rule_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ProbeSchedule(**kwargs)

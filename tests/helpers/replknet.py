@@ -1,0 +1,35 @@
+"""RepLKNet's high-contribution area ratio (erf/analyze_erf.py), as an independent reference."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["replknet_area_ratio", "replknet_get_rectangle"]
+
+
+def replknet_get_rectangle(
+    data: np.ndarray, thresh: float, center: Sequence[int] | None = None
+) -> tuple[int, float] | None:
+    """RepLKNet's ``get_rectangle``, verbatim logic, with the square's centre as a parameter
+    (the published script always uses ``(h // 2, w // 2)``) and squares clipped to the map."""
+    h, w = data.shape
+    cy, cx = (h // 2, w // 2) if center is None else center
+    all_sum = np.sum(data)
+    for i in range(1, max(h, w)):
+        selected_area = data[max(cy - i, 0) : cy + 1 + i, max(cx - i, 0) : cx + 1 + i]
+        area_sum = np.sum(selected_area)
+        if area_sum / all_sum > thresh:
+            return i * 2 + 1, (i * 2 + 1) / h * (i * 2 + 1) / w
+    return None
+
+
+def replknet_area_ratio(
+    erf: np.ndarray, thresh: float, center: Sequence[int] | None = None
+) -> float:
+    """``log10(erf + 1)``, normalised to its maximum, then :func:`replknet_get_rectangle`."""
+    scaled = np.log10(erf + 1)
+    found = replknet_get_rectangle(scaled / scaled.max(), thresh, center)
+    assert found is not None
+    return found[1]
