@@ -29,7 +29,10 @@ from typing import Literal
 import numpy as np
 import torch
 
+from erf_callback.fit.gauss_newton import fit_floor_gaussian
 from erf_callback.fit.grid import mahalanobis_sq, open_grid
+from erf_callback.fit.metrics import border_mass
+from erf_callback.fit.truncation import chi2_cdf, restore_edge_cut, truncated_variance_factor
 from erf_callback.warnings import ERFWarning
 
 __all__ = ["FitMethod", "GaussianFit", "fit_gaussian"]
@@ -48,8 +51,13 @@ _MIN_FLOOR_PIXELS = 8
 _FLOOR_SAMPLE = 32768
 # A far-pixel median at most this fraction of the peak counts as "no pedestal".
 _CLEAN_FLOOR = 1e-6
-# Edge restoration only where the untruncated Gaussian keeps at least this share inside.
-_MIN_VISIBLE = 0.75
+# The clean path tries the model fit when the edge-corrected Gaussian has more than this
+# outside the map, and takes it when the map is that Gaussian to rounding (residual sum of
+# squares over total sum of squares at most _EXACT_RESIDUAL).
+_EDGE_CUT = 1e-5
+_EXACT_RESIDUAL = 1e-12
+# A model fit that puts more than this share of its Gaussian outside the map is not trusted.
+_MAX_OUTSIDE = 0.9
 # Relative change per iteration below which a noise-driven limit cycle is accepted.
 _STALL_TOL = 1e-3
 
@@ -180,19 +188,63 @@ def fit_gaussian(
 def _fit_robust(
     a: np.ndarray, coords: list[np.ndarray], window: float, max_iter: int, tol: float
 ) -> tuple[np.ndarray, np.ndarray, float, bool] | None:
-    d = a.ndim
     sample_idx, sample_vals = _subsample(a)
     peak = float(a.max())
-    # Fast exact path: when the pixels far outside the plain-moment window carry no pedestal,
-    # the plain moments are the answer (exact for Gaussians and compact maps alike).
+    # Fast exact path: when the pixels far outside the plain-moment window are zero to
+    # rounding (no pedestal, no noise), the plain moments are the answer (exact for Gaussians
+    # and compact maps alike).
     m0, mean, cov = _moments(a, coords)
     if m0 > 0 and np.all(np.isfinite(cov)):
         d2 = mahalanobis_sq(sample_idx, mean, _inverse(cov, _MIN_WINDOW_VARIANCE))
         far = sample_vals[d2 > window * window]
-        if far.size >= _MIN_FLOOR_PIXELS and abs(float(np.median(far))) <= _CLEAN_FLOOR * peak:
-            mean, cov = _restore_edge_cut(a, m0, mean, cov)
+        if far.size >= _MIN_FLOOR_PIXELS and float(np.median(np.abs(far))) <= _CLEAN_FLOOR * peak:
+            mean, cov = restore_edge_cut(a, m0, mean, cov)
+            if border_mass(mean, cov, a.shape) > _EDGE_CUT:
+                # The edge cuts the map. If it is a Gaussian (the model fits to rounding), the
+                # model fit on the visible pixels recovers it whole, however deep the cut;
+                # anything else keeps its (edge-corrected) moments.
+                model = fit_floor_gaussian(a, mean, cov, 0.0, peak)
+                if model is not None and model.residual <= _EXACT_RESIDUAL:
+                    return model.mean, model.cov, model.floor, model.converged
             return mean, cov, 0.0, True
 
+    init = _half_max_init(a, coords)
+    if init is None:
+        return None
+    mean, cov = init
+    # A pedestal or noise: least squares of floor + amplitude * Gaussian on the pixels that
+    # exist (so a cut by the image edge costs nothing), seeded by the half-maximum region.
+    floor = _estimate_floor(
+        sample_idx, sample_vals, mean, _inverse(cov, _MIN_WINDOW_VARIANCE), window, peak
+    )
+    model = fit_floor_gaussian(a, mean, cov, floor, max(peak - floor, 1e-300))
+    if model is not None and _plausible(model.mean, model.cov, a.shape):
+        return model.mean, model.cov, model.floor, model.converged
+    return _windowed_moments(a, coords, sample_idx, sample_vals, window, max_iter, tol)
+
+
+def _plausible(mean: np.ndarray, cov: np.ndarray, shape: tuple[int, ...]) -> bool:
+    """A model fit that describes the map: mostly inside it and no wider than a few maps."""
+    widest = 4.0 * max(shape)
+    return bool(
+        np.all(np.isfinite(cov))
+        and float(np.max(np.diag(cov))) <= widest * widest
+        and border_mass(mean, cov, shape) <= _MAX_OUTSIDE
+    )
+
+
+def _windowed_moments(
+    a: np.ndarray,
+    coords: list[np.ndarray],
+    sample_idx: list[np.ndarray],
+    sample_vals: np.ndarray,
+    window: float,
+    max_iter: int,
+    tol: float,
+) -> tuple[np.ndarray, np.ndarray, float, bool] | None:
+    """Floor-corrected windowed moments: the fallback where the model fit fails."""
+    d = a.ndim
+    peak = float(a.max())
     init = _half_max_init(a, coords)
     if init is None:
         return None
@@ -203,8 +255,8 @@ def _fit_robust(
     # Share of a Gaussian's mass in the outermost unit ring of the window, and the factor by
     # which the window cuts its variance. The cut is corrected in proportion to the mass the
     # ring really holds: fully for Gaussian tails, not at all for compact maps.
-    ring_share = (_chi2_cdf(d, r2) - _chi2_cdf(d, (window - 1) ** 2)) / _chi2_cdf(d, r2)
-    cut = _truncated_variance_factor(d, r2)
+    ring_share = (chi2_cdf(d, r2) - chi2_cdf(d, (window - 1) ** 2)) / chi2_cdf(d, r2)
+    cut = truncated_variance_factor(d, r2)
     ring_r2 = (window - 1) ** 2
     history: list[float] = []
     previous: tuple[np.ndarray, np.ndarray] | None = None
@@ -247,87 +299,6 @@ def _relative_change(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.n
     )
 
 
-def _restore_edge_cut(
-    a: np.ndarray, mass: float, mean: np.ndarray, cov: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Undo the truncation of a Gaussian tail by the image edges, where the map shows one.
-
-    Per axis, the visible mean and variance are taken as those of a truncated normal and
-    untruncated; the mass measured in the two edge slabs is compared with what that Gaussian
-    puts there. Their ratio weights the correction: 1 when they agree, falling to 0 both for
-    maps that stay clear of the edges (compact maps keep their exact moments) and for edges
-    holding far more than a Gaussian tail. Cuts that would leave less than 75% of the Gaussian
-    visible are not restored: there a tail cannot be told from a flat band.
-    """
-    mean, cov = mean.copy(), cov.copy()
-    scale = np.ones(a.ndim)
-    for i, n in enumerate(a.shape):
-        var = cov[i, i]
-        if not var > 0:
-            continue
-        others = tuple(k for k in range(a.ndim) if k != i)
-        marginal = a.sum(axis=others) if others else a
-        measured = float(marginal[0] + marginal[-1])
-        if measured <= 0.0:
-            continue
-        mu = mean[i]
-        lo, hi = -0.5, n - 0.5
-        true_mu, true_var = _untruncate(mu, var, lo, hi)
-        sd = math.sqrt(true_var)
-        inside = _normal_mass(lo, hi, true_mu, sd)
-        if inside < _MIN_VISIBLE:
-            # Cut this hard, a Gaussian tail cannot be told from a flat band (the middle of an
-            # ever wider Gaussian): keep the visible moments; border_mass flags such maps.
-            continue
-        edge = _normal_mass(lo, lo + 1, true_mu, sd) + _normal_mass(hi - 1, hi, true_mu, sd)
-        predicted = mass / inside * edge if inside > 0 else 0.0
-        if not predicted > 1e-12 * mass:
-            continue
-        # 1 where the edges hold what the untruncated Gaussian predicts; back to 0 both for no
-        # edge mass (compact maps) and for far more than a tail (a band or box cut by the edge,
-        # which is not a Gaussian to extrapolate).
-        ratio = measured / predicted
-        weight = ratio if ratio <= 1.0 else max(0.0, 2.0 - ratio)
-        mean[i] += weight * (true_mu - mu)
-        new_var = var + weight * (true_var - var)
-        scale[i] = math.sqrt(new_var / var)
-    return mean, cov * np.outer(scale, scale)
-
-
-def _normal_mass(lo: float, hi: float, mu: float, sd: float) -> float:
-    z = 1.0 / (sd * math.sqrt(2.0))
-    return 0.5 * (math.erf((hi - mu) * z) - math.erf((lo - mu) * z))
-
-
-def _untruncate(mu_obs: float, var_obs: float, lo: float, hi: float) -> tuple[float, float]:
-    """Mean and variance of the normal whose truncation to [lo, hi] has the observed moments.
-
-    Fixed-point iteration on the truncated-normal moment formulas (mild truncation converges
-    in a few steps; a hard cut is left as observed).
-    """
-    mu, var = mu_obs, var_obs
-    for _ in range(50):
-        sd = math.sqrt(var)
-        alpha, beta = (lo - mu) / sd, (hi - mu) / sd
-        z = _normal_mass(lo, hi, mu, sd)
-        if not z > 1e-6:
-            return mu_obs, var_obs
-        pa, pb = _phi(alpha), _phi(beta)
-        shift = (pa - pb) / z
-        ratio = 1.0 + (alpha * pa - beta * pb) / z - shift * shift
-        new_mu = mu_obs - sd * shift
-        new_var = var_obs / ratio if ratio > 0 else var_obs
-        done = abs(new_var - var) <= 1e-14 * var and abs(new_mu - mu) <= 1e-12 * (1 + abs(mu))
-        mu, var = new_mu, new_var
-        if done:
-            break
-    return mu, var
-
-
-def _phi(x: float) -> float:
-    return math.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
-
-
 def _half_max_init(a: np.ndarray, coords: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
     """Mean and covariance from the region above half maximum.
 
@@ -345,32 +316,6 @@ def _half_max_init(a: np.ndarray, coords: list[np.ndarray]) -> tuple[np.ndarray,
     _, mean, cov = _moments(mask, coords)
     cov = cov * (a.ndim + 2) / (2.0 * math.log(2.0))
     return mean, cov + np.eye(a.ndim) * _MIN_WINDOW_VARIANCE
-
-
-def _truncated_variance_factor(d: int, r2: float) -> float:
-    """``Var`` of a d-D Gaussian truncated to Mahalanobis radius ``sqrt(r2)`` over ``Var``.
-
-    Equals ``P(chi2_{d+2} <= r2) / P(chi2_d <= r2)``; closed forms for d <= 3 avoid scipy.
-    """
-    return _chi2_cdf(d + 2, r2) / _chi2_cdf(d, r2)
-
-
-def _chi2_cdf(k: int, x: float) -> float:
-    if k % 2 == 0:
-        # P(chi2_{2m} <= x) = 1 - exp(-x/2) sum_{i<m} (x/2)^i / i!
-        h, term, total = x / 2.0, 1.0, 0.0
-        for i in range(k // 2):
-            if i:
-                term *= h / i
-            total += term
-        return 1.0 - math.exp(-h) * total
-    # odd k: erf term plus the series sqrt(2x/pi) exp(-x/2) sum x^i / (1*3*...*(2i+1))
-    s, term, total = math.sqrt(x), 1.0, 0.0
-    for i in range((k - 1) // 2):
-        if i:
-            term *= x / (2 * i + 1)
-        total += term
-    return math.erf(s / math.sqrt(2.0)) - math.sqrt(2.0 / math.pi) * s * math.exp(-x / 2) * total
 
 
 def _subsample(a: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
