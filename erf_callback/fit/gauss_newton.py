@@ -28,13 +28,13 @@ __all__ = ["GaussianModelFit", "fit_floor_gaussian"]
 _BOX_SIGMAS = 5.0
 # Pixels per fit: about this many (strided); more adds time, not accuracy, on smooth ERFs.
 _POINTS = 6400
-# Pixels per round while the box is still being found.
-_COARSE = 1600
+# Rounds of box growth (one for a good seed; a narrow seed needs two).
+_ROUNDS = 3
+# The log-linear start uses the pixels above this fraction of the peak.
+_LOG_LEVEL = 0.1
 _MAX_ITER = 60
 # Relative cost change and step size below which the iteration has converged.
 _TOL = 1e-12
-# Looser while the box is still being found: the last round refines from there.
-_COARSE_TOL = 1e-6
 
 
 @dataclass(frozen=True)
@@ -82,30 +82,26 @@ def fit_floor_gaussian(
     scale = max(abs(amplitude), float(np.max(np.abs(a))), 1e-300)
     result: GaussianModelFit | None = None
     used: tuple[slice, ...] | None = None
-    budget = min(points, _COARSE)
-    # Rounds on a coarse stride until the box stops growing (a seed narrowed by a cut or by
-    # noise gives a box too small for the Gaussian it finds), then one round at full density
-    # from the converged coarse solution (a few iterations) for the statistical precision.
-    for _ in range(6):
-        box = _box(a.shape, mean, cov, budget)
+    # Rounds while the box grows: a seed narrowed by a cut or by noise gives a box too small
+    # for the Gaussian the fit finds; the next round refits on the box of that Gaussian.
+    for _ in range(_ROUNDS):
+        box = _box(a.shape, mean, cov, points)
         if used is not None and _covers(used, box):
-            if budget == points:
-                break
-            budget = points
-            box = _box(a.shape, mean, cov, budget)
-            if box == used:
-                break
+            break
         used = box
         coords = [np.arange(s.start, s.stop, s.step, dtype=np.float64) for s in box]
         centre = np.array([(c[0] + c[-1]) / 2 for c in coords])
         half = np.array([max((c[-1] - c[0]) / 2, 1.0) for c in coords])
-        feats = _features([(c - m) / h for c, m, h in zip(coords, centre, half, strict=True)])
-        target = a[box].reshape(-1) / scale
-        c0 = _coefficients((mean - centre) / half, cov / np.outer(half, half), amplitude / scale)
+        grid = _Grid([(c - m) / h for c, m, h in zip(coords, centre, half, strict=True)])
+        target = a[box] / scale
+        c0 = _log_linear(grid, target, floor / scale)
+        if c0 is None or _gaussian(c0, d) is None:
+            c0 = _coefficients(
+                (mean - centre) / half, cov / np.outer(half, half), amplitude / scale
+            )
         if c0 is None:
             return result
-        tol = _TOL if budget == points else _COARSE_TOL
-        solved = _levenberg_marquardt(feats, target, floor / scale, c0, fit_floor, tol)
+        solved = _levenberg_marquardt(grid, target, floor / scale, c0, fit_floor, _TOL)
         if solved is None:
             return result
         b, coef, converged, rss = solved
@@ -115,22 +111,46 @@ def fit_floor_gaussian(
         mu_n, cov_n, amp_n = gauss
         mean = centre + half * mu_n
         cov = cov_n * np.outer(half, half)
-        floor, amplitude = b * scale, amp_n * scale
+        floor, amplitude = float(b * scale), float(amp_n * scale)
         tss = float(np.sum((target - target.mean()) ** 2))
         result = GaussianModelFit(mean, cov, floor, amplitude, converged, rss / tss if tss else 0.0)
     return result
+
+
+def _log_linear(grid: _Grid, target: np.ndarray, floor: float) -> np.ndarray | None:
+    """Coefficients from weighted least squares of ``log(map - floor)`` on the monomials.
+
+    Over the pixels above a tenth of the peak (where noise barely moves the logarithm), with
+    weights ``(map - floor)^2`` (Caruana's estimator): one linear solve, exact on a clean
+    Gaussian however it is cut, and a start one or two iterations from the optimum otherwise.
+    """
+    v = target - floor
+    top = float(v.max())
+    if not top > 0:
+        return None
+    w = np.where(v > _LOG_LEVEL * top, v * v, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lv = np.where(w > 0, np.log(np.maximum(v, top * 1e-300)), 0.0)
+    m = grid.moments(np.stack([w, w * lv]))
+    try:
+        coef = np.linalg.solve(m[0][grid.pair_index], m[1][grid.single_index])
+    except np.linalg.LinAlgError:
+        return None
+    return coef if np.all(np.isfinite(coef)) else None
 
 
 def _box(
     shape: tuple[int, ...], mean: np.ndarray, cov: np.ndarray, points: int
 ) -> tuple[slice, ...]:
     d = len(shape)
+    if math.prod(shape) <= points:
+        return tuple(slice(0, n, 1) for n in shape)
     half = _BOX_SIGMAS * np.sqrt(np.clip(np.diag(cov), 0.25, None))
     per_axis = points ** (1.0 / d)
     out = []
-    for m, h, n in zip(mean, half, shape, strict=True):
-        lo = int(np.clip(math.floor(m - h), 0, n - 1))
-        hi = int(np.clip(math.ceil(m + h) + 1, lo + 1, n))
+    for m, h, n in zip(mean.tolist(), half.tolist(), shape, strict=True):
+        lo = min(max(math.floor(m - h), 0), n - 1)
+        hi = min(max(math.ceil(m + h) + 1, lo + 1), n)
         step = max(1, math.ceil((hi - lo) / per_axis))
         out.append(slice(lo, hi, step))
     return tuple(out)
@@ -149,13 +169,57 @@ def _pairs(d: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(d) for j in range(i, d)]
 
 
-def _features(u: list[np.ndarray]) -> np.ndarray:
-    """Columns ``1, u_i, u_i u_j (i <= j)`` on the open grid ``u``, shape (n_pixels, k)."""
-    d = len(u)
-    grids = np.meshgrid(*u, indexing="ij")
-    cols = [np.ones(grids[0].size)] + [g.reshape(-1) for g in grids]
-    cols += [(grids[i] * grids[j]).reshape(-1) for i, j in _pairs(d)]
-    return np.stack(cols, axis=1)
+class _Grid:
+    """The open grid of a strided box and what the fit needs of it.
+
+    The monomials ``1, u_i, u_i u_j (i <= j)`` are never stored as N x k columns: sums of
+    ``w * monomial * monomial`` are moments of ``w`` up to order 4, read off one tensor
+    ``sum_x w(x) prod_i u_i^p_i`` (``p_i <= 4``) built by contracting one axis at a time with
+    a small power table. That makes ``J^T J`` a few passes over the box instead of ``N k^2``.
+    """
+
+    def __init__(self, u: list[np.ndarray]) -> None:
+        d = len(u)
+        self.d = d
+        self.shape = tuple(len(v) for v in u)
+        self.size = math.prod(self.shape)
+        self.axes = [v.reshape([-1 if k == i else 1 for k in range(d)]) for i, v in enumerate(u)]
+        self.powers = [np.vander(v, 5, increasing=True) for v in u]
+        self.exps: list[tuple[int, ...]] = [(0,) * d]
+        self.exps += [tuple(int(k == i) for k in range(d)) for i in range(d)]
+        self.exps += [tuple(int(k == i) + int(k == j) for k in range(d)) for i, j in _pairs(d)]
+        e = np.array(self.exps)
+        # Index of monomial a times monomial b in the order-4 moment tensor, and of a alone.
+        self.pair_index = tuple((e[:, None, i] + e[None, :, i]) for i in range(d))
+        self.single_index = tuple(e[:, i] for i in range(d))
+
+    def eta(self, c: np.ndarray) -> np.ndarray:
+        """``c . monomials`` at every grid point."""
+        d, u = self.d, self.axes
+        if d == 2:
+            # c0 + c1 y + c3 y^2 + x (c2 + c4 y) + c5 x^2, in three passes over the grid.
+            y, x = u[0], u[1]
+            return (c[0] + y * (c[1] + c[3] * y)) + x * (c[2] + c[4] * y + c[5] * x)
+        out = c[0] + sum(c[1 + i] * u[i] for i in range(d))
+        for k, (i, j) in enumerate(_pairs(d)):
+            out = out + c[1 + d + k] * (u[i] * u[j])
+        return np.broadcast_to(out, self.shape)
+
+    def moments(self, w: np.ndarray) -> np.ndarray:
+        """``sum_x w[b](x) prod_i u_i^p_i`` for each leading index b and ``p_i <= 4``."""
+        p = self.powers
+        if self.d == 1:
+            return w @ p[0]
+        if self.d == 2:
+            return p[0].T @ w @ p[1]
+        return np.einsum("bzyx,zi,yj,xk->bijk", w, *p, optimize=True)
+
+    def normal_equations(
+        self, g: np.ndarray, r: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``sum g^2 m_a m_b``, ``sum r g m_a`` and ``sum g m_a`` over the monomials ``m``."""
+        m = self.moments(np.stack([g * g, r * g, g]))
+        return m[0][self.pair_index], m[1][self.single_index], m[2][self.single_index]
 
 
 def _coefficients(mean: np.ndarray, cov: np.ndarray, amplitude: float) -> np.ndarray | None:
@@ -195,24 +259,22 @@ def _gaussian(coef: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray, float] 
 
 
 def _levenberg_marquardt(
-    feats: np.ndarray,
+    grid: _Grid,
     target: np.ndarray,
     b: float,
     coef: np.ndarray,
     fit_floor: bool,
     tol: float,
 ) -> tuple[float, np.ndarray, bool, float] | None:
-    n, k = feats.shape
+    k = len(coef)
     off = 1 if fit_floor else 0
-    jac = np.empty((n, k + off))
-    if fit_floor:
-        jac[:, 0] = 1.0
 
     def evaluate(b_: float, c_: np.ndarray) -> tuple[np.ndarray, np.ndarray, float] | None:
         with np.errstate(over="ignore", invalid="ignore"):
-            g = np.exp(feats @ c_)
-            r = target - b_ - g
-            cost = float(r @ r)
+            g = np.exp(grid.eta(c_))
+            r = target - g
+            r -= b_
+            cost = float(np.vdot(r, r))
         return (g, r, cost) if math.isfinite(cost) else None
 
     state = evaluate(b, coef)
@@ -220,16 +282,21 @@ def _levenberg_marquardt(
         return None
     g, r, cost = state
     lam = 1e-3
+    normal = np.empty((k + off, k + off))
     for _ in range(_MAX_ITER):
-        np.multiply(feats, g[:, None], out=jac[:, off:])
-        jac_tj = jac.T @ jac
-        grad = jac.T @ r
-        scale = np.diag(jac_tj).copy()
+        normal[off:, off:], grad_g, col = grid.normal_equations(g, r)
+        if fit_floor:
+            normal[0, 1:] = normal[1:, 0] = col
+            normal[0, 0] = float(grid.size)
+            grad = np.concatenate([[float(r.sum())], grad_g])
+        else:
+            grad = grad_g
+        scale = np.diag(normal).copy()
         scale[scale <= 0] = 1.0
-        diag = np.diag(scale)
+        damping = np.diag(scale)
         for _ in range(20):
             try:
-                step = np.linalg.solve(jac_tj + lam * diag, grad)
+                step = np.linalg.solve(normal + lam * damping, grad)
             except np.linalg.LinAlgError:
                 lam *= 10.0
                 continue

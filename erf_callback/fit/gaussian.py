@@ -31,7 +31,7 @@ import torch
 
 from erf_callback.fit.gauss_newton import fit_floor_gaussian
 from erf_callback.fit.grid import mahalanobis_sq, open_grid
-from erf_callback.fit.metrics import border_mass
+from erf_callback.fit.metrics import axis_mass, border_mass
 from erf_callback.fit.truncation import chi2_cdf, restore_edge_cut, truncated_variance_factor
 from erf_callback.warnings import ERFWarning
 
@@ -197,7 +197,9 @@ def _fit_robust(
     if m0 > 0 and np.all(np.isfinite(cov)):
         d2 = mahalanobis_sq(sample_idx, mean, _inverse(cov, _MIN_WINDOW_VARIANCE))
         far = sample_vals[d2 > window * window]
-        if far.size >= _MIN_FLOOR_PIXELS and float(np.median(np.abs(far))) <= _CLEAN_FLOOR * peak:
+        # median(|far|) <= level, counted rather than sorted
+        noisy = np.count_nonzero(np.abs(far) > _CLEAN_FLOOR * peak)
+        if far.size >= _MIN_FLOOR_PIXELS and 2 * noisy <= far.size:
             mean, cov = restore_edge_cut(a, m0, mean, cov)
             if border_mass(mean, cov, a.shape) > _EDGE_CUT:
                 # The edge cuts the map. If it is a Gaussian (the model fits to rounding), the
@@ -229,7 +231,7 @@ def _plausible(mean: np.ndarray, cov: np.ndarray, shape: tuple[int, ...]) -> boo
     return bool(
         np.all(np.isfinite(cov))
         and float(np.max(np.diag(cov))) <= widest * widest
-        and border_mass(mean, cov, shape) <= _MAX_OUTSIDE
+        and float(np.prod(axis_mass(mean, cov, shape))) >= 1.0 - _MAX_OUTSIDE
     )
 
 
@@ -495,12 +497,21 @@ def _finish(
     box = _window_box(a.shape, mean, cov, 8.0)
     box_coords = [c[s] for c, s in zip(coords, box, strict=True)]
     g = np.exp(-0.5 * mahalanobis_sq(box_coords, mean, prec))
+    g = np.broadcast_to(g, a[box].shape)
     resid_in = a[box] - floor
-    gg = float(np.sum(g * g))
-    amplitude = float(np.sum(resid_in * g)) / gg if gg > 0 else float("nan")
-    total_ss = float(np.sum((a - a.mean()) ** 2))
-    outside_ss = float(np.sum((a - floor) ** 2)) - float(np.sum(resid_in**2))
-    inside_ss = float(np.sum((resid_in - amplitude * g) ** 2)) if gg > 0 else float("nan")
+    # Sums of squares from a few dot products (no full-size temporaries):
+    # sum (r - A g)^2 = sum r^2 - 2 A sum r g + A^2 sum g^2 inside the box; outside it the
+    # model is the floor alone.
+    gg = float(np.vdot(g, g))
+    rg = float(np.vdot(resid_in, g))
+    rr_in = float(np.vdot(resid_in, resid_in))
+    amplitude = rg / gg if gg > 0 else float("nan")
+    flat = a.reshape(-1)
+    total, total_sq, n = float(flat.sum()), float(np.vdot(flat, flat)), flat.size
+    total_ss = max(total_sq - total * total / n, 0.0)
+    all_ss = total_sq - 2.0 * floor * total + n * floor * floor
+    outside_ss = all_ss - rr_in
+    inside_ss = rr_in - 2.0 * amplitude * rg + amplitude * amplitude * gg if gg > 0 else 0.0
     residual_ss = max(inside_ss + outside_ss, 0.0)
     r2 = 1.0 - residual_ss / total_ss if total_ss > 0 else float("nan")
     return GaussianFit(
