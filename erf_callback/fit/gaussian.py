@@ -54,8 +54,11 @@ _CLEAN_FLOOR = 1e-6
 # The clean path tries the model fit when the edge-corrected Gaussian has more than this
 # outside the map, and takes it when the map is that Gaussian to rounding (residual sum of
 # squares over total sum of squares at most _EXACT_RESIDUAL).
-_EDGE_CUT = 1e-5
+_EDGE_CUT = 1e-8
 _EXACT_RESIDUAL = 1e-12
+# A binned model fit this close to the map (residual / total sum of squares) is refitted on
+# point samples, which are exact.
+_NOISELESS = 1e-8
 # A model fit that puts more than this share of its Gaussian outside the map is not trusted.
 _MAX_OUTSIDE = 0.9
 # Relative change per iteration below which a noise-driven limit cycle is accepted.
@@ -220,6 +223,12 @@ def _fit_robust(
         sample_idx, sample_vals, mean, _inverse(cov, _MIN_WINDOW_VARIANCE), window, peak
     )
     model = fit_floor_gaussian(a, mean, cov, floor, max(peak - floor, 1e-300), binned=True)
+    if model is not None and model.residual <= _NOISELESS:
+        # Floor + Gaussian with no noise: block means cost ~1e-6 of exactness, point samples
+        # nothing; one more round from here converges in an iteration or two.
+        exact = fit_floor_gaussian(a, model.mean, model.cov, model.floor, model.amplitude)
+        if exact is not None and exact.residual <= model.residual:
+            model = exact
     if model is not None and _plausible(model.mean, model.cov, a.shape):
         return model.mean, model.cov, model.floor, model.converged
     return _windowed_moments(a, coords, sample_idx, sample_vals, window, max_iter, tol)
