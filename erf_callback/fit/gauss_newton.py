@@ -17,6 +17,7 @@ cuts it, because the model fits only the pixels that exist.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +48,7 @@ class GaussianModelFit:
     amplitude: float
     converged: bool
     residual: float  # residual sum of squares over total sum of squares, on the fitted pixels
+    point_samples: bool = True  # fitted on single pixels (exact model), not block means
 
 
 def fit_floor_gaussian(
@@ -128,7 +130,15 @@ def fit_floor_gaussian(
         peak = math.sqrt(np.linalg.det(cov_w) / np.linalg.det(cov)) if binned else 1.0
         floor, amplitude = float(b * scale), float(amp_n * scale * peak)
         tss = float(np.sum((target - target.mean()) ** 2))
-        result = GaussianModelFit(mean, cov, floor, amplitude, converged, rss / tss if tss else 0.0)
+        result = GaussianModelFit(
+            mean,
+            cov,
+            floor,
+            amplitude,
+            converged,
+            rss / tss if tss else 0.0,
+            not binned or all(sl.step == 1 for sl in box),
+        )
     return result
 
 
@@ -159,9 +169,9 @@ def _log_linear(grid: _Grid, target: np.ndarray, floor: float) -> np.ndarray | N
     top = float(v.max())
     if not top > 0:
         return None
-    w = np.where(v > _LOG_LEVEL * top, v * v, 0.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        lv = np.where(w > 0, np.log(np.maximum(v, top * 1e-300)), 0.0)
+    used = v > _LOG_LEVEL * top
+    w = np.where(used, v * v, 0.0)
+    lv = np.log(np.where(used, v, 1.0))
     m = grid.moments(np.stack([w, w * lv]))
     try:
         coef = np.linalg.solve(m[0][grid.pair_index], m[1][grid.single_index])
@@ -277,11 +287,18 @@ def _gaussian(coef: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray, float] 
             prec[i, i] = -2.0 * v
         else:
             prec[i, j] = prec[j, i] = -v
-    try:
-        np.linalg.cholesky(prec)
-    except np.linalg.LinAlgError:
-        return None
-    cov = np.linalg.inv(prec)
+    if d == 2:
+        # Closed form (numpy.linalg costs more in call overhead than the algebra here).
+        det = prec[0, 0] * prec[1, 1] - prec[0, 1] * prec[0, 1]
+        if not (prec[0, 0] > 0 and det > 0):
+            return None
+        cov = np.array([[prec[1, 1], -prec[0, 1]], [-prec[0, 1], prec[0, 0]]]) / det
+    else:
+        try:
+            np.linalg.cholesky(prec)
+        except np.linalg.LinAlgError:
+            return None
+        cov = np.linalg.inv(prec)
     mean = cov @ coef[1 : 1 + d]
     log_amp = coef[0] + 0.5 * float(mean @ coef[1 : 1 + d])
     if not (np.all(np.isfinite(cov)) and np.all(np.isfinite(mean)) and log_amp < 700):
@@ -297,17 +314,30 @@ def _levenberg_marquardt(
     fit_floor: bool,
     tol: float,
 ) -> tuple[float, np.ndarray, bool, float] | None:
-    k = len(coef)
-    off = 1 if fit_floor else 0
     dot = ",".join(["abc"[: target.ndim]] * 2) + "->"
 
     def evaluate(b_: float, c_: np.ndarray) -> tuple[np.ndarray, np.ndarray, float] | None:
-        with np.errstate(over="ignore", invalid="ignore"):
-            g = np.exp(grid.eta(c_))
-            r = target - g
-            r -= b_
-            cost = float(np.einsum(dot, r, r))  # not BLAS: see gaussian._dot
+        # exp(700) is finite: a wild trial step gives a huge cost and is rejected, without
+        # overflow warnings (and without np.errstate, which costs more than the exp here).
+        g = np.exp(np.minimum(grid.eta(c_), 700.0))
+        r = target - g
+        r -= b_
+        cost = float(np.einsum(dot, r, r))  # not BLAS: see gaussian._dot
         return (g, r, cost) if math.isfinite(cost) else None
+
+    return _iterate(grid, evaluate, b, coef, fit_floor, tol)
+
+
+def _iterate(
+    grid: _Grid,
+    evaluate: Callable[[float, np.ndarray], tuple[np.ndarray, np.ndarray, float] | None],
+    b: float,
+    coef: np.ndarray,
+    fit_floor: bool,
+    tol: float,
+) -> tuple[float, np.ndarray, bool, float] | None:
+    k = len(coef)
+    off = 1 if fit_floor else 0
 
     state = evaluate(b, coef)
     if state is None:

@@ -31,7 +31,7 @@ import torch
 
 from erf_callback.fit.gauss_newton import fit_floor_gaussian
 from erf_callback.fit.grid import mahalanobis_sq, open_grid
-from erf_callback.fit.metrics import axis_mass, border_mass
+from erf_callback.fit.metrics import axis_mass
 from erf_callback.fit.truncation import chi2_cdf, restore_edge_cut, truncated_variance_factor
 from erf_callback.warnings import ERFWarning
 
@@ -55,6 +55,7 @@ _CLEAN_FLOOR = 1e-6
 # outside the map, and takes it when the map is that Gaussian to rounding (residual sum of
 # squares over total sum of squares at most _EXACT_RESIDUAL).
 _EDGE_CUT = 1e-8
+_EDGE_CUT_ALIGNED = 1e-5
 _EXACT_RESIDUAL = 1e-12
 # A binned model fit this close to the map (residual / total sum of squares) is refitted on
 # point samples, which are exact.
@@ -191,6 +192,7 @@ def fit_gaussian(
 def _fit_robust(
     a: np.ndarray, coords: list[np.ndarray], window: float, max_iter: int, tol: float
 ) -> tuple[np.ndarray, np.ndarray, float, bool] | None:
+    d = a.ndim
     sample_idx, sample_vals = _subsample(a)
     peak = float(a.max())
     # Fast exact path: when the pixels far outside the plain-moment window are zero to
@@ -204,7 +206,11 @@ def _fit_robust(
         noisy = np.count_nonzero(np.abs(far) > _CLEAN_FLOOR * peak)
         if far.size >= _MIN_FLOOR_PIXELS and 2 * noisy <= far.size:
             mean, cov = restore_edge_cut(a, m0, mean, cov)
-            if border_mass(mean, cov, a.shape) > _EDGE_CUT:
+            # The edge correction is per axis: exact for axis-aligned Gaussians down to a
+            # deeper cut than for rotated ones.
+            rotated = abs(cov[0, 1]) > 1e-9 * math.sqrt(cov[0, 0] * cov[1, 1]) if d > 1 else False
+            cut = 1.0 - float(np.prod(axis_mass(mean, cov, a.shape)))
+            if cut > (_EDGE_CUT if rotated else _EDGE_CUT_ALIGNED):
                 # The edge cuts the map. If it is a Gaussian (the model fits to rounding), the
                 # model fit on the visible pixels recovers it whole, however deep the cut;
                 # anything else keeps its (edge-corrected) moments.
@@ -223,7 +229,7 @@ def _fit_robust(
         sample_idx, sample_vals, mean, _inverse(cov, _MIN_WINDOW_VARIANCE), window, peak
     )
     model = fit_floor_gaussian(a, mean, cov, floor, max(peak - floor, 1e-300), binned=True)
-    if model is not None and model.residual <= _NOISELESS:
+    if model is not None and not model.point_samples and model.residual <= _NOISELESS:
         # Floor + Gaussian with no noise: block means cost ~1e-6 of exactness, point samples
         # nothing; one more round from here converges in an iteration or two.
         exact = fit_floor_gaussian(a, model.mean, model.cov, model.floor, model.amplitude)
