@@ -138,12 +138,13 @@ def main() -> int:
                                 warnings.simplefilter("ignore")
                                 fit = fit_gaussian(a)
                             e = error(fit.cov, cov)
-                            kind = "clean" if s == 0 and floor == 0 else "floor/noise"
+                            kind = "noise" if s > 0 else ("floor" if floor > 0 else "clean")
                             cat = f"{p.category}{' rotated' if rotated else ''}"
                             rows.setdefault(f"{cat} | {kind}", []).append(e)
                             rows.setdefault(f"ALL {kind}", []).append(e)
                             bm = abs(border_mass(fit.mean, fit.cov, shape) - truth_out)
                             bm_err[cat] = max(bm_err.get(cat, 0.0), bm)
+    rows = dict(sorted(rows.items(), key=lambda kv: (not kv[0].startswith("ALL"), kv[0])))
     table = []
     for key, errs in rows.items():
         cat = key.split(" | ")[0]

@@ -1,22 +1,21 @@
-"""Gaussian fit of an ERF map with moment semantics and robustness to a floor.
+"""Gaussian fit of an ERF map with moment semantics and robustness to a floor, noise and cuts.
 
 Three methods, one result type (:class:`GaussianFit`):
 
-* ``"robust"`` (default): floor-corrected windowed moments. If the pixels far outside the
-  plain-moment window hold no pedestal, the plain moments are returned (one pass; where a
-  Gaussian tail runs into the image edge, the variance the edge cut off is restored in
-  proportion to the mass found at the edge). Otherwise
-  start from the half-maximum region and iterate: estimate a constant floor as the clipped mean
-  of the pixels outside the Mahalanobis window ``d^2 <= window^2`` (default ``window = 5``), and
-  take the first and second moments of ``map - floor`` inside that window (the variance the
-  window cuts off a Gaussian is restored in proportion to the mass in its outermost ring). On a
-  clean map the result *is* the exact mean and covariance of the ERF distribution (the closed
-  forms of uniform conv stacks hold to rounding). On real maps a pedestal (noise, tails that
-  never decay) is removed instead of inflating the sigmas.
+* ``"robust"`` (default). On a clean map (the pixels far outside the plain-moment window are
+  zero to rounding) the plain moments are returned, in one pass, exact for Gaussians and
+  compact maps alike; where a Gaussian tail runs into the image edge, the variance the edge
+  cut off is restored per axis in proportion to the mass found at the edge, and a clean map
+  that *is* a Gaussian cut by the edge is refitted as one (the model fit below, taken when
+  it matches the map to rounding). On a map with a pedestal or noise: least squares of
+  ``floor + amplitude * Gaussian`` on the pixels that exist (block means of a box around the
+  ERF, Levenberg-Marquardt from a log-linear start, see :mod:`~erf_callback.fit.gauss_newton`),
+  so a cut by the image edge costs nothing; floor-corrected windowed moments are the fallback
+  for maps where that fit fails.
 * ``"moments"``: plain moments of the whole map, no floor, no window.
-* ``"least_squares"``: a least-squares fit of ``floor + amplitude * Gaussian(mean, cov)``
-  seeded by ``"robust"`` (needs scipy). This is what most tools do; note it does *not* give
-  moment semantics on maps that are not yet Gaussian (shallow stacks).
+* ``"least_squares"``: a least-squares fit of ``floor + amplitude * Gaussian(mean, cov)`` to
+  the whole map with scipy, seeded by ``"robust"`` (needs scipy). This is what most tools do;
+  note it does *not* give moment semantics on maps that are not yet Gaussian (shallow stacks).
 """
 
 from __future__ import annotations
