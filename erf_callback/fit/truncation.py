@@ -27,6 +27,15 @@ def restore_edge_cut(
     maps that stay clear of the edges (compact maps keep their exact moments) and for edges
     holding far more than a Gaussian tail. Cuts that would leave less than 75% of the Gaussian
     visible are not restored: there a tail cannot be told from a flat band.
+
+    Example:
+        >>> import numpy as np
+        >>> a = np.exp(-0.5 * (np.arange(40.0) - 3.0) ** 2 / 9.0)  # sigma 3, cut 1 sd left
+        >>> vis = (a * np.arange(40.0)).sum() / a.sum()
+        >>> var = (a * (np.arange(40.0) - vis) ** 2).sum() / a.sum()
+        >>> mean, cov = restore_edge_cut(a, a.sum(), np.array([vis]), np.array([[var]]))
+        >>> round(float(np.sqrt(cov[0, 0])), 2)
+        3.0
     """
     mean, cov = mean.copy(), cov.copy()
     scale = np.ones(a.ndim)
@@ -64,6 +73,12 @@ def restore_edge_cut(
 
 
 def normal_mass(lo: float, hi: float, mu: float, sd: float) -> float:
+    """Mass of ``N(mu, sd^2)`` in ``[lo, hi]``.
+
+    Example:
+        >>> round(normal_mass(-1.0, 1.0, 0.0, 1.0), 4)
+        0.6827
+    """
     z = 1.0 / (sd * math.sqrt(2.0))
     return 0.5 * (math.erf((hi - mu) * z) - math.erf((lo - mu) * z))
 
@@ -101,11 +116,21 @@ def truncated_variance_factor(d: int, r2: float) -> float:
     """``Var`` of a d-D Gaussian truncated to Mahalanobis radius ``sqrt(r2)`` over ``Var``.
 
     Equals ``P(chi2_{d+2} <= r2) / P(chi2_d <= r2)``; closed forms for d <= 3 avoid scipy.
+
+    Example:
+        >>> round(truncated_variance_factor(1, 1.0), 4)  # a normal cut at +-1 sd
+        0.2911
     """
     return chi2_cdf(d + 2, r2) / chi2_cdf(d, r2)
 
 
 def chi2_cdf(k: int, x: float) -> float:
+    """``P(chi2_k <= x)`` in closed form (any k; used for k <= 5).
+
+    Example:
+        >>> round(chi2_cdf(2, 2.0), 4)  # 1 - exp(-1)
+        0.6321
+    """
     if k % 2 == 0:
         # P(chi2_{2m} <= x) = 1 - exp(-x/2) sum_{i<m} (x/2)^i / i!
         h, term, total = x / 2.0, 1.0, 0.0
