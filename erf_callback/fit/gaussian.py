@@ -1,22 +1,21 @@
-"""Gaussian fit of an ERF map with moment semantics and robustness to a floor.
+"""Gaussian fit of an ERF map with moment semantics and robustness to a floor, noise and cuts.
 
 Three methods, one result type (:class:`GaussianFit`):
 
-* ``"robust"`` (default): floor-corrected windowed moments. If the pixels far outside the
-  plain-moment window hold no pedestal, the plain moments are returned (one pass; where a
-  Gaussian tail runs into the image edge, the variance the edge cut off is restored in
-  proportion to the mass found at the edge). Otherwise
-  start from the half-maximum region and iterate: estimate a constant floor as the clipped mean
-  of the pixels outside the Mahalanobis window ``d^2 <= window^2`` (default ``window = 5``), and
-  take the first and second moments of ``map - floor`` inside that window (the variance the
-  window cuts off a Gaussian is restored in proportion to the mass in its outermost ring). On a
-  clean map the result *is* the exact mean and covariance of the ERF distribution (the closed
-  forms of uniform conv stacks hold to rounding). On real maps a pedestal (noise, tails that
-  never decay) is removed instead of inflating the sigmas.
+* ``"robust"`` (default). On a clean map (the pixels far outside the plain-moment window are
+  zero to rounding) the plain moments are returned, in one pass, exact for Gaussians and
+  compact maps alike; where a Gaussian tail runs into the image edge, the variance the edge
+  cut off is restored per axis in proportion to the mass found at the edge, and a clean map
+  that *is* a Gaussian cut by the edge is refitted as one (the model fit below, taken when
+  it matches the map to rounding). On a map with a pedestal or noise: least squares of
+  ``floor + amplitude * Gaussian`` on the pixels that exist (block means of a box around the
+  ERF, Levenberg-Marquardt from a log-linear start, see :mod:`~erf_callback.fit.gauss_newton`),
+  so a cut by the image edge costs nothing; floor-corrected windowed moments are the fallback
+  for maps where that fit fails.
 * ``"moments"``: plain moments of the whole map, no floor, no window.
-* ``"least_squares"``: a least-squares fit of ``floor + amplitude * Gaussian(mean, cov)``
-  seeded by ``"robust"`` (needs scipy). This is what most tools do; note it does *not* give
-  moment semantics on maps that are not yet Gaussian (shallow stacks).
+* ``"least_squares"``: a least-squares fit of ``floor + amplitude * Gaussian(mean, cov)`` to
+  the whole map with scipy, seeded by ``"robust"`` (needs scipy). This is what most tools do;
+  note it does *not* give moment semantics on maps that are not yet Gaussian (shallow stacks).
 """
 
 from __future__ import annotations
@@ -29,7 +28,10 @@ from typing import Literal
 import numpy as np
 import torch
 
+from erf_callback.fit.gauss_newton import fit_floor_gaussian
 from erf_callback.fit.grid import mahalanobis_sq, open_grid
+from erf_callback.fit.metrics import axis_mass
+from erf_callback.fit.truncation import chi2_cdf, restore_edge_cut, truncated_variance_factor
 from erf_callback.warnings import ERFWarning
 
 __all__ = ["FitMethod", "GaussianFit", "fit_gaussian"]
@@ -48,8 +50,17 @@ _MIN_FLOOR_PIXELS = 8
 _FLOOR_SAMPLE = 32768
 # A far-pixel median at most this fraction of the peak counts as "no pedestal".
 _CLEAN_FLOOR = 1e-6
-# Edge restoration only where the untruncated Gaussian keeps at least this share inside.
-_MIN_VISIBLE = 0.75
+# The clean path tries the model fit when the edge-corrected Gaussian has more than this
+# outside the map, and takes it when the map is that Gaussian to rounding (residual sum of
+# squares over total sum of squares at most _EXACT_RESIDUAL).
+_EDGE_CUT = 1e-8
+_EDGE_CUT_ALIGNED = 1e-5
+_EXACT_RESIDUAL = 1e-12
+# A binned model fit this close to the map (residual / total sum of squares) is refitted on
+# point samples, which are exact.
+_NOISELESS = 1e-8
+# A model fit that puts more than this share of its Gaussian outside the map is not trusted.
+_MAX_OUTSIDE = 0.9
 # Relative change per iteration below which a noise-driven limit cycle is accepted.
 _STALL_TOL = 1e-3
 
@@ -183,16 +194,73 @@ def _fit_robust(
     d = a.ndim
     sample_idx, sample_vals = _subsample(a)
     peak = float(a.max())
-    # Fast exact path: when the pixels far outside the plain-moment window carry no pedestal,
-    # the plain moments are the answer (exact for Gaussians and compact maps alike).
+    # Fast exact path: when the pixels far outside the plain-moment window are zero to
+    # rounding (no pedestal, no noise), the plain moments are the answer (exact for Gaussians
+    # and compact maps alike).
     m0, mean, cov = _moments(a, coords)
     if m0 > 0 and np.all(np.isfinite(cov)):
         d2 = mahalanobis_sq(sample_idx, mean, _inverse(cov, _MIN_WINDOW_VARIANCE))
         far = sample_vals[d2 > window * window]
-        if far.size >= _MIN_FLOOR_PIXELS and abs(float(np.median(far))) <= _CLEAN_FLOOR * peak:
-            mean, cov = _restore_edge_cut(a, m0, mean, cov)
+        # median(|far|) <= level, counted rather than sorted
+        noisy = np.count_nonzero(np.abs(far) > _CLEAN_FLOOR * peak)
+        if far.size >= _MIN_FLOOR_PIXELS and 2 * noisy <= far.size:
+            mean, cov = restore_edge_cut(a, m0, mean, cov)
+            # The edge correction is per axis: exact for axis-aligned Gaussians down to a
+            # deeper cut than for rotated ones.
+            rotated = abs(cov[0, 1]) > 1e-9 * math.sqrt(cov[0, 0] * cov[1, 1]) if d > 1 else False
+            cut = 1.0 - float(np.prod(axis_mass(mean, cov, a.shape)))
+            if cut > (_EDGE_CUT if rotated else _EDGE_CUT_ALIGNED):
+                # The edge cuts the map. If it is a Gaussian (the model fits to rounding), the
+                # model fit on the visible pixels recovers it whole, however deep the cut;
+                # anything else keeps its (edge-corrected) moments.
+                model = fit_floor_gaussian(a, mean, cov, 0.0, peak)
+                if model is not None and model.residual <= _EXACT_RESIDUAL:
+                    return model.mean, model.cov, model.floor, model.converged
             return mean, cov, 0.0, True
 
+    init = _half_max_init(a, coords)
+    if init is None:
+        return None
+    mean, cov = init
+    # A pedestal or noise: least squares of floor + amplitude * Gaussian on the pixels that
+    # exist (so a cut by the image edge costs nothing), seeded by the half-maximum region.
+    floor = _estimate_floor(
+        sample_idx, sample_vals, mean, _inverse(cov, _MIN_WINDOW_VARIANCE), window, peak
+    )
+    model = fit_floor_gaussian(a, mean, cov, floor, max(peak - floor, 1e-300), binned=True)
+    if model is not None and not model.point_samples and model.residual <= _NOISELESS:
+        # Floor + Gaussian with no noise: block means cost ~1e-6 of exactness, point samples
+        # nothing; one more round from here converges in an iteration or two.
+        exact = fit_floor_gaussian(a, model.mean, model.cov, model.floor, model.amplitude)
+        if exact is not None and exact.residual <= model.residual:
+            model = exact
+    if model is not None and _plausible(model.mean, model.cov, a.shape):
+        return model.mean, model.cov, model.floor, model.converged
+    return _windowed_moments(a, coords, sample_idx, sample_vals, window, max_iter, tol)
+
+
+def _plausible(mean: np.ndarray, cov: np.ndarray, shape: tuple[int, ...]) -> bool:
+    """A model fit that describes the map: mostly inside it and no wider than a few maps."""
+    widest = 4.0 * max(shape)
+    return bool(
+        np.all(np.isfinite(cov))
+        and float(np.max(np.diag(cov))) <= widest * widest
+        and float(np.prod(axis_mass(mean, cov, shape))) >= 1.0 - _MAX_OUTSIDE
+    )
+
+
+def _windowed_moments(
+    a: np.ndarray,
+    coords: list[np.ndarray],
+    sample_idx: list[np.ndarray],
+    sample_vals: np.ndarray,
+    window: float,
+    max_iter: int,
+    tol: float,
+) -> tuple[np.ndarray, np.ndarray, float, bool] | None:
+    """Floor-corrected windowed moments: the fallback where the model fit fails."""
+    d = a.ndim
+    peak = float(a.max())
     init = _half_max_init(a, coords)
     if init is None:
         return None
@@ -203,8 +271,8 @@ def _fit_robust(
     # Share of a Gaussian's mass in the outermost unit ring of the window, and the factor by
     # which the window cuts its variance. The cut is corrected in proportion to the mass the
     # ring really holds: fully for Gaussian tails, not at all for compact maps.
-    ring_share = (_chi2_cdf(d, r2) - _chi2_cdf(d, (window - 1) ** 2)) / _chi2_cdf(d, r2)
-    cut = _truncated_variance_factor(d, r2)
+    ring_share = (chi2_cdf(d, r2) - chi2_cdf(d, (window - 1) ** 2)) / chi2_cdf(d, r2)
+    cut = truncated_variance_factor(d, r2)
     ring_r2 = (window - 1) ** 2
     history: list[float] = []
     previous: tuple[np.ndarray, np.ndarray] | None = None
@@ -247,87 +315,6 @@ def _relative_change(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.n
     )
 
 
-def _restore_edge_cut(
-    a: np.ndarray, mass: float, mean: np.ndarray, cov: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Undo the truncation of a Gaussian tail by the image edges, where the map shows one.
-
-    Per axis, the visible mean and variance are taken as those of a truncated normal and
-    untruncated; the mass measured in the two edge slabs is compared with what that Gaussian
-    puts there. Their ratio weights the correction: 1 when they agree, falling to 0 both for
-    maps that stay clear of the edges (compact maps keep their exact moments) and for edges
-    holding far more than a Gaussian tail. Cuts that would leave less than 75% of the Gaussian
-    visible are not restored: there a tail cannot be told from a flat band.
-    """
-    mean, cov = mean.copy(), cov.copy()
-    scale = np.ones(a.ndim)
-    for i, n in enumerate(a.shape):
-        var = cov[i, i]
-        if not var > 0:
-            continue
-        others = tuple(k for k in range(a.ndim) if k != i)
-        marginal = a.sum(axis=others) if others else a
-        measured = float(marginal[0] + marginal[-1])
-        if measured <= 0.0:
-            continue
-        mu = mean[i]
-        lo, hi = -0.5, n - 0.5
-        true_mu, true_var = _untruncate(mu, var, lo, hi)
-        sd = math.sqrt(true_var)
-        inside = _normal_mass(lo, hi, true_mu, sd)
-        if inside < _MIN_VISIBLE:
-            # Cut this hard, a Gaussian tail cannot be told from a flat band (the middle of an
-            # ever wider Gaussian): keep the visible moments; border_mass flags such maps.
-            continue
-        edge = _normal_mass(lo, lo + 1, true_mu, sd) + _normal_mass(hi - 1, hi, true_mu, sd)
-        predicted = mass / inside * edge if inside > 0 else 0.0
-        if not predicted > 1e-12 * mass:
-            continue
-        # 1 where the edges hold what the untruncated Gaussian predicts; back to 0 both for no
-        # edge mass (compact maps) and for far more than a tail (a band or box cut by the edge,
-        # which is not a Gaussian to extrapolate).
-        ratio = measured / predicted
-        weight = ratio if ratio <= 1.0 else max(0.0, 2.0 - ratio)
-        mean[i] += weight * (true_mu - mu)
-        new_var = var + weight * (true_var - var)
-        scale[i] = math.sqrt(new_var / var)
-    return mean, cov * np.outer(scale, scale)
-
-
-def _normal_mass(lo: float, hi: float, mu: float, sd: float) -> float:
-    z = 1.0 / (sd * math.sqrt(2.0))
-    return 0.5 * (math.erf((hi - mu) * z) - math.erf((lo - mu) * z))
-
-
-def _untruncate(mu_obs: float, var_obs: float, lo: float, hi: float) -> tuple[float, float]:
-    """Mean and variance of the normal whose truncation to [lo, hi] has the observed moments.
-
-    Fixed-point iteration on the truncated-normal moment formulas (mild truncation converges
-    in a few steps; a hard cut is left as observed).
-    """
-    mu, var = mu_obs, var_obs
-    for _ in range(50):
-        sd = math.sqrt(var)
-        alpha, beta = (lo - mu) / sd, (hi - mu) / sd
-        z = _normal_mass(lo, hi, mu, sd)
-        if not z > 1e-6:
-            return mu_obs, var_obs
-        pa, pb = _phi(alpha), _phi(beta)
-        shift = (pa - pb) / z
-        ratio = 1.0 + (alpha * pa - beta * pb) / z - shift * shift
-        new_mu = mu_obs - sd * shift
-        new_var = var_obs / ratio if ratio > 0 else var_obs
-        done = abs(new_var - var) <= 1e-14 * var and abs(new_mu - mu) <= 1e-12 * (1 + abs(mu))
-        mu, var = new_mu, new_var
-        if done:
-            break
-    return mu, var
-
-
-def _phi(x: float) -> float:
-    return math.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
-
-
 def _half_max_init(a: np.ndarray, coords: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
     """Mean and covariance from the region above half maximum.
 
@@ -345,32 +332,6 @@ def _half_max_init(a: np.ndarray, coords: list[np.ndarray]) -> tuple[np.ndarray,
     _, mean, cov = _moments(mask, coords)
     cov = cov * (a.ndim + 2) / (2.0 * math.log(2.0))
     return mean, cov + np.eye(a.ndim) * _MIN_WINDOW_VARIANCE
-
-
-def _truncated_variance_factor(d: int, r2: float) -> float:
-    """``Var`` of a d-D Gaussian truncated to Mahalanobis radius ``sqrt(r2)`` over ``Var``.
-
-    Equals ``P(chi2_{d+2} <= r2) / P(chi2_d <= r2)``; closed forms for d <= 3 avoid scipy.
-    """
-    return _chi2_cdf(d + 2, r2) / _chi2_cdf(d, r2)
-
-
-def _chi2_cdf(k: int, x: float) -> float:
-    if k % 2 == 0:
-        # P(chi2_{2m} <= x) = 1 - exp(-x/2) sum_{i<m} (x/2)^i / i!
-        h, term, total = x / 2.0, 1.0, 0.0
-        for i in range(k // 2):
-            if i:
-                term *= h / i
-            total += term
-        return 1.0 - math.exp(-h) * total
-    # odd k: erf term plus the series sqrt(2x/pi) exp(-x/2) sum x^i / (1*3*...*(2i+1))
-    s, term, total = math.sqrt(x), 1.0, 0.0
-    for i in range((k - 1) // 2):
-        if i:
-            term *= x / (2 * i + 1)
-        total += term
-    return math.erf(s / math.sqrt(2.0)) - math.sqrt(2.0 / math.pi) * s * math.exp(-x / 2) * total
 
 
 def _subsample(a: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
@@ -550,12 +511,19 @@ def _finish(
     box = _window_box(a.shape, mean, cov, 8.0)
     box_coords = [c[s] for c, s in zip(coords, box, strict=True)]
     g = np.exp(-0.5 * mahalanobis_sq(box_coords, mean, prec))
+    g = np.broadcast_to(g, a[box].shape)
     resid_in = a[box] - floor
-    gg = float(np.sum(g * g))
-    amplitude = float(np.sum(resid_in * g)) / gg if gg > 0 else float("nan")
-    total_ss = float(np.sum((a - a.mean()) ** 2))
-    outside_ss = float(np.sum((a - floor) ** 2)) - float(np.sum(resid_in**2))
-    inside_ss = float(np.sum((resid_in - amplitude * g) ** 2)) if gg > 0 else float("nan")
+    # Sums of squares from a few dot products (no full-size temporaries):
+    # sum (r - A g)^2 = sum r^2 - 2 A sum r g + A^2 sum g^2 inside the box; outside it the
+    # model is the floor alone.
+    gg, rg, rr_in = _dot(g, g), _dot(resid_in, g), _dot(resid_in, resid_in)
+    amplitude = rg / gg if gg > 0 else float("nan")
+    flat = a.reshape(-1)
+    total, total_sq, n = float(flat.sum()), _dot(flat, flat), flat.size
+    total_ss = max(total_sq - total * total / n, 0.0)
+    all_ss = total_sq - 2.0 * floor * total + n * floor * floor
+    outside_ss = all_ss - rr_in
+    inside_ss = rr_in - 2.0 * amplitude * rg + amplitude * amplitude * gg if gg > 0 else 0.0
     residual_ss = max(inside_ss + outside_ss, 0.0)
     r2 = 1.0 - residual_ss / total_ss if total_ss > 0 else float("nan")
     return GaussianFit(
@@ -568,6 +536,15 @@ def _finish(
         converged=converged,
         message=message,
     )
+
+
+def _dot(x: np.ndarray, y: np.ndarray) -> float:
+    """``sum(x * y)`` in one single-threaded pass: BLAS ``dot`` spawns threads above ~10k
+    elements, which costs milliseconds on a busy machine for microseconds of work."""
+    return float(np.einsum(_EINSUM_DOT[x.ndim], x, y))
+
+
+_EINSUM_DOT = {1: "i,i->", 2: "ij,ij->", 3: "ijk,ijk->"}
 
 
 def _failed(d: int, method: str, why: str) -> GaussianFit:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from erf_callback.fit.grid import distance_sq
 
@@ -18,6 +19,7 @@ __all__ = [
     "DEFAULT_AREA_THRESHOLDS",
     "MetricConfig",
     "area_ratio",
+    "axis_mass",
     "border_mass",
     "energy_radius",
     "radius_from_sigmas",
@@ -150,27 +152,107 @@ def area_ratio(
 def border_mass(mean: np.ndarray, cov: np.ndarray, shape: Sequence[int]) -> float:
     """Fraction of the fitted Gaussian's mass that lies outside the input.
 
-    Per axis the marginal mass inside ``[-0.5, n - 0.5]`` (pixel edges) is exact; the product
-    over axes is exact for axis-aligned Gaussians and a close approximation for rotated ones.
-    A value above ~1% means the image edge cuts the ERF, so every size metric depends on the
-    input size: probe with a larger input.
+    The input is the box of pixel edges ``[-0.5, n_i - 0.5]`` along every axis. The mass
+    inside is integrated exactly for rotated Gaussians too: along the first axis by
+    Gauss-Legendre quadrature of the marginal density times the conditional mass of the other
+    axes inside the box (a conditional of a Gaussian is a Gaussian, so this recurses down to a
+    normal CDF difference in 1-D). Accurate to ~1e-9 absolute, far below any use of it. A value
+    above ~1% means the image edge cuts the ERF, so every size metric depends on the input
+    size: probe with a larger input.
 
     Example:
         >>> import numpy as np
         >>> round(border_mass(np.array([0.0]), np.array([[4.0]]), [64]), 3)  # centred on pixel 0
         0.401
+        >>> cov = np.array([[9.0, 8.0], [8.0, 9.0]])  # rotated, cut at the corner
+        >>> round(border_mass(np.array([2.0, 2.0]), cov, (64, 64)), 3)
+        0.255
     """
-    inside = 1.0
-    for mu, var, n in zip(mean, np.diag(cov), shape, strict=True):
-        if not math.isfinite(mu) or not math.isfinite(var):
-            return float("nan")
-        sd = math.sqrt(max(var, 0.0))
+    mean = np.asarray(mean, dtype=np.float64).reshape(-1)
+    d = len(mean)
+    cov = np.asarray(cov, dtype=np.float64).reshape(d, d)
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(cov))):
+        return float("nan")
+    lo = np.full(d, -0.5)
+    hi = np.asarray(shape, dtype=np.float64) - 0.5
+    # Union bound: the mass outside the box is at most the sum of the per-axis masses outside
+    # the axis' range. When that is negligible, so is the answer (no quadrature needed).
+    bound = sum(1.0 - axis_mass(mean, cov, shape))
+    if bound < 1e-12:
+        return max(bound, 0.0)
+    inside = _box_mass(mean, (cov + cov.T) / 2, lo, hi)
+    return float(min(max(1.0 - inside, 0.0), 1.0))
+
+
+def axis_mass(mean: np.ndarray, cov: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Per axis, the marginal mass of ``N(mean, cov)`` inside ``[-0.5, n - 0.5]``.
+
+    Their product is the mass inside the map for an axis-aligned Gaussian (an approximation
+    for rotated ones; :func:`border_mass` is exact).
+
+    Example:
+        >>> axis_mass(np.array([-0.5, 10.0]), np.eye(2), (20, 21)).round(6).tolist()
+        [0.5, 1.0]
+    """
+    out = np.empty(len(mean))
+    for i, (mu, var, n) in enumerate(zip(mean, np.diag(cov), shape, strict=True)):
+        sd = math.sqrt(max(float(var), 0.0))
         if sd == 0.0:
-            inside *= 1.0 if -0.5 <= mu <= n - 0.5 else 0.0
-            continue
-        z = 1.0 / (sd * math.sqrt(2.0))
-        inside *= 0.5 * (math.erf((n - 0.5 - mu) * z) - math.erf((-0.5 - mu) * z))
-    return max(0.0, 1.0 - inside)
+            out[i] = 1.0 if -0.5 <= mu <= n - 0.5 else 0.0
+        else:
+            out[i] = _normal_cdf_diff(-0.5, n - 0.5, float(mu), sd)
+    return out
+
+
+# Gauss-Legendre nodes on [-1, 1] for the box-mass quadrature. The integrand is a normal
+# density (on at most +-_Z_MAX sd) times a smooth conditional CDF difference.
+_GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(96)
+_Z_MAX = 9.0
+
+
+def _box_mass(mean: np.ndarray, cov: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> float:
+    """Mass of ``N(mean, cov)`` inside the box ``[lo, hi]`` (recursion over the axes)."""
+    var = float(cov[0, 0])
+    if len(mean) == 1 or not var > 0:
+        if not var > 0:
+            if not lo[0] <= mean[0] <= hi[0]:
+                return 0.0
+            if len(mean) == 1:
+                return 1.0
+            # A degenerate first axis pins x_0 at its mean; only the other axes are integrated.
+            return _box_mass(mean[1:], cov[1:, 1:], lo[1:], hi[1:])
+        return _normal_cdf_diff(lo[0], hi[0], float(mean[0]), math.sqrt(var))
+    sd = math.sqrt(var)
+    za = max((lo[0] - mean[0]) / sd, -_Z_MAX)
+    zb = min((hi[0] - mean[0]) / sd, _Z_MAX)
+    if not zb > za:
+        return 0.0
+    z = 0.5 * (zb - za) * _GL_NODES + 0.5 * (zb + za)
+    w = 0.5 * (zb - za) * _GL_WEIGHTS * np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    # Conditional of the remaining axes given x_0 = mean_0 + sd z.
+    gain = cov[1:, 0] / var
+    cond_cov = cov[1:, 1:] - np.outer(gain, cov[0, 1:])
+    if len(mean) == 2:
+        cond_sd = math.sqrt(max(float(cond_cov[0, 0]), 0.0))
+        mu = mean[1] + gain[0] * sd * z
+        if cond_sd == 0.0:
+            part = ((mu >= lo[1]) & (mu <= hi[1])).astype(np.float64)
+        else:
+            k = 1.0 / (cond_sd * math.sqrt(2.0))
+            part = 0.5 * (_erf((hi[1] - mu) * k) - _erf((lo[1] - mu) * k))
+        return float(np.sum(w * part))
+    parts = [_box_mass(mean[1:] + gain * sd * zi, cond_cov, lo[1:], hi[1:]) for zi in z]
+    return float(np.sum(w * np.asarray(parts)))
+
+
+def _normal_cdf_diff(lo: float, hi: float, mu: float, sd: float) -> float:
+    k = 1.0 / (sd * math.sqrt(2.0))
+    return 0.5 * (math.erf((hi - mu) * k) - math.erf((lo - mu) * k))
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    # numpy has no erf; torch's is vectorised (math.erf per node costs 30x more).
+    return torch.special.erf(torch.from_numpy(x)).numpy()
 
 
 def radius_from_sigmas(sigmas: Sequence[float], factor: float = 2.0) -> float:

@@ -1,0 +1,416 @@
+"""Levenberg-Marquardt fit of ``floor + amplitude * Gaussian`` on a strided window of a map.
+
+The model is written as ``floor + exp(eta(x))`` with ``eta`` a quadratic polynomial in the
+pixel coordinates: ``eta = c0 + sum_i c_i x_i + sum_{i<=j} c_ij x_i x_j``. The model is linear
+in the polynomial's coefficients inside the exponential, so the Jacobian is
+``[1, g * features]`` with a feature matrix fixed once per window (``g = exp(eta)``): each
+iteration costs one mat-vec, one ``exp`` and one small ``J^T J``. The Gaussian's mean,
+covariance and amplitude follow from the coefficients in closed form.
+
+Only the pixels of a box around the current estimate (``±box`` sigma, clipped to the map) are
+used, taken with a stride that keeps at most about ``points`` of them. Point samples of a
+Gaussian are still point samples of that Gaussian, so the stride costs statistical efficiency
+(noise), never exactness: a clean Gaussian is recovered to rounding, however the image edge
+cuts it, because the model fits only the pixels that exist.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["GaussianModelFit", "fit_floor_gaussian"]
+
+# Box half-width in sigmas: a Gaussian is below exp(-12.5) ~ 4e-6 of its peak there, and the
+# box holds ~100 sigma^2 of pixels per ~6 sigma^2 of Gaussian, enough to pin the floor.
+_BOX_SIGMAS = 5.0
+# Pixels per fit: about this many (strided); more adds time, not accuracy, on smooth ERFs.
+_POINTS = 6400
+# Blocks per binned fit: block means lose almost nothing while a block is small against the
+# Gaussian (here at most ~sigma / 4: the model error is ~(1/4)^4 / 120 = 3e-5 of the
+# variance), and the fit costs a quarter of the full-density one.
+_BLOCKS = 1600
+# Rounds of box growth (one for a good seed; a narrow seed needs two).
+_ROUNDS = 3
+# The log-linear start uses the pixels above this fraction of the peak.
+_LOG_LEVEL = 0.1
+_MAX_ITER = 60
+# Relative cost change and step size below which the iteration has converged.
+_TOL = 1e-12
+
+
+@dataclass(frozen=True)
+class GaussianModelFit:
+    """Result of :func:`fit_floor_gaussian` (pixel coordinates in the map's axis order)."""
+
+    mean: np.ndarray
+    cov: np.ndarray
+    floor: float
+    amplitude: float
+    converged: bool
+    residual: float  # residual sum of squares over total sum of squares, on the fitted pixels
+    point_samples: bool = True  # fitted on single pixels (exact model), not block means
+
+
+def fit_floor_gaussian(
+    a: np.ndarray,
+    mean: np.ndarray,
+    cov: np.ndarray,
+    floor: float,
+    amplitude: float,
+    *,
+    fit_floor: bool = True,
+    points: int | None = None,
+    binned: bool = False,
+) -> GaussianModelFit | None:
+    """Least-squares ``floor + amplitude * exp(-(x - mean)^T cov^-1 (x - mean) / 2)``.
+
+    Args:
+        a: the map (float64, 1-3 axes).
+        mean, cov, floor, amplitude: the starting point (e.g. robust moments).
+        fit_floor: fit the floor (else it stays at ``floor``).
+        points: about how many pixels (strided) or blocks (binned) one fit uses.
+        binned: average ``s x s`` blocks instead of taking every ``s``-th pixel. Blocks keep
+            all the data (noise averages out as on the full map) at the price of a model
+            that is exact only to ~(s / sigma)^4 / 120 (the block mean of a Gaussian is the
+            Gaussian widened by (s^2 - 1) / 12, which is removed, plus a tiny kurtosis):
+            the choice for noisy maps; point samples (the default) for exactness.
+
+    Returns:
+        The fit, or ``None`` when the iteration cannot produce a Gaussian (the quadratic
+        never becomes negative definite, or non-finite values).
+
+    Example:
+        >>> y, x = np.mgrid[:40, :40]
+        >>> g = 0.1 + 2.0 * np.exp(-((y - 3.0) ** 2 / 18 + (x - 20.0) ** 2 / 50))
+        >>> fit = fit_floor_gaussian(g, np.array([6.0, 19.0]), np.diag([4.0, 20.0]), 0.0, 1.0)
+        >>> np.round(np.sqrt(np.diag(fit.cov)), 6).tolist(), round(fit.floor, 6)
+        ([3.0, 5.0], 0.1)
+    """
+    d = a.ndim
+    if points is None:
+        points = _BLOCKS if binned else _POINTS
+    scale = max(abs(amplitude), float(np.max(np.abs(a))), 1e-300)
+    result: GaussianModelFit | None = None
+    used: tuple[slice, ...] | None = None
+    # Rounds while the box grows: a seed narrowed by a cut or by noise gives a box too small
+    # for the Gaussian the fit finds; the next round refits on the box of that Gaussian.
+    for _ in range(_ROUNDS):
+        box = _box(a.shape, mean, cov, points)
+        if used is not None and _covers(used, box):
+            break
+        used = box
+        if binned:
+            coords, values = _blocks(a, box)
+        else:
+            coords = [np.arange(s.start, s.stop, s.step, dtype=np.float64) for s in box]
+            values = a[box]
+        centre = np.array([(c[0] + c[-1]) / 2 for c in coords])
+        half = np.array([max((c[-1] - c[0]) / 2, 1.0) for c in coords])
+        grid = _Grid([(c - m) / h for c, m, h in zip(coords, centre, half, strict=True)])
+        target = values / scale
+        c0 = _log_linear(grid, target, floor / scale)
+        if c0 is None or _gaussian(c0, d) is None:
+            c0 = _coefficients(
+                (mean - centre) / half, cov / np.outer(half, half), amplitude / scale
+            )
+        if c0 is None:
+            return result
+        solved = _levenberg_marquardt(grid, target, floor / scale, c0, fit_floor, _TOL)
+        if solved is None:
+            return result
+        b, coef, converged, rss = solved
+        gauss = _gaussian(coef, d)
+        if gauss is None:
+            return result
+        mu_n, cov_n, amp_n = gauss
+        mean = centre + half * mu_n
+        cov_w = cov_n * np.outer(half, half)
+        # Block means see the Gaussian widened by the block's own variance: take it off.
+        cov = cov_w - np.diag([(sl.step**2 - 1) / 12.0 if binned else 0.0 for sl in box])
+        if binned and not np.all(np.linalg.eigvalsh(cov) > 0):
+            return result
+        peak = math.sqrt(np.linalg.det(cov_w) / np.linalg.det(cov)) if binned else 1.0
+        floor, amplitude = float(b * scale), float(amp_n * scale * peak)
+        tss = float(np.sum((target - target.mean()) ** 2))
+        result = GaussianModelFit(
+            mean,
+            cov,
+            floor,
+            amplitude,
+            converged,
+            rss / tss if tss else 0.0,
+            not binned or all(sl.step == 1 for sl in box),
+        )
+    return result
+
+
+def _blocks(a: np.ndarray, box: tuple[slice, ...]) -> tuple[list[np.ndarray], np.ndarray]:
+    """Block means of ``a`` over ``box`` (blocks of ``step`` pixels per axis; a ragged end is
+    dropped) and the coordinates of the block centres."""
+    whole = tuple(slice(b.start, b.start + (b.stop - b.start) // b.step * b.step) for b in box)
+    sub = a[whole]
+    shape: list[int] = []
+    for b, n in zip(box, sub.shape, strict=True):
+        shape += [n // b.step, b.step]
+    values = sub.reshape(shape).mean(axis=tuple(range(1, 2 * a.ndim, 2)))
+    coords = [
+        b.start + (b.step - 1) / 2.0 + b.step * np.arange(n, dtype=np.float64)
+        for b, n in zip(box, values.shape, strict=True)
+    ]
+    return coords, values
+
+
+def _log_linear(grid: _Grid, target: np.ndarray, floor: float) -> np.ndarray | None:
+    """Coefficients from weighted least squares of ``log(map - floor)`` on the monomials.
+
+    Over the pixels above a tenth of the peak (where noise barely moves the logarithm), with
+    weights ``(map - floor)^2`` (Caruana's estimator): one linear solve, exact on a clean
+    Gaussian however it is cut, and a start one or two iterations from the optimum otherwise.
+    """
+    v = target - floor
+    top = float(v.max())
+    if not top > 0:
+        return None
+    used = v > _LOG_LEVEL * top
+    w = np.where(used, v * v, 0.0)
+    lv = np.log(np.where(used, v, 1.0))
+    m = grid.moments(np.stack([w, w * lv]))
+    coef = _solve_spd(m[0][grid.pair_index], m[1][grid.single_index])
+    return coef if coef is not None and np.all(np.isfinite(coef)) else None
+
+
+def _solve_spd(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
+    """Solve ``a x = b`` for a small symmetric positive definite ``a`` (Cholesky, in Python).
+
+    None when ``a`` is not positive definite. For the 4-10 unknowns here plain Python beats
+    ``numpy.linalg.solve``, whose per-call overhead (array checks, an ``errstate``) dominates.
+    """
+    n = len(b)
+    m = a.tolist()
+    low = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        row = low[i]
+        for j in range(i + 1):
+            other = low[j]
+            acc = m[i][j] - sum(row[k] * other[k] for k in range(j))
+            if i == j:
+                if not acc > 0.0:
+                    return None
+                row[i] = math.sqrt(acc)
+            else:
+                row[j] = acc / other[j]
+    y = [0.0] * n
+    rhs = b.tolist()
+    for i in range(n):
+        y[i] = (rhs[i] - sum(low[i][k] * y[k] for k in range(i))) / low[i][i]
+    x = [0.0] * n
+    for i in reversed(range(n)):
+        x[i] = (y[i] - sum(low[k][i] * x[k] for k in range(i + 1, n))) / low[i][i]
+    return np.array(x)
+
+
+def _box(
+    shape: tuple[int, ...], mean: np.ndarray, cov: np.ndarray, points: int
+) -> tuple[slice, ...]:
+    d = len(shape)
+    if math.prod(shape) <= points:
+        return tuple(slice(0, n, 1) for n in shape)
+    half = _BOX_SIGMAS * np.sqrt(np.clip(np.diag(cov), 0.25, None))
+    per_axis = points ** (1.0 / d)
+    out = []
+    for m, h, n in zip(mean.tolist(), half.tolist(), shape, strict=True):
+        lo = min(max(math.floor(m - h), 0), n - 1)
+        hi = min(max(math.ceil(m + h) + 1, lo + 1), n)
+        step = max(1, math.ceil((hi - lo) / per_axis))
+        out.append(slice(lo, hi, step))
+    return tuple(out)
+
+
+def _covers(used: tuple[slice, ...], box: tuple[slice, ...]) -> bool:
+    """Whether the box already fitted on spans (nearly) all of the box the fit now asks for."""
+    for u, b in zip(used, box, strict=True):
+        slack = 0.1 * (b.stop - b.start)
+        if u.start > b.start + slack or u.stop < b.stop - slack:
+            return False
+    return True
+
+
+def _pairs(d: int) -> list[tuple[int, int]]:
+    return [(i, j) for i in range(d) for j in range(i, d)]
+
+
+class _Grid:
+    """The open grid of a strided box and what the fit needs of it.
+
+    The monomials ``1, u_i, u_i u_j (i <= j)`` are never stored as N x k columns: sums of
+    ``w * monomial * monomial`` are moments of ``w`` up to order 4, read off one tensor
+    ``sum_x w(x) prod_i u_i^p_i`` (``p_i <= 4``) built by contracting one axis at a time with
+    a small power table. That makes ``J^T J`` a few passes over the box instead of ``N k^2``.
+    """
+
+    def __init__(self, u: list[np.ndarray]) -> None:
+        d = len(u)
+        self.d = d
+        self.shape = tuple(len(v) for v in u)
+        self.size = math.prod(self.shape)
+        self.axes = [v.reshape([-1 if k == i else 1 for k in range(d)]) for i, v in enumerate(u)]
+        self.powers = [np.vander(v, 5, increasing=True) for v in u]
+        self.exps: list[tuple[int, ...]] = [(0,) * d]
+        self.exps += [tuple(int(k == i) for k in range(d)) for i in range(d)]
+        self.exps += [tuple(int(k == i) + int(k == j) for k in range(d)) for i, j in _pairs(d)]
+        e = np.array(self.exps)
+        # Index of monomial a times monomial b in the order-4 moment tensor, and of a alone.
+        self.pair_index = tuple((e[:, None, i] + e[None, :, i]) for i in range(d))
+        self.single_index = tuple(e[:, i] for i in range(d))
+
+    def eta(self, c: np.ndarray) -> np.ndarray:
+        """``c . monomials`` at every grid point."""
+        d, u = self.d, self.axes
+        if d == 2:
+            # c0 + c1 y + c3 y^2 + x (c2 + c4 y) + c5 x^2, in three passes over the grid.
+            y, x = u[0], u[1]
+            return (c[0] + y * (c[1] + c[3] * y)) + x * (c[2] + c[4] * y + c[5] * x)
+        out = c[0] + sum(c[1 + i] * u[i] for i in range(d))
+        for k, (i, j) in enumerate(_pairs(d)):
+            out = out + c[1 + d + k] * (u[i] * u[j])
+        return np.broadcast_to(out, self.shape)
+
+    def moments(self, w: np.ndarray) -> np.ndarray:
+        """``sum_x w[b](x) prod_i u_i^p_i`` for each leading index b and ``p_i <= 4``."""
+        p = self.powers
+        if self.d == 1:
+            return w @ p[0]
+        if self.d == 2:
+            return p[0].T @ w @ p[1]
+        return np.einsum("bzyx,zi,yj,xk->bijk", w, *p, optimize=True)
+
+    def normal_equations(
+        self, g: np.ndarray, r: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``sum g^2 m_a m_b``, ``sum r g m_a`` and ``sum g m_a`` over the monomials ``m``."""
+        m = self.moments(np.stack([g * g, r * g, g]))
+        return m[0][self.pair_index], m[1][self.single_index], m[2][self.single_index]
+
+
+def _coefficients(mean: np.ndarray, cov: np.ndarray, amplitude: float) -> np.ndarray | None:
+    """Polynomial coefficients of ``log(amplitude) - (x - mean)^T cov^-1 (x - mean) / 2``."""
+    d = len(mean)
+    try:
+        prec = np.linalg.inv(cov)
+    except np.linalg.LinAlgError:
+        return None
+    if not amplitude > 0 or not np.all(np.isfinite(prec)):
+        return None
+    lin = prec @ mean
+    c0 = math.log(amplitude) - 0.5 * float(mean @ lin)
+    quad = [-0.5 * prec[i, i] if i == j else -prec[i, j] for i, j in _pairs(d)]
+    return np.concatenate([[c0], lin, quad])
+
+
+def _gaussian(coef: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """Mean, covariance and peak from the coefficients, or None if not a Gaussian bump."""
+    prec = np.empty((d, d))
+    for k, (i, j) in enumerate(_pairs(d)):
+        v = coef[1 + d + k]
+        if i == j:
+            prec[i, i] = -2.0 * v
+        else:
+            prec[i, j] = prec[j, i] = -v
+    if d == 2:
+        # Closed form (numpy.linalg costs more in call overhead than the algebra here).
+        det = prec[0, 0] * prec[1, 1] - prec[0, 1] * prec[0, 1]
+        if not (prec[0, 0] > 0 and det > 0):
+            return None
+        cov = np.array([[prec[1, 1], -prec[0, 1]], [-prec[0, 1], prec[0, 0]]]) / det
+    else:
+        try:
+            np.linalg.cholesky(prec)
+        except np.linalg.LinAlgError:
+            return None
+        cov = np.linalg.inv(prec)
+    mean = cov @ coef[1 : 1 + d]
+    log_amp = coef[0] + 0.5 * float(mean @ coef[1 : 1 + d])
+    if not (np.all(np.isfinite(cov)) and np.all(np.isfinite(mean)) and log_amp < 700):
+        return None
+    return mean, cov, math.exp(log_amp)
+
+
+def _levenberg_marquardt(
+    grid: _Grid,
+    target: np.ndarray,
+    b: float,
+    coef: np.ndarray,
+    fit_floor: bool,
+    tol: float,
+) -> tuple[float, np.ndarray, bool, float] | None:
+    dot = ",".join(["abc"[: target.ndim]] * 2) + "->"
+
+    def evaluate(b_: float, c_: np.ndarray) -> tuple[np.ndarray, np.ndarray, float] | None:
+        # exp(700) is finite: a wild trial step gives a huge cost and is rejected, without
+        # overflow warnings (and without np.errstate, which costs more than the exp here).
+        g = np.exp(np.minimum(grid.eta(c_), 700.0))
+        r = target - g
+        r -= b_
+        cost = float(np.einsum(dot, r, r))  # not BLAS: see gaussian._dot
+        return (g, r, cost) if math.isfinite(cost) else None
+
+    return _iterate(grid, evaluate, b, coef, fit_floor, tol)
+
+
+def _iterate(
+    grid: _Grid,
+    evaluate: Callable[[float, np.ndarray], tuple[np.ndarray, np.ndarray, float] | None],
+    b: float,
+    coef: np.ndarray,
+    fit_floor: bool,
+    tol: float,
+) -> tuple[float, np.ndarray, bool, float] | None:
+    k = len(coef)
+    off = 1 if fit_floor else 0
+
+    state = evaluate(b, coef)
+    if state is None:
+        return None
+    g, r, cost = state
+    lam = 1e-3
+    normal = np.empty((k + off, k + off))
+    for _ in range(_MAX_ITER):
+        normal[off:, off:], grad_g, col = grid.normal_equations(g, r)
+        if fit_floor:
+            normal[0, 1:] = normal[1:, 0] = col
+            normal[0, 0] = float(grid.size)
+            grad = np.concatenate([[float(r.sum())], grad_g])
+        else:
+            grad = grad_g
+        scale = np.diag(normal).copy()
+        scale[scale <= 0] = 1.0
+        damping = np.diag(scale)
+        for _ in range(20):
+            step = _solve_spd(normal + lam * damping, grad)
+            if step is None:
+                lam *= 10.0
+                continue
+            nb, nc = (b + step[0], coef + step[1:]) if fit_floor else (b, coef + step)
+            trial = evaluate(nb, nc)
+            if trial is not None and trial[2] <= cost:
+                break
+            if trial is not None and trial[2] <= cost * (1.0 + 1e-9) and lam <= 1e-2:
+                # A nearly undamped step that cannot lower the cost: at the minimum to
+                # rounding (the usual way a fit on noisy data ends; no need to damp further).
+                return b, coef, True, cost
+            lam *= 10.0
+        else:
+            # No step lowers the cost: a minimum to within rounding.
+            return b, coef, True, cost
+        params = np.append(b, coef) if fit_floor else coef
+        small = float(np.max(np.abs(step) / (np.abs(params) + 1e-3)))
+        drop = cost - trial[2]
+        b, coef, (g, r, cost) = nb, nc, trial
+        lam = max(lam / 10.0, 1e-12)
+        if drop <= tol * max(cost, 1e-300) or small < 100 * tol:
+            return b, coef, True, cost
+    return b, coef, False, cost
