@@ -3,12 +3,12 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test lint format bench docs doc-images clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,bench]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,bench,docs]"
 	touch $@
 
 demo: $(VENV)/.installed
@@ -30,5 +30,14 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_fit.py
 	$(PY) benchmarks/bench_callback.py
 
+# The documentation site, into site/ (ignored); --strict turns every warning (a broken link,
+# a missing page, an unresolved API reference) into a failure.
+docs: $(VENV)/.installed
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
+# Regenerate the pictures in docs/images/ (a few minutes): they are committed.
+doc-images: $(VENV)/.installed
+	$(PY) scripts/make_doc_images.py
+
 clean:
-	rm -rf $(VENV) lightning_logs .pytest_cache
+	rm -rf $(VENV) lightning_logs .pytest_cache site

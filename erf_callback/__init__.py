@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from erf_callback.engine import ERFMap, ProbeConfig, compute_erf, tokens_to_grid
 from erf_callback.fit import GaussianFit, MetricConfig, fit_gaussian
+from erf_callback.tracker import ERFTracker
 from erf_callback.trf import AxisRF, RFGeometry
 from erf_callback.warnings import ERFWarning
 
@@ -30,6 +31,7 @@ __all__ = [
     "AxisRF",
     "ERFMap",
     "ERFMonitor",
+    "ERFTracker",
     "ERFWarning",
     "GaussianFit",
     "MetricConfig",

@@ -1,0 +1,8 @@
+"""``python -m erf_callback``: the same as the ``erf-callback`` command."""
+
+import sys
+
+from erf_callback.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""``erf-callback report``: one page (PNG and HTML) from a run's history or TensorBoard logs.
+
+The page shows the ERF radius against the step for every layer, each layer's evolution grid
+(init -> end) and a table of the final metrics.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from erf_callback.cli.errors import CLIError
+
+__all__ = ["TABLE_METRICS", "Run", "find_run", "read_history", "read_tensorboard", "write_report"]
+
+#: Columns of the report's table (the HTML page has every metric).
+TABLE_METRICS = (
+    "radius",
+    "radius_growth",
+    "erf_trf_ratio",
+    "gaussian_r2",
+    "area_ratio@0.5",
+    "map_correlation",
+    "border_mass",
+)
+
+
+@dataclass
+class Run:
+    """What a report needs: records, and per layer the maps or a finished evolution image."""
+
+    source: str
+    records: list[dict[str, Any]] = field(default_factory=list)
+    maps: dict[str, list[tuple[int, np.ndarray]]] = field(default_factory=dict)
+    evolution: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[str]:
+        return list(dict.fromkeys(r["layer"] for r in self.records))
+
+    def final(self, layer: str) -> dict[str, Any] | None:
+        ok = [r for r in self.records if r["layer"] == layer and r.get("status", "ok") == "ok"]
+        return ok[-1] if ok else None
+
+
+def find_run(path: str, tag_prefix: str = "erf") -> Run:
+    """Read a history ``.json``/``.csv`` file, or search a folder for one (else TB events)."""
+    p = Path(path)
+    if not p.exists():
+        raise CLIError(
+            f"no file or folder {path!r}",
+            "pass a run's erf_history.json, erf_history.csv, or its log folder",
+        )
+    if p.is_file():
+        if p.suffix in (".json", ".csv"):
+            return read_history(p)
+        if p.name.startswith("events.out.tfevents"):
+            return read_tensorboard(p.parent, tag_prefix)
+        raise CLIError(
+            f"{path!r} is neither a history file (.json/.csv) nor a TensorBoard event file",
+            "pass erf_history.json or the run's log folder",
+        )
+    histories = sorted(p.rglob("erf_history*.json"), key=lambda f: f.stat().st_mtime)
+    if histories:
+        return read_history(histories[-1])
+    events = sorted(p.rglob("events.out.tfevents.*"), key=lambda f: f.stat().st_mtime)
+    if events:
+        return read_tensorboard(events[-1].parent, tag_prefix)
+    raise CLIError(
+        f"no erf_history.json and no TensorBoard event files under {path!r}",
+        "pass the log folder of a run that used ERFMonitor or ERFTracker",
+    )
+
+
+def read_history(path: Path) -> Run:
+    """A run from the ``erf_history.json`` (records and maps) or ``.csv`` (records) file."""
+    run = Run(source=str(path))
+    try:
+        if path.suffix == ".json":
+            with open(path) as f:
+                data = json.load(f)
+            if not isinstance(data, dict) or "records" not in data:
+                raise CLIError(
+                    f"{str(path)!r} is JSON but not an erf-callback history (no 'records')",
+                    "pass the erf_history.json that ERFMonitor or ERFTracker wrote",
+                )
+            run.records = [_numbers(r) for r in data["records"]]
+            for layer, entries in data.get("maps", {}).items():
+                run.maps[layer] = [(int(e["step"]), np.asarray(e["map"])) for e in entries]
+        else:
+            with open(path, newline="") as f:
+                run.records = [_numbers(r) for r in csv.DictReader(f)]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CLIError(
+            f"cannot read history {str(path)!r} ({type(err).__name__}: {err})",
+            "pass an erf_history.json/.csv written by erf-callback",
+        ) from err
+    if not run.records or "layer" not in run.records[0]:
+        raise CLIError(
+            f"{str(path)!r} has no probe records", "pass the history of a run that probed"
+        )
+    return run
+
+
+def _numbers(record: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in record.items():
+        if k in ("layer", "status"):
+            out[k] = v
+        elif v is None or v == "":
+            out[k] = math.nan
+        else:
+            try:
+                out[k] = float(v)
+            except (TypeError, ValueError):
+                out[k] = v
+    return out
+
+
+def read_tensorboard(log_dir: Path, tag_prefix: str = "erf") -> Run:
+    """A run from TensorBoard event files: ``<prefix>/<layer>/<metric>`` scalars, evolution."""
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    pattern = re.compile(rf"^{re.escape(tag_prefix)}/(.+)/([^/]+)$")
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    for tag in tags.get("scalars", []):
+        match = pattern.match(tag)
+        if not match:
+            continue
+        layer, metric = match.groups()
+        for event in acc.Scalars(tag):
+            row = rows.setdefault(
+                (layer, event.step), {"step": float(event.step), "layer": layer, "status": "ok"}
+            )
+            row[metric] = float(event.value)
+    if not rows:
+        raise CLIError(
+            f"the TensorBoard logs in {str(log_dir)!r} have no {tag_prefix}/<layer>/<metric> "
+            "scalars",
+            "pass the log folder of a run that used ERFMonitor or ERFTracker (or --tag-prefix)",
+        )
+    run = Run(source=str(log_dir))
+    run.records = [rows[k] for k in sorted(rows, key=lambda k: (k[1], k[0]))]
+    for tag in tags.get("images", []):
+        match = pattern.match(tag)
+        if match and match.group(2) == "evolution":
+            last = acc.Images(tag)[-1]
+            with Image.open(io.BytesIO(last.encoded_image_string)) as img:
+                run.evolution[match.group(1)] = np.asarray(img.convert("RGB"))
+    return run
+
+
+def _evolution_image(run: Run, layer: str) -> np.ndarray | None:
+    if layer in run.evolution:
+        return run.evolution[layer]
+    frames = run.maps.get(layer)
+    if not frames:
+        return None
+    from erf_callback.render import render_evolution
+
+    return render_evolution([m for _, m in frames], [f"step {s}" for s, _ in frames])
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "-" if math.isnan(v) else f"{v:.4g}"
+    return str(v)
+
+
+def render_report_png(run: Run) -> np.ndarray:
+    """The page as one ``uint8`` image: radius curves, evolution grids, final metrics."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    layers = run.layers
+    grids = [(layer, _evolution_image(run, layer)) for layer in layers]
+    grids = [(layer, g) for layer, g in grids if g is not None]
+    width_px = 1000
+    heights = [320] + [g.shape[0] * width_px / max(g.shape[1], width_px) + 30 for _, g in grids]
+    heights.append(40 + 24 * (len(layers) + 1))
+    fig = Figure(figsize=(width_px / 100, sum(heights) / 100), dpi=100)
+    FigureCanvasAgg(fig)
+    spec = fig.add_gridspec(len(heights), 1, height_ratios=heights, hspace=0.35)
+    ax = fig.add_subplot(spec[0])
+    for layer in layers:
+        ok = [r for r in run.records if r["layer"] == layer and r.get("status", "ok") == "ok"]
+        ax.plot([r["step"] for r in ok], [r.get("radius", math.nan) for r in ok], "o-", label=layer)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("ERF radius (input pixels)")
+    ax.set_title(f"ERF radius per layer: {run.source}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    for i, (layer, grid) in enumerate(grids, start=1):
+        gax = fig.add_subplot(spec[i])
+        gax.imshow(grid, interpolation="nearest")
+        gax.set_title(f"{layer}: evolution (each tile normalised to its maximum)", fontsize=9)
+        gax.axis("off")
+    tax = fig.add_subplot(spec[-1])
+    tax.axis("off")
+    cells = [
+        [_fmt((run.final(layer) or {}).get(k, math.nan)) for k in TABLE_METRICS] for layer in layers
+    ]
+    table = tax.table(cellText=cells, rowLabels=layers, colLabels=list(TABLE_METRICS), loc="center")
+    table.auto_set_font_size(False)
+    table.set_fontsize(8)
+    tax.set_title("final metrics", fontsize=9)
+    canvas = fig.canvas
+    canvas.draw()
+    return np.ascontiguousarray(np.asarray(canvas.buffer_rgba())[..., :3])  # type: ignore[attr-defined]
+
+
+def render_report_html(run: Run, png: bytes) -> str:
+    """A self-contained page: the PNG inline and a table of every final metric."""
+    layers = run.layers
+    keys: list[str] = []
+    for layer in layers:
+        keys += [k for k in (run.final(layer) or {}) if k not in keys and k not in ("layer",)]
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+    rows = "".join(
+        f"<tr><th>{html.escape(layer)}</th>"
+        + "".join(
+            f"<td>{html.escape(_fmt((run.final(layer) or {}).get(k, '')))}</td>" for k in keys
+        )
+        + "</tr>"
+        for layer in layers
+    )
+    image = base64.b64encode(png).decode("ascii")
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>ERF report</title><style>"
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"
+        "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}</style></head><body>"
+        f"<h1>ERF report</h1><p>Source: <code>{html.escape(run.source)}</code></p>"
+        f"<img alt='ERF report' src='data:image/png;base64,{image}'>"
+        f"<h2>Final metrics</h2><table><tr><th>layer</th>{head}</tr>{rows}</table>"
+        "</body></html>\n"
+    )
+
+
+def write_report(run: Run, out_dir: Path) -> tuple[Path, Path]:
+    """Write ``report.png`` and ``report.html`` into ``out_dir``; returns their paths."""
+    from PIL import Image
+
+    img = render_report_png(run)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    png_path, html_path = out_dir / "report.png", out_dir / "report.html"
+    png_path.write_bytes(buf.getvalue())
+    html_path.write_text(render_report_html(run, buf.getvalue()))
+    return png_path, html_path

@@ -1,0 +1,373 @@
+"""The offline command line: ``erf-callback probe``, ``report``, ``layers`` and their errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import shutil
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.tensorboard import SummaryWriter
+
+from erf_callback import ERFTracker, compute_erf
+from erf_callback.cli import main
+from erf_callback.cli.loading import load_factory, load_inputs
+from erf_callback.cli.report import find_run
+from tests.helpers.nets import closed_form
+
+KERNELS = [3, 3, 5]
+
+MODELS = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    def build():
+        # uniform 3, 3, 5 stack: the ERF has a closed form
+        layers = []
+        for k in (3, 3, 5):
+            conv = nn.Conv2d(1, 1, k, padding=k // 2, bias=False)
+            nn.init.constant_(conv.weight, 1.0)
+            layers.append(conv)
+        return nn.Sequential(*layers)
+
+    def build_relu():
+        torch.manual_seed(0)
+        convs = [nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)]
+        return nn.Sequential(convs[0], nn.ReLU(), convs[1])
+
+    def build_zero():
+        net = build()
+        nn.init.zeros_(net[0].weight)
+        return net
+
+    def broken():
+        raise RuntimeError("no weights here")
+
+    def not_a_model():
+        return 42
+
+    class Opaque:
+        pass
+
+    CONSTANT = 3
+    """
+)
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A current directory holding ``mymodels.py``, as a user's project would."""
+    (tmp_path / "mymodels.py").write_text(MODELS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "mymodels", raising=False)
+    yield tmp_path
+    sys.modules.pop("mymodels", None)
+
+
+def user_models():
+    """The user's module, imported the way the CLI imports it (from the current directory)."""
+    load_factory("mymodels:build")
+    return sys.modules["mymodels"]
+
+
+def run_cli(*argv: str) -> int:
+    return main(list(argv))
+
+
+def probe_args(out, *extra: str, factory: str = "mymodels:build") -> list[str]:
+    return [
+        "probe", factory, "--out", str(out), "--size", "33", "33", "--channels", "1",
+        "--num-samples", "3", "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    assert err.startswith("erf-callback: error: ")
+    return err
+
+
+# ---- probe: success ----------------------------------------------------------------------
+
+
+def test_probe_writes_metrics_json_and_pngs_matching_the_closed_form(workdir, capsys):
+    out = workdir / "out"
+    assert run_cli(*probe_args(out, "--layers", "1", "2")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    x = torch.zeros(1, 1, 33, 33)
+    reference = compute_erf(torch.nn.Conv2d(1, 1, 1), x)["output"].metrics()
+    assert set(metrics) == {"1", "2"}
+    assert set(metrics["2"]) == set(reference)  # the keys of ERFMap.metrics()
+    var, trf = closed_form(KERNELS)
+    # uniform weights: the moment fit reproduces the closed form to rounding (~1e-9 rel)
+    assert metrics["2"]["sigma_x"] ** 2 == pytest.approx(var, rel=1e-6)
+    assert metrics["2"]["trf_x"] == trf
+    assert metrics["1"]["trf_y"] == closed_form(KERNELS[:2])[1]
+    for layer in ("1", "2"):
+        with Image.open(out / f"{layer}_heatmap.png") as img:
+            assert img.size[0] >= 256  # upscaled from the 33 x 33 map
+        assert (out / f"{layer}_radial_profile.png").is_file()
+    assert "wrote 5 files" in capsys.readouterr().out
+
+
+def test_probe_in_batches_equals_one_compute_erf_call(workdir):
+    out = workdir / "out"
+    argv = probe_args(out, "--layers", "2", "--batch-size", "2", factory="mymodels:build_relu")
+    argv[argv.index("--num-samples") + 1] = "5"
+    assert run_cli(*argv) == 0
+    mymodels = user_models()
+    x = load_inputs("noise", num_samples=5, channels=1, size=(33, 33))
+    expected = compute_erf(mymodels.build_relu(), x, ["2"])["2"].metrics()
+    got = json.loads((out / "metrics.json").read_text())["2"]
+    for key in ("radius", "sigma_x", "gaussian_r2", "area_ratio@0.5"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-5), key
+
+
+def test_nan_metrics_are_null_in_json(workdir):
+    out = workdir / "out"
+    with pytest.warns(UserWarning, match="zero everywhere"):
+        assert run_cli(*probe_args(out, "--layers", "2", factory="mymodels:build_zero")) == 0
+    text = (out / "metrics.json").read_text()
+    assert "NaN" not in text
+    metrics = json.loads(text)["2"]
+    assert metrics["radius"] is None
+    assert metrics["trf_x"] == closed_form(KERNELS)[1]  # architecture-only values survive
+    assert not (out / "2_heatmap.png").exists()  # no picture of an empty map
+
+
+def test_state_dict_checkpoint_is_loaded(workdir):
+    mymodels = user_models()
+    trained = mymodels.build_relu()
+    with torch.no_grad():
+        trained[0].weight.mul_(-3.0)
+        trained[2].weight[:, :, 0, :] = 5.0  # an off-centre row: the map must change
+    torch.save(trained.state_dict(), workdir / "weights.pt")
+    out = workdir / "out"
+    argv = probe_args(
+        out, "--layers", "2", "--checkpoint", "weights.pt", factory="mymodels:build_relu"
+    )
+    assert run_cli(*argv) == 0
+    x = load_inputs("noise", num_samples=3, channels=1, size=(33, 33))
+    expected = compute_erf(trained, x, ["2"])["2"].metrics()
+    default = compute_erf(mymodels.build_relu(), x, ["2"])["2"].metrics()
+    got = json.loads((out / "metrics.json").read_text())["2"]
+    assert got["center_offset"] == pytest.approx(expected["center_offset"], rel=1e-5)
+    assert got["center_offset"] != pytest.approx(default["center_offset"], rel=1e-3)
+
+
+def test_lightning_checkpoint_prefix_is_found_and_other_keys_ignored(workdir, capsys):
+    mymodels = user_models()
+    trained = mymodels.build_relu()
+    with torch.no_grad():
+        trained[2].weight[:, :, :, 0] = 4.0
+    state = {f"net.{k}": v for k, v in trained.state_dict().items()}
+    state["criterion.pos_weight"] = torch.ones(3)  # a LightningModule's other parts
+    ckpt = {"epoch": 2, "global_step": 40, "state_dict": state, "callbacks": {}}
+    torch.save(ckpt, workdir / "last.ckpt")
+    out = workdir / "out"
+    argv = probe_args(
+        out, "--layers", "2", "--checkpoint", "last.ckpt", factory="mymodels:build_relu"
+    )
+    assert run_cli(*argv) == 0
+    assert "key prefix 'net.' removed" in capsys.readouterr().out
+    x = load_inputs("noise", num_samples=3, channels=1, size=(33, 33))
+    expected = compute_erf(trained, x, ["2"])["2"].metrics()
+    got = json.loads((out / "metrics.json").read_text())["2"]
+    assert got["sigma_x"] == pytest.approx(expected["sigma_x"], rel=1e-5)
+
+
+def test_images_from_a_folder(workdir):
+    folder = workdir / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    pixels = [rng.integers(0, 256, (20, 20), dtype=np.uint8) for _ in range(3)]
+    for i, p in enumerate(pixels):
+        Image.fromarray(p).save(folder / f"img{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    x = load_inputs(str(folder), num_samples=8, channels=1, size=(20, 20), progress=False)
+    assert x.shape == (3, 1, 20, 20)  # three images, the text file skipped
+    assert torch.equal(x[1, 0], torch.from_numpy(pixels[1]).float() / 255)  # same size: exact
+    out = workdir / "out"
+    argv = [*probe_args(out, "--layers", "2", "--inputs", str(folder)), "--size", "24", "24"]
+    assert run_cli(*argv) == 0
+    assert json.loads((out / "metrics.json").read_text())["2"]["radius"] > 0
+
+
+# ---- probe: errors -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("factory", "problem", "fix"),
+    [
+        ("mymodels", "is not MODULE:FACTORY", "write it as MODULE:FACTORY"),
+        ("nosuchmodule:build", "cannot import module 'nosuchmodule'", "run erf-callback from"),
+        ("mymodels:buld", "has no attribute 'buld'", "callables: Opaque, broken, build"),
+        ("mymodels:CONSTANT", "is a int, not a callable", "name a function or class"),
+        ("mymodels:broken", "broken() failed (RuntimeError: no weights here)", "no arguments"),
+        ("mymodels:not_a_model", "returned a int, not a torch.nn.Module", "return the model"),
+        ("missing.py:build", "no file 'missing.py'", "check the path"),
+    ],
+)  # fmt: skip
+def test_bad_factory_exits_2_with_one_line(workdir, capsys, factory, problem, fix):
+    assert run_cli(*probe_args(workdir / "out", "--layers", "2", factory=factory)) == 2
+    err = one_line_error(capsys)
+    assert problem in err
+    assert fix in err
+
+
+def test_file_path_factory_works(workdir):
+    out = workdir / "out"
+    assert run_cli(*probe_args(out, "--layers", "2", factory="mymodels.py:build")) == 0
+    assert json.loads((out / "metrics.json").read_text())["2"]["trf_x"] == closed_form(KERNELS)[1]
+
+
+def test_unknown_layer_exits_2_naming_close_names(workdir, capsys):
+    assert run_cli(*probe_args(workdir / "out", "--layers", "2", "conv9")) == 2
+    err = one_line_error(capsys)
+    assert "No layer named 'conv9'" in err
+    assert "erf-callback layers MODULE:FACTORY" in err
+    assert not (workdir / "out" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "problem"),
+    [
+        (["--checkpoint", "nope.pt"], "checkpoint file not found: nope.pt"),
+        (["--inputs", "no_such_folder"], "neither 'noise' nor an existing folder"),
+        (["--channels", "3"], "probing failed"),
+        (["--num-samples", "0"], "--num-samples 0 is not positive"),
+    ],
+)
+def test_bad_files_and_inputs_exit_2(workdir, capsys, extra, problem):
+    assert run_cli(*probe_args(workdir / "out", "--layers", "2"), *extra) == 2
+    assert problem in one_line_error(capsys)
+
+
+def test_checkpoint_that_does_not_fit_names_the_keys(workdir, capsys):
+    torch.save({"weight": torch.ones(2)}, workdir / "other.pt")
+    assert run_cli(*probe_args(workdir / "out", "--layers", "2", "--checkpoint", "other.pt")) == 2
+    err = one_line_error(capsys)
+    assert "3 missing keys (e.g. '0.weight')" in err
+    assert "--prefix" in err
+
+
+def test_pickled_objects_need_unsafe_load(workdir, capsys):
+    mymodels = user_models()
+    torch.save({"state_dict": mymodels.build().state_dict(), "extra": mymodels.Opaque()}, "x.ckpt")
+    args = probe_args(workdir / "out", "--layers", "2", "--checkpoint", "x.ckpt")
+    assert run_cli(*args) == 2
+    assert "--unsafe-load" in one_line_error(capsys)
+    assert run_cli(*args, "--unsafe-load") == 0
+
+
+def test_layers_lists_named_modules(workdir, capsys):
+    assert run_cli("layers", "mymodels:build_relu") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["(Sequential)", "0  (Conv2d)", "1  (ReLU)", "2  (Conv2d)"]
+
+
+def test_python_dash_m_runs_the_same_cli(workdir, capsys, monkeypatch):
+    argv = ["erf_callback", "probe", "mymodels:nothing", "--layers", "a", "--out", "o"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("erf_callback", run_name="__main__")
+    assert exit_info.value.code == 2
+    assert one_line_error(capsys) == (
+        "erf-callback: error: module 'mymodels' has no attribute 'nothing'; use one of its "
+        "callables: Opaque, broken, build, build_relu, build_zero, not_a_model"
+    )
+
+
+# ---- report ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tracked_run(tmp_path_factory):
+    """A short ERFTracker run with a SummaryWriter: history files and TB events (read-only)."""
+    tmp_path = tmp_path_factory.mktemp("tracked")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3, padding=1)
+    )
+    log_dir = tmp_path / "logs" / "version_0"
+    writer = SummaryWriter(str(log_dir))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with ERFTracker(net, ["0", "2"], torch.randn(4, 1, 16, 16), writer, every_n_steps=2) as t:
+        for _ in range(4):
+            loss = net(torch.randn(4, 1, 16, 16)).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            t.step()
+    writer.close()
+    return log_dir
+
+
+def test_report_from_a_log_folder(tracked_run, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert run_cli("report", str(tracked_run.parent), "--out", str(out)) == 0
+    assert "2 layers, 6 records" in capsys.readouterr().out  # steps 0, 2, 4 x two layers
+    with Image.open(out / "report.png") as img:
+        assert img.size[0] == 1000
+        assert img.size[1] > 600  # curves, two evolution grids and the table
+    page = (out / "report.html").read_text()
+    assert "data:image/png;base64," in page
+    history = json.loads((tracked_run / "erf_history.json").read_text())
+    final = [r for r in history["records"] if r["layer"] == "2"][-1]
+    assert f"<td>{final['radius']:.4g}</td>" in page
+
+
+def test_report_from_tensorboard_events_only_matches_the_history(tracked_run, tmp_path):
+    history = json.loads((tracked_run / "erf_history.json").read_text())["records"]
+    tracked_run = shutil.copytree(tracked_run, tmp_path / "copy")
+    for name in ("erf_history.json", "erf_history.csv"):
+        os.remove(tracked_run / name)
+    run = find_run(str(tracked_run))
+    assert run.layers == ["0", "2"]
+    assert set(run.evolution) == {"0", "2"}  # the last evolution image of each layer
+    radius = {(r["layer"], r["step"]): r["radius"] for r in run.records}
+    for r in history:
+        # TensorBoard stores float32
+        assert radius[(r["layer"], r["step"])] == pytest.approx(r["radius"], rel=1e-6)
+    assert run_cli("report", str(tracked_run), "--out", str(tmp_path / "r")) == 0
+
+
+def test_report_from_the_csv_file(tracked_run, tmp_path):
+    run = find_run(str(tracked_run / "erf_history.csv"))
+    assert [r["step"] for r in run.records if r["layer"] == "0"] == [0.0, 2.0, 4.0]
+    assert run.maps == {}  # the CSV has no maps: the report shows curves and the table
+    assert (
+        run_cli("report", str(tracked_run / "erf_history.csv"), "--out", str(tmp_path / "r")) == 0
+    )
+    assert (tmp_path / "r" / "report.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("setup", "problem"),
+    [
+        ("missing", "no file or folder"),
+        ("empty", "no erf_history.json and no TensorBoard event files"),
+        ("json", "not an erf-callback history"),
+        ("txt", "neither a history file"),
+    ],
+)
+def test_report_errors_exit_2(tmp_path, capsys, setup, problem):
+    target = tmp_path / "run"
+    if setup == "empty":
+        target.mkdir()
+    elif setup == "json":
+        target = tmp_path / "other.json"
+        target.write_text('{"a": 1}')
+    elif setup == "txt":
+        target = tmp_path / "notes.txt"
+        target.write_text("x")
+    assert run_cli("report", str(target), "--out", str(tmp_path / "out")) == 2
+    assert problem in one_line_error(capsys)
