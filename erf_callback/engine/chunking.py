@@ -152,8 +152,12 @@ class SavedBytesMeter:
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
         if ptr not in self._exclude:
-            self._storages[ptr] = storage.nbytes()
-        return t
+            # A view (e.g. the chunk sliced from all inputs) counts for its own size only.
+            own = min(t.numel() * t.element_size(), storage.nbytes())
+            self._storages[ptr] = max(own, self._storages.get(ptr, 0))
+        # An alias without autograd history: returning ``t`` itself would make every tensor
+        # saved by its own grad_fn (a ReLU's output) a reference cycle that is never freed.
+        return t.detach()
 
     def __enter__(self) -> SavedBytesMeter:
         self._exclude = {

@@ -9,6 +9,7 @@ and samples are processed in chunks so peak memory stays bounded.
 
 from __future__ import annotations
 
+import numbers
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
@@ -202,6 +203,7 @@ def _accumulate(
                 traceback.clear_frames(err.__traceback__)
                 parts = None
             if parts is None:
+                del x  # the error below must not keep the chunk alive through this frame
                 if not plan.shrink(size):
                     raise out_of_memory_error(plan, size, device) from None
                 continue
@@ -407,13 +409,18 @@ def _select_unit(
     unit = out[(slice(None), slice(None), *pos)]
     if channels is None:
         return unit
-    idx = [channels] if isinstance(channels, int) else list(channels)
+    idx = [int(channels)] if isinstance(channels, numbers.Integral) else _int_list(channels)
     bad = [c for c in idx if not -unit.shape[1] <= c < unit.shape[1]]
     if bad or not idx:
         raise ValueError(
             f"channels {idx} are not valid for an output with {unit.shape[1]} channels."
         )
     return unit[:, idx]
+
+
+def _int_list(values: Any) -> list[int]:
+    items = values.tolist() if hasattr(values, "tolist") else list(values)
+    return [int(v) for v in items]
 
 
 def _safe_geometry(tracer: ReceptiveFieldTracer | None, out: torch.Tensor) -> RFGeometry | None:
