@@ -114,3 +114,49 @@ def test_a_probe_keeps_no_activation_alive():
     net = Recorder(relu_stack(3))
     compute_erf(net, torch.randn(6, 1, 16, 16))
     assert len(net.seen) > 2 and all(ref() is None for ref in net.seen)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+def test_cuda_out_of_memory_halves_until_it_fits_and_frees_everything():
+    from tests.helpers.nets import ResNet
+
+    torch.manual_seed(0)
+    net = ResNet(width=64).cuda()
+    x = torch.randn(640, 3, 512, 512)  # ~200 MB of activations per sample: 128 GB at once
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    sizes = []
+    hook = net.conv1.register_forward_pre_hook(lambda m, a: sizes.append(a[0].shape[0]))
+    m = compute_erf(net, x, ["layer3"], memory_budget=2**50)["layer3"]  # plans 639 at once
+    hook.remove()
+    assert m.status == "ok" and m.num_samples == 640
+    assert sizes[:2] == [1, 639] and len(set(sizes)) > 2  # halved after the OOM
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
+
+
+@cuda
+def test_cuda_out_of_memory_at_one_sample_raises_and_frees_everything():
+    from tests.helpers.nets import ResNet
+
+    net = ResNet(width=64).cuda()
+    x = torch.randn(2, 3, 16384, 16384)  # one sample's activations exceed the GPU
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with pytest.raises(torch.OutOfMemoryError, match="even one sample at a time"):
+        compute_erf(net, x, ["layer3"])
+    gc.collect()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
+
+
+@cuda
+def test_cuda_default_budget_comes_from_free_memory():
+    from erf_callback.engine.chunking import default_budget
+
+    free, _ = torch.cuda.mem_get_info()
+    budget = default_budget(torch.device("cuda"))
+    assert 0.4 * free <= budget <= 0.6 * (free + torch.cuda.memory_reserved())
