@@ -111,7 +111,7 @@ def compute_erf(
             sized from the measured activations of one sample and ``memory_budget`` (halved on
             an out-of-memory error); an int: that many; ``None``: all at once.
         memory_budget: bytes of saved activations per chunk for ``chunk_size="auto"``
-            (default: 64 MiB on CPU, half the free memory on CUDA).
+            (default: 128 MiB on CPU, half the free memory on CUDA).
         optimize: run later chunks with BatchNorm folded into copies of the preceding convs
             and, on CPU, channels_last; never changes the model. ``False``: as written.
         config: metric choices (radius factor, energy fraction, fit method, ...); the same as

@@ -65,7 +65,7 @@ class ProbeConfig:
             forward; on CUDA an out-of-memory error halves the chunk and retries. An int: that
             many samples. ``None``: all at once.
         memory_budget: bytes of saved activations one chunk may use with ``chunk_size="auto"``.
-            ``None``: 64 MiB on CPU (capped at a quarter of the available RAM), half of the
+            ``None``: 128 MiB on CPU (capped at a quarter of the available RAM), half of the
             free device memory on CUDA. See docs/engine.md, "Memory".
         optimize: let the probe run the model faster without changing any result: inputs in
             ``channels_last`` with ``channels_last`` copies of the conv weights (2-D conv nets

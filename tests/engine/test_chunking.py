@@ -125,15 +125,26 @@ def test_cuda_out_of_memory_halves_until_it_fits_and_frees_everything():
 
     torch.manual_seed(0)
     net = ResNet(width=64).cuda()
-    x = torch.randn(640, 3, 512, 512)  # ~200 MB of activations per sample: 128 GB at once
+    for p in net.parameters():
+        p.requires_grad_(False)
+    one = torch.randn(1, 3, 256, 256, device="cuda", requires_grad=True)
+    meter = SavedBytesMeter(net)
+    with meter:
+        net.layer3(net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(one)))))))
+    for p in net.parameters():
+        p.requires_grad_(True)
+    # Enough samples that all at once need twice the GPU's memory.
+    n = int(2 * torch.cuda.get_device_properties(0).total_memory / meter.nbytes) + 2
+    x = torch.randn(n, 3, 256, 256)
+    del one, meter
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     sizes = []
     hook = net.conv1.register_forward_pre_hook(lambda m, a: sizes.append(a[0].shape[0]))
-    m = compute_erf(net, x, ["layer3"], memory_budget=2**50)["layer3"]  # plans 639 at once
+    m = compute_erf(net, x, ["layer3"], memory_budget=2**50)["layer3"]  # plans n - 1 at once
     hook.remove()
-    assert m.status == "ok" and m.num_samples == 640
-    assert sizes[:2] == [1, 639] and len(set(sizes)) > 2  # halved after the OOM
+    assert m.status == "ok" and m.num_samples == n
+    assert sizes[:3] == [1, n - 1, (n - 1) // 2]  # halved after the OOM
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == before
 
