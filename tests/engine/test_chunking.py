@@ -137,6 +137,7 @@ def test_cuda_out_of_memory_halves_until_it_fits_and_frees_everything():
     n = int(2 * torch.cuda.get_device_properties(0).total_memory / meter.nbytes) + 2
     x = torch.randn(n, 3, 256, 256)
     del one, meter
+    gc.collect()
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     sizes = []
@@ -155,6 +156,7 @@ def test_cuda_out_of_memory_at_one_sample_raises_and_frees_everything():
 
     net = ResNet(width=64).cuda()
     x = torch.randn(2, 3, 16384, 16384)  # one sample's activations exceed the GPU
+    gc.collect()  # earlier tests' garbage must not be freed inside the measured window
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     with pytest.raises(torch.OutOfMemoryError, match="even one sample at a time"):
