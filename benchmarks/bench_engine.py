@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from erf_callback import ERFMap, compute_erf, fit_gaussian
+from tests.helpers.nets import randomize_bn_stats
 
 CHUNKS = (1, 2, 4, 8, 16, 32)
 LAYER = "layer3"
@@ -129,19 +130,6 @@ def folded(model: ResNet18) -> nn.Sequential:
     return truncated(m).eval()
 
 
-def _randomize_bn_stats(model: nn.Module, seed: int = 0) -> None:
-    """Non-trivial running statistics and affine terms, as a trained net would have."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-                m.weight.copy_(0.5 + torch.rand(n, generator=g))
-                m.bias.copy_(0.1 * torch.randn(n, generator=g))
-
-
 # --------------------------------------------------------------------------------------------
 # the three ways of computing the map
 
@@ -226,7 +214,7 @@ def _status_kib(field: str) -> int | None:
 def _memory_child(chunk: str, n: int, size: int) -> None:
     torch.manual_seed(0)
     model = ResNet18()
-    _randomize_bn_stats(model)
+    randomize_bn_stats(model)
     x = torch.randn(n, 3, size, size)
     compute_erf(model, x[:1], layers=[LAYER], chunk_size=1)  # load kernels, allocator pools
     # Reset the peak RSS (Linux: writing 5 to clear_refs resets VmHWM), so the peak below is
@@ -263,7 +251,7 @@ def chunk_table(size: int, n: int, repeats: int, threads: int, memory: bool) -> 
     """Default chunk vs every fixed chunk at one input size: time ratios and peak RSS."""
     torch.manual_seed(0)
     model = ResNet18()
-    _randomize_bn_stats(model)
+    randomize_bn_stats(model)
     model.eval()
     x = torch.randn(n, 3, size, size)
     fixed = [c for c in CHUNKS if c <= n]
@@ -388,7 +376,7 @@ def run_main(args: argparse.Namespace, device: torch.device, size: int, repeats:
     bu.header(f"bench_engine: ResNet-18 {LAYER}, {args.n} x 3x{size}x{size}, {device}")
     torch.manual_seed(0)
     model = ResNet18()
-    _randomize_bn_stats(model)
+    randomize_bn_stats(model)
     model = model.to(device).eval()
     trunc = truncated(model)
     trunc_cl = copy.deepcopy(trunc).to(memory_format=torch.channels_last)

@@ -9,6 +9,7 @@ import torch
 
 from erf_callback import MetricConfig, compute_erf
 from erf_callback.fit.metrics import area_ratio
+from tests.fit.test_metrics import replknet_get_rectangle
 from tests.helpers.nets import ResNet
 
 # The 96x96 map is cut by the border (that is why its unit is off-centre): warned, expected.
@@ -16,21 +17,10 @@ pytestmark = pytest.mark.filterwarnings("ignore::erf_callback.ERFWarning")
 
 
 def replknet_analyze_erf(data: np.ndarray, thresholds=(0.2, 0.3, 0.5, 0.99)) -> dict:
-    """RepLKNet erf/analyze_erf.py transcribed: normalisation and get_rectangle, verbatim."""
-
-    def get_rectangle(data, thresh):
-        h, w = data.shape
-        all_sum = np.sum(data)
-        for i in range(1, h // 2):
-            selected_area = data[h // 2 - i : h // 2 + 1 + i, w // 2 - i : w // 2 + 1 + i]
-            area_sum = np.sum(selected_area)
-            if area_sum / all_sum > thresh:
-                return i * 2 + 1, (i * 2 + 1) / h * (i * 2 + 1) / w
-        return None
-
+    """RepLKNet erf/analyze_erf.py transcribed: its normalisation, then its get_rectangle."""
     data = np.log10(data + 1)
     data = data / np.max(data)
-    found = {t: get_rectangle(data, t) for t in thresholds}
+    found = {t: replknet_get_rectangle(data, t) for t in thresholds}
     # Their script crashes where no square of side < H qualifies; such thresholds are left out.
     return {t: r[1] for t, r in found.items() if r is not None}
 

@@ -101,3 +101,17 @@ def gaussian_map(shape, mean, cov) -> torch.Tensor:
     prec = torch.linalg.inv(torch.as_tensor(cov, dtype=torch.float64))
     d2 = torch.einsum("...i,ij,...j->...", delta, prec, delta)
     return torch.exp(-0.5 * d2)
+
+
+def randomize_bn_stats(net: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BatchNorm running statistics and affine terms, as a trained net has."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+                m.weight.copy_(0.5 + torch.rand(n, generator=g))
+                m.bias.copy_(0.1 * torch.randn(n, generator=g))
+    return net
