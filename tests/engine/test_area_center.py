@@ -80,3 +80,23 @@ def test_trf_is_unclipped_and_documented():
     m = compute_erf(ResNet(width=4), torch.randn(1, 3, 64, 64), ["layer4"])["layer4"]
     assert m.metrics()["trf_x"] == 435.0 > 64  # wider than the input, as the docstring says
     assert "exceed the input" in type(m).trf.__doc__
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_deciding_square_is_rechecked_with_replknet_sums(seed):
+    # Where the integral image and np.sum round a tie differently, the first hit it proposes
+    # is one off; the re-check with their summation must move it to theirs from either side.
+    from erf_callback.fit.metrics import _replknet_first_hit
+
+    rng = np.random.default_rng(seed)
+    a = rng.random((41, 41))
+    a = np.log10(a + 1) / np.log10(a + 1).max()
+    i = np.arange(1, 21)
+    total = float(np.sum(a))
+    for t in (0.2, 0.5):
+        side = {
+            2 * int(j) + 1 for j in i if np.sum(a[20 - j : 21 + j, 20 - j : 21 + j]) / total > t
+        }
+        want = (min(side) - 1) // 2 - 1  # index into i of RepLKNet's first hit
+        for proposed in (want - 1, want + 1, want + 3):
+            assert _replknet_first_hit(a, (20, 20), i, max(proposed, 0), total, t) == want
