@@ -118,7 +118,7 @@ def out_of_memory_error(
             "memory (or free memory held elsewhere, e.g. torch.cuda.empty_cache())."
         )
     else:
-        what = f"chunk_size={failed} ran out of memory on {device}"
+        what = f"a chunk of {failed} samples ran out of memory on {device}"
         fix = (
             "Pass chunk_size='auto' (the default: sized from free memory, halved on "
             "out-of-memory errors) or a smaller chunk_size."

@@ -189,8 +189,8 @@ def _accumulate(
     with probe_context(net, [device]), original_forwards(net):
         start = 0
         while start < n:
-            size = 1 if start == 0 and plan.chunk > 1 and cfg.chunk_size is not None else None
-            size = size or plan.size(start)
+            # The first sample goes alone (traced, measured) unless all go at once.
+            size = 1 if start == 0 and cfg.chunk_size is not None else plan.size(start)
             x = x_all[start : start + size].to(device=device, dtype=dtype).detach()
             try:
                 if start == 0:

@@ -103,7 +103,9 @@ def test_out_of_memory_at_one_sample_raises_a_clear_error_and_frees_everything()
 
 def test_out_of_memory_with_a_fixed_chunk_says_to_use_auto():
     net = Recorder(relu_stack(3), oom_above=2)
-    with pytest.raises(torch.OutOfMemoryError, match=r"chunk_size=4 ran out.*chunk_size='auto'"):
+    with pytest.raises(
+        torch.OutOfMemoryError, match=r"a chunk of 4 samples ran out.*chunk_size='auto'"
+    ):
         compute_erf(net, torch.randn(9, 1, 16, 16), chunk_size=4)
     assert net.sizes == [1, 4]  # no silent halving of a size the user chose
 
