@@ -250,7 +250,7 @@ class _Probe:
             self.meta[name] = _LayerMeta(tuple(out.shape[1:]), pos, _safe_geometry(tracer, out))
         self.per_sample_bytes = (meter.nbytes + 2 * x.nbytes) / x.shape[0]
         fast = FastPath.disabled()
-        if self.cfg.optimize:
+        if self.cfg.optimize and _plain_parameters(self.net):
             probed = [m for m in self.modules.values() if m is not None]
             layout = _wants_channels_last(self.net, x, x.device)
             fast = FastPath.plan(recorder, list(outputs.values()), probed, layout)
@@ -437,6 +437,13 @@ def _wants_channels_last(net: nn.Module, x: torch.Tensor, device: torch.device) 
     if device.type != "cpu" or x.dim() != 4:
         return False
     return any(isinstance(m, nn.Conv2d) for m in net.modules())
+
+
+def _plain_parameters(net: nn.Module) -> bool:
+    """No sharded (DTensor) or other tensor-subclass parameters: FSDP2 / tensor parallelism
+    gather them in hooks around each forward, and copies taken between forwards would be wrong.
+    """
+    return all(type(p.data) is torch.Tensor for p in net.parameters())
 
 
 def _mixes_batch_in_eval(model: nn.Module) -> bool:
