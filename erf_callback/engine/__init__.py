@@ -1,8 +1,10 @@
 """The ERF engine: :func:`compute_erf` and what it returns. Pure torch, no Lightning.
 
 * :mod:`.compute`: chunked gradient accumulation and map assembly.
+* :mod:`.chunking`: chunk sizes from measured activations and a memory budget; OOM retries.
 * :mod:`.config`: :class:`ProbeConfig`, every probe option in one frozen object.
 * :mod:`.erf_map`: :class:`ERFMap`, one layer's map and its metrics.
+* :mod:`.fastpath`: BatchNorm folding and channels_last for later chunks, model untouched.
 * :mod:`.guard`: leaving the model exactly as found.
 * :mod:`.layers`: layer names, wrappers, the default layer.
 * :mod:`.transforms`: layer outputs to ``(N, C, *spatial)`` tensors.

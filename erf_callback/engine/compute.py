@@ -9,6 +9,8 @@ and samples are processed in chunks so peak memory stays bounded.
 
 from __future__ import annotations
 
+import numbers
+import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -17,10 +19,18 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from erf_callback.engine.chunking import (
+    ChunkPlan,
+    SavedBytesMeter,
+    default_budget,
+    out_of_memory_error,
+)
 from erf_callback.engine.config import (
+    AUTO,
     DEFAULT,
     OUTPUT,
     Channels,
+    ChunkSize,
     Default,
     Position,
     ProbeConfig,
@@ -28,6 +38,7 @@ from erf_callback.engine.config import (
     Transforms,
 )
 from erf_callback.engine.erf_map import ERFMap, Status
+from erf_callback.engine.fastpath import FastPath, ForwardRecorder
 from erf_callback.engine.guard import probe_context
 from erf_callback.engine.layers import (
     model_device_dtype,
@@ -36,7 +47,14 @@ from erf_callback.engine.layers import (
     unwrap_model,
 )
 from erf_callback.engine.transforms import OutputTransform, apply_transform
-from erf_callback.engine.validate import check_inputs, check_output, normalize_layers, per_layer
+from erf_callback.engine.validate import (
+    check_inputs,
+    check_model,
+    check_output,
+    normalize_layers,
+    per_layer,
+    unbatched_guard,
+)
 from erf_callback.fit.metrics import MetricConfig
 from erf_callback.trf import ReceptiveFieldTracer, RFGeometry
 from erf_callback.warnings import ERFWarning
@@ -64,7 +82,9 @@ def compute_erf(
     channels: Channels | Default | None = DEFAULT,
     reduction: Reduction | Default = DEFAULT,
     output_transform: Transforms | Default | None = DEFAULT,
-    chunk_size: int | Default | None = DEFAULT,
+    chunk_size: ChunkSize | Default | None = DEFAULT,
+    memory_budget: int | Default | None = DEFAULT,
+    optimize: bool | Default = DEFAULT,
     config: MetricConfig | Default | None = DEFAULT,
 ) -> dict[str, ERFMap]:
     """Measure the effective receptive field of layers of ``model`` on ``inputs``.
@@ -87,7 +107,13 @@ def compute_erf(
         output_transform: turns a layer's raw output (tuple, dict, ViT tokens) into a tensor
             ``(N, C, *spatial)``; one callable for all layers or a mapping per layer. Default:
             the tensor itself, or the first tensor of a tuple/list. See :func:`tokens_to_grid`.
-        chunk_size: samples per forward/backward; bounds peak memory. ``None``: all at once.
+        chunk_size: samples per forward/backward; bounds peak memory. ``"auto"`` (default):
+            sized from the measured activations of one sample and ``memory_budget`` (halved on
+            an out-of-memory error); an int: that many; ``None``: all at once.
+        memory_budget: bytes of saved activations per chunk for ``chunk_size="auto"``
+            (default: 128 MiB on CPU, half the free memory on CUDA).
+        optimize: run later chunks with BatchNorm folded into copies of the preceding convs
+            and, on CPU, channels_last; never changes the model. ``False``: as written.
         config: metric choices (radius factor, energy fraction, fit method, ...); the same as
             ``ProbeConfig.metrics``.
 
@@ -96,8 +122,11 @@ def compute_erf(
 
     Raises:
         KeyError: an unknown layer name (the message lists the closest real names).
-        ValueError: bad input rank or dtype, a layer without spatial output, a position outside
-            the output, a layer the forward never reaches.
+        ValueError: bad input rank or dtype, NaN/Inf inputs, an unbatched image, a model on the
+            meta device, non-integer positions or channels, a layer without spatial output, a
+            position outside the output, a layer the forward never reaches.
+        torch.OutOfMemoryError: even the smallest chunk did not fit (the message says what
+            to change); no memory of the probe is left allocated.
 
     Example:
         >>> import torch
@@ -113,12 +142,15 @@ def compute_erf(
         reduction=reduction,
         output_transform=output_transform,
         chunk_size=chunk_size,
+        memory_budget=memory_budget,
+        optimize=optimize,
         metrics=MetricConfig() if config is None else config,
     )
     net = unwrap_model(model)
     names = normalize_layers(layers)
     modules = resolve_layers(net, names)
     x_all = check_inputs(inputs)
+    check_model(net)
     sums, meta = _accumulate(net, x_all, names, modules, cfg)
     return _assemble(sums, meta, names, x_all, cfg)
 
@@ -130,52 +162,141 @@ def _accumulate(
     modules: dict[str, nn.Module | None],
     cfg: ProbeConfig,
 ) -> tuple[dict[str, torch.Tensor], dict[str, _LayerMeta]]:
-    """Sum every probed unit's reduced input gradient over all samples, chunk by chunk."""
-    spatial_dims = x_all.dim() - 2
-    transforms = per_layer(cfg.output_transform, names, "output_transform")
-    positions = per_layer(cfg.position, names, "position")
+    """Sum every probed unit's reduced input gradient over all samples, chunk by chunk.
+
+    The first chunk (one sample unless ``chunk_size=None``) runs the model as written: it is
+    traced for the TRF, checked, measured for the ``"auto"`` chunk size, and its forward shows
+    which rewrites of :mod:`.fastpath` are safe; the later chunks run with them.
+    """
     device, dtype = model_device_dtype(net, x_all)
     n = x_all.shape[0]
-    chunk = n if cfg.chunk_size is None else min(cfg.chunk_size, n)
-    if _mixes_batch_in_eval(net):
-        # BatchNorm without running statistics normalises with batch statistics even in eval
-        # mode, so samples of one chunk would leak into each other's gradients.
-        chunk = 1
-
+    budget = cfg.memory_budget
+    if cfg.chunk_size == AUTO and budget is None:
+        budget = default_budget(device)
+    # BatchNorm without running statistics normalises with batch statistics even in eval mode,
+    # so samples of one chunk would leak into each other's gradients: one at a time.
+    plan = ChunkPlan.create(cfg.chunk_size, n, budget, _mixes_batch_in_eval(net))
+    probe = _Probe(
+        net,
+        names,
+        modules,
+        per_layer(cfg.output_transform, names, "output_transform"),
+        cfg,
+        x_all.dim() - 2,
+    )
+    fast = FastPath.disabled()
     sums: dict[str, torch.Tensor] = {}
-    meta: dict[str, _LayerMeta] = {}
     with probe_context(net, [device]), original_forwards(net):
-        for start in range(0, n, chunk):
-            x = x_all[start : start + chunk].to(device=device, dtype=dtype).detach()
-            x.requires_grad_(True)
-            tracer = ReceptiveFieldTracer(x) if start == 0 else None
-            with tracer if tracer is not None else nullcontext():
-                outputs = _forward_capture(net, x, names, modules, transforms)
-            grads = []
-            for i, name in enumerate(names):
-                out = outputs[name]
+        start = 0
+        while start < n:
+            # The first sample goes alone (traced, measured) unless all go at once.
+            size = 1 if start == 0 and cfg.chunk_size is not None else plan.size(start)
+            x = x_all[start : start + size].to(device=device, dtype=dtype).detach()
+            try:
                 if start == 0:
-                    pos = check_output(name, out, spatial_dims, positions[name])
-                    meta[name] = _LayerMeta(tuple(out.shape[1:]), pos, _safe_geometry(tracer, out))
-                unit = _select_unit(out, meta[name].position, cfg.channels)
-                if cfg.reduction == "replknet":
-                    unit = torch.relu(unit)
-                if not unit.requires_grad:
-                    raise ValueError(
-                        f"layer {name!r}'s output is not connected to the input by autograd "
-                        "(computed under no_grad, detached, or by a fused inference kernel); "
-                        "probe a layer whose output is differentiable w.r.t. the input."
-                    )
-                (g,) = torch.autograd.grad(
-                    unit.sum(), x, retain_graph=i < len(names) - 1, allow_unused=True
-                )
-                grads.append(torch.zeros_like(x) if g is None else g)
-            del outputs
-            for name, g in zip(names, grads, strict=True):
-                g = torch.relu(g) if cfg.reduction == "replknet" else g.abs()
-                part = g.sum(dim=(0, 1), dtype=torch.float64)
+                    parts, fast = probe.first(x, per_layer(cfg.position, names, "position"))
+                    plan.measured(probe.per_sample_bytes, start=size)
+                else:
+                    parts = probe.later(x, fast)
+            except torch.OutOfMemoryError as err:
+                # The traceback's frames hold the failed chunk's tensors: free them now.
+                traceback.clear_frames(err.__traceback__)
+                parts = None
+            if parts is None:
+                del x  # the error below must not keep the chunk alive through this frame
+                if not plan.shrink(size):
+                    raise out_of_memory_error(plan, size, device) from None
+                continue
+            for name, part in zip(names, parts, strict=True):
                 sums[name] = part if name not in sums else sums[name] + part
-    return sums, meta
+            start += size
+    return sums, probe.meta
+
+
+class _Probe:
+    """One probe's chunk runs: forward to the probed layers, backward of their units."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        names: list[str],
+        modules: dict[str, nn.Module | None],
+        transforms: dict[str, OutputTransform | None],
+        cfg: ProbeConfig,
+        spatial_dims: int,
+    ) -> None:
+        self.net, self.names, self.modules, self.transforms = net, names, modules, transforms
+        self.cfg, self.spatial_dims = cfg, spatial_dims
+        self.meta: dict[str, _LayerMeta] = {}
+        self.per_sample_bytes = 0.0
+
+    def first(
+        self, x: torch.Tensor, positions: dict[str, Any]
+    ) -> tuple[list[torch.Tensor], FastPath]:
+        """Run the model as written, traced, checked and measured; plan the fast path."""
+        x.requires_grad_(True)
+        tracer = ReceptiveFieldTracer(x)
+        meter = SavedBytesMeter(self.net)
+        recorder = ForwardRecorder(self.net)
+        with (
+            unbatched_guard(self.net, self.spatial_dims),
+            tracer,
+            meter,
+            recorder if self.cfg.optimize else nullcontext(),
+        ):
+            outputs = _forward_capture(self.net, x, self.names, self.modules, self.transforms)
+        for name, out in outputs.items():
+            pos = check_output(name, out, self.spatial_dims, positions[name])
+            self.meta[name] = _LayerMeta(tuple(out.shape[1:]), pos, _safe_geometry(tracer, out))
+        self.per_sample_bytes = (meter.nbytes + 2 * x.nbytes) / x.shape[0]
+        fast = FastPath.disabled()
+        if self.cfg.optimize and _plain_parameters(self.net):
+            probed = [m for m in self.modules.values() if m is not None]
+            layout = _wants_channels_last(self.net, x, x.device)
+            fast = FastPath.plan(recorder, list(outputs.values()), probed, layout)
+        return self._backward(x, outputs), fast
+
+    def later(self, x: torch.Tensor, fast: FastPath) -> list[torch.Tensor]:
+        """A chunk after the first, with the fast path when the model tolerates it."""
+        if fast.enabled:
+            xf = x.contiguous(memory_format=torch.channels_last) if fast.channels_last else x
+            try:
+                with fast.active():
+                    return self._run(xf)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception:
+                # The model's code did not accept a rewrite (e.g. .view() of a channels_last
+                # tensor): this chunk and the rest run the model as written.
+                fast.disable()
+        return self._run(x)
+
+    def _run(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x.requires_grad_(True)
+        outputs = _forward_capture(self.net, x, self.names, self.modules, self.transforms)
+        return self._backward(x, outputs)
+
+    def _backward(self, x: torch.Tensor, outputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Per layer: the float64 sum over samples and input channels of the reduced gradient."""
+        parts = []
+        last = len(self.names) - 1
+        for i, name in enumerate(self.names):
+            unit = _select_unit(outputs[name], self.meta[name].position, self.cfg.channels)
+            if self.cfg.reduction == "replknet":
+                unit = torch.relu(unit)
+            if not unit.requires_grad:
+                raise ValueError(
+                    f"layer {name!r}'s output is not connected to the input by autograd "
+                    "(computed under no_grad, detached, or by a fused inference kernel); "
+                    "probe a layer whose output is differentiable w.r.t. the input."
+                )
+            (g,) = torch.autograd.grad(unit.sum(), x, retain_graph=i < last, allow_unused=True)
+            if g is None:
+                parts.append(torch.zeros(x.shape[2:], dtype=torch.float64, device=x.device))
+                continue
+            g = torch.relu(g) if self.cfg.reduction == "replknet" else g.abs()
+            parts.append(g.sum(dim=(0, 1), dtype=torch.float64))
+        return parts
 
 
 def _assemble(
@@ -288,13 +409,18 @@ def _select_unit(
     unit = out[(slice(None), slice(None), *pos)]
     if channels is None:
         return unit
-    idx = [channels] if isinstance(channels, int) else list(channels)
+    idx = [int(channels)] if isinstance(channels, numbers.Integral) else _int_list(channels)
     bad = [c for c in idx if not -unit.shape[1] <= c < unit.shape[1]]
     if bad or not idx:
         raise ValueError(
             f"channels {idx} are not valid for an output with {unit.shape[1]} channels."
         )
     return unit[:, idx]
+
+
+def _int_list(values: Any) -> list[int]:
+    items = values.tolist() if hasattr(values, "tolist") else list(values)
+    return [int(v) for v in items]
 
 
 def _safe_geometry(tracer: ReceptiveFieldTracer | None, out: torch.Tensor) -> RFGeometry | None:
@@ -304,6 +430,20 @@ def _safe_geometry(tracer: ReceptiveFieldTracer | None, out: torch.Tensor) -> RF
         return tracer.geometry(out)
     except Exception:  # a tracer bug must never cost the user their probe
         return None
+
+
+def _wants_channels_last(net: nn.Module, x: torch.Tensor, device: torch.device) -> bool:
+    """channels_last pays off for 2-D convolutions on CPU (oneDNN); elsewhere it is not used."""
+    if device.type != "cpu" or x.dim() != 4:
+        return False
+    return any(isinstance(m, nn.Conv2d) for m in net.modules())
+
+
+def _plain_parameters(net: nn.Module) -> bool:
+    """No sharded (DTensor) or other tensor-subclass parameters: FSDP2 / tensor parallelism
+    gather them in hooks around each forward, and copies taken between forwards would be wrong.
+    """
+    return all(type(p.data) is torch.Tensor for p in net.parameters())
 
 
 def _mixes_batch_in_eval(model: nn.Module) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -10,7 +11,7 @@ from typing import Any, Literal
 from erf_callback.engine.transforms import OutputTransform
 from erf_callback.fit.metrics import MetricConfig
 
-__all__ = ["DEFAULT", "OUTPUT", "Default", "ProbeConfig", "Reduction"]
+__all__ = ["AUTO", "DEFAULT", "OUTPUT", "ChunkSize", "Default", "ProbeConfig", "Reduction"]
 
 #: Name of the model output in ``layers`` (``layers=None`` probes it).
 OUTPUT = "output"
@@ -19,6 +20,9 @@ Reduction = Literal["abs", "replknet"]
 Position = Sequence[int] | Mapping[str, Sequence[int]]
 Channels = int | Sequence[int]
 Transforms = OutputTransform | Mapping[str, OutputTransform]
+#: ``chunk_size="auto"``: chosen from the probe's activation size and ``memory_budget``.
+AUTO = "auto"
+ChunkSize = int | Literal["auto"]
 
 
 class Default:
@@ -56,32 +60,60 @@ class ProbeConfig:
             RepLKNet's erf/visualize_erf.py).
         output_transform: turns a layer's raw output (tuple, dict, ViT tokens) into a tensor
             ``(N, C, *spatial)``; one callable for all layers or a mapping per layer.
-        chunk_size: samples per forward/backward; bounds peak memory. ``None``: all at once.
+        chunk_size: samples per forward/backward. ``"auto"`` (default): as many as fit in
+            ``memory_budget``, from the measured activation size of one sample's truncated
+            forward; on CUDA an out-of-memory error halves the chunk and retries. An int: that
+            many samples. ``None``: all at once.
+        memory_budget: bytes of saved activations one chunk may use with ``chunk_size="auto"``.
+            ``None``: 128 MiB on CPU (capped at a quarter of the available RAM), half of the
+            free device memory on CUDA. See docs/engine.md, "Memory".
+        optimize: let the probe run the model faster without changing any result: inputs in
+            ``channels_last`` with ``channels_last`` copies of the conv weights (2-D conv nets
+            on CPU) and eval-mode BatchNorm folded into a copy of the preceding convolution.
+            The model is never modified; ``False`` runs its modules exactly as written.
         metrics: metric choices (radius factor, energy fraction, fit method, ...).
 
     Example:
         >>> from erf_callback import ProbeConfig
         >>> cfg = ProbeConfig(channels=[0, 1], reduction="replknet")
         >>> cfg.replace(chunk_size=8).chunk_size, cfg.chunk_size
-        (8, 32)
+        (8, 'auto')
     """
 
     position: Position | None = None
     channels: Channels | None = None
     reduction: Reduction = "abs"
     output_transform: Transforms | None = None
-    chunk_size: int | None = 32
+    chunk_size: ChunkSize | None = AUTO
+    memory_budget: int | None = None
+    optimize: bool = True
     metrics: MetricConfig = field(default_factory=MetricConfig)
 
     def __post_init__(self) -> None:
         if self.reduction not in ("abs", "replknet"):
             raise ValueError(f"reduction must be 'abs' or 'replknet'; got {self.reduction!r}")
-        if self.chunk_size is not None and (
-            isinstance(self.chunk_size, bool)
-            or not isinstance(self.chunk_size, int)
-            or self.chunk_size < 1
+        if (
+            self.chunk_size is not None
+            and self.chunk_size != AUTO
+            and not _positive_int(self.chunk_size)
         ):
-            raise ValueError(f"chunk_size must be a positive int or None; got {self.chunk_size!r}")
+            raise ValueError(
+                f"chunk_size must be a positive int, 'auto' or None (all at once); got "
+                f"{self.chunk_size!r}"
+            )
+        if self.memory_budget is not None and not _positive_int(self.memory_budget):
+            raise ValueError(
+                f"memory_budget must be a positive int (bytes) or None; got {self.memory_budget!r}"
+            )
+        if not isinstance(self.optimize, bool):
+            raise ValueError(f"optimize must be True or False; got {self.optimize!r}")
+        if self.channels is not None:
+            _check_channels(self.channels)
+        if isinstance(self.position, Mapping):
+            for name, pos in self.position.items():
+                _check_position(pos, f"position[{name!r}]")
+        elif self.position is not None:
+            _check_position(self.position, "position")
         if not isinstance(self.metrics, MetricConfig):
             raise TypeError(f"metrics must be a MetricConfig; got {type(self.metrics).__name__}")
 
@@ -89,3 +121,53 @@ class ProbeConfig:
         """A copy with ``changes``; values that are :data:`DEFAULT` are left out."""
         given = {k: v for k, v in changes.items() if not isinstance(v, Default)}
         return dataclasses.replace(self, **given) if given else self
+
+
+def _is_int(value: Any) -> bool:
+    """An integer that is not a bool (numpy integers count; 2.0 and True do not)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _positive_int(value: Any) -> bool:
+    return _is_int(value) and value >= 1
+
+
+def _check_channels(channels: Any) -> None:
+    allowed = (
+        "channels must be an int or a non-empty sequence of distinct ints (channel indices, "
+        "negative ones allowed), or None for all channels"
+    )
+    if _is_int(channels):
+        return
+    items = _as_list(channels)
+    if items is None:
+        raise ValueError(f"{allowed}; got {channels!r}")
+    if not items or not all(_is_int(c) for c in items):
+        raise ValueError(f"{allowed}; got {channels!r}")
+    if len({int(c) for c in items}) != len(items):
+        raise ValueError(f"{allowed}; got duplicates in {channels!r} (each would count twice)")
+
+
+def _check_position(position: Any, what: str) -> None:
+    if position is None:
+        return
+    items = _as_list(position)
+    if items is None:
+        raise ValueError(
+            f"{what} must be a sequence of ints (one index per spatial axis); got {position!r}"
+        )
+    if not all(_is_int(p) for p in items):
+        raise ValueError(
+            f"{what} must hold integer indices (one per spatial axis, e.g. (7, 7)); got "
+            f"{tuple(items)!r}. Non-integers are not rounded: pass the unit's index."
+        )
+
+
+def _as_list(value: Any) -> list[Any] | None:
+    """The items of a sequence, NumPy array or tensor (as Python scalars); None otherwise."""
+    if hasattr(value, "tolist") and callable(value.tolist):  # numpy arrays, tensors
+        items = value.tolist()
+        return items if isinstance(items, list) else None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        return None
+    return list(value)

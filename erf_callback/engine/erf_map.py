@@ -93,7 +93,13 @@ class ERFMap:
 
     @property
     def trf(self) -> tuple[float, ...]:
-        """Theoretical receptive field width per axis (NaN where it could not be traced)."""
+        """Theoretical receptive field width per axis, in input pixels (NaN: not traced).
+
+        Unclipped: the width of the window the unit sees with the network's padding, so it can
+        exceed the input (435 px for a ResNet-18's last stage, also on a 224x224 input) and is
+        ``inf`` for global operations. Clip it yourself (``min(trf, size)``) for the part of
+        the window that holds image pixels.
+        """
         if self.geometry is None:
             return (float("nan"),) * self.spatial_dims
         return self.geometry.width
@@ -149,12 +155,13 @@ class ERFMap:
         return out
 
     def _area_center(self) -> tuple[int, ...] | None:
-        # RepLKNet centres its squares on (H // 2, W // 2); that is the default probed unit's
-        # location in same-padded nets. Other units get their own location.
-        default = tuple(s // 2 for s in self.output_shape[1:])
-        if self.position == default:
-            return None
-        return tuple(round(v) for v in self.location)
+        """Centre of the area-ratio squares: the unit's location, or None for RepLKNet's."""
+        if self.config.area_center == "replknet":
+            return None  # (H // 2, W // 2), as their script, whichever unit was probed
+        return tuple(
+            min(max(math.floor(v + 0.5), 0), n - 1)
+            for v, n in zip(self.location, self.grad.shape, strict=True)
+        )
 
 
 def _erf_trf_ratio(radius: float, trf: tuple[float, ...]) -> float:

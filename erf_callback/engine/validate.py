@@ -6,14 +6,28 @@ the fix.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch import nn
 
 from erf_callback.engine.config import OUTPUT
 
-__all__ = ["check_inputs", "check_output", "normalize_layers", "per_layer"]
+__all__ = [
+    "check_inputs",
+    "check_model",
+    "check_output",
+    "normalize_layers",
+    "per_layer",
+    "unbatched_guard",
+]
+
+_UNBATCHED_HINT = (
+    "If inputs is one unbatched image, add the batch dimension: inputs.unsqueeze(0) "
+    "(compute_erf expects (N, C, *spatial))."
+)
 
 
 def normalize_layers(layers: str | Sequence[str] | None) -> list[str]:
@@ -46,7 +60,78 @@ def check_inputs(inputs: Any) -> torch.Tensor:
             f"inputs must be floating point to take gradients; got {inputs.dtype}. "
             "Convert them, e.g. inputs.float() / 255."
         )
+    if inputs.device.type == "meta":
+        raise ValueError("inputs are on the meta device (no data); pass real tensors.")
+    bad = ~torch.isfinite(inputs.detach()).flatten(1).all(dim=1)
+    count = int(bad.sum())
+    if count:
+        first = bad.nonzero()[:5, 0].tolist()
+        raise ValueError(
+            f"inputs contain NaN or Inf in {count} of {inputs.shape[0]} samples (indices "
+            f"{first}{', ...' if count > 5 else ''}); an ERF of such inputs is meaningless. Pass "
+            "finite inputs: drop or repair those samples (e.g. torch.nan_to_num)."
+        )
     return inputs
+
+
+def check_model(model: nn.Module) -> None:
+    """Refuse models that cannot be probed, before any forward (e.g. on the meta device)."""
+    meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if meta:
+        raise ValueError(
+            f"the model has {len(meta)} parameters/buffers on the meta device (e.g. {meta[0]!r}): "
+            "they hold no values, so there is no gradient to measure. Materialise the model "
+            "first, e.g. model.to_empty(device='cpu') followed by load_state_dict(...)."
+        )
+
+
+@contextmanager
+def unbatched_guard(model: nn.Module, spatial_dims: int) -> Iterator[None]:
+    """Raise when a conv or pooling layer is called on an unbatched input during the forward.
+
+    ``Conv2d`` accepts an unbatched ``(C, H, W)``; so an image passed without its batch
+    dimension is read by compute_erf as ``C`` one-dimensional samples and by the model as one
+    unbatched image, and a meaningless map would come out. Any ``*Nd`` conv/pool module that
+    receives ``N + 1`` dims (its unbatched form) reveals it.
+    """
+
+    def make_hook(name: str, dims: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0] if args else None
+            if isinstance(x, torch.Tensor) and x.dim() == dims + 1:
+                raise ValueError(
+                    f"layer {name!r} ({type(module).__name__}) received an unbatched input of "
+                    f"shape {tuple(x.shape)}: compute_erf read the inputs as {spatial_dims}-D "
+                    f"signals but the model works on {dims}-D ones. {_UNBATCHED_HINT}"
+                )
+
+        return hook
+
+    handles = []
+    for name, module in model.named_modules():
+        dims = _module_spatial_dims(module)
+        if dims is not None and dims != spatial_dims:
+            handles.append(module.register_forward_pre_hook(make_hook(name, dims)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _module_spatial_dims(module: nn.Module) -> int | None:
+    """Spatial dims of an ``*Nd`` conv or pooling module (``Conv2d`` -> 2); None for others."""
+    conv_or_pool = (
+        nn.modules.conv._ConvNd,
+        nn.modules.pooling._MaxPoolNd,
+        nn.modules.pooling._AvgPoolNd,
+        nn.modules.pooling._AdaptiveAvgPoolNd,
+        nn.modules.pooling._AdaptiveMaxPoolNd,
+    )
+    if not isinstance(module, conv_or_pool):
+        return None
+    suffix = type(module).__name__[-2:]
+    return {"1d": 1, "2d": 2, "3d": 3}.get(suffix)
 
 
 def per_layer(value: Any, names: list[str], what: str) -> dict[str, Any]:
@@ -62,11 +147,12 @@ def check_output(
     name: str, out: torch.Tensor, spatial_dims: int, position: Sequence[int] | None
 ) -> tuple[int, ...]:
     if out.dim() != spatial_dims + 2:
+        hint = f" {_UNBATCHED_HINT}" if out.dim() > spatial_dims + 2 else ""
         raise ValueError(
             f"layer {name!r} outputs shape {tuple(out.shape)}, but an ERF needs "
             f"(N, C, *spatial) with {spatial_dims} spatial dims like the input. Probe a layer "
             "with a spatial output (a conv/pool/block), or pass output_transform (e.g. "
-            "tokens_to_grid() for transformer tokens)."
+            f"tokens_to_grid() for transformer tokens).{hint}"
         )
     spatial = tuple(out.shape[2:])
     if position is None:

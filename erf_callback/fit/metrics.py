@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -40,6 +41,10 @@ class MetricConfig:
         area_thresholds: thresholds ``t`` of RepLKNet's high-contribution area ratio.
         fit_method: method of :func:`fit_gaussian` used for the sigma metrics.
         border_warning: warn once per layer when ``border_mass`` exceeds this.
+        area_center: where the squares of ``area_ratio@t`` are centred. ``"unit"`` (default):
+            on the probed unit's receptive-field centre (``ERFMap.location``, rounded half
+            up). ``"replknet"``: at ``(H // 2, W // 2)`` whatever the unit, computed exactly
+            as RepLKNet's erf/analyze_erf.py does (same sums, same ratio arithmetic).
 
     Example:
         >>> from erf_callback import MetricConfig
@@ -52,8 +57,11 @@ class MetricConfig:
     area_thresholds: tuple[float, ...] = field(default=DEFAULT_AREA_THRESHOLDS)
     fit_method: str = "robust"
     border_warning: float = 0.01
+    area_center: Literal["unit", "replknet"] = "unit"
 
     def __post_init__(self) -> None:
+        if self.area_center not in ("unit", "replknet"):
+            raise ValueError(f"area_center must be 'unit' or 'replknet'; got {self.area_center!r}")
         if not self.radius_factor > 0:
             raise ValueError(f"radius_factor must be > 0; got {self.radius_factor}")
         if not 0 < self.energy_fraction <= 1:
@@ -108,15 +116,20 @@ def area_ratio(
 ) -> dict[float, float]:
     """RepLKNet's high-contribution area ratio (Ding et al., CVPR 2022, erf/analyze_erf.py).
 
-    ``A = log10(erf + 1)``, ``A /= A.max()``; for ``i = 1, 2, ...`` take the centred square
-    (cube in 3-D, interval in 1-D) of side ``2i + 1``; the first whose sum exceeds ``t`` of the
-    total gives ``ratio = (2i + 1)^d / (H * W * ...)`` (capped at 1). The centre defaults to
-    ``(H // 2, W // 2)`` as in the published script.
+    ``A = log10(erf + 1)``, ``A /= A.max()``; for ``i = 1, 2, ...`` take the square (cube in
+    3-D, interval in 1-D) of side ``2i + 1`` around ``center``; the first whose sum exceeds
+    ``t`` of the total gives ``ratio = (2i + 1)^d / (H * W * ...)`` (capped at 1; squares are
+    clipped at the map's edge). ``center=None`` is RepLKNet's convention, ``(H // 2, W // 2)``,
+    and then the result is their script's bit for bit: the deciding squares are summed with
+    ``np.sum`` as they do and a 2-D ratio is ``(2i + 1) / H * (2i + 1) / W``.
 
     Example:
         >>> import numpy as np
         >>> a = np.zeros((9, 9)); a[3:6, 3:6] = 1.0  # all mass in the central 3x3
         >>> area_ratio(a, (0.5,))[0.5] == 9 / 81
+        True
+        >>> b = np.zeros((9, 9)); b[0:3, 0:3] = 1.0  # the same mass around pixel (1, 1)
+        >>> area_ratio(b, (0.5,), center=(1, 1))[0.5] == 9 / 81
         True
     """
     a = np.log10(erf + 1.0)
@@ -124,13 +137,14 @@ def area_ratio(
     if not top > 0 or not np.all(np.isfinite(a)):
         return {float(t): float("nan") for t in thresholds}
     a = a / top
-    c = [n // 2 for n in a.shape] if center is None else [round(v) for v in center]
+    replknet = center is None
+    c = [n // 2 for n in a.shape] if replknet else [int(v) for v in center]  # type: ignore[union-attr]
     # Integral image with a zero border: any axis-aligned box sum in 2^d lookups.
     s = a
     for axis in range(a.ndim):
         s = np.cumsum(s, axis=axis)
     s = np.pad(s, [(1, 0)] * a.ndim)
-    total = float(s[(-1,) * a.ndim])
+    total = float(np.sum(a)) if replknet else float(s[(-1,) * a.ndim])
     max_i = max(max(ci, n - 1 - ci) for ci, n in zip(c, a.shape, strict=True))
     i = np.arange(1, max(max_i, 1) + 1)
     lo = [np.clip(ci - i, 0, n) for ci, n in zip(c, a.shape, strict=True)]
@@ -144,9 +158,35 @@ def area_ratio(
     size = math.prod(a.shape)
     for t in thresholds:
         hit = np.nonzero(sums / total > t)[0]
-        side = 2 * int(i[hit[0]]) + 1 if hit.size else 2 * int(i[-1]) + 1
-        out[float(t)] = min(side**a.ndim / size, 1.0)
+        k = int(hit[0]) if hit.size else len(i) - 1
+        if replknet and hit.size:
+            k = _replknet_first_hit(a, c, i, k, total, t)
+        side = 2 * int(i[k]) + 1
+        if replknet and a.ndim == 2:
+            out[float(t)] = min(side / a.shape[0] * side / a.shape[1], 1.0)
+        else:
+            out[float(t)] = min(side**a.ndim / size, 1.0)
     return out
+
+
+def _replknet_first_hit(
+    a: np.ndarray, c: Sequence[int], i: np.ndarray, k: int, total: float, t: float
+) -> int:
+    """Move the integral image's first hit ``k`` to the one of ``np.sum`` over the square.
+
+    The two sums can differ in the last bits, which flips a comparison only at a tie; checking
+    the neighbours of ``k`` with RepLKNet's own summation makes the choice theirs exactly.
+    """
+
+    def exceeds(j: int) -> bool:
+        box = tuple(slice(max(ci - int(i[j]), 0), ci + int(i[j]) + 1) for ci in c)
+        return bool(np.sum(a[box]) / total > t)
+
+    while k > 0 and exceeds(k - 1):
+        k -= 1
+    while k + 1 < len(i) and not exceeds(k):
+        k += 1
+    return k
 
 
 def border_mass(mean: np.ndarray, cov: np.ndarray, shape: Sequence[int]) -> float:

@@ -22,7 +22,7 @@ import pytest
 
 from erf_callback import fit_gaussian
 from erf_callback.fit.metrics import border_mass
-from tests.helpers.nets import gaussian_map
+from tests.helpers.maps import gaussian_map
 
 SHAPE = (200, 240)
 FLOORS = (0.0, 0.05)
@@ -104,7 +104,7 @@ PLACEMENTS = [
 def test_fit_recovers_cut_floored_noisy_gaussians(name, inside, corner, sy, sx, theta):
     cov = rotated_cov(sy, sx, theta)
     mean = placed(cov, inside, corner)
-    clean = gaussian_map(SHAPE, mean, cov).numpy()
+    clean = gaussian_map(SHAPE, mean, cov)
     rng = np.random.default_rng(7)
     errors = {}
     for floor in FLOORS:
@@ -124,7 +124,7 @@ def test_the_cut_was_a_problem_for_plain_windowed_moments():
     # The failure this guards against: plain moments of the visible part are ~30% narrow.
     cov = rotated_cov(16.0, 24.0, 0.0)
     mean = placed(cov, 0.64, False)
-    erf = gaussian_map(SHAPE, mean, cov).numpy()
+    erf = gaussian_map(SHAPE, mean, cov)
     visible = fit_gaussian(erf, "moments")
     assert fit_error(visible.cov, cov) > 0.2
     assert fit_error(fit_gaussian(erf + 0.05).cov, cov) < 1e-6
@@ -163,7 +163,7 @@ def test_border_mass_of_the_fit_tracks_the_true_cut():
     cov = rotated_cov(22.0, 14.0, 0.5)
     mean = placed(cov, 0.64, True)
     rng = np.random.default_rng(3)
-    erf = gaussian_map(SHAPE, mean, cov).numpy() + 0.03 + np.abs(rng.normal(0, 0.05, SHAPE))
+    erf = gaussian_map(SHAPE, mean, cov) + 0.03 + np.abs(rng.normal(0, 0.05, SHAPE))
     fit = fit_gaussian(erf)
     truth = exact_outside(mean, cov, SHAPE)
     assert truth == pytest.approx(0.36, abs=0.01)

@@ -156,3 +156,17 @@ def relu_stack(depth: int, channels: int = 8, kernel: int = 3) -> nn.Sequential:
     for _ in range(depth - 1):
         layers += [nn.ReLU(), nn.Conv2d(channels, channels, kernel, padding=kernel // 2)]
     return nn.Sequential(*layers)
+
+
+def randomize_bn_stats(net: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BatchNorm running statistics and affine terms, as a trained net has."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+                m.weight.copy_(0.5 + torch.rand(n, generator=g))
+                m.bias.copy_(0.1 * torch.randn(n, generator=g))
+    return net

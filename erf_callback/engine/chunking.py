@@ -1,0 +1,176 @@
+"""How many samples go through one forward/backward: the chunk plan and its memory budget.
+
+Peak memory of a probe is the autograd graph of one chunk: the activations that the
+truncated forward saves for the backward, times the chunk's length. With
+``chunk_size="auto"`` the first chunk is a single sample whose saved activations are
+measured (``torch.autograd.graph.saved_tensors_hooks``); the rest of the samples then go in
+chunks that fit the memory budget. On CPU, large chunks are not faster once their activations
+leave the caches and every chunk faults in fresh pages, so the default budget is small; on
+CUDA it is half of the memory the caching allocator could still hand out.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from erf_callback.engine.config import AUTO, ChunkSize
+
+__all__ = [
+    "CPU_BUDGET",
+    "CUDA_BUDGET_FRACTION",
+    "ChunkPlan",
+    "SavedBytesMeter",
+    "default_budget",
+    "out_of_memory_error",
+]
+
+#: Default ``memory_budget`` on CPU: saved activations per chunk, in bytes.
+CPU_BUDGET = 128 * 2**20
+#: Default ``memory_budget`` on CUDA, as a fraction of the memory still available to torch.
+CUDA_BUDGET_FRACTION = 0.5
+
+
+def default_budget(device: torch.device) -> int:
+    """The memory budget of a chunk's saved activations when ``memory_budget`` is None.
+
+    Example:
+        >>> default_budget(torch.device("cpu")) <= CPU_BUDGET
+        True
+    """
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return max(1, int(CUDA_BUDGET_FRACTION * (free + cached)))
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not on Linux: no cap
+        return CPU_BUDGET
+    return max(1, min(CPU_BUDGET, available // 4))
+
+
+@dataclass
+class ChunkPlan:
+    """The chunk lengths of one probe; ``"auto"`` plans grow after the first sample is measured.
+
+    Example:
+        >>> plan = ChunkPlan.create("auto", n=10, budget=100)
+        >>> plan.size(0)
+        1
+        >>> plan.measured(per_sample_bytes=30)   # 3 samples fit; 9 left go as 3 + 3 + 3
+        >>> [plan.size(s) for s in (1, 4, 7)]
+        [3, 3, 3]
+    """
+
+    n: int
+    chunk: int
+    auto: bool
+    budget: int | None
+
+    @classmethod
+    def create(
+        cls, chunk_size: ChunkSize | None, n: int, budget: int | None, one_at_a_time: bool = False
+    ) -> ChunkPlan:
+        """``one_at_a_time``: samples would mix (BatchNorm without running stats): chunk 1."""
+        if one_at_a_time:
+            return cls(n, 1, False, budget)
+        if chunk_size is None:
+            return cls(n, n, False, budget)
+        if chunk_size == AUTO:
+            return cls(n, 1, True, budget)
+        return cls(n, min(int(chunk_size), n), False, budget)
+
+    def size(self, start: int) -> int:
+        """Length of the chunk that begins at sample ``start``."""
+        return min(self.chunk, self.n - start)
+
+    def measured(self, per_sample_bytes: float, start: int = 1) -> None:
+        """Set the chunk from one sample's activation bytes (``"auto"`` plans only)."""
+        if not self.auto or self.budget is None:
+            return
+        left = self.n - start
+        if left <= 0:
+            return
+        cap = max(1, min(left, int(self.budget // max(per_sample_bytes, 1.0))))
+        # Equal chunks: 33 samples with room for 32 go as 17 + 16, not 32 + 1.
+        self.chunk = math.ceil(left / math.ceil(left / cap))
+
+    def shrink(self, failed: int) -> bool:
+        """After an out-of-memory error on a chunk of ``failed`` samples: halve, if allowed."""
+        if not self.auto or failed <= 1:
+            return False
+        self.chunk = max(1, failed // 2)
+        return True
+
+
+def out_of_memory_error(
+    plan: ChunkPlan, failed: int, device: torch.device
+) -> torch.OutOfMemoryError:
+    """The error raised when no chunk length fits: says what was tried and what to do."""
+    if plan.auto:
+        what = f"even one sample at a time ran out of memory on {device}"
+        fix = (
+            "Probe smaller inputs, a shallower layer, or move the model to a device with more "
+            "memory (or free memory held elsewhere, e.g. torch.cuda.empty_cache())."
+        )
+    else:
+        what = f"a chunk of {failed} samples ran out of memory on {device}"
+        fix = (
+            "Pass chunk_size='auto' (the default: sized from free memory, halved on "
+            "out-of-memory errors) or a smaller chunk_size."
+        )
+    return torch.OutOfMemoryError(f"compute_erf: {what}. {fix}")
+
+
+class SavedBytesMeter:
+    """Bytes of the tensors a forward saves for its backward, parameters and buffers excluded.
+
+    Example:
+        >>> conv = torch.nn.Conv2d(1, 4, 3)
+        >>> meter = SavedBytesMeter(conv)
+        >>> x = torch.randn(2, 1, 8, 8, requires_grad=True)
+        >>> with meter:
+        ...     _ = torch.relu(conv(x))
+        >>> meter.nbytes >= 2 * 4 * 6 * 6 * 4   # at least the ReLU's output
+        True
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = model
+        self._storages: dict[int, int] = {}
+        self._exclude: set[int] = set()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self._storages.values())
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in self._exclude:
+            # A view (e.g. the chunk sliced from all inputs) counts for its own size only.
+            own = min(t.numel() * t.element_size(), storage.nbytes())
+            self._storages[ptr] = max(own, self._storages.get(ptr, 0))
+        # An alias without autograd history: returning ``t`` itself would make every tensor
+        # saved by its own grad_fn (a ReLU's output) a reference cycle that is never freed.
+        return t.detach()
+
+    def __enter__(self) -> SavedBytesMeter:
+        self._exclude = {
+            t.untyped_storage().data_ptr()
+            for t in (*self._model.parameters(), *self._model.buffers())
+        }
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._ctx.__exit__(*exc)
+
+
+def _unpack(t: torch.Tensor) -> torch.Tensor:
+    return t

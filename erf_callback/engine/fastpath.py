@@ -1,0 +1,242 @@
+"""Running the probed model faster without touching it: conv shadows for the later chunks.
+
+Two rewrites that change no result and leave no trace on the model:
+
+* **BatchNorm folding.** An eval-mode ``BatchNorm`` is an affine map per channel, so a
+  convolution followed by it equals one convolution with scaled weights and a new bias. A
+  pair is folded only when the first chunk's forward showed that the BatchNorm's input *is* the
+  convolution's output (same autograd node, no in-place change between them), that nothing
+  else consumes that output on the way to the probed layers, that neither module was called
+  twice or carries hooks, and that the convolution's own output is not probed.
+* **channels_last** (2-D convolutions on CPU): the input and ``channels_last`` copies of the
+  conv weights make oneDNN's faster kernels run end to end.
+
+The model is never modified. For the duration of a chunk the reached convolutions get an
+instance ``forward`` that calls ``conv._conv_forward`` with the shadow weights, and folded
+BatchNorms an identity ``forward``; both are removed afterwards (the instance ``__dict__`` is
+left as found). Extra memory: one copy of the weights of the reached convolutions.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["FastPath", "ForwardRecorder"]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class ForwardRecorder:
+    """Hooks on convolutions and BatchNorms that record, during one forward, who feeds whom.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)).eval()
+        >>> x = torch.randn(1, 1, 8, 8, requires_grad=True)
+        >>> with ForwardRecorder(net) as rec:
+        ...     out = net(x)
+        >>> [type(c).__name__ for c, _ in rec.candidate_pairs()]
+        ['Conv2d']
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = model
+        self.calls: dict[nn.Module, int] = {}
+        self._conv_out: dict[nn.Module, Any] = {}  # conv -> grad_fn of its output
+        self._norm_in: dict[nn.Module, Any] = {}  # norm -> grad_fn of its input
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> ForwardRecorder:
+        for m in self._model.modules():
+            if type(m) in _CONVS or type(m) in _NORMS:
+                self._handles.append(m.register_forward_pre_hook(self._pre))
+                self._handles.append(m.register_forward_hook(self._post))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self.calls[module] = self.calls.get(module, 0) + 1
+        if type(module) in _NORMS and args and isinstance(args[0], torch.Tensor):
+            self._norm_in[module] = args[0].grad_fn
+
+    def _post(self, module: nn.Module, _args: tuple[Any, ...], out: Any) -> None:
+        if type(module) in _CONVS and isinstance(out, torch.Tensor):
+            self._conv_out[module] = out.grad_fn
+
+    def candidate_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(conv, norm) pairs, each called once, where the norm's input is the conv's output."""
+        by_node = {
+            node: conv
+            for conv, node in self._conv_out.items()
+            if node is not None and self.calls.get(conv) == 1
+        }
+        pairs = []
+        for norm, node in self._norm_in.items():
+            conv = by_node.get(node)
+            if conv is not None and self.calls.get(norm) == 1:
+                pairs.append((conv, norm))
+        return pairs
+
+    def conv_nodes(self) -> dict[nn.Module, Any]:
+        return dict(self._conv_out)
+
+
+class FastPath:
+    """Shadow forwards for the reached convolutions (and folded BatchNorms).
+
+    Build it with :meth:`plan` after the first chunk; enter :meth:`active` around later ones.
+    """
+
+    def __init__(
+        self, forwards: dict[nn.Module, Callable[..., Any]], channels_last: bool, folded: int
+    ) -> None:
+        self._forwards = forwards
+        self.channels_last = channels_last
+        self.folded = folded
+
+    @classmethod
+    def disabled(cls) -> FastPath:
+        return cls({}, False, 0)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._forwards) or self.channels_last
+
+    def disable(self) -> None:
+        """Run the model as written from now on (the model rejected a rewrite)."""
+        self._forwards, self.channels_last, self.folded = {}, False, 0
+
+    @classmethod
+    def plan(
+        cls,
+        recorder: ForwardRecorder,
+        outputs: Sequence[torch.Tensor],
+        probed: Sequence[nn.Module],
+        channels_last: bool,
+    ) -> FastPath:
+        """Decide the shadows from the first chunk's forward (``outputs``: the probed tensors)."""
+        consumers = _count_consumers(outputs)
+        roots = {o.grad_fn for o in outputs if o.grad_fn is not None}
+        hooked_globally = bool(
+            nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+        )
+        conv_nodes = recorder.conv_nodes()
+        folds: dict[nn.Module, nn.Module] = {}
+        for conv, norm in recorder.candidate_pairs():
+            node = conv_nodes[conv]
+            if (
+                hooked_globally
+                or conv in probed
+                or node in roots
+                or consumers.get(node, 0) != 1
+                or _has_hooks(conv)
+                or _has_hooks(norm)
+                or not _foldable(conv, norm)
+            ):
+                continue
+            folds[conv] = norm
+        forwards: dict[nn.Module, Callable[..., Any]] = {}
+        for conv in conv_nodes:
+            if "forward" in vars(conv):
+                continue
+            layout = channels_last and type(conv) is nn.Conv2d
+            norm = folds.get(conv)
+            if norm is None and not layout:
+                continue
+            weight, bias = _shadow_weights(conv, norm, layout)
+            forwards[conv] = functools.partial(_shadow_conv_forward, conv, weight, bias)
+            if norm is not None:
+                forwards[norm] = _identity
+        return cls(forwards, channels_last, len(folds))
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """Install the shadow forwards; the modules' ``__dict__`` is restored afterwards."""
+        installed = []
+        try:
+            for module, forward in self._forwards.items():
+                module.forward = forward  # type: ignore[method-assign]
+                installed.append(module)
+            yield
+        finally:
+            for module in installed:
+                del module.forward
+
+
+def _count_consumers(outputs: Sequence[torch.Tensor]) -> dict[Any, int]:
+    """How many autograd edges point at each node of the graph that leads to ``outputs``."""
+    counts: dict[Any, int] = {}
+    stack = [o.grad_fn for o in outputs if o.grad_fn is not None]
+    seen = set(stack)
+    while stack:
+        node = stack.pop()
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            counts[nxt] = counts.get(nxt, 0) + 1
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return counts
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module))
+
+
+def _foldable(conv: nn.Module, norm: nn.Module) -> bool:
+    return (
+        isinstance(norm, _NORMS)
+        and isinstance(conv, _CONVS)
+        and not norm.training
+        and norm.running_mean is not None
+        and norm.running_var is not None
+        and norm.num_features == conv.out_channels
+        and conv.weight.is_floating_point()
+    )
+
+
+def _shadow_weights(
+    conv: nn.Module, norm: nn.Module | None, channels_last: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Copies of ``conv``'s weight and bias, with ``norm`` folded in (computed in float64)."""
+    with torch.no_grad():
+        weight = conv.weight.detach()
+        bias = None if conv.bias is None else conv.bias.detach()
+        if norm is not None:
+            w64 = weight.double()
+            mean, var = norm.running_mean.double(), norm.running_var.double()
+            scale = torch.rsqrt(var + norm.eps)
+            shift = -mean * scale
+            if norm.weight is not None:
+                scale = scale * norm.weight.double()
+                shift = shift * norm.weight.double()
+            if norm.bias is not None:
+                shift = shift + norm.bias.double()
+            b64 = shift if bias is None else bias.double() * scale + shift
+            shape = (-1,) + (1,) * (weight.dim() - 1)
+            weight = (w64 * scale.reshape(shape)).to(weight.dtype)
+            bias = b64.to(weight.dtype)
+        if channels_last:
+            weight = weight.contiguous(memory_format=torch.channels_last)
+    return weight, bias
+
+
+def _shadow_conv_forward(
+    conv: Any, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor
+) -> torch.Tensor:
+    return conv._conv_forward(x, weight, bias)  # type: ignore[no-any-return]
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x

@@ -1,0 +1,166 @@
+"""The fast path (BN folding, channels_last) changes neither results nor the model (item 4)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from erf_callback import compute_erf
+from erf_callback.engine import fastpath
+from tests.helpers.nets import ResNet, randomize_bn_stats
+
+
+def per_image_reference(net: nn.Module, x: torch.Tensor, layer: str) -> torch.Tensor:
+    """OpenERF's method written out: one image at a time, full forward, |grad| summed."""
+    net = copy.deepcopy(net).eval()
+    store = {}
+    dict(net.named_modules())[layer].register_forward_hook(lambda m, i, o: store.update(o=o))
+    acc = torch.zeros(x.shape[2:], dtype=torch.float64)
+    for i in range(len(x)):
+        xi = x[i : i + 1].clone().requires_grad_(True)
+        net(xi)
+        out = store["o"]
+        unit = out[:, :, out.shape[2] // 2, out.shape[3] // 2].sum()
+        (g,) = torch.autograd.grad(unit, xi)
+        acc += g.abs().sum(dim=(0, 1)).double()
+    return acc / len(x)
+
+
+@pytest.fixture
+def planned(monkeypatch):
+    """The FastPath objects that compute_erf planned, to see what it folded."""
+    plans = []
+    original = fastpath.FastPath.plan.__func__
+
+    def spy(cls, *args, **kwargs):
+        plans.append(original(cls, *args, **kwargs))
+        return plans[-1]
+
+    monkeypatch.setattr(fastpath.FastPath, "plan", classmethod(spy))
+    return plans
+
+
+def test_float64_maps_equal_the_reference_with_every_bn_folded(planned):
+    torch.manual_seed(0)
+    net = randomize_bn_stats(ResNet(width=4)).double()
+    x = torch.randn(9, 3, 48, 48, dtype=torch.float64)
+    got = compute_erf(net, x, ["layer3"], chunk_size=4)["layer3"].grad
+    want = per_image_reference(net, x, "layer3")
+    # float64 rounding of a different summation order, nothing more.
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12 * float(want.max()))
+    # stem + 6 blocks x 2 convs + 2 downsample convs: all 15 conv+BN pairs up to layer3.
+    assert planned[0].folded == 15 and planned[0].channels_last
+
+
+def test_float32_maps_agree_to_float32_rounding():
+    torch.manual_seed(1)
+    net = randomize_bn_stats(ResNet(width=8))
+    x = torch.randn(12, 3, 64, 64)
+    fast = compute_erf(net, x, ["layer2", "layer3"], chunk_size=4)
+    plain = compute_erf(net, x, ["layer2", "layer3"], chunk_size=4, optimize=False)
+    for k in fast:
+        a, b = fast[k].grad, plain[k].grad
+        assert float((a - b).abs().max() / b.abs().max()) < 1e-5  # float32 eps ~1.2e-7
+
+
+def snapshot(net: nn.Module) -> dict:
+    return {
+        "params": [
+            (n, p.detach().clone(), p.stride(), p._version, p.requires_grad)
+            for n, p in net.named_parameters()
+        ],
+        "grads": [None if p.grad is None else p.grad.clone() for p in net.parameters()],
+        "buffers": [(n, b.clone(), b.stride(), b._version) for n, b in net.named_buffers()],
+        "training": [m.training for m in net.modules()],
+        "dicts": [sorted(vars(m)) for m in net.modules()],
+        "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in net.modules()],
+    }
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a["training"] == b["training"] and a["dicts"] == b["dicts"]
+    assert a["hooks"] == b["hooks"]
+    for (n1, t1, s1, v1, r1), (n2, t2, s2, v2, r2) in zip(a["params"], b["params"], strict=True):
+        assert n1 == n2 and s1 == s2 and v1 == v2 and r1 == r2
+        assert torch.equal(t1, t2)  # bitwise
+    for g1, g2 in zip(a["grads"], b["grads"], strict=True):
+        assert (g1 is None and g2 is None) or torch.equal(g1, g2)
+    for (n1, t1, s1, v1), (n2, t2, s2, v2) in zip(a["buffers"], b["buffers"], strict=True):
+        assert n1 == n2 and s1 == s2 and v1 == v2 and torch.equal(t1, t2)
+
+
+def test_the_fast_path_leaves_no_visible_trace(planned):
+    torch.manual_seed(2)
+    net = randomize_bn_stats(ResNet(width=4))
+    net.layer1.train()  # mixed flags, a frozen part, existing gradients
+    net.layer2[0].bn1.eval()
+    for p in net.layer1.parameters():
+        p.requires_grad_(False)
+    net(torch.randn(2, 3, 32, 32)).sum().backward()
+    before = snapshot(net)
+    compute_erf(net, torch.randn(6, 3, 32, 32), ["layer3"], chunk_size=2)
+    assert planned[0].folded > 0  # the rewrites were used
+    assert_same(before, snapshot(net))
+    # memory format of every parameter as found (contiguous, not channels_last)
+    assert all(p.is_contiguous() for p in net.parameters())
+
+
+class Shared(nn.Module):
+    """A conv whose output feeds its BatchNorm *and* a skip: folding it would be wrong."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        z = torch.relu(self.bn(y)) + y
+        w = self.conv2(z)
+        w.mul_(2.0)  # in place between the conv and its BatchNorm: not foldable either
+        return self.bn2(w)
+
+
+def test_pairs_that_cannot_be_folded_are_not(planned):
+    torch.manual_seed(3)
+    net = randomize_bn_stats(Shared()).double()
+    x = torch.randn(5, 3, 16, 16, dtype=torch.float64)
+    got = compute_erf(net, x, chunk_size=2)["output"].grad
+    want = compute_erf(net, x, chunk_size=2, optimize=False)["output"].grad
+    assert planned[0].folded == 0
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+def test_probed_convs_and_hooked_modules_are_not_folded(planned):
+    torch.manual_seed(4)
+    net = randomize_bn_stats(ResNet(width=4)).double()
+    seen = []
+    net.layer1[0].bn2.register_forward_hook(lambda m, i, o: seen.append(float(i[0].detach().sum())))
+    x = torch.randn(5, 3, 32, 32, dtype=torch.float64)
+    got = compute_erf(net, x, ["layer2.0.conv1", "layer3"], chunk_size=2)
+    want = compute_erf(net, x, ["layer2.0.conv1", "layer3"], chunk_size=2, optimize=False)
+    for k in got:
+        torch.testing.assert_close(got[k].grad, want[k].grad, rtol=1e-12, atol=0)
+    assert planned[0].folded == 15 - 2  # the probed conv1 and the hooked bn2 stay as written
+    # The hook saw the same (unfolded) inputs in both runs, up to float64 summation order.
+    half = len(seen) // 2
+    assert seen[:half] == pytest.approx(seen[half:], rel=1e-12)
+
+
+def test_a_model_that_rejects_channels_last_falls_back(planned):
+    class Viewer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y.view(y.shape[0], -1).view_as(y)  # .view fails on channels_last
+
+    net = Viewer().double()
+    x = torch.randn(5, 3, 16, 16, dtype=torch.float64)
+    got = compute_erf(net, x, chunk_size=2)["output"].grad
+    want = compute_erf(net, x, chunk_size=2, optimize=False)["output"].grad
+    assert planned[0].channels_last is False  # disabled after the failed chunk
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

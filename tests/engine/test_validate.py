@@ -1,0 +1,89 @@
+"""Inputs that used to give a number where they should give an error (issue 7, item 5)."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from erf_callback import ProbeConfig, compute_erf
+from tests.helpers.nets import ResNet
+
+
+def test_unbatched_image_asks_for_the_batch_dimension():
+    net = ResNet(width=4)
+    image = torch.randn(3, 32, 32)  # one image without its batch dim: read as 3 1-D signals
+    with pytest.raises(ValueError, match=r"'conv1' \(Conv2d\).*unbatched.*unsqueeze\(0\)"):
+        compute_erf(net, image, ["layer2"])
+    compute_erf(net, image.unsqueeze(0), ["layer2"])  # the fix it names works
+
+
+def test_layer_with_more_spatial_dims_than_the_input_hints_at_the_batch_dimension():
+    class Lift(nn.Module):  # no conv to catch it early: the probed output has the wrong rank
+        def forward(self, x):
+            return x.unsqueeze(0) * 2
+
+    with pytest.raises(ValueError, match="add the batch dimension"):
+        compute_erf(Lift(), torch.randn(3, 8, 8))
+
+
+def test_a_1d_model_still_takes_1d_inputs():
+    net = nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv1d(4, 4, 3, padding=1))
+    m = compute_erf(net, torch.randn(5, 2, 32))["output"]
+    assert m.grad.shape == (32,) and m.status == "ok"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_inputs_name_how_many_samples(bad):
+    x = torch.randn(6, 1, 8, 8)
+    x[1, 0, 2, 3] = bad
+    x[4, 0, 0, 0] = bad
+    with pytest.raises(ValueError, match=r"NaN or Inf in 2 of 6 samples \(indices \[1, 4\]\)"):
+        compute_erf(nn.Conv2d(1, 1, 3), x)
+
+
+@pytest.mark.parametrize(
+    "position", [(3.5, 2), (3.0, 2), ("3", 2), 3, np.array([1.5, 2.0]), {"output": (1, 2.2)}]
+)
+def test_non_integer_positions_are_refused_not_truncated(position):
+    with pytest.raises(ValueError, match="position"):
+        compute_erf(nn.Conv2d(1, 1, 3), torch.randn(1, 1, 8, 8), position=position)
+
+
+def test_integer_like_positions_are_accepted():
+    x = torch.randn(1, 1, 8, 8)
+    a = compute_erf(nn.Conv2d(1, 1, 1), x, position=np.array([2, 5]))["output"]
+    assert a.position == (2, 5)
+    b = compute_erf(nn.Conv2d(1, 1, 1), x, position=(np.int64(2), 5))["output"]
+    assert b.position == (2, 5)
+
+
+@pytest.mark.parametrize("channels", [1.5, True, [0, 0], [], [0, 1.0], "0", (2, -2, 2)])
+def test_bad_channels_say_what_is_allowed(channels):
+    with pytest.raises(ValueError, match="channels must be an int or a non-empty sequence"):
+        compute_erf(nn.Conv2d(1, 4, 3), torch.randn(1, 1, 8, 8), channels=channels)
+
+
+def test_good_channels_still_work():
+    net, x = nn.Conv2d(1, 4, 3), torch.randn(2, 1, 8, 8)
+    one = compute_erf(net, x, channels=np.int64(1))["output"].grad
+    two = compute_erf(net, x, channels=[1, 2])["output"].grad
+    assert one.shape == two.shape == (8, 8)
+
+
+@pytest.mark.parametrize("chunk", [2.5, True, 0, -1, "big", 2.0])
+def test_bad_chunk_size(chunk):
+    with pytest.raises(ValueError, match=r"chunk_size must be a positive int, 'auto' or None"):
+        compute_erf(nn.Conv2d(1, 1, 3), torch.randn(2, 1, 8, 8), chunk_size=chunk)
+
+
+@pytest.mark.parametrize("budget", [0, 1.5, True, "1GB"])
+def test_bad_memory_budget(budget):
+    with pytest.raises(ValueError, match="memory_budget must be a positive int"):
+        ProbeConfig(memory_budget=budget)
+
+
+def test_model_on_the_meta_device_is_refused_up_front():
+    with torch.device("meta"):
+        net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
+    with pytest.raises(ValueError, match=r"meta device.*to_empty"):
+        compute_erf(net, torch.randn(1, 1, 8, 8))
