@@ -17,7 +17,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from erf_callback.callback.guarded import Guard, free_probe_memory, is_out_of_memory
+from erf_callback.callback.guarded import (
+    Guard,
+    free_probe_memory,
+    has_nonfinite_state,
+    is_out_of_memory,
+)
 from erf_callback.callback.history import (
     CHANGE_METRICS,
     ERFHistory,
@@ -215,6 +220,7 @@ class ERFMonitorBase:
         self._warned: set[str] = set()
         self._images = ImagePublisher()
         self._guard = Guard(self._warn_once)
+        self._told_interval = False
         self._checked = False  # the fit-start check ran in this fit
         self._dry_run = False  # fast_dev_run: the fit-start check only, nothing logged
         self._files_name: str | None = None  # the history files' base name, once taken
@@ -325,6 +331,7 @@ class ERFMonitorBase:
             "layers": self.layers,
             "history": self.history.state_dict(),
             "auto_interval": self.schedule.auto_interval,
+            "next_auto_step": self.schedule.next_auto_step,
             "last_probed_step": self._last_probed_step,
             "inputs": self._inputs,
         }
@@ -338,6 +345,7 @@ class ERFMonitorBase:
         self.layers = state_dict["layers"]
         self.history.load_state_dict(state_dict["history"])
         self.schedule.auto_interval = state_dict["auto_interval"]
+        self.schedule.next_auto_step = state_dict.get("next_auto_step")
         self._last_probed_step = state_dict["last_probed_step"]
         self._inputs = state_dict["inputs"]
         self._device_inputs = None
@@ -422,6 +430,12 @@ class ERFMonitorBase:
             # probe's tensors, gone, so the memory can really be given back.
             free_probe_memory()
             return
+        if any(m.status != "ok" for m in maps.values()) and has_nonfinite_state(net):
+            # NaN weights can also give all-zero gradients (NaN fails ReLU's `> 0`): a diverged
+            # model is "nonfinite", not "zero" (dead units), whatever the map shows.
+            for m in maps.values():
+                if m.status != "ok":
+                    m.status = "nonfinite"
         if mark:
             self._last_probed_step = step
         if dry:
@@ -444,7 +458,11 @@ class ERFMonitorBase:
                 self._warn_once(
                     f"{m.status}:{layer}",
                     f"ERF probe of {layer!r} at step {step} skipped: "
-                    + ("NaN/Inf gradients" if m.status == "nonfinite" else "all-zero gradients")
+                    + (
+                        "NaN/Inf gradients or weights (a diverged model?)"
+                        if m.status == "nonfinite"
+                        else "all-zero gradients"
+                    )
                     + "; training goes on.",
                 )
                 self.history.add(step, epoch, layer, m.status, {}, m.grad, probe)
@@ -554,21 +572,31 @@ class ERFMonitorBase:
         The first probe carries one-time costs (imports, plotting caches), so once later
         probes exist their median is used; the interval is revisited after every probe.
         """
-        probe_s = float(np.median(self._probe_seconds[1:] or self._probe_seconds))
+        later = self._probe_seconds[1:] or self._probe_seconds
+        # The history files grow with every probe: the newest probe is the better forecast
+        # when it is the slowest.
+        probe_s = max(float(np.median(later[-20:])), later[-1])
         step_s = float(np.median(self._step_times[-200:]))
-        interval = self.schedule.choose_auto_interval(probe_s, step_s)
+        step = trainer.global_step
+        interval = self.schedule.choose_auto_interval(
+            probe_s, step_s, sum(self._probe_seconds), sum(self._step_times), step
+        )
         strategy = getattr(trainer, "strategy", None)
         if strategy is not None and hasattr(strategy, "broadcast"):
             # Ranks time differently; all must agree or a collective could hang.
             interval = int(strategy.broadcast(interval, src=0))
             self.schedule.auto_interval = interval
-        log.info(
-            "erf-callback: probe %.3fs, step %.4fs -> probing every %d steps (<= %.0f%%)",
-            probe_s,
-            step_s,
-            interval,
-            100 * self.schedule.max_overhead,
-        )
+            self.schedule.next_auto_step = step + interval
+        if not self._told_interval:
+            self._told_interval = True
+            log.info(
+                "erf-callback: probe %.3fs, step %.4fs -> next probe in %d steps; probes are "
+                "spaced so that they take <= %.0f%% of the training time so far",
+                probe_s,
+                step_s,
+                interval,
+                100 * self.schedule.max_overhead,
+            )
 
     def _name_history_files(self, num_monitors: int) -> None:
         if self._history_filename_arg is None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Guard", "free_probe_memory", "is_out_of_memory"]
+__all__ = ["Guard", "free_probe_memory", "has_nonfinite_state", "is_out_of_memory"]
 
 Warn = Callable[[str, str], None]
 
@@ -66,6 +66,25 @@ class Guard:
             )
 
 
+def has_nonfinite_state(module: torch.nn.Module) -> bool:
+    """True when a parameter or floating-point buffer holds NaN/Inf (a diverged model).
+
+    Example:
+        >>> net = torch.nn.Linear(2, 2)
+        >>> has_nonfinite_state(net)
+        False
+        >>> with torch.no_grad():
+        ...     _ = net.weight.fill_(float("nan"))
+        >>> has_nonfinite_state(net)
+        True
+    """
+    with torch.no_grad():
+        for t in (*module.parameters(), *module.buffers()):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                return True
+    return False
+
+
 def is_out_of_memory(err: BaseException) -> bool:
     """True for ``torch.OutOfMemoryError`` and the ``RuntimeError``s older code raises for OOM.
 
@@ -85,5 +104,14 @@ def free_probe_memory() -> None:
     """Release what a failed probe left: reference cycles held by its traceback, then the
     CUDA caching allocator's free blocks, so the next training step has the memory it had."""
     gc.collect()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
+    if _cuda_in_use():
+        _empty_cuda_cache()
+
+
+def _empty_cuda_cache() -> None:
+    torch.cuda.empty_cache()
+
+
+def _cuda_in_use() -> bool:
+    # Never initialise CUDA just to empty its cache.
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
