@@ -6,7 +6,6 @@ import pandas as pd
 import pytest
 
 from erf_callback import ERFMonitor
-from erf_callback.callback.history import ERFHistory, claim_history_files
 from tests.helpers.lit import make_trainer, module_class
 
 
@@ -50,8 +49,10 @@ def test_clashing_monitors_fail_at_fit_start(tmp_path, second, match):
 
 
 def test_two_default_monitors_clash_on_the_resolved_layer(tmp_path):
-    # Both probe the deepest layer (found only at the first batch) with the same tags.
-    monitors = [ERFMonitor(num_samples=8, history_filename=n) for n in ("a", "b")]
+    # The second probes the deepest layer, found only at the first batch: the first's layer.
+    # (Two monitors with layers=None, tag_prefix and module alike share a state_key, which
+    # Lightning itself refuses.)
+    monitors = [ERFMonitor(layers=["net.7"], num_samples=8), ERFMonitor(num_samples=8)]
     model = module_class()()
     with pytest.raises(ValueError, match=r"same tags 'erf/net\.7/"):
         make_trainer(tmp_path, monitors, max_steps=1).fit(model)
@@ -103,6 +104,7 @@ def test_wandb_history_travels_with_the_run(tmp_path, monkeypatch):
 
 def test_a_claimed_name_is_given_back_when_the_first_write_fails(tmp_path, monkeypatch):
     from erf_callback.callback import history as history_module
+    from erf_callback.callback.history import ERFHistory, claim_history_files
 
     def no_space(*args, **kwargs):
         raise OSError(28, "No space left on device")
