@@ -73,6 +73,14 @@ def test_runs_sharing_a_directory_never_overwrite_each_other(tmp_path, logger):
 
     first = run(2)
     second = run(3)
+    found = sorted(f for f in os.listdir(tmp_path) if f.startswith("erf_history"))
+    assert found == [
+        "erf_history-v1.csv",
+        "erf_history-v1.json",
+        "erf_history.csv",
+        "erf_history.json",
+    ]
+    assert steps_in(str(tmp_path / "erf_history.csv")) == [0, 2]  # the first run's, intact
     assert first.history_files != second.history_files
     assert os.path.basename(first.history_files[0]) == "erf_history.csv"
     assert os.path.basename(second.history_files[0]) == "erf_history-v1.csv"
@@ -94,6 +102,7 @@ def test_wandb_history_travels_with_the_run(tmp_path, monkeypatch):
         make_trainer(tmp_path, [monitor], max_steps=max_steps, logger=logger).fit(module_class()())
         run_dir = logger.experiment.dir
         logger.experiment.finish()
+        assert os.path.exists(os.path.join(run_dir, "erf_history.json"))
         assert monitor.history_files[0] == os.path.join(run_dir, "erf_history.csv")
         run_dirs.append(run_dir)
     assert run_dirs[0] != run_dirs[1]
