@@ -2,7 +2,7 @@
 renderers, out of memory, divergence, bad configurations on resume and in fast_dev_run,
 label-first batches.
 
-Disk faults are real where the machine allows: a 64 KiB tmpfs filled up, and a read-only bind
+Disk faults are real where the machine allows: a 1 MiB tmpfs filled up, and a read-only bind
 mount (both need root and ``mount``; those tests skip cleanly otherwise). One variant with a
 patched ``open`` (marked as such) runs everywhere.
 """
@@ -98,12 +98,12 @@ class DiskFault(module_class()):
 def test_full_disk_never_ends_training_and_the_files_catch_up(tmp_path):
     full = tmp_path / "full"
     full.mkdir()
-    with mounted("-t", "tmpfs", "-o", "size=256k", "tmpfs", target=str(full)):
+    with mounted("-t", "tmpfs", "-o", "size=1m", "tmpfs", target=str(full)):
         filler = full / "filler"
 
         def fill() -> None:
             with contextlib.suppress(OSError), open(filler, "wb") as f:
-                f.write(b"\0" * (1 << 20))  # ENOSPC once the 256 KiB are used
+                f.write(b"\0" * (8 << 20))  # ENOSPC once the 1 MiB is used
 
         def check():
             return on_disk(str(full))
@@ -374,39 +374,31 @@ def test_out_of_memory_in_a_probe_is_skipped_and_freed(tmp_path, monkeypatch):
 # ---- 7. divergence ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("how", ["nan_loss", "huge_lr"])
+@pytest.mark.parametrize("how", ["nan_loss", "overflow"])
 def test_divergence_records_nonfinite_probes_and_training_goes_on(tmp_path, how):
     class Diverging(module_class()):
         def training_step(self, batch, batch_idx):
             loss = super().training_step(batch, batch_idx)
-            if how == "nan_loss" and self.global_step >= 2:
-                return loss * float("nan")
-            return loss
+            if self.global_step < 2:
+                return loss
+            # "overflow": the gradients overflow to Inf and the weights become NaN/Inf; the
+            # probes then see all-zero gradients (NaN fails ReLU's `> 0`), not dead units.
+            return loss * (float("nan") if how == "nan_loss" else 1e38)
 
-        def configure_optimizers(self):
-            # lr 1e6: the weights overflow to NaN within a few steps; their probes then see
-            # all-zero gradients (NaN fails ReLU's `> 0`), which is not "dead units".
-            return torch.optim.SGD(self.parameters(), lr=1e6 if how == "huge_lr" else 0.1)
-
+    torch.manual_seed(0)
     model = Diverging()
     monitor = ERFMonitor(layers=["net.2", "net.7"], every_n_steps=1, num_samples=8)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         trainer, _ = fit(tmp_path, monitor, model=model, max_steps=8)
     assert model.training_steps == 8
-    assert not all(torch.isfinite(p).all() for p in model.net.parameters())  # NaN weights
+    assert not all(torch.isfinite(p).all() for p in model.net.parameters())  # diverged
+    rows = pd.read_csv(os.path.join(trainer.logger.log_dir, "erf_history.csv"))
+    for layer in ("net.2", "net.7"):
+        statuses = list(rows[rows.layer == layer].status)
+        assert statuses == ["ok"] * 3 + ["nonfinite"] * 6, (layer, statuses)  # steps 0-8
     said = [m for m in erf_warnings(record) if "NaN/Inf gradients or weights" in m]
     assert len(said) == 2  # once per layer
-    rows = pd.read_csv(os.path.join(trainer.logger.log_dir, "erf_history.csv"))
-    statuses = rows.groupby("step").status.agg(set)
-    assert statuses[0] == {"ok"} and statuses[8] == {"nonfinite"}
-    if how == "nan_loss":
-        assert all(statuses[s] == {"ok"} for s in (0, 1, 2))
-        assert all(statuses[s] == {"nonfinite"} for s in range(3, 9))
-    for layer in ("net.2", "net.7"):  # once diverged, a layer stays "nonfinite", never "zero"
-        seq = list(rows[rows.layer == layer].status)
-        first_bad = seq.index("nonfinite")
-        assert set(seq[first_bad:]) == {"nonfinite"}, seq
 
 
 def test_nan_weights_at_fit_start_are_recorded_not_raised(tmp_path):
