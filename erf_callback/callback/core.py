@@ -17,7 +17,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from erf_callback.callback.history import CHANGE_METRICS, ERFHistory
+from erf_callback.callback.guarded import (
+    Guard,
+    free_probe_memory,
+    has_nonfinite_state,
+    is_out_of_memory,
+)
+from erf_callback.callback.history import (
+    CHANGE_METRICS,
+    ERFHistory,
+    claim_history_files,
+    history_paths,
+)
 from erf_callback.callback.images import render_probe_images
 from erf_callback.callback.inputs import (
     InputKey,
@@ -28,6 +39,12 @@ from erf_callback.callback.inputs import (
     reuses_workers,
 )
 from erf_callback.callback.publish import ImagePublisher, add_custom_scalars, log_scalars
+from erf_callback.callback.runfiles import (
+    DEFAULT_BASENAME,
+    check_monitors,
+    derived_basename,
+    run_directory,
+)
 from erf_callback.callback.schedule import AUTO_WARMUP_STEPS, DEFAULT_MAX_OVERHEAD, ProbeSchedule
 from erf_callback.engine.compute import compute_erf
 from erf_callback.engine.config import (
@@ -100,7 +117,9 @@ class ERFMonitorBase:
         cmap: matplotlib colour map of the heatmaps.
         history_map_size: maps are kept downsampled to at most this many pixels per side.
         tag_prefix: first part of every logged tag.
-        history_filename: base name of the CSV/JSON history files.
+        history_filename: base name of the CSV/JSON history files. Default
+            ``"erf_history"``, or, with several monitors in one Trainer,
+            ``"erf_history-<tag_prefix>-<layers>"``.
 
     Example:
         >>> from erf_callback import ERFMonitor
@@ -138,7 +157,7 @@ class ERFMonitorBase:
         cmap: str = "inferno",
         history_map_size: int = 64,
         tag_prefix: str = "erf",
-        history_filename: str = "erf_history",
+        history_filename: str | None = None,
     ) -> None:
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int; got {num_samples!r}")
@@ -185,7 +204,8 @@ class ERFMonitorBase:
         self.images_every_n_probes = images_every_n_probes
         self.cmap = cmap
         self.tag_prefix = tag_prefix
-        self.history_filename = history_filename
+        self._history_filename_arg = history_filename
+        self.history_filename = history_filename or DEFAULT_BASENAME
         self.history = ERFHistory(history_map_size)
 
         self._inputs: torch.Tensor | None = None  # CPU copy; part of the checkpoint
@@ -199,6 +219,11 @@ class ERFMonitorBase:
         self._probe_seconds: list[float] = []
         self._warned: set[str] = set()
         self._images = ImagePublisher()
+        self._guard = Guard(self._warn_once)
+        self._told_interval = False
+        self._checked = False  # the fit-start check ran in this fit
+        self._dry_run = False  # fast_dev_run: the fit-start check only, nothing logged
+        self._files_name: str | None = None  # the history files' base name, once taken
 
     # ---- Lightning hooks -----------------------------------------------------------------
 
@@ -211,10 +236,13 @@ class ERFMonitorBase:
     def setup(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
         if stage != "fit":
             return
-        self._enabled = not getattr(trainer, "fast_dev_run", False)
-        if not self._enabled:
-            log.info("erf-callback: fast_dev_run is on; ERFMonitor does not probe.")
-            return
+        self._checked, self._files_name = False, None
+        self._dry_run = bool(getattr(trainer, "fast_dev_run", False))
+        if self._dry_run:
+            log.info(
+                "erf-callback: fast_dev_run is on; ERFMonitor checks its configuration with "
+                "one probe at the first batch and logs nothing."
+            )
         net = self._probed_module(pl_module)
         if self.layers is not None:
             resolve_layers(net, self.layers)  # unknown names fail here, before any data
@@ -223,12 +251,25 @@ class ERFMonitorBase:
         if not self._enabled:
             return
         # Trainer.log_dir broadcasts from rank 0: every rank must ask, and at the same point.
-        self._history_dir = getattr(trainer, "log_dir", None) or trainer.default_root_dir
-        if trainer.is_global_zero:
-            add_custom_scalars(trainer.loggers, self.tag_prefix)
+        log_dir = getattr(trainer, "log_dir", None)
+        monitors = [cb for cb in trainer.callbacks if isinstance(cb, ERFMonitorBase)]
+        for monitor in monitors:
+            monitor._name_history_files(len(monitors))
+        check_monitors(monitors)
         if self._inputs is None and not isinstance(self.input_source, str):
             self._inputs = gather_inputs(self.input_source, self.input_key, self.num_samples)
         self._last_step_seen = trainer.global_step
+        if self._dry_run:
+            return
+        if trainer.is_global_zero:
+            self._history_dir = run_directory(trainer, log_dir)
+            self._guard.each_logger(
+                trainer.loggers,
+                "chart layout",
+                lambda one: add_custom_scalars(one, self.tag_prefix),
+                trainer.global_step,
+            )
+            self._write_history(trainer)  # takes this run's file names at once
 
     def on_train_batch_start(
         self, trainer: Any, pl_module: nn.Module, batch: Any, batch_idx: int
@@ -240,15 +281,21 @@ class ERFMonitorBase:
         if self.layers is None:
             self.layers = [deepest_spatial_layer(self._probed_module(pl_module), self._inputs)]
             log.info("erf-callback: probing the deepest spatial layer %r", self.layers[0])
-        if self._last_probed_step is None:
-            # The fit-start check: a bad configuration fails here, before any training time.
-            self._probe_if_new(trainer, pl_module, dry=not self.probe_at_init, strict=True)
+            check_monitors([cb for cb in trainer.callbacks if isinstance(cb, ERFMonitorBase)])
+        if not self._checked:
+            # The fit-start check: a bad configuration fails here, before any training time;
+            # also on resume and under fast_dev_run, where it records nothing.
+            self._checked = True
+            if self._last_probed_step is None and not self._dry_run:
+                self._probe_if_new(trainer, pl_module, dry=not self.probe_at_init, strict=True)
+            else:
+                self._probe(trainer, pl_module, dry=True, strict=True, mark=False)
             self._step_clock = time.perf_counter()
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self._enabled or trainer.sanity_checking:
+        if not self._enabled or self._dry_run or trainer.sanity_checking:
             return
         step = trainer.global_step
         if step == self._last_step_seen:
@@ -265,11 +312,13 @@ class ERFMonitorBase:
                 self._choose_interval(trainer)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: nn.Module) -> None:
-        if self._enabled and self.schedule.due_at_epoch_end(trainer.current_epoch):
+        if not self._enabled or self._dry_run:
+            return
+        if self.schedule.due_at_epoch_end(trainer.current_epoch):
             self._probe_if_new(trainer, pl_module)
 
     def on_train_end(self, trainer: Any, pl_module: nn.Module) -> None:
-        if not self._enabled or self._last_probed_step is None:
+        if not self._enabled or self._dry_run or self._last_probed_step is None:
             return
         if self.probe_at_end:
             self._probe_if_new(trainer, pl_module)
@@ -282,6 +331,7 @@ class ERFMonitorBase:
             "layers": self.layers,
             "history": self.history.state_dict(),
             "auto_interval": self.schedule.auto_interval,
+            "next_auto_step": self.schedule.next_auto_step,
             "last_probed_step": self._last_probed_step,
             "inputs": self._inputs,
         }
@@ -295,6 +345,7 @@ class ERFMonitorBase:
         self.layers = state_dict["layers"]
         self.history.load_state_dict(state_dict["history"])
         self.schedule.auto_interval = state_dict["auto_interval"]
+        self.schedule.next_auto_step = state_dict.get("next_auto_step")
         self._last_probed_step = state_dict["last_probed_step"]
         self._inputs = state_dict["inputs"]
         self._device_inputs = None
@@ -305,6 +356,13 @@ class ERFMonitorBase:
     def probe_seconds(self) -> list[float]:
         """Wall time of every probe of this run (for overhead accounting)."""
         return list(self._probe_seconds)
+
+    @property
+    def history_files(self) -> tuple[str, str] | None:
+        """Paths of this run's CSV and JSON history files, once rank 0 has taken them."""
+        if self._files_name is None or self._history_dir is None:
+            return None
+        return history_paths(self._history_dir, self._files_name)
 
     @property
     def probe_inputs(self) -> torch.Tensor | None:
@@ -336,35 +394,58 @@ class ERFMonitorBase:
         if self._step_clock is not None:
             self._step_clock += time.perf_counter() - start  # probe time is not step time
 
-    def _probe(self, trainer: Any, pl_module: nn.Module, *, dry: bool, strict: bool) -> None:
+    def _probe(
+        self, trainer: Any, pl_module: nn.Module, *, dry: bool, strict: bool, mark: bool = True
+    ) -> None:
         assert self.layers is not None
         assert self._inputs is not None
         net = self._probed_module(pl_module)
-        x = self._inputs_on(net)
         step = trainer.global_step
+        maps: dict[str, ERFMap] | None = None
         try:
+            x = self._inputs_on(net)
             with warnings.catch_warnings():
                 # The engine's NaN/zero warnings are re-issued below once per layer and kind.
                 warnings.simplefilter("ignore", ERFWarning)
                 maps = compute_erf(net, x, self.layers, probe=self.probe_config)
         except Exception as err:
-            if not strict:  # mid-training: a skipped probe, never a crashed run
-                self._warn_once(
-                    f"skip:{type(err).__name__}",
-                    f"ERF probe at step {step} skipped ({type(err).__name__}: {err}); "
-                    "training goes on.",
-                )
-                return
-            if isinstance(err, NotImplementedError):
-                raise ValueError(
-                    "ERFMonitor calls the LightningModule's forward(x), which is not "
-                    "implemented. Implement forward, or pass module='<attribute of the network>'."
-                ) from err
-            raise  # configuration errors: loud, at fit start, before any training time
-        self._last_probed_step = step
+            oom = is_out_of_memory(err)
+            if strict and not oom:  # configuration errors: loud, at fit start
+                if isinstance(err, NotImplementedError):
+                    raise ValueError(
+                        "ERFMonitor calls the LightningModule's forward(x), which is not "
+                        "implemented. Implement forward, or pass "
+                        "module='<attribute of the network>'."
+                    ) from err
+                raise
+            # Mid-training, or out of memory: a skipped probe, never a crashed run.
+            hint = " Lower chunk_size or num_samples, or probe fewer layers." if oom else ""
+            self._warn_once(
+                f"skip:{type(err).__name__}",
+                f"ERF probe at step {step} skipped ({type(err).__name__}: {err}); "
+                f"training goes on.{hint}",
+            )
+        if maps is None:
+            # Outside the except block: only now is the traceback, which holds the failed
+            # probe's tensors, gone, so the memory can really be given back.
+            free_probe_memory()
+            return
+        if any(m.status != "ok" for m in maps.values()) and has_nonfinite_state(net):
+            # NaN weights can also give all-zero gradients (NaN fails ReLU's `> 0`): a diverged
+            # model is "nonfinite", not "zero" (dead units), whatever the map shows.
+            for m in maps.values():
+                if m.status != "ok":
+                    m.status = "nonfinite"
+        if mark:
+            self._last_probed_step = step
         if dry:
             return
-        self._record(trainer, maps)
+        if strict:
+            self._record(trainer, maps)
+        else:
+            self._guard.call(
+                "record", f"recording the ERF probe at step {step}", self._record, trainer, maps
+            )
 
     def _record(self, trainer: Any, maps: dict[str, ERFMap]) -> None:
         step, epoch = trainer.global_step, trainer.current_epoch
@@ -377,7 +458,11 @@ class ERFMonitorBase:
                 self._warn_once(
                     f"{m.status}:{layer}",
                     f"ERF probe of {layer!r} at step {step} skipped: "
-                    + ("NaN/Inf gradients" if m.status == "nonfinite" else "all-zero gradients")
+                    + (
+                        "NaN/Inf gradients or weights (a diverged model?)"
+                        if m.status == "nonfinite"
+                        else "all-zero gradients"
+                    )
                     + "; training goes on.",
                 )
                 self.history.add(step, epoch, layer, m.status, {}, m.grad, probe)
@@ -403,12 +488,30 @@ class ERFMonitorBase:
             layer_metrics[layer] = metrics
         if not trainer.is_global_zero:
             return
-        log_scalars(trainer.loggers, scalars, step)
+        # Logging and files are side work: a failing logger, renderer or disk never ends
+        # training, and the history (in memory, in checkpoints) is written at the next success.
+        self._guard.each_logger(
+            trainer.loggers, "scalars", lambda one: log_scalars(one, scalars, step), step
+        )
         if self.log_images and valid and probe % self.images_every_n_probes == 0:
-            images = render_probe_images(
-                valid, self.history, self.tag_prefix, self.cmap, layer_metrics
+            images = self._guard.call(
+                "render",
+                f"rendering the ERF images at step {step}",
+                render_probe_images,
+                valid,
+                self.history,
+                self.tag_prefix,
+                self.cmap,
+                layer_metrics,
+                then="no images for this probe;",
             )
-            self._images.publish(trainer.loggers, images, step)
+            if images:
+                self._guard.each_logger(
+                    trainer.loggers,
+                    "images",
+                    lambda one: self._images.publish(one, images, step),
+                    step,
+                )
         self._write_history(trainer)
 
     # ---- inputs ----------------------------------------------------------------------------
@@ -469,25 +572,69 @@ class ERFMonitorBase:
         The first probe carries one-time costs (imports, plotting caches), so once later
         probes exist their median is used; the interval is revisited after every probe.
         """
-        probe_s = float(np.median(self._probe_seconds[1:] or self._probe_seconds))
+        later = self._probe_seconds[1:] or self._probe_seconds
+        # The history files grow with every probe: the newest probe is the better forecast
+        # when it is the slowest.
+        probe_s = max(float(np.median(later[-20:])), later[-1])
         step_s = float(np.median(self._step_times[-200:]))
-        interval = self.schedule.choose_auto_interval(probe_s, step_s)
+        step = trainer.global_step
+        interval = self.schedule.choose_auto_interval(
+            probe_s, step_s, sum(self._probe_seconds), sum(self._step_times), step
+        )
         strategy = getattr(trainer, "strategy", None)
         if strategy is not None and hasattr(strategy, "broadcast"):
             # Ranks time differently; all must agree or a collective could hang.
             interval = int(strategy.broadcast(interval, src=0))
             self.schedule.auto_interval = interval
-        log.info(
-            "erf-callback: probe %.3fs, step %.4fs -> probing every %d steps (<= %.0f%%)",
-            probe_s,
-            step_s,
-            interval,
-            100 * self.schedule.max_overhead,
-        )
+            self.schedule.next_auto_step = step + interval
+        if not self._told_interval:
+            self._told_interval = True
+            log.info(
+                "erf-callback: probe %.3fs, step %.4fs -> next probe in %d steps; probes are "
+                "spaced so that they take <= %.0f%% of the training time so far",
+                probe_s,
+                step_s,
+                interval,
+                100 * self.schedule.max_overhead,
+            )
+
+    def _name_history_files(self, num_monitors: int) -> None:
+        if self._history_filename_arg is None:
+            self.history_filename = (
+                DEFAULT_BASENAME
+                if num_monitors == 1
+                else derived_basename(self.tag_prefix, self.module, self._layers_arg)
+            )
 
     def _write_history(self, trainer: Any) -> None:
+        """Write the history files (rank 0), never raising: a failure warns once per
+        directory; the next call rewrites everything, so nothing is lost."""
         directory = self._history_dir or trainer.default_root_dir
-        self.history.write(directory, self.history_filename)
+        then = (
+            "the history stays in memory and in checkpoints and is written at the next "
+            "successful write;"
+        )
+        what = f"writing the ERF history to {directory!r}"
+        if self._files_name is not None:
+            self._guard.call(
+                f"write:{directory}",
+                what,
+                self.history.write,
+                directory,
+                self._files_name,
+                then=then,
+            )
+            return
+        name = self._guard.call(
+            f"write:{directory}",
+            what,
+            claim_history_files,
+            directory,
+            self.history_filename,
+            self.history,
+            then=then,
+        )
+        self._files_name = name
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
+import itertools
 import json
 import math
 import os
@@ -14,10 +17,14 @@ import torch
 
 from erf_callback.fit.grid import downsample_map
 
-__all__ = ["CHANGE_METRICS", "ERFHistory"]
+__all__ = ["CHANGE_METRICS", "TMP_SUFFIX", "ERFHistory", "claim_history_files", "history_paths"]
 
 #: Change-from-initialisation metrics added to every record (and logged as scalars).
 CHANGE_METRICS = ("radius_growth", "map_correlation", "center_shift")
+#: Suffix of the files written before they are renamed into place.
+TMP_SUFFIX = ".tmp"
+# Columns of every record: an empty history still gets a CSV header pandas can read.
+_BASE_COLUMNS = ("probe", "step", "epoch", "layer", "status")
 
 
 class ERFHistory:
@@ -112,19 +119,41 @@ class ERFHistory:
 
     def write(self, directory: str, basename: str = "erf_history") -> tuple[str, str]:
         """Write ``<basename>.csv`` (metrics, one row per probe and layer: ``pd.read_csv``) and
-        ``<basename>.json`` (records plus the downsampled maps). Returns both paths."""
+        ``<basename>.json`` (records plus the downsampled maps). Returns both paths.
+
+        Both files are first written in full to temporary files, then both are renamed into
+        place, so a failed write (a full or read-only disk) replaces neither and leaves no
+        temporary file, and a reader never sees a partly written file.
+        """
         os.makedirs(directory, exist_ok=True)
-        csv_path = os.path.join(directory, f"{basename}.csv")
-        json_path = os.path.join(directory, f"{basename}.json")
-        columns: list[str] = []
+        paths = history_paths(directory, basename)
+        temps = tuple(p + TMP_SUFFIX for p in paths)
+        try:
+            with open(temps[0], "w", newline="") as f:
+                f.write(self.to_csv())
+            with open(temps[1], "w") as f:
+                f.write(self.to_json())
+            for tmp, path in zip(temps, paths, strict=True):
+                os.replace(tmp, path)
+        finally:
+            for tmp in temps:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+        return paths
+
+    def to_csv(self) -> str:
+        """The CSV text: one row per probe and layer, columns in order of first appearance."""
+        columns: list[str] = list(_BASE_COLUMNS)
         for r in self.records:
             columns += [k for k in r if k not in columns]
-        tmp = csv_path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.records)
-        os.replace(tmp, csv_path)
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self.records)
+        return buffer.getvalue()
+
+    def to_json(self) -> str:
+        """The JSON text: records (NaN/Inf as null) and the downsampled maps."""
         payload = {
             "format": "erf-callback history v1",
             "records": [{k: _json_number(v) for k, v in r.items()} for r in self.records],
@@ -133,11 +162,49 @@ class ERFHistory:
                 for layer, entries in self.maps.items()
             },
         }
-        tmp = json_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(payload, f)
-        os.replace(tmp, json_path)
-        return csv_path, json_path
+        return json.dumps(payload)
+
+
+def history_paths(directory: str, basename: str) -> tuple[str, str]:
+    """``(<directory>/<basename>.csv, <directory>/<basename>.json)``."""
+    return (
+        os.path.join(directory, f"{basename}.csv"),
+        os.path.join(directory, f"{basename}.json"),
+    )
+
+
+def claim_history_files(directory: str, basename: str, history: ERFHistory) -> str:
+    """Take ``<basename>.csv/.json`` in ``directory`` for this run, or ``<basename>-v1``,
+    ``-v2``, ... if another run already has them, and write ``history`` there. Returns the
+    base name taken.
+
+    The CSV is created with ``O_EXCL``, so two runs starting together in one directory never
+    take the same name, and no run overwrites another run's files.
+
+    Example:
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> [claim_history_files(d, "erf_history", ERFHistory()) for _ in range(3)]
+        ['erf_history', 'erf_history-v1', 'erf_history-v2']
+    """
+    os.makedirs(directory, exist_ok=True)
+    for n in itertools.count():
+        name = basename if n == 0 else f"{basename}-v{n}"
+        csv_path, json_path = history_paths(directory, name)
+        if os.path.exists(json_path):
+            continue
+        try:
+            os.close(os.open(csv_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            continue
+        try:
+            history.write(directory, name)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(csv_path)  # give the name back: no empty file is left behind
+            raise
+        return name
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -6,7 +6,7 @@ and the change of the ERF over training is a change of the model, not of the dat
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
@@ -16,6 +16,7 @@ from erf_callback.engine.guard import preserved_rng
 __all__ = [
     "InputKey",
     "InputSource",
+    "describe_batch",
     "extract_input",
     "first_batch_tensor",
     "gather_inputs",
@@ -28,46 +29,106 @@ InputKey = int | str | Callable[[Any], torch.Tensor] | None
 
 
 def extract_input(batch: Any, input_key: InputKey) -> torch.Tensor:
-    """The model input of one batch: ``batch[input_key]``, ``input_key(batch)`` or the first tensor.
+    """The model input of one batch: ``batch[input_key]``, ``input_key(batch)`` or, without
+    ``input_key``, the first image-like tensor (see :func:`first_batch_tensor`).
 
     Example:
         >>> import torch
         >>> extract_input({"image": torch.zeros(2, 3, 4, 4)}, "image").shape
         torch.Size([2, 3, 4, 4])
+        >>> extract_input((torch.tensor([1, 2]), torch.zeros(2, 3, 4, 4)), None).shape
+        torch.Size([2, 3, 4, 4])
     """
+    if input_key is None:
+        return first_batch_tensor(batch)
     try:
-        if callable(input_key):
-            x = input_key(batch)
-        elif input_key is not None:
-            x = batch[input_key]
-        else:
-            x = first_batch_tensor(batch)
+        x = input_key(batch) if callable(input_key) else batch[input_key]
     except (KeyError, IndexError, TypeError) as err:
         raise ValueError(
             f"ERFMonitor(input_key={input_key!r}) cannot take the input from a batch of type "
-            f"{type(batch).__name__}: {err}. Pass input_key as an index, a dict key or a "
-            "callable batch -> tensor."
+            f"{type(batch).__name__}: {err}. The batch holds {describe_batch(batch)}. Pass "
+            "input_key= as an index, a dict key or a callable batch -> tensor."
         ) from err
-    if not isinstance(x, torch.Tensor):
+    if not isinstance(x, torch.Tensor) or x.dim() not in _SPATIAL_RANKS:
+        found = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(
-            f"ERFMonitor: the batch's input is {type(x).__name__}, not a tensor; set "
-            "input_key to pick the image tensor."
+            f"ERFMonitor(input_key={input_key!r}) picks {found}, not an input batch "
+            f"(N, C, *spatial) with 1-3 spatial dimensions. The batch holds "
+            f"{describe_batch(batch)}; set input_key= to the image tensor's index or key."
         )
     return x
 
 
+# (N, C, L), (N, C, H, W), (N, C, D, H, W)
+_SPATIAL_RANKS = (3, 4, 5)
+
+
 def first_batch_tensor(batch: Any) -> torch.Tensor:
-    """The first tensor of a batch, searching tuples, lists and dict values depth-first."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    items = batch.values() if isinstance(batch, Mapping) else batch
-    if isinstance(items, (list, tuple)) or isinstance(batch, Mapping):
-        for item in items:
-            try:
-                return first_batch_tensor(item)
-            except TypeError:
-                continue
-    raise TypeError(f"no tensor in a batch of type {type(batch).__name__}")
+    """The input in a batch: the first floating-point tensor of rank 3-5 ``(N, C, *spatial)``
+    (labels, masks given as integers, and per-sample vectors are passed over), else the
+    first integer tensor of rank 4-5 (uint8 images). Tuples, lists and dict values are
+    searched depth-first, in order.
+
+    Raises:
+        ValueError: nothing fits; the message lists what the batch holds.
+
+    Example:
+        >>> import torch
+        >>> batch = {"label": torch.tensor([3, 1]), "image": torch.rand(2, 3, 8, 8)}
+        >>> first_batch_tensor(batch).shape
+        torch.Size([2, 3, 8, 8])
+    """
+    tensors = list(_tensors(batch, ""))
+    for _, t in tensors:
+        if t.is_floating_point() and t.dim() in _SPATIAL_RANKS:
+            return t
+    for _, t in tensors:
+        if not t.is_floating_point() and not t.is_complex() and t.dim() in (4, 5):
+            return t
+    raise ValueError(
+        f"ERFMonitor found no input in the batch: it takes the first floating-point tensor "
+        f"(N, C, *spatial) with 1-3 spatial dimensions, and the batch holds "
+        f"{describe_batch(batch)}. Pass input_key= (an index, a dict key, or a callable "
+        "batch -> tensor), e.g. input_key='image' or input_key=1."
+    )
+
+
+def describe_batch(batch: Any) -> str:
+    """What a batch holds, one entry per leaf: ``[1]: Tensor (16, 3, 8, 8) float32``.
+
+    Example:
+        >>> import torch
+        >>> describe_batch({"label": torch.tensor([1, 2]), "name": "a"})
+        "['label']: Tensor (2,) int64, ['name']: str"
+    """
+    leaves = list(_leaves(batch, ""))
+    if not leaves:
+        return f"nothing ({type(batch).__name__})"
+    shown = [
+        f"{path or 'batch'}: Tensor {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}"
+        if isinstance(v, torch.Tensor)
+        else f"{path or 'batch'}: {type(v).__name__}"
+        for path, v in leaves[:12]
+    ]
+    more = f", ... ({len(leaves) - 12} more)" if len(leaves) > 12 else ""
+    return ", ".join(shown) + more
+
+
+def _leaves(batch: Any, path: str) -> Iterator[tuple[str, Any]]:
+    if isinstance(batch, Mapping):
+        for key, value in batch.items():
+            yield from _leaves(value, f"{path}[{key!r}]")
+    elif isinstance(batch, (list, tuple)):
+        for i, value in enumerate(batch):
+            yield from _leaves(value, f"{path}[{i}]")
+    else:
+        yield path, batch
+
+
+def _tensors(batch: Any, path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    for p, v in _leaves(batch, path):
+        if isinstance(v, torch.Tensor):
+            yield p, v
 
 
 def gather_inputs(

@@ -19,9 +19,10 @@ class ProbeSchedule:
     """Decides at which ``global_step`` (optimiser steps) and epoch ends a probe runs.
 
     Several rules may be combined; a step is due when any rule says so. When no rule is given
-    the schedule is automatic: after :data:`AUTO_WARMUP_STEPS` steps the interval is set so
-    that one probe costs at most ``max_overhead`` of the training time in between, rounded up
-    to 1, 2 or 5 x 10^k steps, and then kept (it is part of the checkpointed state).
+    the schedule is automatic: after :data:`AUTO_WARMUP_STEPS` steps, and again after every
+    probe, the next probe is placed so that all probe time so far, the next probe included,
+    stays within ``max_overhead`` of the training time so far (see
+    :meth:`choose_auto_interval`).
 
     Args:
         every_n_steps: probe when ``global_step % every_n_steps == 0``.
@@ -43,6 +44,7 @@ class ProbeSchedule:
     log_spaced: int | None = None
     max_overhead: float = DEFAULT_MAX_OVERHEAD
     auto_interval: int | None = None
+    next_auto_step: int | None = None
     _at: frozenset[int] = field(default=frozenset(), init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -66,6 +68,8 @@ class ProbeSchedule:
         """Whether a probe is due right after the optimiser step that made ``global_step``."""
         if step in self._at:
             return True
+        if self.is_auto and self.next_auto_step is not None:
+            return step >= self.next_auto_step
         interval = self.every_n_steps or (self.auto_interval if self.is_auto else None)
         if interval and step % interval == 0:
             return True
@@ -75,11 +79,38 @@ class ProbeSchedule:
         """Whether a probe is due at the end of (zero-based) ``epoch``."""
         return bool(self.every_n_epochs) and (epoch + 1) % self.every_n_epochs == 0
 
-    def choose_auto_interval(self, probe_seconds: float, step_seconds: float) -> int:
-        """Fix the automatic interval from measured probe and step times."""
-        raw = probe_seconds / (self.max_overhead * max(step_seconds, 1e-9))
-        self.auto_interval = nice_ceil(raw)
-        return self.auto_interval
+    def choose_auto_interval(
+        self,
+        probe_seconds: float,
+        step_seconds: float,
+        spent_seconds: float = 0.0,
+        trained_seconds: float = 0.0,
+        step: int = 0,
+    ) -> int:
+        """Place the next automatic probe; returns the interval in steps.
+
+        The next probe (expected to take ``probe_seconds``) comes after the fewest steps of
+        ``step_seconds`` for which ``spent + probe <= max_overhead * (trained + interval *
+        step_seconds)``: the budget holds over the run so far, and time overspent earlier
+        (a slow first probe, a probe slower than expected) is paid back by a longer gap.
+
+        Example:
+            >>> s = ProbeSchedule(max_overhead=0.02)
+            >>> s.choose_auto_interval(3.0, 1.0)  # steady state: 3 s / (2% of 1 s)
+            150
+            >>> s.choose_auto_interval(3.0, 1.0, spent_seconds=3.0, trained_seconds=10.0, step=10)
+            290
+            >>> s.next_auto_step
+            300
+        """
+        step_s = max(step_seconds, 1e-9)
+        steady = probe_seconds / (self.max_overhead * step_s)
+        catch_up = ((spent_seconds + probe_seconds) / self.max_overhead - trained_seconds) / step_s
+        # 1e-9: float noise must not add a step to an exact fit
+        interval = max(1, math.ceil(max(steady, catch_up) - 1e-9))
+        self.auto_interval = interval
+        self.next_auto_step = step + interval
+        return interval
 
     def _log_steps_around(self, step: int) -> set[int]:
         assert self.log_spaced
