@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from erf_callback.callback.distributed import ProbeGroup, probe_group, run_probe
 from erf_callback.callback.history import CHANGE_METRICS, ERFHistory
 from erf_callback.callback.images import render_probe_images
 from erf_callback.callback.inputs import (
@@ -29,7 +30,6 @@ from erf_callback.callback.inputs import (
 )
 from erf_callback.callback.publish import ImagePublisher, add_custom_scalars, log_scalars
 from erf_callback.callback.schedule import AUTO_WARMUP_STEPS, DEFAULT_MAX_OVERHEAD, ProbeSchedule
-from erf_callback.engine.compute import compute_erf
 from erf_callback.engine.config import (
     DEFAULT,
     Channels,
@@ -199,6 +199,7 @@ class ERFMonitorBase:
         self._probe_seconds: list[float] = []
         self._warned: set[str] = set()
         self._images = ImagePublisher()
+        self._group: ProbeGroup | None = None  # the ranks sharing each probe (None: alone)
 
     # ---- Lightning hooks -----------------------------------------------------------------
 
@@ -215,6 +216,7 @@ class ERFMonitorBase:
         if not self._enabled:
             log.info("erf-callback: fast_dev_run is on; ERFMonitor does not probe.")
             return
+        self._group = probe_group(trainer)  # an unsupported strategy fails here, not in a hang
         net = self._probed_module(pl_module)
         if self.layers is not None:
             resolve_layers(net, self.layers)  # unknown names fail here, before any data
@@ -346,7 +348,7 @@ class ERFMonitorBase:
             with warnings.catch_warnings():
                 # The engine's NaN/zero warnings are re-issued below once per layer and kind.
                 warnings.simplefilter("ignore", ERFWarning)
-                maps = compute_erf(net, x, self.layers, probe=self.probe_config)
+                maps = run_probe(net, x, self.layers, self.probe_config, self._group)
         except Exception as err:
             if not strict:  # mid-training: a skipped probe, never a crashed run
                 self._warn_once(

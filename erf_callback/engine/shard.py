@@ -36,7 +36,7 @@ from erf_callback.engine.layers import unwrap_model
 from erf_callback.warnings import ERFWarning
 
 __all__ = [
-    "ProbeFailedElsewhere",
+    "ProbeFailedElsewhereError",
     "ShardReducer",
     "forwards_needed",
     "pack_sums",
@@ -49,7 +49,7 @@ __all__ = [
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
 
-class ProbeFailedElsewhere(RuntimeError):
+class ProbeFailedElsewhereError(RuntimeError):
     """The probe failed on another rank; this rank gives it up too (so no rank waits)."""
 
 
@@ -79,7 +79,8 @@ def forwards_needed(model: nn.Module, n: int, chunk_size: int | None) -> int:
     forward when a BatchNorm without running statistics would mix the samples of a chunk.
 
     Example:
-        >>> forwards_needed(torch.nn.Conv2d(1, 1, 3), 10, 4), forwards_needed(torch.nn.Conv2d(1, 1, 3), 10, None)
+        >>> conv = torch.nn.Conv2d(1, 1, 3)
+        >>> forwards_needed(conv, 10, 4), forwards_needed(conv, 10, None)
         (3, 1)
     """
     chunk = 1 if _mixes_batch_in_eval(unwrap_model(model)) else (chunk_size or n)
@@ -124,7 +125,7 @@ class ShardReducer:
 
     Every rank calls the reducer exactly once per probe, or :meth:`fail` when its probe broke
     before reaching it. Both join the same first collective, a failure count, so a broken
-    probe on one rank ends the probe on every rank (:class:`ProbeFailedElsewhere`) instead of
+    probe on one rank ends the probe on every rank (:class:`ProbeFailedElsewhereError`) instead of
     leaving the others waiting in the second collective, the sum of the packed gradients.
 
     Args:
@@ -147,7 +148,7 @@ class ShardReducer:
     def __call__(self, packed: torch.Tensor) -> torch.Tensor:
         failed = self._agree(failed=False, like=packed)
         if failed:
-            raise ProbeFailedElsewhere(
+            raise ProbeFailedElsewhereError(
                 f"the ERF probe failed on {failed} other rank(s); see their error. Every rank "
                 "gives this probe up, so none waits for the others."
             )
@@ -220,7 +221,7 @@ def sharded_compute_erf(
         ``{layer: ERFMap}``, identical on every rank.
 
     Raises:
-        ProbeFailedElsewhere: the probe failed on another rank.
+        ProbeFailedElsewhereError: the probe failed on another rank.
         Exception: whatever :func:`compute_erf` raised on this rank (after telling the others).
 
     Example:
