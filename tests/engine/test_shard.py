@@ -1,5 +1,6 @@
 """Sharded probing: shard arithmetic, the reduce hook, and two real gloo processes."""
 
+import itertools
 import os
 import subprocess
 import sys
@@ -30,7 +31,7 @@ def test_shards_are_disjoint_cover_everything_and_differ_by_one_at_most(world):
     for n in range(0, 20):
         bounds = [shard_bounds(n, r, world) for r in range(world)]
         assert bounds[0][0] == 0 and bounds[-1][1] == n
-        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))  # contiguous, disjoint
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))  # contiguous, disjoint
         sizes = [hi - lo for lo, hi in bounds]
         assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
 
