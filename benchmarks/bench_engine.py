@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from erf_callback import ERFMap, compute_erf, fit_gaussian
+
 # _bench_utils put the repository root on sys.path
 from tests.helpers.nets import BasicBlock, randomize_bn_stats
 

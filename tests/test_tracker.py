@@ -18,7 +18,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from erf_callback import ERFTracker, ERFWarning
 from erf_callback.callback.schedule import AUTO_WARMUP_STEPS
-from tests.helpers.nets import closed_form, relu_stack, uniform_stack
+from tests.helpers.nets import relu_stack, stack_closed_form, uniform_stack
 
 KERNELS = [3, 3, 5]
 
@@ -61,7 +61,8 @@ def test_tags_schedule_history_and_closed_form(tmp_path):
         assert len(json.load(f)["maps"]["2"]) == 4
     # The step-0 record is the untrained uniform stack: per-axis variance n(k^2-1)/12 and
     # TRF 1 + sum(k-1) (closed form; the moment fit reproduces it to ~1e-9 relative).
-    var, trf = closed_form(KERNELS)
+    form = stack_closed_form(KERNELS)[0]
+    var, trf = form.variance, form.trf
     first = history[(history["layer"] == "2") & (history["step"] == 0)].iloc[0]
     assert first["sigma_x"] ** 2 == pytest.approx(var, rel=1e-6)
     assert first["trf_x"] == trf

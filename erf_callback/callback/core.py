@@ -29,6 +29,7 @@ from erf_callback.callback.history import (
     claim_history_files,
     history_paths,
 )
+from erf_callback.callback.distributed import ProbeGroup, probe_group, run_probe
 from erf_callback.callback.images import render_probe_images
 from erf_callback.callback.inputs import (
     InputKey,
@@ -46,7 +47,6 @@ from erf_callback.callback.runfiles import (
     run_directory,
 )
 from erf_callback.callback.schedule import AUTO_WARMUP_STEPS, DEFAULT_MAX_OVERHEAD, ProbeSchedule
-from erf_callback.engine.compute import compute_erf
 from erf_callback.engine.config import (
     DEFAULT,
     Channels,
@@ -224,6 +224,7 @@ class ERFMonitorBase:
         self._checked = False  # the fit-start check ran in this fit
         self._dry_run = False  # fast_dev_run: the fit-start check only, nothing logged
         self._files_name: str | None = None  # the history files' base name, once taken
+        self._group: ProbeGroup | None = None  # the ranks sharing each probe (None: alone)
 
     # ---- Lightning hooks -----------------------------------------------------------------
 
@@ -243,6 +244,7 @@ class ERFMonitorBase:
                 "erf-callback: fast_dev_run is on; ERFMonitor checks its configuration with "
                 "one probe at the first batch and logs nothing."
             )
+        self._group = probe_group(trainer)  # an unsupported strategy fails here, not in a hang
         net = self._probed_module(pl_module)
         if self.layers is not None:
             resolve_layers(net, self.layers)  # unknown names fail here, before any data
@@ -407,7 +409,7 @@ class ERFMonitorBase:
             with warnings.catch_warnings():
                 # The engine's NaN/zero warnings are re-issued below once per layer and kind.
                 warnings.simplefilter("ignore", ERFWarning)
-                maps = compute_erf(net, x, self.layers, probe=self.probe_config)
+                maps = run_probe(net, x, self.layers, self.probe_config, self._group)
         except Exception as err:
             oom = is_out_of_memory(err)
             if strict and not oom:  # configuration errors: loud, at fit start

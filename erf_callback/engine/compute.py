@@ -86,6 +86,7 @@ def compute_erf(
     memory_budget: int | Default | None = DEFAULT,
     optimize: bool | Default = DEFAULT,
     config: MetricConfig | Default | None = DEFAULT,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, ERFMap]:
     """Measure the effective receptive field of layers of ``model`` on ``inputs``.
 
@@ -116,6 +117,11 @@ def compute_erf(
             and, on CPU, channels_last; never changes the model. ``False``: as written.
         config: metric choices (radius factor, energy fraction, fit method, ...); the same as
             ``ProbeConfig.metrics``.
+        reduce: combines the gradient sums of several processes before the mean is taken:
+            it gets one float64 tensor (every layer's summed map, flattened in ``layers``
+            order, then the sample count) and returns the tensor summed over the processes,
+            e.g. an all-reduce. See :mod:`erf_callback.engine.shard`, which uses it to let
+            each rank probe a shard of the samples.
 
     Returns:
         ``{layer_name: ERFMap}`` in the order of ``layers``.
@@ -152,7 +158,12 @@ def compute_erf(
     x_all = check_inputs(inputs)
     check_model(net)
     sums, meta = _accumulate(net, x_all, names, modules, cfg)
-    return _assemble(sums, meta, names, x_all, cfg)
+    count = float(x_all.shape[0])
+    if reduce is not None:  # distributed: every rank's sums and counts are added up
+        from erf_callback.engine.shard import pack_sums, unpack_sums
+
+        sums, count = unpack_sums(reduce(pack_sums(sums, count)), sums)
+    return _assemble(sums, meta, names, x_all, cfg, round(count))
 
 
 def _accumulate(
@@ -305,9 +316,9 @@ def _assemble(
     names: list[str],
     x_all: torch.Tensor,
     cfg: ProbeConfig,
+    n: int,
 ) -> dict[str, ERFMap]:
-    """Turn the gradient sums into :class:`ERFMap` s: mean, status, location of the unit."""
-    n = x_all.shape[0]
+    """Turn the gradient sums of ``n`` samples into :class:`ERFMap` s: mean, status, location."""
     in_shape = tuple(x_all.shape[2:])
     result: dict[str, ERFMap] = {}
     for name in names:

@@ -19,7 +19,7 @@ from erf_callback import ERFTracker, compute_erf
 from erf_callback.cli import main
 from erf_callback.cli.loading import load_factory, load_inputs
 from erf_callback.cli.report import find_run
-from tests.helpers.nets import closed_form
+from tests.helpers.nets import stack_closed_form
 
 KERNELS = [3, 3, 5]
 
@@ -106,11 +106,12 @@ def test_probe_writes_metrics_json_and_pngs_matching_the_closed_form(workdir, ca
     reference = compute_erf(torch.nn.Conv2d(1, 1, 1), x)["output"].metrics()
     assert set(metrics) == {"1", "2"}
     assert set(metrics["2"]) == set(reference)  # the keys of ERFMap.metrics()
-    var, trf = closed_form(KERNELS)
+    form = stack_closed_form(KERNELS)[0]
+    var, trf = form.variance, form.trf
     # uniform weights: the moment fit reproduces the closed form to rounding (~1e-9 rel)
     assert metrics["2"]["sigma_x"] ** 2 == pytest.approx(var, rel=1e-6)
     assert metrics["2"]["trf_x"] == trf
-    assert metrics["1"]["trf_y"] == closed_form(KERNELS[:2])[1]
+    assert metrics["1"]["trf_y"] == stack_closed_form(KERNELS[:2])[0].trf
     for layer in ("1", "2"):
         with Image.open(out / f"{layer}_heatmap.png") as img:
             assert img.size[0] >= 256  # upscaled from the 33 x 33 map
@@ -139,7 +140,7 @@ def test_nan_metrics_are_null_in_json(workdir):
     assert "NaN" not in text
     metrics = json.loads(text)["2"]
     assert metrics["radius"] is None
-    assert metrics["trf_x"] == closed_form(KERNELS)[1]  # architecture-only values survive
+    assert metrics["trf_x"] == stack_closed_form(KERNELS)[0].trf  # architecture-only values survive
     assert not (out / "2_heatmap.png").exists()  # no picture of an empty map
 
 
@@ -226,7 +227,10 @@ def test_bad_factory_exits_2_with_one_line(workdir, capsys, factory, problem, fi
 def test_file_path_factory_works(workdir):
     out = workdir / "out"
     assert run_cli(*probe_args(out, "--layers", "2", factory="mymodels.py:build")) == 0
-    assert json.loads((out / "metrics.json").read_text())["2"]["trf_x"] == closed_form(KERNELS)[1]
+    assert (
+        json.loads((out / "metrics.json").read_text())["2"]["trf_x"]
+        == stack_closed_form(KERNELS)[0].trf
+    )
 
 
 def test_unknown_layer_exits_2_naming_close_names(workdir, capsys):

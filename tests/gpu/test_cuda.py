@@ -13,7 +13,7 @@ import torch
 
 from erf_callback import ERFMonitor, compute_erf
 from tests.helpers.lit import make_trainer, module_class
-from tests.helpers.nets import ResNet, closed_form, uniform_stack
+from tests.helpers.nets import ResNet, stack_closed_form, uniform_stack
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -35,7 +35,8 @@ def test_uniform_stack_closed_form_on_cuda():
     kernels = [3, 5, 3, 7]
     net = uniform_stack(kernels).double().to(CUDA)
     m = compute_erf(net, torch.randn(4, 1, 65, 65, dtype=torch.float64))["output"]
-    var, trf = closed_form(kernels)
+    form = stack_closed_form(kernels)[0]
+    var, trf = form.variance, form.trf
     cov = m.gaussian.cov
     assert cov[0, 0] == pytest.approx(var, rel=1e-8)
     assert cov[1, 1] == pytest.approx(var, rel=1e-8)

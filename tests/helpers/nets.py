@@ -100,6 +100,13 @@ def stack_closed_form(
     return out
 
 
+def shortcut(cin: int, cout: int, stride: int) -> nn.Module | None:
+    """torchvision's projection shortcut (1x1 conv + BN) where the shape changes, else None."""
+    if stride == 1 and cin == cout:
+        return None
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+
 class BasicBlock(nn.Module):
     """torchvision's ResNet basic block (in-place residual add, 1x1 strided shortcut)."""
 
@@ -110,11 +117,7 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
-            )
+        self.downsample = shortcut(cin, cout, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -169,4 +172,39 @@ def randomize_bn_stats(net: nn.Module, seed: int = 0) -> nn.Module:
                 m.running_var.copy_(0.5 + torch.rand(n, generator=g))
                 m.weight.copy_(0.5 + torch.rand(n, generator=g))
                 m.bias.copy_(0.1 * torch.randn(n, generator=g))
+    return net
+
+
+class Bottleneck(nn.Module):
+    """torchvision's ResNet-50 block: 1x1 reduce, 3x3 (stride here), 1x1 expand by 4."""
+
+    def __init__(self, cin: int, width: int, stride: int) -> None:
+        super().__init__()
+        cout = 4 * width
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.downsample = shortcut(cin, cout, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        return F.relu(self.bn3(self.conv3(out)) + identity)
+
+
+def resnet50(width: int = 64, num_classes: int = 10) -> ResNet:
+    """torchvision's ResNet-50 layout (3, 4, 6, 3 bottlenecks; 25M parameters at width 64)."""
+    net = ResNet(width=width, num_classes=num_classes)
+    cin = width
+    for i, n in enumerate((3, 4, 6, 3)):
+        w = width * 2**i
+        stage = [Bottleneck(cin, w, 1 if i == 0 else 2)]
+        stage += [Bottleneck(4 * w, w, 1) for _ in range(n - 1)]
+        setattr(net, f"layer{i + 1}", nn.Sequential(*stage))
+        cin = 4 * w
+    net.fc = nn.Linear(cin, num_classes)
     return net
