@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from erf_callback.callback.history import CHANGE_METRICS, ERFHistory
-from erf_callback.callback.images import render_probe_images
+from erf_callback.callback.images import HeatmapStyle, ProbeImages
 from erf_callback.callback.inputs import (
     InputKey,
     InputSource,
@@ -27,7 +27,14 @@ from erf_callback.callback.inputs import (
     noise_like,
     reuses_workers,
 )
-from erf_callback.callback.publish import ImagePublisher, add_custom_scalars, log_scalars
+from erf_callback.callback.publish import (
+    MAIN_SCALARS,
+    ImagePublisher,
+    add_custom_scalars,
+    log_hparam_metrics,
+    log_scalars,
+    scalar_tags,
+)
 from erf_callback.callback.schedule import AUTO_WARMUP_STEPS, DEFAULT_MAX_OVERHEAD, ProbeSchedule
 from erf_callback.engine.compute import compute_erf
 from erf_callback.engine.config import (
@@ -95,7 +102,12 @@ class ERFMonitorBase:
             :func:`~erf_callback.compute_erf`.
         metric_config: metric choices (radius factor, energy fraction, fit method, ...); the
             same as ``ProbeConfig.metrics``.
-        log_images: log heatmaps, radial profiles and the evolution grid.
+        log_images: log heatmaps, the init-vs-now pair, radial profiles, the evolution grid
+            and the all-layers radius chart.
+        heatmap_style: ``"annotated"`` (title, colour bar, legend) or ``"raw"`` (the map at
+            input resolution with the overlays drawn into its pixels, no text).
+        detail_scalars: also log the metrics beyond radius, growth, ERF/TRF, R² and border
+            mass, under ``<tag_prefix>_detail/``.
         images_every_n_probes: log images at every N-th probe only (scalars always).
         cmap: matplotlib colour map of the heatmaps.
         history_map_size: maps are kept downsampled to at most this many pixels per side.
@@ -134,6 +146,8 @@ class ERFMonitorBase:
         chunk_size: int | Default | None = DEFAULT,
         metric_config: MetricConfig | Default | None = DEFAULT,
         log_images: bool = True,
+        heatmap_style: HeatmapStyle = "annotated",
+        detail_scalars: bool = True,
         images_every_n_probes: int = 1,
         cmap: str = "inferno",
         history_map_size: int = 64,
@@ -199,6 +213,9 @@ class ERFMonitorBase:
         self._probe_seconds: list[float] = []
         self._warned: set[str] = set()
         self._images = ImagePublisher()
+        self._renderer = ProbeImages(tag_prefix, cmap, heatmap_style)
+        self.detail_scalars = detail_scalars
+        self._hparams_declared = False
 
     # ---- Lightning hooks -----------------------------------------------------------------
 
@@ -218,6 +235,12 @@ class ERFMonitorBase:
         net = self._probed_module(pl_module)
         if self.layers is not None:
             resolve_layers(net, self.layers)  # unknown names fail here, before any data
+
+    def on_fit_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        # Before Lightning logs the hyperparameters: TensorBoard reads a run's first hparams
+        # summary only, and this one declares the ERF scalars as the HParams tab's metrics.
+        if self._enabled and self.layers is not None and trainer.is_global_zero:
+            self._declare_hparam_metrics(trainer, pl_module)
 
     def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
         if not self._enabled:
@@ -275,6 +298,8 @@ class ERFMonitorBase:
             self._probe_if_new(trainer, pl_module)
         if trainer.is_global_zero and len(self.history):
             self._write_history(trainer)
+            if not self._hparams_declared:  # the default layer was unknown at fit start
+                self._declare_hparam_metrics(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -397,17 +422,15 @@ class ERFMonitorBase:
             record = self.history.add(
                 step, epoch, layer, "ok", {**metrics, **centre}, m.grad, probe
             )
-            for key in (*metrics, *CHANGE_METRICS):
-                scalars[f"{self.tag_prefix}/{layer}/{key}"] = record[key]
+            values = {key: record[key] for key in (*metrics, *CHANGE_METRICS)}
+            scalars.update(scalar_tags(self.tag_prefix, layer, values, self.detail_scalars))
             valid[layer] = m
             layer_metrics[layer] = metrics
         if not trainer.is_global_zero:
             return
         log_scalars(trainer.loggers, scalars, step)
         if self.log_images and valid and probe % self.images_every_n_probes == 0:
-            images = render_probe_images(
-                valid, self.history, self.tag_prefix, self.cmap, layer_metrics
-            )
+            images = self._renderer.render(valid, self.history, layer_metrics, step)
             self._images.publish(trainer.loggers, images, step)
         self._write_history(trainer)
 
@@ -484,6 +507,16 @@ class ERFMonitorBase:
             interval,
             100 * self.schedule.max_overhead,
         )
+
+    def _declare_hparam_metrics(self, trainer: Any, pl_module: nn.Module) -> None:
+        tags = [
+            f"{self.tag_prefix}/{layer}/{k}" for layer in self.layers or [] for k in MAIN_SCALARS
+        ]
+        params = dict(getattr(pl_module, "hparams_initial", None) or {})
+        datamodule = getattr(trainer, "datamodule", None)
+        params.update(getattr(datamodule, "hparams_initial", None) or {})
+        params.pop("_class_path", None)
+        self._hparams_declared = log_hparam_metrics(trainer.loggers, tags, params)
 
     def _write_history(self, trainer: Any) -> None:
         directory = self._history_dir or trainer.default_root_dir
