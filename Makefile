@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo tensorboard test lint format bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,4 +31,8 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_callback.py
 
 clean:
-	rm -rf $(VENV) lightning_logs .pytest_cache
+	rm -rf $(VENV) lightning_logs erf_demo_logs .pytest_cache
+
+# The demo's logs in TensorBoard (from the venv: `tensorboard` alone is usually not on PATH).
+tensorboard: $(VENV)/.installed
+	$(VENV)/bin/tensorboard --logdir erf_demo_logs
