@@ -148,7 +148,8 @@ class ProbeImages:
                 fit.cov,
                 box,
                 m.location,
-                title=f"now: {step_text}radius {mx['radius']:.1f} px",
+                title=("now" if step is None else f"now (step {step})")
+                + f"\nradius {mx['radius']:.1f} px",
             )
             growth = mx["radius"] / init[1] if init[1] and math.isfinite(init[1]) else math.nan
             images[f"{tag}/init_vs_now"] = render_init_vs_now(
@@ -170,10 +171,7 @@ class ProbeImages:
             if frames:
                 images[f"{tag}/evolution"] = render_evolution(
                     [f.numpy() for _, f in frames],
-                    [
-                        f"step {s}" + (" (init)" if i == 0 else "")
-                        for i, (s, _) in enumerate(frames)
-                    ],
+                    [f"step {s}" for s, _ in frames],
                     cmap=self.cmap,
                 )
         series = {
@@ -211,7 +209,7 @@ class ProbeImages:
                     panel.cov,
                     panel.trf_box,
                     panel.location,
-                    title=f"init: step {init_step}{_DOT}radius {radius:.1f} px",
+                    title=f"init (step {init_step})\nradius {radius:.1f} px",
                 ),
                 radius,
             )
@@ -234,7 +232,7 @@ class ProbeImages:
                 cov,
                 panel.trf_box,
                 panel.location,
-                title=f"init: step {first['step']} \u00b7 radius {first['radius']:.1f} px",
+                title=f"init (step {first['step']})\nradius {first['radius']:.1f} px",
                 scale=scale,
             ),
             first["radius"],

@@ -41,7 +41,7 @@ _TRF = "#00e600"
 _MARKER = "#1e6eff"
 _LEGEND_BG = "#2b2b2b"
 
-_FONT = 12.0  # points at 100 dpi: ~17 px text, readable when TensorBoard shrinks the card
+_FONT = 12.0  # points at 100 dpi: ~17 px text, still ~13 px in a shrunk TensorBoard card
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ def _draw_panel(ax: Axes, panel: MapPanel, log_scale: bool, cmap: str) -> None:
     ax.set_yticks([])
     ax.set_xlabel(f"input {w * s:g} \u00d7 {h * s:g} px", fontsize=_FONT - 2)
     if panel.title:
-        ax.set_title(panel.title, fontsize=_FONT, y=1.0, pad=6.0)
+        ax.set_title(panel.title, fontsize=_FONT - 1, y=1.0, pad=6.0)
 
 
 def _colorbar(fig: Figure, rect: Sequence[float], log_scale: bool, low: float, cmap: str) -> None:
@@ -153,31 +153,33 @@ def _colorbar(fig: Figure, rect: Sequence[float], log_scale: bool, low: float, c
         fractions = [0.0, 1e-3, 1e-2, 1e-1, 1.0]
         ticks = [math.log10(1 + f / _LOG_EPS) / math.log10(1 + 1 / _LOG_EPS) for f in fractions]
         bar.set_ticks(ticks, labels=["0", "0.001", "0.01", "0.1", "1"])
-        bar.set_label("influence / peak (log scale)", fontsize=_FONT - 1)
+        bar.set_label("influence / peak (log)", fontsize=_FONT - 2)
     else:
-        bar.set_label("influence / peak", fontsize=_FONT - 1)
+        bar.set_label("influence / peak", fontsize=_FONT - 2)
     bar.ax.tick_params(labelsize=_FONT - 3)
 
 
 def _legend(fig: Figure, has_box: bool, y: float) -> None:
     handles = [
-        Line2D([], [], color=_SIGMA1, lw=2, label="1\u03c3 of fitted Gaussian"),
-        Line2D([], [], color=_SIGMA2, lw=2, ls="--", label="2\u03c3 (= radius if round)"),
+        Line2D([], [], color=_SIGMA1, lw=2, label="1\u03c3 Gaussian fit"),
+        Line2D([], [], color=_SIGMA2, lw=2, ls="--", label="2\u03c3 (radius)"),
         Line2D([], [], color=_MARKER, marker="+", ms=12, mew=2.5, ls="none", label="probed unit"),
     ]
     if has_box:
-        handles.append(Line2D([], [], color=_TRF, lw=2, label="theoretical RF (TRF)"))
+        handles.append(Line2D([], [], color=_TRF, lw=2, label="theoretical RF"))
     leg = fig.legend(
         handles=handles,
         loc="lower center",
         bbox_to_anchor=(0.5, y),
         ncol=2,
-        fontsize=_FONT - 2,
+        fontsize=_FONT - 3,
+        columnspacing=1.0,
+        handletextpad=0.5,
         facecolor=_LEGEND_BG,
         edgecolor=_LEGEND_BG,
         framealpha=1.0,
         labelcolor="white",
-        handlelength=2.2,
+        handlelength=1.8,
     )
     leg.set_in_layout(False)
 
@@ -198,10 +200,11 @@ def _layout(
     panels: Sequence[MapPanel], log_scale: bool, cmap: str, suptitle: str, panel_px: int
 ) -> np.ndarray:
     n = len(panels)
-    left, gap, bar_w, bar_gap, right = 58, 40, 16, 14, 70
-    top = 74 if suptitle else 62
-    legend_h = 78
-    bottom = 44 + legend_h
+    # Sized for TensorBoard's default image card (~350-450 px wide): little margin, no ticks.
+    left, gap, bar_w, bar_gap, right = 30, 14, 12, 10, 58
+    top = 96 if suptitle else 50
+    legend_h = 56
+    bottom = 26 + legend_h
     width = left + n * panel_px + (n - 1) * gap + bar_gap + bar_w + right
     height = top + panel_px + bottom
     fig, canvas = _figure(width, height)
@@ -222,7 +225,7 @@ def _layout(
         cmap,
     )
     if suptitle:
-        fig.text(0.5, 1 - 10 / height, suptitle, ha="center", va="top", fontsize=_FONT + 1)
+        fig.text(0.5, 1 - 8 / height, suptitle, ha="center", va="top", fontsize=_FONT)
     _legend(fig, any(_box_visible(p) for p in panels), 6 / height)
     return _figure_to_array(canvas, width, height)
 
@@ -232,7 +235,7 @@ def render_heatmap_figure(
     *,
     log_scale: bool = False,
     cmap: str = "inferno",
-    panel_px: int = 400,
+    panel_px: int = 260,
 ) -> np.ndarray:
     """One ERF map with title, colour bar and a legend of the overlays.
 
@@ -268,7 +271,7 @@ def render_init_vs_now(
     suptitle: str = "",
     log_scale: bool = False,
     cmap: str = "inferno",
-    panel_px: int = 340,
+    panel_px: int = 180,
 ) -> np.ndarray:
     """The initialisation map and the current map side by side, with one shared legend.
 

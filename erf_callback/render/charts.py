@@ -27,16 +27,17 @@ def render_radius_chart(
     series: LayerSeries,
     *,
     title: str = "ERF radius over training",
-    size: tuple[int, int] = (820, 400),
+    size: tuple[int, int] = (420, 560),
 ) -> np.ndarray:
-    """Radius vs step for every layer (left) and the growth since initialisation (right).
+    """Radius vs step for every layer (top) and the growth since initialisation (bottom).
 
-    Left: each layer's radius in input pixels, with a dotted line at half its theoretical RF
+    Top: each layer's radius in input pixels, with a dotted line at half its theoretical RF
     width (the largest radius the TRF allows) when that fits in the chart (at most twice the
-    largest measured radius), so the distance to the architectural limit is visible. Right:
+    largest measured radius), so the distance to the architectural limit is visible. Bottom:
     radius divided by the layer's first radius, with a grey line at 1 (no change), so layers
     of very different sizes compare on one axis. One colour per layer (matplotlib's tab10
-    cycle), markers at the probes, the legend below the charts.
+    cycle), markers at the probes, the legend below the charts. The default size suits
+    TensorBoard's default image card (~350-450 px wide).
 
     Args:
         series: ``{layer: (steps, radii, trf_width)}`` in probe order; NaN radii are skipped.
@@ -50,20 +51,20 @@ def render_radius_chart(
         >>> img = render_radius_chart({"layer1": ([0, 10, 20], [2.0, 2.5, 3.0], 7.0),
         ...                            "layer2": ([0, 10, 20], [4.0, 5.0, 6.5], 15.0)})
         >>> img.shape
-        (400, 820, 3)
+        (560, 420, 3)
     """
     width, height = int(size[0]), int(size[1])
     fig, canvas = _figure(width, height)
-    legend_rows = math.ceil(len(series) / 4)
-    bottom = 58 + 24 * legend_rows
+    legend_rows = math.ceil((len(series) + 1) / 3)
+    bottom = 66 + 22 * legend_rows
     fig.subplots_adjust(
-        left=62 / width,
-        right=1 - 14 / width,
+        left=52 / width,
+        right=1 - 12 / width,
         bottom=bottom / height,
-        top=1 - 52 / height,
-        wspace=0.28,
+        top=1 - 56 / height,
+        hspace=0.42,
     )
-    ax_r, ax_g = fig.subplots(1, 2)
+    ax_r, ax_g = fig.subplots(2, 1, sharex=True)
     top_radius = 0.0
     for i, (layer, (steps, radii, _)) in enumerate(series.items()):
         s = np.asarray(steps, dtype=float)
@@ -85,9 +86,9 @@ def render_radius_chart(
     ax_g.axhline(1.0, color="0.5", lw=1.0)
     ax_r.set_ylim(bottom=0)
     ax_r.set_title("radius [input px]", fontsize=_FONT, y=1.0, pad=6.0)
-    ax_g.set_title("growth since init (radius / first radius)", fontsize=_FONT, y=1.0, pad=6.0)
+    ax_g.set_title("growth since init (\u00d7 first radius)", fontsize=_FONT, y=1.0, pad=6.0)
+    ax_g.set_xlabel("optimiser step", fontsize=_FONT - 1)
     for ax in (ax_r, ax_g):
-        ax.set_xlabel("optimiser step", fontsize=_FONT - 1)
         ax.grid(True, alpha=0.3)
         ax.tick_params(labelsize=_FONT - 2)
     fig.text(0.5, 1 - 8 / height, title, ha="center", va="top", fontsize=_FONT + 1)
@@ -95,7 +96,7 @@ def render_radius_chart(
         *ax_r.get_legend_handles_labels(),
         loc="lower center",
         bbox_to_anchor=(0.5, 4 / height),
-        ncol=min(4, len(series) + 1),
+        ncol=min(3, len(series) + 1),
         fontsize=_FONT - 1,
         frameon=False,
     )
