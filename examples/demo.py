@@ -177,9 +177,9 @@ def tensorboard_command(logdir: str) -> str:
     log dir in a checkout, else the ``tensorboard`` next to this Python (venvs are rarely on
     PATH)."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if logdir == "erf_demo_logs" and os.path.abspath(os.getcwd()) == here:
-        if os.path.exists(os.path.join(here, "Makefile")):
-            return "make tensorboard"
+    in_checkout = os.path.abspath(os.getcwd()) == here
+    if logdir == "erf_demo_logs" and in_checkout and os.path.exists("Makefile"):
+        return "make tensorboard"
     script = os.path.join(os.path.dirname(sys.executable), "tensorboard")
     if os.path.exists(script):
         rel = os.path.relpath(script)
