@@ -13,6 +13,7 @@ Needs ``chromium`` on PATH (``apt-get install chromium``) for step 3.
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import shutil
 import subprocess
@@ -89,6 +90,14 @@ def main() -> None:
             timeout=120,
         )
         run = sorted(r for r, t in tags.items() if needed in t)[-1]  # the newest version
+        with open(os.path.join(args.logdir, run, "erf_history.csv")) as f:
+            last = max(int(row["step"]) for row in csv.DictReader(f))
+        # The server loads event files gradually: wait until it serves the last probe.
+        poll(
+            lambda: get_json(url, "/data/plugin/images/images", {"run": run, "tag": needed}),
+            lambda e: bool(e) and e[-1]["step"] == last,
+            timeout=120,
+        )
         for path in save_served_images(url, run, args.layer, args.prefix, args.out):
             print("saved", path)
         if chromium is None:
