@@ -259,7 +259,7 @@ def render_heatmap_figure(
         >>> erf = np.exp(-((yy - 16.0) ** 2 + (xx - 16.0) ** 2) / 18)
         >>> img = render_heatmap_figure(MapPanel(erf, np.array([16.0, 16.0]), 9 * np.eye(2)))
         >>> img.shape, img.dtype
-        ((562, 598, 3), dtype('uint8'))
+        ((392, 370, 3), dtype('uint8'))
     """
     return _layout([panel], log_scale, cmap, "", panel_px)
 
@@ -297,6 +297,6 @@ def render_init_vs_now(
         >>> b = np.exp(-((yy - 16.0) ** 2 + (xx - 16.0) ** 2) / 50)
         >>> img = render_init_vs_now(MapPanel(a, title="init"), MapPanel(b, title="now"))
         >>> img.shape
-        (500, 918, 3)
+        (312, 484, 3)
     """
     return _layout([init, now], log_scale, cmap, suptitle, panel_px)
