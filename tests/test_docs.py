@@ -81,9 +81,9 @@ class _Classifier(pl.LightningModule):
 
 
 _g = torch.Generator().manual_seed(0)
-images = torch.randn(8, 3, 32, 32, generator=_g)
-_data = TensorDataset(images, torch.randint(0, 4, (8,), generator=_g))
-train_loader = DataLoader(_data, batch_size=8)
+_x = torch.randn(40, 3, 32, 32, generator=_g)
+images = _x[:8]
+train_loader = DataLoader(TensorDataset(_x, torch.randint(0, 4, (40,), generator=_g)), batch_size=8)
 """
 
 FIXTURES: dict[str, str] = {
@@ -94,8 +94,13 @@ class _FlatModule(_Classifier):
     def __init__(self):
         super().__init__()
         backbone = self.model[0]
+        del self.model  # each layer registered once, under its own top-level name
         for name in ("stem", "layer1", "layer2", "layer3", "layer4"):
             setattr(self, name, getattr(backbone, name))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+    def forward(self, x):
+        return self.head(self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x))))))
 
 model = _FlatModule()
 MyLightningModule = _Classifier
