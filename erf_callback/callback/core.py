@@ -516,7 +516,13 @@ class ERFMonitorBase:
         datamodule = getattr(trainer, "datamodule", None)
         params.update(getattr(datamodule, "hparams_initial", None) or {})
         params.pop("_class_path", None)
-        self._hparams_declared = log_hparam_metrics(trainer.loggers, tags, params)
+        try:
+            self._hparams_declared = log_hparam_metrics(trainer.loggers, tags, params)
+        except Exception as err:  # a convenience: never worth ending a run for
+            self._hparams_declared = True
+            self._warn_once(
+                "hparams", f"ERFMonitor: HParams metrics not written ({type(err).__name__}: {err})."
+            )
 
     def _write_history(self, trainer: Any) -> None:
         directory = self._history_dir or trainer.default_root_dir
