@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint format bench docs doc-images clean
+.PHONY: demo tensorboard test lint format bench docs doc-images clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,4 +40,8 @@ doc-images: $(VENV)/.installed
 	$(PY) scripts/make_doc_images.py
 
 clean:
-	rm -rf $(VENV) lightning_logs .pytest_cache site
+	rm -rf $(VENV) lightning_logs erf_demo_logs .pytest_cache site
+
+# The demo's logs in TensorBoard (from the venv: `tensorboard` alone is usually not on PATH).
+tensorboard: $(VENV)/.installed
+	$(VENV)/bin/tensorboard --logdir erf_demo_logs

@@ -4,14 +4,15 @@ The task needs long-range context: a bright blob sits somewhere on a noisy 32x32
 label is the quadrant it is in. A convolution only knows *where* it is by seeing the image
 border (zero padding), so units must learn to look far: the ERF grows during training.
 
-Run:  python examples/demo.py            (about a minute or two on a laptop CPU)
-Then: tensorboard --logdir erf_demo_logs
+Run:  make demo        (or .venv/bin/python examples/demo.py; it prints its own run time)
+Then: make tensorboard  (or .venv/bin/tensorboard --logdir erf_demo_logs), open the URL it prints
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import pytorch_lightning as pl
@@ -117,7 +118,8 @@ def main() -> None:
     args = parser.parse_args()
 
     pl.seed_everything(0, workers=True)
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    # No torch.set_num_threads here: torch's own choice adapts to the machine; forcing more
+    # threads than there are free cores makes every step slower on a busy machine.
     train = DataLoader(make_quadrant_data(8192, seed=0), batch_size=32, shuffle=True)
     val = DataLoader(make_quadrant_data(512, seed=1), batch_size=256)
 
@@ -138,6 +140,7 @@ def main() -> None:
         check_val_every_n_epoch=None,
         enable_checkpointing=False,
         enable_model_summary=False,
+        enable_progress_bar=True,
     )
     start = time.perf_counter()
     trainer.fit(QuadrantClassifier(steps=args.steps), train, val)
@@ -158,12 +161,30 @@ def main() -> None:
             f"{last['erf_trf_ratio']:.2f},  correlation with init map {last['map_correlation']:.2f}"
         )
     print(f"\nTensorBoard logs and erf_history.csv/json are in: {logger.log_dir}")
-    print(f"Open them with:  tensorboard --logdir {args.logdir}")
-    print("  SCALARS: erf/<layer>/radius, sigma_x, gaussian_r2, area_ratio@0.5, erf_trf_ratio, ...")
-    print("  IMAGES:  erf/<layer>/heatmap, heatmap_log, radial_profile, evolution")
-    print("  CUSTOM SCALARS: all layers' radius curves in one chart")
+    print(f"Open them with:  {tensorboard_command(args.logdir)}")
+    print("  then open the http://localhost:6006/ address it prints, in a browser:")
+    print("  IMAGES:  erf/all_layers/radius (every layer's radius over training, one colour each),")
+    print("           erf/<layer>/init_vs_now, heatmap, heatmap_init, evolution, radial_profile")
+    print("  SCALARS: erf/<layer>/radius, radius_growth, erf_trf_ratio, gaussian_r2, border_mass;")
+    print("           every other metric under erf_detail/. Probes are sparse: set Smoothing to 0.")
+    print("  HPARAMS: the final ERF metrics of each run, side by side")
     if args.figures:
         save_figures(monitor, trainer, args.figures)
+
+
+def tensorboard_command(logdir: str) -> str:
+    """A TensorBoard command that works as printed: ``make tensorboard`` for the default
+    log dir in a checkout, else the ``tensorboard`` next to this Python (venvs are rarely on
+    PATH)."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    in_checkout = os.path.abspath(os.getcwd()) == here
+    if logdir == "erf_demo_logs" and in_checkout and os.path.exists("Makefile"):
+        return "make tensorboard"
+    script = os.path.join(os.path.dirname(sys.executable), "tensorboard")
+    if os.path.exists(script):
+        rel = os.path.relpath(script)
+        return f"{rel if not rel.startswith('..') else script} --logdir {logdir}"
+    return f"{sys.executable} -m tensorboard.main --logdir {logdir}"
 
 
 def save_figures(monitor: ERFMonitor, trainer: pl.Trainer, directory: str) -> None:
@@ -171,10 +192,12 @@ def save_figures(monitor: ERFMonitor, trainer: pl.Trainer, directory: str) -> No
     import matplotlib.image
 
     from erf_callback import compute_erf
+    from erf_callback.callback.images import render_probe_images
 
     os.makedirs(directory, exist_ok=True)
     maps = compute_erf(trainer.lightning_module.net, monitor.probe_inputs, monitor.layers)
-    images = monitor._render(maps)  # the renderer the callback uses for TensorBoard
+    # The renderer the callback uses for TensorBoard; the init map comes from the history.
+    images = render_probe_images(maps, monitor.history, "erf", step=trainer.global_step)
     for tag, img in images.items():
         name = tag.replace("erf/", "").replace("/", "_") + ".png"
         matplotlib.image.imsave(os.path.join(directory, name), img)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from erf_callback.callback.distributed import ProbeGroup, probe_group, run_probe
 from erf_callback.callback.guarded import (
     Guard,
     free_probe_memory,
@@ -24,13 +25,11 @@ from erf_callback.callback.guarded import (
     is_out_of_memory,
 )
 from erf_callback.callback.history import (
-    CHANGE_METRICS,
     ERFHistory,
     claim_history_files,
     history_paths,
 )
-from erf_callback.callback.distributed import ProbeGroup, probe_group, run_probe
-from erf_callback.callback.images import render_probe_images
+from erf_callback.callback.images import HeatmapStyle, ProbeImages
 from erf_callback.callback.inputs import (
     InputKey,
     InputSource,
@@ -39,7 +38,14 @@ from erf_callback.callback.inputs import (
     noise_like,
     reuses_workers,
 )
-from erf_callback.callback.publish import ImagePublisher, add_custom_scalars, log_scalars
+from erf_callback.callback.publish import (
+    MAIN_SCALARS,
+    ImagePublisher,
+    add_custom_scalars,
+    log_hparam_metrics,
+    log_scalars,
+)
+from erf_callback.callback.record import record_probe
 from erf_callback.callback.runfiles import (
     DEFAULT_BASENAME,
     check_monitors,
@@ -112,7 +118,12 @@ class ERFMonitorBase:
             :func:`~erf_callback.compute_erf`.
         metric_config: metric choices (radius factor, energy fraction, fit method, ...); the
             same as ``ProbeConfig.metrics``.
-        log_images: log heatmaps, radial profiles and the evolution grid.
+        log_images: log heatmaps, the init-vs-now pair, radial profiles, the evolution grid
+            and the all-layers radius chart.
+        heatmap_style: ``"annotated"`` (title, colour bar, legend) or ``"raw"`` (the map at
+            input resolution with the overlays drawn into its pixels, no text).
+        detail_scalars: also log the metrics beyond radius, growth, ERF/TRF, R² and border
+            mass, under ``<tag_prefix>_detail/``.
         images_every_n_probes: log images at every N-th probe only (scalars always).
         cmap: matplotlib colour map of the heatmaps.
         history_map_size: maps are kept downsampled to at most this many pixels per side.
@@ -153,6 +164,8 @@ class ERFMonitorBase:
         chunk_size: int | Default | None = DEFAULT,
         metric_config: MetricConfig | Default | None = DEFAULT,
         log_images: bool = True,
+        heatmap_style: HeatmapStyle = "annotated",
+        detail_scalars: bool = True,
         images_every_n_probes: int = 1,
         cmap: str = "inferno",
         history_map_size: int = 64,
@@ -225,6 +238,9 @@ class ERFMonitorBase:
         self._dry_run = False  # fast_dev_run: the fit-start check only, nothing logged
         self._files_name: str | None = None  # the history files' base name, once taken
         self._group: ProbeGroup | None = None  # the ranks sharing each probe (None: alone)
+        self._renderer = ProbeImages(tag_prefix, cmap, heatmap_style)
+        self.detail_scalars = detail_scalars
+        self._hparams_declared = False
 
     # ---- Lightning hooks -----------------------------------------------------------------
 
@@ -248,6 +264,12 @@ class ERFMonitorBase:
         net = self._probed_module(pl_module)
         if self.layers is not None:
             resolve_layers(net, self.layers)  # unknown names fail here, before any data
+
+    def on_fit_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        # Before Lightning logs the hyperparameters: TensorBoard reads a run's first hparams
+        # summary only, and this one declares the ERF scalars as the HParams tab's metrics.
+        if self._enabled and self.layers is not None and trainer.is_global_zero:
+            self._declare_hparam_metrics(trainer, pl_module)
 
     def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
         if not self._enabled:
@@ -326,6 +348,8 @@ class ERFMonitorBase:
             self._probe_if_new(trainer, pl_module)
         if trainer.is_global_zero and len(self.history):
             self._write_history(trainer)
+            if not self._hparams_declared:  # the default layer was unknown at fit start
+                self._declare_hparam_metrics(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -450,44 +474,18 @@ class ERFMonitorBase:
             )
 
     def _record(self, trainer: Any, maps: dict[str, ERFMap]) -> None:
-        step, epoch = trainer.global_step, trainer.current_epoch
+        step = trainer.global_step
         probe = self.history.num_probes
-        scalars: dict[str, float] = {}
-        valid: dict[str, ERFMap] = {}
-        layer_metrics: dict[str, dict[str, float]] = {}
-        for layer, m in maps.items():
-            if m.status != "ok":
-                self._warn_once(
-                    f"{m.status}:{layer}",
-                    f"ERF probe of {layer!r} at step {step} skipped: "
-                    + (
-                        "NaN/Inf gradients or weights (a diverged model?)"
-                        if m.status == "nonfinite"
-                        else "all-zero gradients"
-                    )
-                    + "; training goes on.",
-                )
-                self.history.add(step, epoch, layer, m.status, {}, m.grad, probe)
-                continue
-            with warnings.catch_warnings(record=True) as more:
-                warnings.simplefilter("always", ERFWarning)
-                metrics = m.metrics()
-            for w in more:
-                self._warn_once(f"border:{layer}", str(w.message))
-            centre = dict(
-                zip(
-                    ("center_z", "center_y", "center_x")[-m.spatial_dims :],
-                    m.gaussian.mean,
-                    strict=True,
-                )
-            )
-            record = self.history.add(
-                step, epoch, layer, "ok", {**metrics, **centre}, m.grad, probe
-            )
-            for key in (*metrics, *CHANGE_METRICS):
-                scalars[f"{self.tag_prefix}/{layer}/{key}"] = record[key]
-            valid[layer] = m
-            layer_metrics[layer] = metrics
+        recorded = record_probe(
+            self.history,
+            maps,
+            step,
+            trainer.current_epoch,
+            self.tag_prefix,
+            self._warn_once,
+            self.detail_scalars,
+        )
+        scalars, valid, layer_metrics = recorded.scalars, recorded.maps, recorded.metrics
         if not trainer.is_global_zero:
             return
         # Logging and files are side work: a failing logger, renderer or disk never ends
@@ -499,12 +497,11 @@ class ERFMonitorBase:
             images = self._guard.call(
                 "render",
                 f"rendering the ERF images at step {step}",
-                render_probe_images,
+                self._renderer.render,
                 valid,
                 self.history,
-                self.tag_prefix,
-                self.cmap,
                 layer_metrics,
+                step,
                 then="no images for this probe;",
             )
             if images:
@@ -606,6 +603,22 @@ class ERFMonitorBase:
                 DEFAULT_BASENAME
                 if num_monitors == 1
                 else derived_basename(self.tag_prefix, self.module, self._layers_arg)
+            )
+
+    def _declare_hparam_metrics(self, trainer: Any, pl_module: nn.Module) -> None:
+        tags = [
+            f"{self.tag_prefix}/{layer}/{k}" for layer in self.layers or [] for k in MAIN_SCALARS
+        ]
+        params = dict(getattr(pl_module, "hparams_initial", None) or {})
+        datamodule = getattr(trainer, "datamodule", None)
+        params.update(getattr(datamodule, "hparams_initial", None) or {})
+        params.pop("_class_path", None)
+        try:
+            self._hparams_declared = log_hparam_metrics(trainer.loggers, tags, params)
+        except Exception as err:  # a convenience: never worth ending a run for
+            self._hparams_declared = True
+            self._warn_once(
+                "hparams", f"ERFMonitor: HParams metrics not written ({type(err).__name__}: {err})."
             )
 
     def _write_history(self, trainer: Any) -> None:

@@ -1,8 +1,27 @@
-"""The images of one probe: heatmaps, radial profile and evolution grid per layer."""
+"""The images of one probe: what a user sees in TensorBoard's IMAGES tab.
+
+Per layer ``<prefix>/<layer>/...``:
+
+* ``heatmap``, ``heatmap_log``: the map with title (layer, step, radius), colour bar and a
+  legend of the overlays (``heatmap_style="annotated"``, the default), or the bare map at
+  input resolution with the overlays drawn into its pixels (``"raw"``);
+* ``heatmap_init``: the ``heatmap`` of the layer's first probe, written once. TensorBoard
+  keeps only 10 images per tag (reservoir sampling, the newest always kept), so the step-0
+  image of ``heatmap`` is usually sampled away; a tag with one image keeps it;
+* ``init_vs_now``: the initialisation map next to the current one, in every image, so the
+  newest one (always kept) shows the comparison with TensorBoard's default settings;
+* ``radial_profile`` and ``evolution`` (at most 8 frames, labels readable at the default
+  card size).
+
+Once per probe ``<prefix>/all_layers/radius``: radius and growth since init vs step, one
+colour per layer with a legend (TensorBoard's own charts colour by run, not by tag).
+"""
 
 from __future__ import annotations
 
+import math
 import warnings
+from typing import Any, Literal
 
 import numpy as np
 
@@ -10,7 +29,215 @@ from erf_callback.callback.history import ERFHistory
 from erf_callback.engine.erf_map import ERFMap
 from erf_callback.warnings import ERFWarning
 
-__all__ = ["render_probe_images"]
+__all__ = ["HEATMAP_STYLES", "HeatmapStyle", "ProbeImages", "render_probe_images"]
+
+HeatmapStyle = Literal["annotated", "raw"]
+HEATMAP_STYLES: tuple[str, ...] = ("annotated", "raw")
+
+_DOT = " \u00b7 "  # a middle dot between the parts of a title
+
+#: Tag (after the prefix) of the all-layers chart.
+ALL_LAYERS_TAG = "all_layers/radius"
+
+
+def _geo_mean(values: tuple[float, ...]) -> float:
+    if not values or any(math.isnan(v) for v in values):
+        return math.nan
+    if any(math.isinf(v) for v in values):
+        return math.inf
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+class ProbeImages:
+    """Renders a probe's images and remembers each layer's first map for ``init_vs_now``.
+
+    Args:
+        tag_prefix: first part of every tag.
+        cmap: matplotlib colour map.
+        heatmap_style: ``"annotated"`` (title, colour bar, legend) or ``"raw"`` (the map at
+            input resolution, overlays drawn into the pixels, no text).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from erf_callback import compute_erf
+        >>> net = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.Conv2d(1, 1, 3, padding=1))
+        >>> maps = compute_erf(net, torch.randn(2, 1, 16, 16), ["1"])
+        >>> h = ERFHistory()
+        >>> _ = h.add(0, 0, "1", "ok", {**maps["1"].metrics(), "center_y": 8.0, "center_x": 8.0},
+        ...           maps["1"].grad)
+        >>> sorted(ProbeImages("erf").render(maps, h, step=0))  # doctest: +NORMALIZE_WHITESPACE
+        ['erf/1/evolution', 'erf/1/heatmap', 'erf/1/heatmap_init', 'erf/1/heatmap_log',
+         'erf/1/init_vs_now', 'erf/1/radial_profile', 'erf/all_layers/radius']
+    """
+
+    def __init__(
+        self, tag_prefix: str, cmap: str = "inferno", heatmap_style: HeatmapStyle = "annotated"
+    ) -> None:
+        if heatmap_style not in HEATMAP_STYLES:
+            raise ValueError(
+                f"heatmap_style must be one of {HEATMAP_STYLES}; got {heatmap_style!r}"
+            )
+        self.tag_prefix = tag_prefix
+        self.cmap = cmap
+        self.heatmap_style = heatmap_style
+        self._init: dict[str, Any] = {}  # layer -> MapPanel of its first rendered map
+
+    def render(
+        self,
+        maps: dict[str, ERFMap],
+        history: ERFHistory,
+        metrics: dict[str, dict[str, float]] | None = None,
+        step: int | None = None,
+    ) -> dict[str, np.ndarray]:
+        """``{tag: uint8 HWC image}`` for the valid maps of one probe."""
+        # Imported here: matplotlib costs ~0.4 s to import, and runs with log_images=False (or
+        # ranks other than 0) never render.
+        from erf_callback.render import render_evolution, render_heatmap, render_radial_profile
+        from erf_callback.render.annotated import (
+            MapPanel,
+            render_heatmap_figure,
+            render_init_vs_now,
+        )
+        from erf_callback.render.charts import render_radius_chart
+
+        if metrics is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ERFWarning)
+                metrics = {layer: m.metrics() for layer, m in maps.items()}
+        step_text = "" if step is None else f"step {step} · "
+        images: dict[str, np.ndarray] = {}
+        for layer, m in maps.items():
+            fit = m.gaussian
+            arr = m.numpy()
+            box = m.geometry.box(m.position) if m.geometry is not None else None
+            mx = metrics[layer]
+            tag = f"{self.tag_prefix}/{layer}"
+            panel = MapPanel(
+                arr,
+                fit.mean,
+                fit.cov,
+                box,
+                m.location,
+                title=f"{layer}{_DOT}{step_text}radius {mx['radius']:.1f} px\n"
+                f"ERF/TRF {mx['erf_trf_ratio']:.2f}{_DOT}Gaussian R\u00b2 {mx['gaussian_r2']:.2f}",
+            )
+            for suffix, log_scale in (("heatmap", False), ("heatmap_log", True)):
+                if self.heatmap_style == "raw":
+                    images[f"{tag}/{suffix}"] = render_heatmap(
+                        arr,
+                        mean=fit.mean,
+                        cov=fit.cov,
+                        trf_box=box,
+                        location=m.location,
+                        cmap=self.cmap,
+                        log_scale=log_scale,
+                    )
+                else:
+                    images[f"{tag}/{suffix}"] = render_heatmap_figure(
+                        panel, log_scale=log_scale, cmap=self.cmap
+                    )
+            first = history.first(layer)
+            if layer not in self._init and (first is None or first["step"] == step):
+                # Written once, so TensorBoard's sampling (10 images per tag) never drops it.
+                images[f"{tag}/heatmap_init"] = images[f"{tag}/heatmap"]
+            init = self._init_panel(layer, panel, history, step)
+            now = MapPanel(
+                arr,
+                fit.mean,
+                fit.cov,
+                box,
+                m.location,
+                title=("now" if step is None else f"now (step {step})")
+                + f"\nradius {mx['radius']:.1f} px",
+            )
+            growth = mx["radius"] / init[1] if init[1] and math.isfinite(init[1]) else math.nan
+            images[f"{tag}/init_vs_now"] = render_init_vs_now(
+                init[0],
+                now,
+                suptitle=f"{layer}: ERF at initialisation vs now (radius \u00d7{growth:.2f})",
+                cmap=self.cmap,
+            )
+            images[f"{tag}/radial_profile"] = render_radial_profile(
+                arr,
+                mean=fit.mean,
+                cov=fit.cov,
+                floor=max(fit.floor, 0.0),
+                radius=mx["radius"],
+                energy_radius=mx["energy_radius"],
+                title=f"{layer} \u00b7 {step_text}cumulative ERF mass around the fitted centre",
+            )
+            frames = history.maps.get(layer, [])
+            if frames:
+                images[f"{tag}/evolution"] = render_evolution(
+                    [f.numpy() for _, f in frames],
+                    [f"step {s}" for s, _ in frames],
+                    cmap=self.cmap,
+                )
+        series = {
+            layer: (
+                [r["step"] for r in history.records if r["layer"] == layer],
+                [
+                    r.get("radius", math.nan) if r["status"] == "ok" else math.nan
+                    for r in history.records
+                    if r["layer"] == layer
+                ],
+                _geo_mean(tuple(m.trf)),
+            )
+            for layer, m in maps.items()
+        }
+        if series:
+            images[f"{self.tag_prefix}/{ALL_LAYERS_TAG}"] = render_radius_chart(series)
+        return images
+
+    def _init_panel(
+        self, layer: str, panel: Any, history: ERFHistory, step: int | None
+    ) -> tuple[Any, float]:
+        """The init map's panel and its radius: remembered, or rebuilt from the history."""
+        from erf_callback.render.annotated import MapPanel
+
+        first = history.first(layer)
+        cached = self._init.get(layer)
+        if cached is None and (first is None or (step is not None and first["step"] == step)):
+            # This probe is the layer's first: it is the init map.
+            radius = first["radius"] if first is not None else math.nan
+            init_step = first["step"] if first is not None else step
+            cached = self._init[layer] = (
+                MapPanel(
+                    panel.erf,
+                    panel.mean,
+                    panel.cov,
+                    panel.trf_box,
+                    panel.location,
+                    title=f"init (step {init_step})\nradius {radius:.1f} px",
+                ),
+                radius,
+            )
+        if cached is not None:
+            return cached
+        # Resumed from a checkpoint: only the downsampled history map of the first probe exists.
+        assert first is not None
+        frames = history.maps.get(layer, [])
+        small = frames[0][1].numpy() if frames else np.full((1, 1), np.nan)
+        full_shape = panel.erf.shape
+        scale = full_shape[-1] / small.shape[-1]
+        axes = [k for k in ("center_z", "center_y", "center_x") if k in first][-small.ndim :]
+        sig = [k.replace("center", "sigma") for k in axes]
+        mean = np.array([first[k] for k in axes]) if axes else None
+        cov = np.diag([first[k] ** 2 for k in sig]) if all(k in first for k in sig) else None
+        cached = self._init[layer] = (
+            MapPanel(
+                small,
+                mean,
+                cov,
+                panel.trf_box,
+                panel.location,
+                title=f"init (step {first['step']})\nradius {first['radius']:.1f} px",
+                scale=scale,
+            ),
+            first["radius"],
+        )
+        return cached
 
 
 def render_probe_images(
@@ -19,44 +246,12 @@ def render_probe_images(
     tag_prefix: str,
     cmap: str = "inferno",
     metrics: dict[str, dict[str, float]] | None = None,
+    *,
+    step: int | None = None,
+    heatmap_style: HeatmapStyle = "annotated",
 ) -> dict[str, np.ndarray]:
-    """``{tag: uint8 HWC image}``: heatmaps (linear, log), radial profile, evolution grid."""
-    # Imported here: matplotlib costs ~0.4 s to import, and runs with log_images=False (or
-    # ranks other than 0) never render.
-    from erf_callback.render import render_evolution, render_heatmap, render_radial_profile
+    """``{tag: uint8 HWC image}`` of one probe, with no memory of earlier probes.
 
-    if metrics is None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ERFWarning)
-            metrics = {layer: m.metrics() for layer, m in maps.items()}
-    images: dict[str, np.ndarray] = {}
-    for layer, m in maps.items():
-        fit = m.gaussian
-        arr = m.numpy()
-        box = m.geometry.box(m.position) if m.geometry is not None else None
-        tag = f"{tag_prefix}/{layer}"
-        for suffix, log_scale in (("heatmap", False), ("heatmap_log", True)):
-            images[f"{tag}/{suffix}"] = render_heatmap(
-                arr,
-                mean=fit.mean,
-                cov=fit.cov,
-                trf_box=box,
-                location=m.location,
-                cmap=cmap,
-                log_scale=log_scale,
-            )
-        images[f"{tag}/radial_profile"] = render_radial_profile(
-            arr,
-            mean=fit.mean,
-            cov=fit.cov,
-            floor=max(fit.floor, 0.0),
-            radius=metrics[layer]["radius"],
-            energy_radius=metrics[layer]["energy_radius"],
-            title=layer,
-        )
-        frames = history.maps.get(layer, [])
-        if frames:
-            images[f"{tag}/evolution"] = render_evolution(
-                [f.numpy() for _, f in frames], [f"step {s}" for s, _ in frames], cmap=cmap
-            )
-    return images
+    The init map of ``init_vs_now`` comes from ``history`` (its first map of each layer).
+    """
+    return ProbeImages(tag_prefix, cmap, heatmap_style).render(maps, history, metrics, step)

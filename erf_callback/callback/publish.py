@@ -18,13 +18,54 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "MAIN_SCALARS",
     "ImagePublisher",
     "add_custom_scalars",
     "custom_scalars_layout",
+    "detail_prefix",
     "finite_scalars",
+    "log_hparam_metrics",
     "log_scalars",
+    "scalar_tags",
     "tensorboard_writer",
 ]
+
+#: The scalars under the main prefix: how big the ERF is and how it is changing. TensorBoard
+#: shows one chart per tag, alphabetically within a prefix, so every other metric goes to a
+#: second prefix (``<prefix>_detail``) to keep these few on the first page.
+MAIN_SCALARS = ("radius", "radius_growth", "erf_trf_ratio", "gaussian_r2", "border_mass")
+
+
+def detail_prefix(prefix: str) -> str:
+    """Prefix of the metrics that are not among :data:`MAIN_SCALARS`."""
+    return f"{prefix}_detail"
+
+
+def scalar_tags(
+    prefix: str, layer: str, values: Mapping[str, float], detail: bool = True
+) -> dict[str, float]:
+    """Tags of one layer's scalars: main ones under ``prefix``, the rest under ``prefix_detail``.
+
+    Args:
+        prefix: the main prefix (``tag_prefix``).
+        layer: the layer name.
+        values: ``{metric: value}``.
+        detail: also return the metrics outside :data:`MAIN_SCALARS`.
+
+    Example:
+        >>> scalar_tags("erf", "layer4", {"radius": 3.0, "sigma_x": 1.5})
+        {'erf/layer4/radius': 3.0, 'erf_detail/layer4/sigma_x': 1.5}
+        >>> scalar_tags("erf", "layer4", {"radius": 3.0, "sigma_x": 1.5}, detail=False)
+        {'erf/layer4/radius': 3.0}
+    """
+    out: dict[str, float] = {}
+    for key, value in values.items():
+        if key in MAIN_SCALARS:
+            out[f"{prefix}/{layer}/{key}"] = value
+        elif detail:
+            out[f"{detail_prefix(prefix)}/{layer}/{key}"] = value
+    return out
+
 
 log = logging.getLogger("erf_callback")
 
@@ -79,14 +120,15 @@ class ImagePublisher:
 
 def custom_scalars_layout(prefix: str) -> dict[str, dict[str, list[Any]]]:
     """TensorBoard custom-scalars layout: one chart per metric with all layers' curves."""
-    p = re.escape(prefix)
+    p, d = re.escape(prefix), re.escape(detail_prefix(prefix))
     charts = {
         "ERF radius, all layers": rf"^{p}/.*/radius$",
         "ERF radius growth since init": rf"^{p}/.*/radius_growth$",
         "ERF / TRF": rf"^{p}/.*/erf_trf_ratio$",
         "Gaussian R^2": rf"^{p}/.*/gaussian_r2$",
-        "ERF map correlation with init": rf"^{p}/.*/map_correlation$",
-        "high-contribution area ratio @0.5": rf"^{p}/.*/area_ratio@0\.5$",
+        "border mass (share of the fit outside the input)": rf"^{p}/.*/border_mass$",
+        "ERF map correlation with init": rf"^{d}/.*/map_correlation$",
+        "high-contribution area ratio @0.5": rf"^{d}/.*/area_ratio@0\.5$",
     }
     return {f"{prefix} (erf-callback)": {k: ["Multiline", [v]] for k, v in charts.items()}}
 
@@ -96,3 +138,60 @@ def add_custom_scalars(loggers: Iterable[Any], prefix: str) -> None:
         writer = tensorboard_writer(logger)
         if writer is not None and hasattr(writer, "add_custom_scalars"):
             writer.add_custom_scalars(custom_scalars_layout(prefix))
+
+
+def _hparam_value(v: Any) -> int | float | str | bool:
+    if isinstance(v, (bool, int, float, str)):
+        return v
+    if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
+        return v.item()
+    return str(v)
+
+
+def _flat_hparams(params: Mapping[str, Any], parent: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{parent}/{key}" if parent else str(key)
+        if isinstance(value, Mapping):
+            out.update(_flat_hparams(value, name))
+        else:
+            out[name] = _hparam_value(value)
+    return out
+
+
+def log_hparam_metrics(
+    loggers: Iterable[Any], metric_tags: Iterable[str], params: Mapping[str, Any] | None = None
+) -> bool:
+    """Declare ``metric_tags`` (scalars logged during the run) as the run's HParams metrics.
+
+    TensorBoard's HParams tab shows, per run, the hyperparameters of its session and the
+    *last* value of each declared metric tag, so declaring the main ERF scalars lets runs
+    (plain vs dilated, two learning rates) compare side by side. TensorBoard reads only the
+    *first* hparams summary of a run, so this must run before Lightning logs the model's
+    hyperparameters (the callback calls it from ``on_fit_start``); it therefore writes those
+    hyperparameters itself (``params``, flattened) and keeps Lightning's ``hp_metric``
+    declared. Nothing is written as a scalar. Loggers without a ``SummaryWriter`` are left
+    alone (their scalars already hold the final values).
+
+    Returns:
+        whether a summary was written to at least one logger.
+    """
+    tags = sorted(set(metric_tags))
+    if not tags:
+        return False
+    from torch.utils.tensorboard.summary import hparams
+
+    written = False
+    for logger in loggers:
+        writer = tensorboard_writer(logger)
+        if writer is None or not hasattr(writer, "_get_file_writer"):
+            continue
+        flat = _flat_hparams({**dict(getattr(logger, "hparams", None) or {}), **(params or {})})
+        # The metric values are read back from the scalar tags; the ones given here are unused.
+        exp, ssi, sei = hparams(flat, dict.fromkeys([*tags, "hp_metric"], 0.0))
+        file_writer = writer._get_file_writer()
+        for summary in (exp, ssi, sei):
+            file_writer.add_summary(summary)
+        writer.flush()
+        written = True
+    return written

@@ -71,6 +71,26 @@ class ERFMap:
     status: Status = "ok"
     config: MetricConfig = field(default_factory=MetricConfig)
 
+    def __repr__(self) -> str:
+        """One line: what was probed and the map's shape, never the map's values.
+
+        Example:
+            >>> import torch
+            >>> m = ERFMap(torch.zeros(8, 8, dtype=torch.float64), "layer4", (2, 2), (16, 4, 4),
+            ...            (4.0, 4.0), num_samples=3)
+            >>> m
+            ERFMap(layer='layer4', map=(8, 8) float64, position=(2, 2), location=(4.0, 4.0), \
+output_shape=(16, 4, 4), trf=(nan, nan), num_samples=3, reduction='abs', status='ok')
+        """
+        dtype = str(self.grad.dtype).removeprefix("torch.")
+        trf = tuple(round(float(v), 3) for v in self.trf)
+        return (
+            f"ERFMap(layer={self.layer!r}, map={tuple(self.grad.shape)} {dtype}, "
+            f"position={tuple(self.position)}, location={tuple(self.location)}, "
+            f"output_shape={tuple(self.output_shape)}, trf={trf}, "
+            f"num_samples={self.num_samples}, reduction={self.reduction!r}, status={self.status!r})"
+        )
+
     @property
     def spatial_dims(self) -> int:
         return self.grad.dim()

@@ -160,7 +160,28 @@ def original_forwards(model: nn.Module) -> Iterator[None]:
                 del m.forward
 
 
+def _submodule_hint(name: str, candidates: list[str]) -> str:
+    """``module=`` advice when ``name`` exists under exactly one submodule (``model.layer2``)."""
+    parents = sorted({c[: -len(name) - 1] for c in candidates if c.endswith("." + name)})
+    if len(parents) != 1:
+        return ""
+    return (
+        f" It exists as {parents[0] + '.' + name!r}: the network lives in a submodule, so pass "
+        f"module={parents[0]!r} (ERFMonitor) or probe that submodule, and keep {name!r}."
+    )
+
+
 def _unknown_layer_message(name: str, candidates: list[str]) -> str:
+    """The KeyError text for an unknown layer name: close names, and ``module=`` if it helps.
+
+    Example:
+        >>> print(_unknown_layer_message("layer2", ["model", "model.layer1", "model.layer2"]))
+        ... # doctest: +NORMALIZE_WHITESPACE
+        No layer named 'layer2' in the model. It exists as 'model.layer2': the network lives
+        in a submodule, so pass module='model' (ERFMonitor) or probe that submodule, and keep
+        'layer2'. Closest names: 'model.layer2', 'model.layer1'. Names are those of
+        model.named_modules(); use 'output' (or layers=None) for the model output.
+    """
     close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.5)
     close += [c for c in candidates if name and name in c and c not in close][: 5 - len(close)]
     hint = (
@@ -169,6 +190,7 @@ def _unknown_layer_message(name: str, candidates: list[str]) -> str:
         else f" Top-level names: {', '.join(repr(c) for c in candidates if '.' not in c)[:400]}."
     )
     return (
-        f"No layer named {name!r} in the model.{hint} Names are those of "
+        f"No layer named {name!r} in the model.{_submodule_hint(name, candidates)}{hint} "
+        "Names are those of "
         "model.named_modules(); use 'output' (or layers=None) for the model output."
     )

@@ -149,7 +149,7 @@ def render_radial_profile(
 _GRID_PAD = 6  # px between tiles and around the grid
 
 
-_LABEL_PX = 18  # px of label strip above each tile
+_LABEL_PX = 26  # px of label strip above each tile: room for ~13 pt text
 
 
 def _select_frames(n: int, max_frames: int) -> list[int]:
@@ -200,8 +200,8 @@ def render_evolution(
     *,
     log_scale: bool = False,
     cmap: str = "inferno",
-    tile: int = 128,
-    max_columns: int = 8,
+    tile: int = 110,
+    max_columns: int = 3,
 ) -> np.ndarray:
     """Grid of ERF heatmaps over training (init -> now), each labelled.
 
@@ -210,7 +210,9 @@ def render_evolution(
     fitted in keeping their aspect ratio, nearest neighbour), laid out row-major in at most
     ``max_columns`` columns, each with its label above it. With more than
     ``2 * max_columns`` frames, only the first, the last and evenly spaced ones in between
-    (``2 * max_columns`` in all) are shown. 1-D and 3-D frames are reduced like
+    (``2 * max_columns`` in all) are shown. The defaults (6 frames of 110 px in rows of 3,
+    labels of up to 13 pt) keep the grid 354 px wide, the width of TensorBoard's default
+    image card, so the labels are shown at full size. 1-D and 3-D frames are reduced like
     :func:`to_display_2d`. The tiles are composed in numpy; a matplotlib figure only adds the
     text.
 
@@ -231,7 +233,7 @@ def render_evolution(
     Example:
         >>> maps = [np.random.default_rng(i).random((16, 16)) for i in range(3)]
         >>> render_evolution(maps, ["step 0", "step 100", "step 200"]).shape
-        (158, 408, 3)
+        (148, 354, 3)
     """
     if len(frames) == 0:
         raise ValueError("render_evolution needs at least one frame")
@@ -250,7 +252,7 @@ def render_evolution(
     for i, (r, c) in zip(keep, origins, strict=True):
         label = str(labels[i])
         # Shrink long labels so they fit over their tile (~0.6 em per character).
-        fontsize = float(np.clip(1.2 * tile / max(len(label), 1), 6.0, 9.0))
+        fontsize = float(np.clip(1.5 * tile / max(len(label), 1), 6.0, 13.0))
         fig.text(
             (c + tile / 2) / width,
             1.0 - (r - _LABEL_PX / 2) / height,

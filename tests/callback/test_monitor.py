@@ -36,17 +36,25 @@ def test_tensorboard_scalars_images_and_history(tmp_path):
     for layer in LAYERS:
         steps = [e.step for e in acc.Scalars(f"erf/{layer}/radius")]
         assert steps == [0, 2, 4, 5]  # init, every 2 optimiser steps, end
-        for metric in ("sigma_x", "gaussian_r2", "area_ratio@0.5", "erf_trf_ratio", "trf_y"):
-            assert f"erf/{layer}/{metric}" in tags["scalars"]
-        for kind in ("heatmap", "heatmap_log", "radial_profile", "evolution"):
+        for metric in ("gaussian_r2", "erf_trf_ratio", "border_mass", "radius_growth"):
+            assert f"erf/{layer}/{metric}" in tags["scalars"]  # the headline numbers
+        for metric in ("sigma_x", "area_ratio@0.5", "trf_y", "map_correlation"):
+            assert f"erf_detail/{layer}/{metric}" in tags["scalars"]  # the rest
+            assert f"erf/{layer}/{metric}" not in tags["scalars"]
+        kinds = ("heatmap", "heatmap_log", "init_vs_now", "radial_profile", "evolution")
+        for kind in kinds:
             assert [i.step for i in acc.Images(f"erf/{layer}/{kind}")] == [0, 2, 4, 5]
+        assert [i.step for i in acc.Images(f"erf/{layer}/heatmap_init")] == [0]
         heat = acc.Images(f"erf/{layer}/heatmap")[-1]
-        assert (heat.width, heat.height) == (256, 256)  # 16x16 input, upscaled 16x
+        init = acc.Images(f"erf/{layer}/heatmap_init")[0]
+        assert (heat.width, heat.height) == (init.width, init.height)
+        assert heat.encoded_image_string != init.encoded_image_string
         profile = acc.Images(f"erf/{layer}/radial_profile")[-1]
         assert (profile.width, profile.height) == (480, 320)
         strip = [i.width for i in acc.Images(f"erf/{layer}/evolution")]
         assert strip == sorted(strip) and strip[0] < strip[-1]  # one more frame per probe
         assert acc.Scalars(f"erf/{layer}/radius_growth")[0].value == 1.0
+    assert [i.step for i in acc.Images("erf/all_layers/radius")] == [0, 2, 4, 5]
     assert "custom_scalars__config__" in tags["tensors"]
 
     # The last probe ran on the final weights: its scalars equal compute_erf now.
@@ -54,7 +62,8 @@ def test_tensorboard_scalars_images_and_history(tmp_path):
     for layer in LAYERS:
         expected = maps[layer].metrics()
         for metric in ("radius", "sigma_y", "trf_x", "area_ratio@0.3"):
-            logged = acc.Scalars(f"erf/{layer}/{metric}")[-1].value
+            prefix = "erf" if metric == "radius" else "erf_detail"
+            logged = acc.Scalars(f"{prefix}/{layer}/{metric}")[-1].value
             assert logged == pytest.approx(expected[metric], rel=1e-5)
 
     history = pd.read_csv(os.path.join(trainer.logger.log_dir, "erf_history.csv"))

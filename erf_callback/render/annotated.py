@@ -1,0 +1,302 @@
+"""Heatmaps that explain themselves: title, colour bar and a legend for every overlay.
+
+These are the pictures a newcomer sees first in TensorBoard. Each is a pyplot-free
+:class:`matplotlib.figure.Figure` (see :mod:`erf_callback.render.figures`) returned as a
+``uint8`` ``(H, W, 3)`` array:
+
+* :func:`render_heatmap_figure`: one map with its fitted Gaussian (1 sigma and 2 sigma
+  ellipses), the theoretical RF box and the probed unit, a title with the layer, step and
+  radius, a colour bar in units of the map's peak, and a legend naming each overlay.
+* :func:`render_init_vs_now`: the initialisation map next to the current one, the
+  comparison that shows how training changed the ERF.
+
+The overlays are the same as :func:`erf_callback.render.render_heatmap` (the raw heatmap,
+kept for ``heatmap_style="raw"``) draws into the pixels, here as vector patches in input-pixel
+coordinates so they stay sharp at any size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Ellipse, Rectangle
+
+from erf_callback.render.figures import _figure, _figure_to_array
+from erf_callback.render.raster import _LOG_EPS, _log_scale, to_display_2d
+
+__all__ = ["MapPanel", "render_heatmap_figure", "render_init_vs_now"]
+
+# The raw raster's overlay colours, as matplotlib colours.
+_SIGMA1 = "#00ffff"
+_SIGMA2 = "#ffffff"
+_TRF = "#00e600"
+_MARKER = "#1e6eff"
+_LEGEND_BG = "#2b2b2b"
+
+_FONT = 12.0  # points at 100 dpi: ~17 px text, still ~13 px in a shrunk TensorBoard card
+
+
+@dataclass(frozen=True)
+class MapPanel:
+    """One ERF map and what to draw on it.
+
+    Attributes:
+        erf: map with 1, 2 or 3 spatial axes, ``(z, y, x)`` order.
+        mean: fitted Gaussian centre, ``(d,)``, or None.
+        cov: fitted covariance, ``(d, d)``, or None.
+        trf_box: per axis ``(first_pixel, last_pixel)`` of the theoretical RF, or None.
+        location: the probed unit's input location, or None.
+        title: text above the panel.
+        scale: how many input pixels one map pixel covers (history maps are downsampled);
+            overlays are given in input pixels.
+    """
+
+    erf: np.ndarray
+    mean: np.ndarray | None = None
+    cov: np.ndarray | None = None
+    trf_box: tuple[tuple[float, float], ...] | None = None
+    location: tuple[float, ...] | None = None
+    title: str = ""
+    scale: float = 1.0
+
+
+def _relative(values: np.ndarray, log_scale: bool) -> tuple[np.ndarray, float]:
+    """Values in units of the finite peak (or the log scale of :func:`render_heatmap`)."""
+    if log_scale:
+        return _log_scale(values), 0.0
+    finite = values[np.isfinite(values)]
+    peak = float(finite.max()) if finite.size else 0.0
+    if peak <= 0:
+        return np.zeros_like(values), 0.0
+    rel = values / peak
+    low = float(np.nanmin(np.where(np.isfinite(rel), rel, 0.0)))
+    return rel, min(0.0, low)
+
+
+def _draw_panel(ax: Axes, panel: MapPanel, log_scale: bool, cmap: str) -> None:
+    erf2, mean2, cov2, box2, loc2 = to_display_2d(
+        panel.erf, panel.mean, panel.cov, panel.trf_box, panel.location
+    )
+    rel, low = _relative(erf2, log_scale)
+    h, w = erf2.shape
+    s = float(panel.scale)
+    # Pixel (r, c) of a map downsampled by s covers input pixels [r*s, (r+1)*s): its edges are
+    # at -0.5 + k*s in input-pixel coordinates, where the overlays live.
+    extent = (-0.5, -0.5 + w * s, -0.5 + h * s, -0.5)
+    cm = colormaps[cmap].with_extremes(bad="#808080")
+    ax.imshow(
+        np.ma.masked_invalid(rel),
+        cmap=cm,
+        norm=Normalize(low, 1.0),
+        interpolation="nearest",
+        extent=extent,
+    )
+    if box2 is not None:
+        (y0, y1), (x0, x1) = box2[-2], box2[-1]
+        # Infinite edges (a global TRF, a 1-D strip's y extent) lie outside the view anyway.
+        big = 1e6
+        y0, y1 = max(y0, -big), min(y1, big)
+        x0, x1 = max(x0, -big), min(x1, big)
+        if all(math.isfinite(v) for v in (y0, y1, x0, x1)):
+            ax.add_patch(
+                Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0 + 1, y1 - y0 + 1, fill=False, ec=_TRF, lw=2)
+            )
+    if mean2 is not None and cov2 is not None and np.isfinite(cov2).all():
+        evals, evecs = np.linalg.eigh(0.5 * (cov2 + cov2.T))
+        evals = np.clip(evals, 0.0, None)
+        if evals.max() > 0 and np.isfinite(mean2).all():
+            # Major axis direction in (x, y) display coordinates; y grows downwards.
+            vy, vx = evecs[:, 1]
+            angle = math.degrees(math.atan2(vy, vx))
+            for k, colour, style in ((2.0, _SIGMA2, "--"), (1.0, _SIGMA1, "-")):
+                ax.add_patch(
+                    Ellipse(
+                        (mean2[1], mean2[0]),
+                        2 * k * math.sqrt(evals[1]),
+                        2 * k * math.sqrt(evals[0]),
+                        angle=angle,
+                        fill=False,
+                        ec=colour,
+                        ls=style,
+                        lw=2,
+                    )
+                )
+    if loc2 is not None:
+        ax.plot(loc2[1], loc2[0], marker="+", ms=14, mew=2.5, color=_MARKER, ls="none")
+    ax.set_xlim(extent[0], extent[1])
+    ax.set_ylim(extent[2], extent[3])
+    # No ticks: drawing tick labels is most of a figure's cost, and the size in input pixels
+    # (below) plus the legend say what a reader needs.
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_xlabel(f"input {w * s:g} \u00d7 {h * s:g} px", fontsize=_FONT - 2)
+    if panel.title:
+        ax.set_title(panel.title, fontsize=_FONT - 1, y=1.0, pad=6.0)
+
+
+def _colorbar(fig: Figure, rect: Sequence[float], log_scale: bool, low: float, cmap: str) -> None:
+    cax = fig.add_axes(rect)
+    norm = Normalize(low, 1.0)
+    from matplotlib.cm import ScalarMappable
+
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=cax)
+    if log_scale:
+        # The log scale maps v/peak = 10^-k to log10(1 + 10^-k / eps) / log10(1 + 1 / eps).
+        fractions = [0.0, 1e-3, 1e-2, 1e-1, 1.0]
+        ticks = [math.log10(1 + f / _LOG_EPS) / math.log10(1 + 1 / _LOG_EPS) for f in fractions]
+        bar.set_ticks(ticks, labels=["0", "0.001", "0.01", "0.1", "1"])
+        bar.set_label("influence / peak (log)", fontsize=_FONT - 2)
+    else:
+        bar.set_label("influence / peak", fontsize=_FONT - 2)
+    bar.ax.tick_params(labelsize=_FONT - 3)
+
+
+def _legend(fig: Figure, has_box: bool, y: float) -> None:
+    handles = [
+        Line2D([], [], color=_SIGMA1, lw=2, label="1\u03c3 Gaussian fit"),
+        Line2D([], [], color=_SIGMA2, lw=2, ls="--", label="2\u03c3 (radius)"),
+        Line2D([], [], color=_MARKER, marker="+", ms=12, mew=2.5, ls="none", label="probed unit"),
+    ]
+    if has_box:
+        handles.append(Line2D([], [], color=_TRF, lw=2, label="theoretical RF"))
+    leg = fig.legend(
+        handles=handles,
+        loc="lower center",
+        bbox_to_anchor=(0.5, y),
+        ncol=2,
+        fontsize=_FONT - 3,
+        columnspacing=1.0,
+        handletextpad=0.5,
+        facecolor=_LEGEND_BG,
+        edgecolor=_LEGEND_BG,
+        framealpha=1.0,
+        labelcolor="white",
+        handlelength=1.8,
+    )
+    leg.set_in_layout(False)
+
+
+def _box_visible(panel: MapPanel) -> bool:
+    """Whether any edge of the TRF box falls inside the map (else the legend omits it)."""
+    if panel.trf_box is None:
+        return False
+    shape = to_display_2d(panel.erf)[0].shape
+    for (lo, hi), n in zip(panel.trf_box[-2:], shape[-2:], strict=False):
+        extent = n * panel.scale
+        if (math.isfinite(lo) and 0 < lo < extent) or (math.isfinite(hi) and 0 <= hi < extent - 1):
+            return True
+    return False
+
+
+def _layout(
+    panels: Sequence[MapPanel], log_scale: bool, cmap: str, suptitle: str, panel_px: int
+) -> np.ndarray:
+    n = len(panels)
+    # Sized for TensorBoard's default image card (~350-450 px wide): little margin, no ticks.
+    left, gap, bar_w, bar_gap, right = 30, 14, 12, 10, 58
+    top = 96 if suptitle else 50
+    legend_h = 56
+    bottom = 26 + legend_h
+    width = left + n * panel_px + (n - 1) * gap + bar_gap + bar_w + right
+    height = top + panel_px + bottom
+    fig, canvas = _figure(width, height)
+    lows = []
+    for i, panel in enumerate(panels):
+        x0 = left + i * (panel_px + gap)
+        ax = fig.add_axes(
+            (x0 / width, bottom / height, panel_px / width, panel_px / height),
+        )
+        _draw_panel(ax, panel, log_scale, cmap)
+        lows.append(_relative(to_display_2d(panel.erf)[0], log_scale)[1])
+    bar_x = left + n * panel_px + (n - 1) * gap + bar_gap
+    _colorbar(
+        fig,
+        (bar_x / width, bottom / height, bar_w / width, panel_px / height),
+        log_scale,
+        min(lows),
+        cmap,
+    )
+    if suptitle:
+        fig.text(0.5, 1 - 8 / height, suptitle, ha="center", va="top", fontsize=_FONT)
+    _legend(fig, any(_box_visible(p) for p in panels), 6 / height)
+    return _figure_to_array(canvas, width, height)
+
+
+def render_heatmap_figure(
+    panel: MapPanel,
+    *,
+    log_scale: bool = False,
+    cmap: str = "inferno",
+    panel_px: int = 260,
+) -> np.ndarray:
+    """One ERF map with title, colour bar and a legend of the overlays.
+
+    The colour bar is in units of the map's peak (linear, or the log scale of
+    :func:`~erf_callback.render.render_heatmap` with ticks at 0.001, 0.01, 0.1 and 1 of the
+    peak). Overlays: the fitted Gaussian's 1 sigma (solid cyan) and 2 sigma (dashed white)
+    ellipses, the probed unit's theoretical RF (green box, only when an edge falls inside
+    the map) and the unit's location (blue cross). The legend names each of them.
+
+    Args:
+        panel: the map, its overlays and its title (e.g. layer, step and radius).
+        log_scale: log colour scale.
+        cmap: matplotlib colour-map name.
+        panel_px: side of the map's square axes, in pixels.
+
+    Returns:
+        ``uint8`` array ``(H, W, 3)``.
+
+    Example:
+        >>> yy, xx = np.mgrid[:32, :32]
+        >>> erf = np.exp(-((yy - 16.0) ** 2 + (xx - 16.0) ** 2) / 18)
+        >>> img = render_heatmap_figure(MapPanel(erf, np.array([16.0, 16.0]), 9 * np.eye(2)))
+        >>> img.shape, img.dtype
+        ((392, 370, 3), dtype('uint8'))
+    """
+    return _layout([panel], log_scale, cmap, "", panel_px)
+
+
+def render_init_vs_now(
+    init: MapPanel,
+    now: MapPanel,
+    *,
+    suptitle: str = "",
+    log_scale: bool = False,
+    cmap: str = "inferno",
+    panel_px: int = 180,
+) -> np.ndarray:
+    """The initialisation map and the current map side by side, with one shared legend.
+
+    Each panel is normalised to its own peak, so the comparison is of *shape and size*: how
+    far the ERF spreads and where its mass sits, not how the gradient magnitude drifted.
+    Both panels are drawn in input-pixel coordinates (a downsampled history map is stretched
+    back with ``MapPanel.scale``), so the ellipses of both compare directly.
+
+    Args:
+        init: the map at initialisation (or the earliest one kept).
+        now: the current map.
+        suptitle: text above both panels, e.g. the layer and the radius growth.
+        log_scale: log colour scale.
+        cmap: matplotlib colour-map name.
+        panel_px: side of each panel, in pixels.
+
+    Returns:
+        ``uint8`` array ``(H, W, 3)``.
+
+    Example:
+        >>> yy, xx = np.mgrid[:32, :32]
+        >>> a = np.exp(-((yy - 16.0) ** 2 + (xx - 16.0) ** 2) / 8)
+        >>> b = np.exp(-((yy - 16.0) ** 2 + (xx - 16.0) ** 2) / 50)
+        >>> img = render_init_vs_now(MapPanel(a, title="init"), MapPanel(b, title="now"))
+        >>> img.shape
+        (312, 484, 3)
+    """
+    return _layout([init, now], log_scale, cmap, suptitle, panel_px)

@@ -1,0 +1,65 @@
+"""The first hour of a new user: the errors and printouts they meet first."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shlex
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from erf_callback import ERFMonitor, compute_erf
+from tests.helpers.lit import make_net
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class WithModel(nn.Module):  # the usual LightningModule layout: the network in self.model
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = make_net()
+        self.loss = nn.CrossEntropyLoss()
+
+
+def test_wrong_layer_name_suggests_module() -> None:
+    monitor = ERFMonitor(layers=["3"])
+    with pytest.raises(KeyError, match=r"It exists as 'model\.3'.*module='model'"):
+        monitor.setup(types.SimpleNamespace(fast_dev_run=False), WithModel(), "fit")
+    # With module= the same name resolves.
+    ERFMonitor(layers=["3"], module="model").setup(
+        types.SimpleNamespace(fast_dev_run=False), WithModel(), "fit"
+    )
+
+
+def test_no_module_hint_when_the_name_is_ambiguous_or_absent() -> None:
+    twice = nn.ModuleDict({"a": nn.Sequential(nn.Conv2d(1, 1, 1)), "b": nn.Sequential(nn.ReLU())})
+    with pytest.raises(KeyError) as err:
+        compute_erf(twice, torch.randn(1, 1, 4, 4), ["0"])  # a.0 and b.0: which submodule?
+    assert "module=" not in str(err.value)
+
+
+def test_erf_map_repr_is_one_short_line() -> None:
+    m = compute_erf(make_net(), torch.randn(2, 3, 64, 64), ["3"])["3"]
+    text = repr(m)
+    assert "\n" not in text and len(text) < 250
+    assert "layer='3'" in text and "map=(64, 64) float64" in text and "status='ok'" in text
+    assert "tensor(" not in text
+
+
+def test_demo_prints_a_tensorboard_command_that_exists(monkeypatch, tmp_path) -> None:
+    spec = importlib.util.spec_from_file_location("demo", os.path.join(ROOT, "examples", "demo.py"))
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    monkeypatch.chdir(ROOT)
+    assert demo.tensorboard_command("erf_demo_logs") == "make tensorboard"
+    with open(os.path.join(ROOT, "Makefile")) as f:
+        assert "\ntensorboard:" in f.read()
+    monkeypatch.chdir(tmp_path)  # elsewhere: an executable path, not a bare `tensorboard`
+    program = shlex.split(demo.tensorboard_command("logs"))[0]
+    assert os.path.isabs(program) or os.path.exists(program)
+    assert os.access(
+        program if os.path.isabs(program) else os.path.join(tmp_path, program), os.X_OK
+    )

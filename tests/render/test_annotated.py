@@ -1,0 +1,113 @@
+"""Annotated heatmaps, the init-vs-now pair and the all-layers chart: what the pixels show."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.colors import to_rgb
+from torch import nn
+
+from erf_callback import compute_erf
+from erf_callback.callback.history import ERFHistory
+from erf_callback.callback.images import ProbeImages
+from erf_callback.render import render_heatmap
+from erf_callback.render.annotated import MapPanel, render_heatmap_figure, render_init_vs_now
+from erf_callback.render.charts import render_radius_chart
+
+
+def gauss(side: int, sigma: float) -> np.ndarray:
+    yy, xx = np.mgrid[:side, :side]
+    c = (side - 1) / 2
+    return np.exp(-((yy - c) ** 2 + (xx - c) ** 2) / (2 * sigma**2))
+
+
+def ring_radius(img: np.ndarray, rows: slice) -> float:
+    """Median distance of the cyan (1 sigma) pixels from their centroid, in image pixels."""
+    part = img[rows].astype(int)
+    cyan = (part[..., 0] < 90) & (part[..., 1] > 200) & (part[..., 2] > 200)
+    pts = np.argwhere(cyan).astype(float)
+    assert len(pts) > 50
+    return float(np.median(np.hypot(*(pts - pts.mean(0)).T)))
+
+
+def test_one_sigma_ellipse_scales_with_the_fit() -> None:
+    # One 260 px panel shows the 33 px map: 1 sigma of 3 px -> ~23.6 image px, 6 px -> ~47 px.
+    c = np.array([16.0, 16.0])
+    small = render_heatmap_figure(MapPanel(gauss(33, 3), c, 9 * np.eye(2)))
+    big = render_heatmap_figure(MapPanel(gauss(33, 6), c, 36 * np.eye(2)))
+    panel = slice(50, 310)  # the map's rows (top margin 50, panel 260)
+    r_small, r_big = ring_radius(small, panel), ring_radius(big, panel)
+    assert r_big / r_small == pytest.approx(2.0, rel=0.05)
+    assert r_small == pytest.approx(3 * 260 / 33, rel=0.08)
+
+
+def test_downsampled_history_panel_is_drawn_in_input_pixels() -> None:
+    # The same Gaussian, at full resolution and downsampled 2x (scale=2): same ring size.
+    cov = 16 * np.eye(2)
+    full = MapPanel(gauss(32, 4), np.array([15.5, 15.5]), cov)
+    half = MapPanel(gauss(16, 2), np.array([15.5, 15.5]), cov, scale=2.0)
+    img = render_init_vs_now(half, full)
+    left, right = img[:, :210], img[:, 210:]
+    rows = slice(50, 230)
+    assert ring_radius(left, rows) == pytest.approx(ring_radius(right, rows), rel=0.05)
+
+
+def test_legend_names_the_trf_box_only_when_it_is_drawn() -> None:
+    green = np.array([int(255 * v) for v in to_rgb("#00e600")])
+
+    def green_in_legend(box: tuple) -> bool:
+        img = render_heatmap_figure(MapPanel(gauss(32, 4), trf_box=box))
+        legend = img[-56:].astype(int)  # the legend strip under the map
+        return bool((np.abs(legend - green).sum(-1) < 60).any())
+
+    assert green_in_legend(((10.0, 21.0), (10.0, 21.0)))  # a box inside the map
+    assert not green_in_legend(((-20.0, 51.0), (-20.0, 51.0)))  # TRF larger than the input
+
+
+def test_radius_chart_gives_each_layer_its_own_colour() -> None:
+    series = {
+        f"layer{i}": ([0, 10, 20], [1.0 + i, 1.5 + i, 2.0 + i], float("inf")) for i in range(3)
+    }
+    img = render_radius_chart(series).astype(int)
+    for i in range(3):
+        colour = np.array([int(255 * v) for v in to_rgb(f"C{i}")])
+        assert (np.abs(img - colour).sum(-1) < 30).sum() > 100, f"no pixels of C{i}"
+    # One layer fewer: its colour is gone (colours follow the layers, not the chart).
+    img2 = render_radius_chart(dict(list(series.items())[:2])).astype(int)
+    c2 = np.array([int(255 * v) for v in to_rgb("C2")])
+    assert (np.abs(img2 - c2).sum(-1) < 30).sum() == 0
+
+
+@pytest.fixture(scope="module")
+def probe():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 1, 3, padding=1))
+    maps = compute_erf(net, torch.randn(2, 1, 16, 16), ["2"])
+    m = maps["2"]
+    history = ERFHistory()
+    metrics = {**m.metrics(), "center_y": 7.5, "center_x": 7.5}
+    history.add(0, 0, "2", "ok", metrics, m.grad)
+    return maps, history
+
+
+def test_heatmap_init_is_written_once_and_raw_style_is_the_raster(probe) -> None:
+    maps, history = probe
+    images = ProbeImages("erf")
+    first = images.render(maps, history, step=0)
+    assert "erf/2/heatmap_init" in first
+    np.testing.assert_array_equal(first["erf/2/heatmap_init"], first["erf/2/heatmap"])
+    history.add(5, 0, "2", "ok", {**maps["2"].metrics(), "center_y": 7.5, "center_x": 7.5},
+                maps["2"].grad)  # fmt: skip
+    later = images.render(maps, history, step=5)
+    assert "erf/2/heatmap_init" not in later and "erf/2/init_vs_now" in later
+
+    raw = ProbeImages("erf", heatmap_style="raw").render(maps, history, step=5)
+    m = maps["2"]
+    expected = render_heatmap(
+        m.numpy(), mean=m.gaussian.mean, cov=m.gaussian.cov,
+        trf_box=m.geometry.box(m.position), location=m.location,
+    )  # fmt: skip
+    np.testing.assert_array_equal(raw["erf/2/heatmap"], expected)
+    with pytest.raises(ValueError, match="heatmap_style"):
+        ProbeImages("erf", heatmap_style="fancy")  # type: ignore[arg-type]
