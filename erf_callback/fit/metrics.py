@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from erf_callback.fit.grid import distance_sq
 
@@ -62,7 +63,7 @@ class MetricConfig:
 
 
 def energy_radius(
-    erf: np.ndarray, center: Sequence[float], fraction: float = 0.95, floor: float = 0.0
+    erf: np.ndarray, center: ArrayLike, fraction: float = 0.95, floor: float = 0.0
 ) -> float:
     """Radius of the smallest disc (ball) around ``center`` holding ``fraction`` of the mass.
 
@@ -173,7 +174,7 @@ def border_mass(mean: np.ndarray, cov: np.ndarray, shape: Sequence[int]) -> floa
     return max(0.0, 1.0 - inside)
 
 
-def radius_from_sigmas(sigmas: Sequence[float], factor: float = 2.0) -> float:
+def radius_from_sigmas(sigmas: ArrayLike, factor: float = 2.0) -> float:
     """``factor`` times the geometric mean of the per-axis sigmas."""
     sig = np.asarray(sigmas, dtype=np.float64)
     if sig.size == 0 or not np.all(np.isfinite(sig)):
