@@ -51,6 +51,7 @@ from erf_callback.trf.geometry import (
 from erf_callback.trf.rules import RULES
 from erf_callback.trf.rules.base import (
     FALLBACK_RULE,
+    OpCall,
     RuleHandler,
     RuleResult,
     Skip,
@@ -199,10 +200,11 @@ class ReceptiveFieldTracer(TorchFunctionMode):
             handler = rules[FALLBACK_RULE]
         res: RuleResult = None
         if handler is not None:
+            op = OpCall(func, args, kwargs, outs[0], outs)
             try:
-                res = handler(self, func, args, kwargs, outs[0], outs)
+                res = handler(self, op)
             except UnhandledError:
-                res = rules[FALLBACK_RULE](self, func, args, kwargs, outs[0], outs)
+                res = rules[FALLBACK_RULE](self, op)
         if isinstance(res, Skip):
             return
         recs: Sequence[TensorRF | None]

@@ -1,8 +1,9 @@
 """The contract between the tracer and its per-op rules, and the argument helpers rules share.
 
 A rule is a :class:`RuleHandler`: it receives the tracer's view of the traced tensors
-(:class:`TraceState`), the torch function, its arguments and its tensor outputs, and returns the
-outputs' :class:`~erf_callback.trf.geometry.TensorRF` records (:data:`RuleResult`). A rule that
+(:class:`TraceState`) and the call (:class:`OpCall`: the torch function, its arguments and its
+tensor outputs), and returns the outputs' :class:`~erf_callback.trf.geometry.TensorRF` records
+(:data:`RuleResult`). A rule that
 cannot interpret its arguments raises :class:`UnhandledError`, and the tracer then applies the
 conservative :data:`FALLBACK_RULE` instead.
 
@@ -16,7 +17,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final, Protocol, TypeAlias
+from typing import Any, Final, NamedTuple, Protocol, TypeAlias
 
 import torch
 
@@ -26,6 +27,7 @@ __all__ = [
     "FALLBACK_RULE",
     "MISSING",
     "SKIP",
+    "OpCall",
     "RuleHandler",
     "RuleResult",
     "Skip",
@@ -57,8 +59,8 @@ class Skip:
 SKIP: Final = Skip()
 
 RuleResult: TypeAlias = TensorRF | Sequence[TensorRF | None] | Skip | None
-"""One record for every output, one per output (None: generic rule), :data:`SKIP`, or None
-for the generic (elementwise, broadcasting) rule on every output."""
+"""A record shared by every output, or one per output, or :data:`SKIP`; None (for the call or
+for one output) means the generic elementwise, broadcasting rule."""
 
 
 class TraceState(Protocol):
@@ -81,28 +83,39 @@ class TraceState(Protocol):
         ...
 
 
+class OpCall(NamedTuple):
+    """One call of a torch function during the traced forward, as a rule sees it.
+
+    Attributes:
+        func: the torch function that ran (its ``__name__`` selects a variant).
+        args: its positional arguments.
+        kwargs: its keyword arguments.
+        out: its first tensor output (the only one for most ops).
+        outs: all its tensor outputs, in order.
+
+    Example:
+        >>> x = torch.zeros(1, 1, 4, 4)
+        >>> op = OpCall(torch.sum, (x,), {"dim": (2, 3)}, x.sum((2, 3)), [x.sum((2, 3))])
+        >>> op.arg(1, "dim"), op.arg(2, "keepdim", False)
+        ((2, 3), False)
+    """
+
+    func: TorchFunction
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    out: torch.Tensor
+    outs: Sequence[torch.Tensor]
+
+    def arg(self, i: int, name: str, default: Any = None) -> Any:
+        """Argument ``name`` given at position ``i`` or by keyword, else ``default``."""
+        return arg(self.args, self.kwargs, i, name, default)
+
+
 class RuleHandler(Protocol):
     """A per-op rule: the geometry of an op's outputs from the geometry of its inputs."""
 
-    def __call__(
-        self,
-        tr: TraceState,
-        func: TorchFunction,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        out: torch.Tensor,
-        outs: Sequence[torch.Tensor],
-    ) -> RuleResult:
-        """Return the records of ``outs``.
-
-        Args:
-            tr: the tracer's records of the tensors traced so far.
-            func: the torch function that ran (its ``__name__`` selects a variant).
-            args: its positional arguments.
-            kwargs: its keyword arguments.
-            out: its first tensor output (the only one for most ops).
-            outs: all its tensor outputs, in order.
-        """
+    def __call__(self, tr: TraceState, op: OpCall) -> RuleResult:
+        """Return the records of ``op.outs``, given the tracer's records of the inputs."""
         ...
 
 
@@ -150,25 +163,21 @@ def dims_arg(dim: Any, ndim: int) -> list[int] | None:
     raise UnhandledError
 
 
-def input_rec(
-    tr: TraceState, args: Sequence[Any], kwargs: Mapping[str, Any], name: str = "input"
-) -> tuple[torch.Tensor, TensorRF]:
+def input_rec(tr: TraceState, op: OpCall) -> tuple[torch.Tensor, TensorRF]:
     """The op's main input and its record (:class:`UnhandledError` if it is not traced)."""
-    x = arg(args, kwargs, 0, name)
+    x = op.arg(0, "input")
     if not isinstance(x, torch.Tensor):
-        x = arg(args, kwargs, 0, "self")
+        x = op.arg(0, "self")
     rec = tr.lookup(x)
     if rec is None:
         raise UnhandledError  # only a secondary operand is traced (e.g. a computed conv weight)
     return x, rec
 
 
-def other_extras(
-    tr: TraceState, args: Sequence[Any], kwargs: Mapping[str, Any], x: torch.Tensor
-) -> dict[int, AxisRF]:
+def other_extras(tr: TraceState, op: OpCall, x: torch.Tensor) -> dict[int, AxisRF]:
     """Secondary traced operands (weights computed from the input...) count as global."""
     extra: dict[int, AxisRF] = {}
-    for t, r in tr.sources(args, kwargs):
+    for t, r in tr.sources(op.args, op.kwargs):
         if t is not x:
             absorb(r, extra)
     rec = tr.lookup(x)

@@ -36,12 +36,11 @@ from erf_callback.trf.geometry import (
     window,
 )
 from erf_callback.trf.rules.base import (
+    OpCall,
     RuleHandler,
     RuleResult,
-    TorchFunction,
     TraceState,
     UnhandledError,
-    arg,
     input_rec,
     ntuple,
 )
@@ -62,23 +61,16 @@ __all__ = [
 ]
 
 
-def permute_rule(
-    tr: TraceState,
-    func: TorchFunction,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    out: torch.Tensor,
-    outs: Sequence[torch.Tensor],
-) -> RuleResult:
+def permute_rule(tr: TraceState, op: OpCall) -> RuleResult:
     """Permutations: ``permute``, ``transpose``, ``movedim``, ``.T``, ``.mT``..."""
-    x, rec = input_rec(tr, args, kwargs)
+    x, rec = input_rec(tr, op)
     n = x.ndim
-    name = func.__name__
+    name = op.func.__name__
     if name == "__get__":  # a property: the getter's owner names it
-        name = getattr(getattr(func, "__self__", None), "__name__", "")
+        name = getattr(getattr(op.func, "__self__", None), "__name__", "")
     perm: list[int]
     if name == "permute":
-        dims: Sequence[Any] = list(args[1:]) or kwargs["dims"]
+        dims: Sequence[Any] = list(op.args[1:]) or op.kwargs["dims"]
         if len(dims) == 1 and isinstance(dims[0], (list, tuple, torch.Size)):
             dims = dims[0]
         perm = [d % n for d in dims]
@@ -88,20 +80,20 @@ def permute_rule(
         elif name in ("adjoint", "mT", "mH"):
             perm = [*range(n - 2), n - 1, n - 2]
         else:
-            d0 = arg(args, kwargs, 1, "dim0", kwargs.get("axis0"))
-            d1 = arg(args, kwargs, 2, "dim1", kwargs.get("axis1"))
+            d0 = op.arg(1, "dim0", op.kwargs.get("axis0"))
+            d1 = op.arg(2, "dim1", op.kwargs.get("axis1"))
             d0, d1 = d0 % n, d1 % n
             perm = list(range(n))
             perm[d0], perm[d1] = d1, d0
     else:  # movedim(source, destination)
-        src = [s % n for s in ntuple(arg(args, kwargs, 1, "source"), 1)]
-        dst = [d % n for d in ntuple(arg(args, kwargs, 2, "destination"), 1)]
+        src = [s % n for s in ntuple(op.arg(1, "source"), 1)]
+        dst = [d % n for d in ntuple(op.arg(2, "destination"), 1)]
         perm_opt: list[int | None] = [None] * n
         for s, d in zip(src, dst, strict=True):
             perm_opt[d] = s
         rest = iter(i for i in range(n) if i not in src)
         perm = [p if p is not None else next(rest) for p in perm_opt]
-    if len(perm) != n or out.ndim != n:
+    if len(perm) != n or op.out.ndim != n:
         raise UnhandledError
     return TensorRF(tuple(rec.dims[p] for p in perm), rec.extra)
 
@@ -145,19 +137,12 @@ def reshape_rec(rec: TensorRF, in_shape: Sequence[int], out_shape: Sequence[int]
     return build(dims, extra, out_shape)
 
 
-def reshape_rule(
-    tr: TraceState,
-    func: TorchFunction,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    out: torch.Tensor,
-    outs: Sequence[torch.Tensor],
-) -> RuleResult:
+def reshape_rule(tr: TraceState, op: OpCall) -> RuleResult:
     """``view``/``reshape``/``flatten``/``squeeze``...: see :func:`reshape_rec`."""
-    x, rec = input_rec(tr, args, kwargs)
-    if len(outs) != 1:
+    x, rec = input_rec(tr, op)
+    if len(op.outs) != 1:
         raise UnhandledError
-    return reshape_rec(rec, x.shape, out.shape)
+    return reshape_rec(rec, x.shape, op.out.shape)
 
 
 def basic_index(i: Any) -> Any:
@@ -169,16 +154,9 @@ def basic_index(i: Any) -> Any:
     return operator.index(i)
 
 
-def getitem_rule(
-    tr: TraceState,
-    func: TorchFunction,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    out: torch.Tensor,
-    outs: Sequence[torch.Tensor],
-) -> RuleResult:
+def getitem_rule(tr: TraceState, op: OpCall) -> RuleResult:
     """Basic indexing ``x[...]``: slices are windows, an integer pins its dim's field."""
-    x, idx = args[0], args[1]
+    x, idx = op.args[0], op.args[1]
     rec = tr.lookup(x)
     if rec is None:
         raise UnhandledError
@@ -208,9 +186,9 @@ def getitem_rule(
         elif dm is not None:  # integer index: the dim vanishes, its window stays
             merge_extra(extra, dm[0], pin(dm[1], i % n))
         d += 1
-    if len(dims) != out.ndim:
+    if len(dims) != op.out.ndim:
         raise UnhandledError
-    return build(dims, extra, out.shape)
+    return build(dims, extra, op.out.shape)
 
 
 def offset_dim(rec: TensorRF, dim: int, offset: int) -> TensorRF:
@@ -233,68 +211,40 @@ def select_dim(rec: TensorRF, dim: int, index: int) -> TensorRF:
     return TensorRF(tuple(dims), extra)
 
 
-def split_rule(
-    tr: TraceState,
-    func: TorchFunction,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    out: torch.Tensor,
-    outs: Sequence[torch.Tensor],
-) -> RuleResult:
+def split_rule(tr: TraceState, op: OpCall) -> RuleResult:
     """``split``/``chunk``/``tensor_split``: each piece is offset along the split dim."""
-    x, rec = input_rec(tr, args, kwargs)
-    dim = int(arg(args, kwargs, 2, "dim", 0)) % x.ndim
+    x, rec = input_rec(tr, op)
+    dim = int(op.arg(2, "dim", 0)) % x.ndim
     res, offset = [], 0
-    for t in outs:
+    for t in op.outs:
         res.append(offset_dim(rec, dim, offset))
         offset += int(t.shape[dim])
     return res
 
 
-def unbind_rule(
-    tr: TraceState,
-    func: TorchFunction,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    out: torch.Tensor,
-    outs: Sequence[torch.Tensor],
-) -> RuleResult:
+def unbind_rule(tr: TraceState, op: OpCall) -> RuleResult:
     """``unbind``: output ``i`` selects index ``i`` of the dim."""
-    x, rec = input_rec(tr, args, kwargs)
-    dim = int(arg(args, kwargs, 1, "dim", 0)) % x.ndim
-    return [select_dim(rec, dim, i) for i in range(len(outs))]
+    x, rec = input_rec(tr, op)
+    dim = int(op.arg(1, "dim", 0)) % x.ndim
+    return [select_dim(rec, dim, i) for i in range(len(op.outs))]
 
 
-def narrow_rule(
-    tr: TraceState,
-    func: TorchFunction,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    out: torch.Tensor,
-    outs: Sequence[torch.Tensor],
-) -> RuleResult:
+def narrow_rule(tr: TraceState, op: OpCall) -> RuleResult:
     """``narrow`` (an offset) and ``select`` (an index that removes the dim)."""
-    x, rec = input_rec(tr, args, kwargs)
-    dim = int(arg(args, kwargs, 1, "dim")) % x.ndim
-    pos = int(arg(args, kwargs, 2, "start" if func.__name__ == "narrow" else "index"))
+    x, rec = input_rec(tr, op)
+    dim = int(op.arg(1, "dim")) % x.ndim
+    pos = int(op.arg(2, "start" if op.func.__name__ == "narrow" else "index"))
     pos %= max(int(x.shape[dim]), 1)
-    if func.__name__ == "narrow":
+    if op.func.__name__ == "narrow":
         return offset_dim(rec, dim, pos)
     return select_dim(rec, dim, pos)
 
 
-def cat_rule(
-    tr: TraceState,
-    func: TorchFunction,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    out: torch.Tensor,
-    outs: Sequence[torch.Tensor],
-) -> RuleResult:
+def cat_rule(tr: TraceState, op: OpCall) -> RuleResult:
     """``cat``/``stack``: a union of the inputs; non-exact along a concatenated spatial dim."""
-    tensors = arg(args, kwargs, 0, "tensors")
-    dim = int(arg(args, kwargs, 1, "dim", kwargs.get("axis", 0))) % out.ndim
-    stack = func.__name__ == "stack"
+    tensors = op.arg(0, "tensors")
+    dim = int(op.arg(1, "dim", op.kwargs.get("axis", 0))) % op.out.ndim
+    stack = op.func.__name__ == "stack"
     extra: dict[int, AxisRF] = {}
     items: list[tuple[Sequence[DimRF | None], Sequence[int]]] = []
     for t in tensors:
@@ -307,10 +257,10 @@ def cat_rule(
             items.append(
                 ((*r.dims[:dim], None, *r.dims[dim:]), (*t.shape[:dim], 1, *t.shape[dim:]))
             )
-        elif t.ndim == out.ndim:
+        elif t.ndim == op.out.ndim:
             # The concatenated dim takes the output's length so the union keeps the jump.
-            items.append((r.dims, (*t.shape[:dim], out.shape[dim], *t.shape[dim + 1 :])))
-    res = combine(items, out.shape, extra)
+            items.append((r.dims, (*t.shape[:dim], op.out.shape[dim], *t.shape[dim + 1 :])))
+    res = combine(items, op.out.shape, extra)
     dm = res.dims[dim]
     if dm is not None and not stack:  # cat along a spatial dim: index -> pixel map is broken
         dims = list(res.dims)

@@ -37,12 +37,11 @@ from erf_callback.trf.rules.base import (
     FALLBACK_RULE,
     MISSING,
     SKIP,
+    OpCall,
     RuleHandler,
     RuleResult,
-    TorchFunction,
     TraceState,
     UnhandledError,
-    arg,
     dims_arg,
     input_rec,
 )
@@ -101,28 +100,21 @@ _REDUCTIONS: dict[str, tuple[int, Any]] = {
 }
 
 
-def reduce_rule(
-    tr: TraceState,
-    func: TorchFunction,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    out: torch.Tensor,
-    outs: Sequence[torch.Tensor],
-) -> RuleResult:
+def reduce_rule(tr: TraceState, op: OpCall) -> RuleResult:
     """Reductions (``mean``, ``amax``, ``norm``...): reduced spatial dims become global."""
-    name = func.__name__
-    x, rec = input_rec(tr, args, kwargs)
+    name = op.func.__name__
+    x, rec = input_rec(tr, op)
     pos, default = _REDUCTIONS[name]
-    dim = arg(args, kwargs, pos, "dim", MISSING)
+    dim = op.arg(pos, "dim", MISSING)
     if dim is MISSING:
-        dim = kwargs.get("axis", default)
+        dim = op.kwargs.get("axis", default)
     if isinstance(dim, torch.Tensor):
         return None  # torch.max(a, b): elementwise
     if isinstance(dim, bool):  # legacy x.std(unbiased) positional
         dim = default
     listed = dims_arg(dim, x.ndim)
     red = set(range(x.ndim)) if listed is None else set(listed)
-    o = outs[0]
+    o = op.outs[0]
     keep = o.ndim == x.ndim
     if not keep and o.ndim != x.ndim - len(red):
         raise UnhandledError
@@ -136,7 +128,7 @@ def reduce_rule(
         elif dm is not None:
             merge_extra(extra, dm[0], replace(reduced(dm[1], int(x.shape[k])), jump=0.0))
     res = build(dims, extra, o.shape)
-    return [res if t.shape == o.shape else None for t in outs]
+    return [res if t.shape == o.shape else None for t in op.outs]
 
 
 # name -> (position of dim, default dim, exact): the output keeps the dim, but each of its
@@ -173,24 +165,17 @@ _ALONG_DIM: dict[str, tuple[int, Any, bool]] = {
 }
 
 
-def along_dim_rule(
-    tr: TraceState,
-    func: TorchFunction,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    out: torch.Tensor,
-    outs: Sequence[torch.Tensor],
-) -> RuleResult:
+def along_dim_rule(tr: TraceState, op: OpCall) -> RuleResult:
     """``softmax``/``sort``/``cumsum``/``flip``... along a dim: that dim becomes global."""
-    name = func.__name__
+    name = op.func.__name__
     pos, default, exact = _ALONG_DIM[name]
-    dim = arg(args, kwargs, pos, "dims" if name in ("flip", "roll") else "dim", default)
-    sel = dims_arg(dim, outs[0].ndim)
+    dim = op.arg(pos, "dims" if name in ("flip", "roll") else "dim", default)
+    sel = dims_arg(dim, op.outs[0].ndim)
     if sel is None:
         raise UnhandledError  # flattened / implicit dim: everything global
-    srcs = tr.sources(args, kwargs)
+    srcs = tr.sources(op.args, op.kwargs)
     res = []
-    for t in outs:
+    for t in op.outs:
         r = tr.elementwise(srcs, t)
         dims = list(r.dims)
         for d in sel:
@@ -201,18 +186,11 @@ def along_dim_rule(
     return res
 
 
-def mix_rule(
-    tr: TraceState,
-    func: TorchFunction,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    out: torch.Tensor,
-    outs: Sequence[torch.Tensor],
-) -> RuleResult:
+def mix_rule(tr: TraceState, op: OpCall) -> RuleResult:
     """Unknown spatial mixing: every traced axis becomes a global, non-exact dependency."""
-    srcs = tr.sources(args, kwargs)
+    srcs = tr.sources(op.args, op.kwargs)
     res = []
-    for t in outs:
+    for t in op.outs:
         r = tr.elementwise(srcs, t)
         extra = {a: replace(e, exact=False) for a, e in r.extra.items()}
         # Same layout as an input (flip, fft2...): keep the grid so that centres stay
@@ -279,59 +257,38 @@ def batch_map(t: torch.Tensor, n_out: int, core: Sequence[int | None]) -> list[i
     return [off + k for k in range(nb)] + list(core)
 
 
-def matmul_rule(
-    tr: TraceState,
-    func: TorchFunction,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    out: torch.Tensor,
-    outs: Sequence[torch.Tensor],
-) -> RuleResult:
+def matmul_rule(tr: TraceState, op: OpCall) -> RuleResult:
     """``matmul``/``mm``/``bmm``/``@``: the contracted dims become global dependencies."""
-    a = arg(args, kwargs, 0, "input")
-    b = arg(args, kwargs, 1, "other", kwargs.get("mat2"))
-    if func.__name__ == "__rmatmul__":
+    a = op.arg(0, "input")
+    b = op.arg(1, "other", op.kwargs.get("mat2"))
+    if op.func.__name__ == "__rmatmul__":
         a, b = b, a
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
         raise UnhandledError
     if a.ndim < 2 or b.ndim < 2:
         raise UnhandledError
-    n = out.ndim
+    n = op.out.ndim
     return contracting(
-        tr, out, [(a, batch_map(a, n, [n - 2, None])), (b, batch_map(b, n, [None, n - 1]))]
+        tr, op.out, [(a, batch_map(a, n, [n - 2, None])), (b, batch_map(b, n, [None, n - 1]))]
     )
 
 
-def linear_rule(
-    tr: TraceState,
-    func: TorchFunction,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    out: torch.Tensor,
-    outs: Sequence[torch.Tensor],
-) -> RuleResult:
+def linear_rule(tr: TraceState, op: OpCall) -> RuleResult:
     """``F.linear``: the last dim is contracted; traced weights count as global."""
-    x, _ = input_rec(tr, args, kwargs)
-    n = out.ndim
+    x, _ = input_rec(tr, op)
+    n = op.out.ndim
     ops: list[tuple[Any, Sequence[int | None]]] = [(x, [*range(n - 1), None])]
-    res = contracting(tr, out, ops)
+    res = contracting(tr, op.out, ops)
     extra = dict(res.extra)
-    for _, r in tr.sources(args[1:], {k: v for k, v in kwargs.items() if k != "input"}):
+    for _, r in tr.sources(op.args[1:], {k: v for k, v in op.kwargs.items() if k != "input"}):
         absorb(r, extra)  # weights/bias computed from the input (hypernetworks)
-    return build(res.dims, extra, out.shape)
+    return build(res.dims, extra, op.out.shape)
 
 
-def einsum_rule(
-    tr: TraceState,
-    func: TorchFunction,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    out: torch.Tensor,
-    outs: Sequence[torch.Tensor],
-) -> RuleResult:
+def einsum_rule(tr: TraceState, op: OpCall) -> RuleResult:
     """``einsum`` without ellipsis: letters missing from the output are contracted."""
-    eq = args[0].replace(" ", "")
-    operands: Sequence[Any] = args[1:]
+    eq = op.args[0].replace(" ", "")
+    operands: Sequence[Any] = op.args[1:]
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
         operands = operands[0]
     if "..." in eq:
@@ -341,26 +298,19 @@ def einsum_rule(
     if "->" not in eq:  # implicit output: letters appearing once, sorted
         letters = "".join(terms)
         rhs = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
-    if len(terms) != len(operands) or len(rhs) != out.ndim:
+    if len(terms) != len(operands) or len(rhs) != op.out.ndim:
         raise UnhandledError
     ops = [
         (t, [rhs.index(c) if c in rhs else None for c in term])
         for t, term in zip(operands, terms, strict=True)
     ]
-    return contracting(tr, out, ops)
+    return contracting(tr, op.out, ops)
 
 
-def sdpa_rule(
-    tr: TraceState,
-    func: TorchFunction,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    out: torch.Tensor,
-    outs: Sequence[torch.Tensor],
-) -> RuleResult:
+def sdpa_rule(tr: TraceState, op: OpCall) -> RuleResult:
     """``scaled_dot_product_attention``: each query sees every key and value globally."""
-    q, k, v = (arg(args, kwargs, i, n) for i, n in enumerate(("query", "key", "value")))
-    n = out.ndim
+    q, k, v = (op.arg(i, n) for i, n in enumerate(("query", "key", "value")))
+    n = op.out.ndim
     ops = [
         (q, batch_map(q, n, [n - 2, None])),  # query i attends over every key/value
         (k, batch_map(k, n, [None, None])),
@@ -368,23 +318,16 @@ def sdpa_rule(
     ]
     ops += [
         (m, list(range(n - m.ndim, n)))
-        for m in (arg(args, kwargs, 3, "attn_mask"),)
+        for m in (op.arg(3, "attn_mask"),)
         if isinstance(m, torch.Tensor) and m.ndim <= n
     ]
-    return contracting(tr, out, ops)
+    return contracting(tr, op.out, ops)
 
 
-def mha_rule(
-    tr: TraceState,
-    func: TorchFunction,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    out: torch.Tensor,
-    outs: Sequence[torch.Tensor],
-) -> RuleResult:
+def mha_rule(tr: TraceState, op: OpCall) -> RuleResult:
     """``multi_head_attention_forward`` (``nn.MultiheadAttention``), sequence-first layout."""
-    q, k, v = args[0], args[1], args[2]
-    o = outs[0]
+    q, k, v = op.args[0], op.args[1], op.args[2]
+    o = op.outs[0]
     if q.ndim != o.ndim:
         raise UnhandledError
     n = o.ndim
@@ -398,22 +341,15 @@ def mha_rule(
     ]
     res = contracting(tr, o, ops)
     rest: list[TensorRF | None] = []
-    for t in outs[1:]:  # attention weights: conservative
+    for t in op.outs[1:]:  # attention weights: conservative
         extra: dict[int, AxisRF] = {}
-        for _, r in tr.sources(args, kwargs):
+        for _, r in tr.sources(op.args, op.kwargs):
             absorb(r, extra)
         rest.append(TensorRF((None,) * t.ndim, extra))
     return [res, *rest]
 
 
-def skip_rule(
-    tr: TraceState,
-    func: TorchFunction,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    out: torch.Tensor,
-    outs: Sequence[torch.Tensor],
-) -> RuleResult:
+def skip_rule(tr: TraceState, op: OpCall) -> RuleResult:
     """``*_like``/``new_*`` constructors, ``.grad``, ``.shape``: no dependency on values."""
     return SKIP
 

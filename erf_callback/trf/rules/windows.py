@@ -19,16 +19,13 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeAlias
 
-import torch
-
 from erf_callback.trf.geometry import DimRF, TensorRF, build, contract, reduced, window
 from erf_callback.trf.rules.base import (
+    OpCall,
     RuleHandler,
     RuleResult,
-    TorchFunction,
     TraceState,
     UnhandledError,
-    arg,
     input_rec,
     ntuple,
     other_extras,
@@ -53,30 +50,22 @@ Window: TypeAlias = tuple[float, float, float, bool]
 
 
 def spatial_windows(
-    tr: TraceState,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    out: torch.Tensor,
-    nd: int,
-    windows: Sequence[Window],
-    mix_channels: bool = True,
+    tr: TraceState, op: OpCall, nd: int, windows: Sequence[Window], mix_channels: bool = True
 ) -> TensorRF:
     """Apply one sliding-window transform per trailing spatial dim (conv, pool, pad...).
 
     Args:
         tr: the tracer's records.
-        args: the op's positional arguments (input first).
-        kwargs: its keyword arguments.
-        out: its output.
+        op: the call (input first).
         nd: number of trailing spatial dims.
         windows: one window per spatial dim.
         mix_channels: the dim before the spatial ones (channels) is summed over (conv).
     """
-    x, rec = input_rec(tr, args, kwargs)
-    if out.ndim != x.ndim or x.ndim < nd:
+    x, rec = input_rec(tr, op)
+    if op.out.ndim != x.ndim or x.ndim < nd:
         raise UnhandledError
     dims = list(rec.dims)
-    extra = other_extras(tr, args, kwargs, x)
+    extra = other_extras(tr, op, x)
     base = x.ndim - nd
     for i, (off, step, span, exact) in enumerate(windows):
         dm = dims[base + i]
@@ -84,28 +73,21 @@ def spatial_windows(
             dims[base + i] = (dm[0], window(dm[1], off, step, span, exact))
     if mix_channels and base >= 1:
         contract(dims, extra, base - 1, x.shape[base - 1])
-    return build(dims, extra, out.shape)
+    return build(dims, extra, op.out.shape)
 
 
 _CONV_RE = re.compile(r"conv(_transpose)?([123])d")
 
 
-def conv_rule(
-    tr: TraceState,
-    func: TorchFunction,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    out: torch.Tensor,
-    outs: Sequence[torch.Tensor],
-) -> RuleResult:
+def conv_rule(tr: TraceState, op: OpCall) -> RuleResult:
     """``conv{1,2,3}d``, ``conv_transpose{1,2,3}d`` and ``convolution``."""
-    name = func.__name__.lstrip("_")
-    w = arg(args, kwargs, 1, "weight")
+    name = op.func.__name__.lstrip("_")
+    w = op.arg(1, "weight")
     nd = w.ndim - 2
     if name == "convolution":
-        transposed = bool(arg(args, kwargs, 6, "transposed", False))
+        transposed = bool(op.arg(6, "transposed", False))
         stride, padding, dilation = (
-            arg(args, kwargs, i, n, dflt)
+            op.arg(i, n, dflt)
             for i, n, dflt in ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1))
         )
     else:
@@ -113,9 +95,9 @@ def conv_rule(
         if match is None:
             raise UnhandledError
         transposed = match.group(1) is not None
-        stride = arg(args, kwargs, 3, "stride", 1)
-        padding = arg(args, kwargs, 4, "padding", 0)
-        dilation = arg(args, kwargs, 7 if transposed else 5, "dilation", 1)
+        stride = op.arg(3, "stride", 1)
+        padding = op.arg(4, "padding", 0)
+        dilation = op.arg(7 if transposed else 5, "dilation", 1)
     ks = tuple(int(k) for k in w.shape[2:])
     st, dl = ntuple(stride, nd), ntuple(dilation, nd)
     pd: tuple[Any, ...]
@@ -134,34 +116,27 @@ def conv_rule(
             windows.append(((p - span) / s, 1 / s, span / s, s == 1))
         else:
             windows.append((-p, s, span, True))
-    return spatial_windows(tr, args, kwargs, out, nd, windows)
+    return spatial_windows(tr, op, nd, windows)
 
 
 _POOL_RE = re.compile(r"(max|avg|lp)_pool([123])d(?:_with_indices)?")
 
 
-def pool_rule(
-    tr: TraceState,
-    func: TorchFunction,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    out: torch.Tensor,
-    outs: Sequence[torch.Tensor],
-) -> RuleResult:
+def pool_rule(tr: TraceState, op: OpCall) -> RuleResult:
     """``max/avg/lp_pool{1,2,3}d`` (incl. ``return_indices`` and dilation)."""
-    match = _POOL_RE.fullmatch(func.__name__.lstrip("_"))
+    match = _POOL_RE.fullmatch(op.func.__name__.lstrip("_"))
     if match is None:
         raise UnhandledError
     kind, nd = match.group(1), int(match.group(2))
     if kind == "lp":  # lp_pool(input, norm_type, kernel_size, stride, ceil_mode)
-        ks = arg(args, kwargs, 2, "kernel_size")
-        stride = arg(args, kwargs, 3, "stride")
+        ks = op.arg(2, "kernel_size")
+        stride = op.arg(3, "stride")
         padding, dilation = 0, 1
     else:
-        ks = arg(args, kwargs, 1, "kernel_size")
-        stride = arg(args, kwargs, 2, "stride")
-        padding = arg(args, kwargs, 3, "padding", 0)
-        dilation = arg(args, kwargs, 4, "dilation", 1) if kind == "max" else 1
+        ks = op.arg(1, "kernel_size")
+        stride = op.arg(2, "stride")
+        padding = op.arg(3, "padding", 0)
+        dilation = op.arg(4, "dilation", 1) if kind == "max" else 1
     ks = ntuple(ks, nd)
     # stride=None (F.*) or [] (torch.* builtins) means "same as kernel_size".
     st = (
@@ -173,8 +148,8 @@ def pool_rule(
         (-p, s, (k - 1) * d, True)
         for k, s, p, d in zip(ks, st, ntuple(padding, nd), ntuple(dilation, nd), strict=True)
     ]
-    res = spatial_windows(tr, args, kwargs, outs[0], nd, windows, mix_channels=False)
-    return [res] * len(outs)
+    res = spatial_windows(tr, op, nd, windows, mix_channels=False)
+    return [res] * len(op.outs)
 
 
 def adaptive_window(n: int, m: int) -> Window:
@@ -189,21 +164,14 @@ def adaptive_window(n: int, m: int) -> Window:
 _ND_RE = re.compile(r"([123])d")
 
 
-def adaptive_pool_rule(
-    tr: TraceState,
-    func: TorchFunction,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    out: torch.Tensor,
-    outs: Sequence[torch.Tensor],
-) -> RuleResult:
+def adaptive_pool_rule(tr: TraceState, op: OpCall) -> RuleResult:
     """``adaptive_{avg,max}_pool{1,2,3}d``: exact when the bins are even or global."""
-    match = _ND_RE.search(func.__name__)
+    match = _ND_RE.search(op.func.__name__)
     if match is None:
         raise UnhandledError
     nd = int(match.group(1))
-    x, rec = input_rec(tr, args, kwargs)
-    o = outs[0]
+    x, rec = input_rec(tr, op)
+    o = op.outs[0]
     dims: list[DimRF | None] = list(rec.dims)
     base = x.ndim - nd
     for i in range(nd):
@@ -215,40 +183,26 @@ def adaptive_pool_rule(
             dims[base + i] = (dm[0], reduced(dm[1], n))
         else:
             dims[base + i] = (dm[0], window(dm[1], *adaptive_window(n, m)))
-    res = build(dims, other_extras(tr, args, kwargs, x), o.shape)
-    return [res] * len(outs)
+    res = build(dims, other_extras(tr, op, x), o.shape)
+    return [res] * len(op.outs)
 
 
-def pad_rule(
-    tr: TraceState,
-    func: TorchFunction,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    out: torch.Tensor,
-    outs: Sequence[torch.Tensor],
-) -> RuleResult:
+def pad_rule(tr: TraceState, op: OpCall) -> RuleResult:
     """``F.pad`` in any mode: the TRF ignores where border padding takes its values from."""
-    x = arg(args, kwargs, 0, "input")
-    pad = [int(p) for p in arg(args, kwargs, 1, "pad")]
+    x = op.arg(0, "input")
+    pad = [int(p) for p in op.arg(1, "pad")]
     nd = len(pad) // 2
     # pad lists (left, right) pairs starting from the LAST dim.
     windows = [(-pad[2 * (nd - 1 - i)], 1, 0, True) for i in range(nd)]
     if x.ndim < nd:
         raise UnhandledError
-    return spatial_windows(tr, args, kwargs, out, nd, windows, mix_channels=False)
+    return spatial_windows(tr, op, nd, windows, mix_channels=False)
 
 
 _TAPS = {"nearest": 1, "nearest-exact": 1, "linear": 2, "bilinear": 2, "trilinear": 2, "bicubic": 4}
 
 
-def interpolate_rule(
-    tr: TraceState,
-    func: TorchFunction,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    out: torch.Tensor,
-    outs: Sequence[torch.Tensor],
-) -> RuleResult:
+def interpolate_rule(tr: TraceState, op: OpCall) -> RuleResult:
     """``interpolate``/``upsample``: ``jump *= in/out``, the window spans the kernel's taps.
 
     Taps are 1 (nearest), 2 (linear) or 4 (cubic); the window is centred on PyTorch's
@@ -256,23 +210,23 @@ def interpolate_rule(
     nearest down-sampling by an integer factor and linear/cubic down-sampling by an even
     integer without ``align_corners``.
     """
-    name = func.__name__
-    x, _ = input_rec(tr, args, kwargs)
+    name = op.func.__name__
+    x, _ = input_rec(tr, op)
     nd = x.ndim - 2
-    scale = arg(args, kwargs, 2, "scale_factor")
+    scale = op.arg(2, "scale_factor")
     if name == "upsample_nearest":
         mode, align, recompute, antialias = "nearest", None, None, False
     elif name == "upsample_bilinear":
         mode, align, recompute, antialias = "bilinear", True, None, False
     else:
-        mode = arg(args, kwargs, 3, "mode", "nearest")
-        align = arg(args, kwargs, 4, "align_corners")
-        recompute = arg(args, kwargs, 5, "recompute_scale_factor")
-        antialias = bool(arg(args, kwargs, 6, "antialias", False))
+        mode = op.arg(3, "mode", "nearest")
+        align = op.arg(4, "align_corners")
+        recompute = op.arg(5, "recompute_scale_factor")
+        antialias = bool(op.arg(6, "antialias", False))
     scales: tuple[Any, ...] = ntuple(scale, nd) if scale is not None else (None,) * nd
     windows: list[Window] = []
     for i in range(nd):
-        n, m = int(x.shape[2 + i]), int(out.shape[2 + i])
+        n, m = int(x.shape[2 + i]), int(op.out.shape[2 + i])
         if mode == "area":
             windows.append(adaptive_window(n, m) if m else (0, 1, 0, False))
             continue
@@ -305,45 +259,31 @@ def interpolate_rule(
         if antialias and r > 1:  # the filter support is stretched by the scale
             off, span, exact = a - (taps * r - 1) / 2, taps * r - 1, False
         windows.append((off, r, span, exact))
-    return spatial_windows(tr, args, kwargs, out, nd, windows, mix_channels=False)
+    return spatial_windows(tr, op, nd, windows, mix_channels=False)
 
 
-def pixel_shuffle_rule(
-    tr: TraceState,
-    func: TorchFunction,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    out: torch.Tensor,
-    outs: Sequence[torch.Tensor],
-) -> RuleResult:
+def pixel_shuffle_rule(tr: TraceState, op: OpCall) -> RuleResult:
     """``pixel_unshuffle`` (exact k=s=r window) and ``pixel_shuffle`` (non-exact)."""
-    r = int(arg(args, kwargs, 1, "downscale_factor" if "un" in func.__name__ else "upscale_factor"))
+    r = int(op.arg(1, "downscale_factor" if "un" in op.func.__name__ else "upscale_factor"))
     windows: list[Window]
-    if func.__name__ == "pixel_unshuffle":  # an r x r / r space-to-depth: a k=s=r window
+    if op.func.__name__ == "pixel_unshuffle":  # an r x r / r space-to-depth: a k=s=r window
         windows = [(0, r, r - 1, True)] * 2
     else:  # depth-to-space: output o reads input floor(o / r)
         windows = [(0, 1 / r, 0, False)] * 2
-    return spatial_windows(tr, args, kwargs, out, 2, windows)
+    return spatial_windows(tr, op, 2, windows)
 
 
-def tensor_unfold_rule(
-    tr: TraceState,
-    func: TorchFunction,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    out: torch.Tensor,
-    outs: Sequence[torch.Tensor],
-) -> RuleResult:
+def tensor_unfold_rule(tr: TraceState, op: OpCall) -> RuleResult:
     """``Tensor.unfold(dimension, size, step)``: a window, plus a new dim for its offsets.
 
     ``F.unfold`` (im2col) shares the name but moves positions into channels: it is left to
     the fallback rule.
     """
-    if getattr(func, "__module__", None) == "torch.nn.functional":
+    if getattr(op.func, "__module__", None) == "torch.nn.functional":
         raise UnhandledError
-    x, rec = input_rec(tr, args, kwargs)
-    dim = int(arg(args, kwargs, 1, "dimension")) % max(x.ndim, 1)
-    size, step = int(arg(args, kwargs, 2, "size")), int(arg(args, kwargs, 3, "step"))
+    x, rec = input_rec(tr, op)
+    dim = int(op.arg(1, "dimension")) % max(x.ndim, 1)
+    size, step = int(op.arg(2, "size")), int(op.arg(3, "step"))
     dims = list(rec.dims)
     dm = dims[dim] if dims else None
     if dm is not None:
