@@ -20,6 +20,7 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 format: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix .
@@ -40,7 +41,7 @@ doc-images: $(VENV)/.installed
 	$(PY) scripts/make_doc_images.py
 
 clean:
-	rm -rf $(VENV) lightning_logs erf_demo_logs .pytest_cache site
+	rm -rf $(VENV) lightning_logs erf_demo_logs .pytest_cache .mypy_cache site
 
 # The demo's logs in TensorBoard (from the venv: `tensorboard` alone is usually not on PATH).
 tensorboard: $(VENV)/.installed

@@ -77,7 +77,8 @@ class ProbeSchedule:
 
     def due_at_epoch_end(self, epoch: int) -> bool:
         """Whether a probe is due at the end of (zero-based) ``epoch``."""
-        return bool(self.every_n_epochs) and (epoch + 1) % self.every_n_epochs == 0
+        n = self.every_n_epochs
+        return bool(n and (epoch + 1) % n == 0)
 
     def choose_auto_interval(
         self,

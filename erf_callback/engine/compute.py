@@ -417,7 +417,8 @@ def _forward_capture(
 def _select_unit(
     out: torch.Tensor, pos: tuple[int, ...], channels: int | Sequence[int] | None
 ) -> torch.Tensor:
-    unit = out[(slice(None), slice(None), *pos)]
+    index: tuple[slice | int, ...] = (slice(None), slice(None), *pos)
+    unit = out[index]
     if channels is None:
         return unit
     idx = [int(channels)] if isinstance(channels, numbers.Integral) else _int_list(channels)

@@ -38,7 +38,7 @@ def model_device_dtype(model: nn.Module, inputs: torch.Tensor) -> tuple[torch.de
     A model without tensors, or with only integer ones, falls back to ``inputs``' device and
     dtype. A ``bf16-true`` model gives bfloat16: probe inputs are cast to it.
     """
-    ref = next(iter(model.parameters()), None)
+    ref: torch.Tensor | None = next(iter(model.parameters()), None)
     if ref is None:
         ref = next(iter(model.buffers()), None)
     device = ref.device if ref is not None else inputs.device
@@ -149,13 +149,13 @@ def original_forwards(model: nn.Module) -> Iterator[None]:
         else:
             continue
         saved.append((m, "forward" in m.__dict__, m.__dict__.get("forward")))
-        m.forward = replacement  # type: ignore[method-assign]
+        m.forward = replacement
     try:
         yield
     finally:
         for m, had_own, own in reversed(saved):
             if had_own:
-                m.forward = own  # type: ignore[method-assign]
+                m.forward = own
             else:
                 del m.forward
 

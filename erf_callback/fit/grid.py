@@ -10,6 +10,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = [
     "cumulative_mass",
@@ -47,17 +48,17 @@ def mahalanobis_sq(coords: list[np.ndarray], mean: np.ndarray, prec: np.ndarray)
     return out
 
 
-def distance_sq(shape: Sequence[int], center: Sequence[float]) -> np.ndarray:
+def distance_sq(shape: Sequence[int], center: ArrayLike) -> np.ndarray:
     """Squared Euclidean distance of every pixel centre of a ``shape`` grid from ``center``.
 
     Example:
         >>> distance_sq((1, 3), (0.0, 1.0)).tolist()
         [[1.0, 0.0, 1.0]]
     """
-    center = np.asarray(center, dtype=np.float64).reshape(-1)
-    if center.shape[0] != len(shape):
-        raise ValueError(f"center has {center.shape[0]} coordinates for a {len(shape)}-D map")
-    full = mahalanobis_sq(open_grid(shape), center, np.eye(len(shape)))
+    c = np.asarray(center, dtype=np.float64).reshape(-1)
+    if c.shape[0] != len(shape):
+        raise ValueError(f"center has {c.shape[0]} coordinates for a {len(shape)}-D map")
+    full = mahalanobis_sq(open_grid(shape), c, np.eye(len(shape)))
     return np.broadcast_to(full, tuple(shape)).astype(np.float64, copy=True)
 
 

@@ -13,6 +13,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 
 from erf_callback.fit.grid import distance_sq
 
@@ -72,7 +73,7 @@ class MetricConfig:
 
 
 def energy_radius(
-    erf: np.ndarray, center: Sequence[float], fraction: float = 0.95, floor: float = 0.0
+    erf: np.ndarray, center: ArrayLike, fraction: float = 0.95, floor: float = 0.0
 ) -> float:
     """Radius of the smallest disc (ball) around ``center`` holding ``fraction`` of the mass.
 
@@ -295,7 +296,7 @@ def _erf(x: np.ndarray) -> np.ndarray:
     return torch.special.erf(torch.from_numpy(x)).numpy()
 
 
-def radius_from_sigmas(sigmas: Sequence[float], factor: float = 2.0) -> float:
+def radius_from_sigmas(sigmas: ArrayLike, factor: float = 2.0) -> float:
     """``factor`` times the geometric mean of the per-axis sigmas."""
     sig = np.asarray(sigmas, dtype=np.float64)
     if sig.size == 0 or not np.all(np.isfinite(sig)):

@@ -101,7 +101,7 @@ def render_radial_profile(
     for m in (mass, gauss):
         if m is not None and m.sum() > 0:
             c = mass_within(dist, m, coarse)
-            ends.append(coarse[min(np.searchsorted(c, 0.999), len(coarse) - 1)])
+            ends.append(coarse[min(int(np.searchsorted(c, 0.999)), len(coarse) - 1)])
     ends += [v for v in (radius, energy_radius) if v is not None and math.isfinite(v)]
     r_hi = min(1.15 * max(ends), r_all) if ends and max(ends) > 0 else r_all
     radii = np.linspace(0.0, r_hi, 300)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import overload
 
 import matplotlib
 import numpy as np
@@ -51,7 +52,13 @@ def to_display_2d(
     cov: np.ndarray | None = None,
     box: tuple[tuple[float, float], ...] | None = None,
     location: tuple[float, ...] | None = None,
-) -> tuple[np.ndarray, ...]:
+) -> tuple[
+    np.ndarray,
+    np.ndarray | None,
+    np.ndarray | None,
+    tuple[tuple[float, float], ...] | None,
+    tuple[float, ...] | None,
+]:
     """Reduce a 1-, 2- or 3-D map and its overlays to 2-D for display.
 
     * 2-D: returned unchanged (as float64).
@@ -238,6 +245,10 @@ def _upscale(img: np.ndarray, f: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
+@overload
+def _to_px(coord: np.ndarray, f: int) -> np.ndarray: ...
+@overload
+def _to_px(coord: float, f: int) -> float: ...
 def _to_px(coord: np.ndarray | float, f: int) -> np.ndarray | float:
     """Map coordinate -> continuous upscaled position (pixel ``r`` spans ``[r*f, (r+1)*f)``)."""
     return (np.asarray(coord, dtype=np.float64) + 0.5) * f
