@@ -3,9 +3,8 @@
 A rule is a :class:`RuleHandler`: it receives the tracer's view of the traced tensors
 (:class:`TraceState`) and the call (:class:`OpCall`: the torch function, its arguments and its
 tensor outputs), and returns the outputs' :class:`~erf_callback.trf.geometry.TensorRF` records
-(:data:`RuleResult`). A rule that
-cannot interpret its arguments raises :class:`UnhandledError`, and the tracer then applies the
-conservative :data:`FALLBACK_RULE` instead.
+(:data:`RuleResult`). A rule that cannot interpret its arguments raises
+:class:`UnhandledError`, and the tracer then applies the conservative :data:`FALLBACK_RULE`.
 
 Example:
     >>> arg((1, 2), {"dim": 3}, 2, "dim")
