@@ -99,7 +99,8 @@ def fit_floor_gaussian(
     # Rounds while the box grows: a seed narrowed by a cut or by noise gives a box too small
     # for the Gaussian the fit finds; the next round refits on the box of that Gaussian.
     for _ in range(_ROUNDS):
-        box = _box(a.shape, mean, cov, points)
+        # Binned fits bin only boxes too large to fit pixel by pixel.
+        box = _box(a.shape, mean, cov, points, _POINTS if binned else 0)
         if used is not None and _covers(used, box):
             break
         used = box
@@ -214,20 +215,22 @@ def _solve_spd(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
 
 
 def _box(
-    shape: tuple[int, ...], mean: np.ndarray, cov: np.ndarray, points: int
+    shape: tuple[int, ...], mean: np.ndarray, cov: np.ndarray, points: int, dense: int = 0
 ) -> tuple[slice, ...]:
+    """The +-5 sigma box, clipped to the map, with a step that leaves about ``points``
+    samples; single pixels (step 1) when the box has at most ``dense`` pixels."""
     d = len(shape)
-    if math.prod(shape) <= points:
+    if math.prod(shape) <= max(points, dense):
         return tuple(slice(0, n, 1) for n in shape)
     half = _BOX_SIGMAS * np.sqrt(np.clip(np.diag(cov), 0.25, None))
     per_axis = points ** (1.0 / d)
-    out = []
+    bounds = []
     for m, h, n in zip(mean.tolist(), half.tolist(), shape, strict=True):
         lo = min(max(math.floor(m - h), 0), n - 1)
-        hi = min(max(math.ceil(m + h) + 1, lo + 1), n)
-        step = max(1, math.ceil((hi - lo) / per_axis))
-        out.append(slice(lo, hi, step))
-    return tuple(out)
+        bounds.append((lo, min(max(math.ceil(m + h) + 1, lo + 1), n)))
+    if math.prod(hi - lo for lo, hi in bounds) <= dense:
+        return tuple(slice(lo, hi, 1) for lo, hi in bounds)
+    return tuple(slice(lo, hi, max(1, math.ceil((hi - lo) / per_axis))) for lo, hi in bounds)
 
 
 def _covers(used: tuple[slice, ...], box: tuple[slice, ...]) -> bool:
