@@ -15,13 +15,13 @@ MODULES = sorted(
 )
 
 
-def test_the_walk_finds_the_subpackages():
+def test_the_walk_finds_the_subpackages() -> None:
     for sub in ("engine", "fit", "trf", "render", "callback"):
         assert f"erf_callback.{sub}" in MODULES
 
 
 @pytest.mark.parametrize("name", ["erf_callback", *MODULES])
-def test_every_module_declares_its_public_names(name):
+def test_every_module_declares_its_public_names(name) -> None:
     module = importlib.import_module(name)
     assert isinstance(getattr(module, "__all__", None), list), f"{name} has no __all__ list"
     names = module.__all__

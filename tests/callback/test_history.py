@@ -23,7 +23,7 @@ def blob(shift: float = 0.0, size: int = 16) -> torch.Tensor:
     return torch.exp(-((yy - 8) ** 2 + (xx - 8 - shift) ** 2) / 8).double()
 
 
-def test_records_number_probes_and_keep_metrics_as_floats():
+def test_records_number_probes_and_keep_metrics_as_floats() -> None:
     h = ERFHistory()
     a = h.add(0, 0, "l1", "ok", metrics(2), blob())
     b = h.add(0, 0, "l2", "ok", metrics(3), blob(), probe=0)  # same probe, second layer
@@ -35,7 +35,7 @@ def test_records_number_probes_and_keep_metrics_as_floats():
     assert h.first("l2") is b and h.first("nope") is None
 
 
-def test_change_metrics_against_the_first_valid_probe():
+def test_change_metrics_against_the_first_valid_probe() -> None:
     h = ERFHistory()
     first = h.add(0, 0, "l", "ok", metrics(2.0, 8.0, 8.0), blob())
     assert {k: first[k] for k in CHANGE_METRICS} == {
@@ -52,7 +52,7 @@ def test_change_metrics_against_the_first_valid_probe():
     assert later["map_correlation"] < 0.99  # the shifted map really differs
 
 
-def test_failed_probes_get_nan_changes_and_do_not_become_the_baseline():
+def test_failed_probes_get_nan_changes_and_do_not_become_the_baseline() -> None:
     h = ERFHistory()
     bad = h.add(0, 0, "l", "nonfinite", metrics(math.nan), torch.full((16, 16), math.nan))
     assert all(math.isnan(bad[k]) for k in CHANGE_METRICS)
@@ -63,7 +63,7 @@ def test_failed_probes_get_nan_changes_and_do_not_become_the_baseline():
     assert [s for s, _ in h.maps["l"]] == [1, 2]
 
 
-def test_zero_base_radius_and_missing_centres_give_nan_not_an_error():
+def test_zero_base_radius_and_missing_centres_give_nan_not_an_error() -> None:
     h = ERFHistory()
     h.add(0, 0, "l", "ok", {"radius": 0.0}, blob())
     later = h.add(1, 0, "l", "ok", {"radius": 2.0}, blob())
@@ -71,7 +71,7 @@ def test_zero_base_radius_and_missing_centres_give_nan_not_an_error():
     assert math.isnan(later["center_shift"])  # no center_* metric to compare
 
 
-def test_maps_are_block_means_at_most_map_size_per_side():
+def test_maps_are_block_means_at_most_map_size_per_side() -> None:
     h = ERFHistory(map_size=8)
     big = torch.arange(32 * 24, dtype=torch.float64).reshape(32, 24)
     h.add(0, 0, "l", "ok", metrics(1), big)
@@ -81,7 +81,7 @@ def test_maps_are_block_means_at_most_map_size_per_side():
     torch.testing.assert_close(small, expected)
 
 
-def test_state_dict_round_trip_through_a_weights_only_checkpoint(tmp_path):
+def test_state_dict_round_trip_through_a_weights_only_checkpoint(tmp_path) -> None:
     h = ERFHistory(map_size=8)
     h.add(0, 0, "l", "ok", metrics(2.0), blob())
     h.add(3, 0, "l", "zero", metrics(math.nan), torch.zeros(16, 16))
@@ -103,7 +103,7 @@ def test_state_dict_round_trip_through_a_weights_only_checkpoint(tmp_path):
     assert restored.add(9, 1, "l", "ok", metrics(3.0), blob())["radius_growth"] == 1.5
 
 
-def test_state_dict_is_a_copy():
+def test_state_dict_is_a_copy() -> None:
     h = ERFHistory()
     h.add(0, 0, "l", "ok", metrics(2.0), blob())
     state = h.state_dict()
@@ -112,7 +112,7 @@ def test_state_dict_is_a_copy():
     assert h.records[0]["radius"] == 2.0 and h.maps["l"][0][1].max() > 0.9
 
 
-def test_write_csv_and_json_with_nan_as_null(tmp_path):
+def test_write_csv_and_json_with_nan_as_null(tmp_path) -> None:
     h = ERFHistory(map_size=4)
     h.add(0, 0, "a", "ok", metrics(2.0, trf_x=math.inf), blob())
     h.add(0, 0, "b", "nonfinite", {"radius": math.nan}, torch.full((16, 16), math.nan), probe=0)

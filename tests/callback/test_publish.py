@@ -91,12 +91,12 @@ IMAGES = {
 }
 
 
-def test_finite_scalars_drop_nan_and_inf_only():
+def test_finite_scalars_drop_nan_and_inf_only() -> None:
     got = finite_scalars({"a": 1, "b": math.nan, "c": math.inf, "d": -math.inf, "e": 0.0})
     assert got == {"a": 1.0, "e": 0.0} and type(got["a"]) is float
 
 
-def test_scalars_reach_every_logger_with_the_step():
+def test_scalars_reach_every_logger_with_the_step() -> None:
     loggers = [FakeTensorBoard(), FakeWandb(), FakeCsv()]
     log_scalars(loggers, {"erf/a/radius": 2.0, "erf/a/trf_x": math.inf}, step=3)
     for logger in loggers:
@@ -105,7 +105,7 @@ def test_scalars_reach_every_logger_with_the_step():
     assert all(len(logger.metrics) == 1 for logger in loggers)  # nothing left: no call
 
 
-def test_tensorboard_writer_is_found_by_its_methods():
+def test_tensorboard_writer_is_found_by_its_methods() -> None:
     tb = FakeTensorBoard()
     assert tensorboard_writer(tb) is tb.experiment
     assert tensorboard_writer(FakeCsv()) is None
@@ -113,7 +113,7 @@ def test_tensorboard_writer_is_found_by_its_methods():
     assert tensorboard_writer(OfflineLogger()) is None  # a failing experiment is not fatal
 
 
-def test_images_go_to_tensorboard_and_wandb_loggers():
+def test_images_go_to_tensorboard_and_wandb_loggers() -> None:
     tb, wandb = FakeTensorBoard(), FakeWandb()
     ImagePublisher().publish([tb, wandb], IMAGES, step=7)
     assert tb.experiment.images == [
@@ -125,7 +125,7 @@ def test_images_go_to_tensorboard_and_wandb_loggers():
     assert len(tb.experiment.images) == 2 and len(wandb.images) == 2
 
 
-def test_a_logger_without_images_gets_one_info_message(caplog):
+def test_a_logger_without_images_gets_one_info_message(caplog) -> None:
     csv, offline = FakeCsv(), OfflineLogger()
     publisher = ImagePublisher()
     with caplog.at_level(logging.INFO, logger="erf_callback"):
@@ -137,7 +137,7 @@ def test_a_logger_without_images_gets_one_info_message(caplog):
     assert "OfflineLogger" in messages[1] and "TensorBoardLogger" in messages[1]
 
 
-def test_images_read_back_from_a_real_summary_writer(tmp_path):
+def test_images_read_back_from_a_real_summary_writer(tmp_path) -> None:
     class RealTensorBoard:
         def __init__(self) -> None:
             self.experiment = SummaryWriter(str(tmp_path))
@@ -155,7 +155,7 @@ def test_images_read_back_from_a_real_summary_writer(tmp_path):
     assert "custom_scalars__config__" in acc.Tags()["tensors"]
 
 
-def test_custom_scalars_are_added_once_per_tensorboard_writer():
+def test_custom_scalars_are_added_once_per_tensorboard_writer() -> None:
     tb, csv = FakeTensorBoard(), FakeCsv()
     add_custom_scalars([tb, csv, FakeWandb()], "erf2")
     assert tb.experiment.layouts == [custom_scalars_layout("erf2")]
@@ -181,7 +181,7 @@ def charts_matching(layout: dict, tag: str) -> list[str]:
 
 
 @pytest.mark.parametrize("prefix", ["erf", "erf.v2+x"])
-def test_each_metric_tag_lands_in_its_own_chart_only(prefix):
+def test_each_metric_tag_lands_in_its_own_chart_only(prefix) -> None:
     # Every tag the callback logs: the keys of a real ERFMap's metrics plus the changes.
     m = compute_erf(uniform_stack([3]), torch.randn(1, 1, 12, 12))["output"]
     names = [*m.metrics(), *CHANGE_METRICS, "center_y", "center_x"]
@@ -204,5 +204,5 @@ def test_each_metric_tag_lands_in_its_own_chart_only(prefix):
         "erf/layer1/radius/extra",
     ],
 )
-def test_layout_regexes_reject_foreign_tags(tag):
+def test_layout_regexes_reject_foreign_tags(tag) -> None:
     assert charts_matching(custom_scalars_layout("erf"), tag) == []

@@ -13,37 +13,37 @@ def due_steps(schedule: ProbeSchedule, last: int) -> list[int]:
     return [step for step in range(last + 1) if schedule.due_at_step(step)]
 
 
-def test_every_n_steps_is_due_at_the_multiples_only():
+def test_every_n_steps_is_due_at_the_multiples_only() -> None:
     assert due_steps(ProbeSchedule(every_n_steps=7), 30) == [0, 7, 14, 21, 28]
     assert due_steps(ProbeSchedule(every_n_steps=1), 4) == [0, 1, 2, 3, 4]
 
 
-def test_every_n_epochs_is_due_at_epoch_ends_only():
+def test_every_n_epochs_is_due_at_epoch_ends_only() -> None:
     s = ProbeSchedule(every_n_epochs=3)
     assert [e for e in range(10) if s.due_at_epoch_end(e)] == [2, 5, 8]  # zero-based epochs
     assert due_steps(s, 50) == []
     assert not ProbeSchedule(every_n_steps=2).due_at_epoch_end(1)
 
 
-def test_at_steps_are_exactly_the_given_steps():
+def test_at_steps_are_exactly_the_given_steps() -> None:
     s = ProbeSchedule(at_steps=[17, 3, 3, 0])
     assert due_steps(s, 40) == [0, 3, 17]
     assert not s.is_auto
 
 
 @pytest.mark.parametrize("per_decade", [1, 2, 3, 5])
-def test_log_spaced_steps_are_rounded_powers_of_ten(per_decade):
+def test_log_spaced_steps_are_rounded_powers_of_ten(per_decade) -> None:
     expected = sorted({round(10 ** (i / per_decade)) for i in range(3 * per_decade + 1)})
     assert due_steps(ProbeSchedule(log_spaced=per_decade), 1000) == expected
 
 
-def test_rules_combine_as_a_union():
+def test_rules_combine_as_a_union() -> None:
     s = ProbeSchedule(every_n_steps=10, at_steps=[5, 13], log_spaced=1, every_n_epochs=2)
     assert due_steps(s, 30) == [0, 1, 5, 10, 13, 20, 30]
     assert s.due_at_epoch_end(1) and not s.due_at_epoch_end(0)
 
 
-def test_automatic_interval_meets_the_overhead_budget():
+def test_automatic_interval_meets_the_overhead_budget() -> None:
     s = ProbeSchedule()
     assert s.is_auto and s.max_overhead == DEFAULT_MAX_OVERHEAD
     assert due_steps(s, 500) == []  # nothing is due before the interval is chosen
@@ -55,7 +55,7 @@ def test_automatic_interval_meets_the_overhead_budget():
     assert tight.choose_auto_interval(probe_seconds=1.0, step_seconds=0.0) > 10**8  # no div 0
 
 
-def test_explicit_rules_ignore_an_automatic_interval():
+def test_explicit_rules_ignore_an_automatic_interval() -> None:
     s = ProbeSchedule(every_n_epochs=1, auto_interval=5)
     assert not s.is_auto
     assert due_steps(s, 20) == []
@@ -81,12 +81,12 @@ def test_explicit_rules_ignore_an_automatic_interval():
         (123456.0, 200000),
     ],
 )
-def test_nice_ceil_table(value, expected):
+def test_nice_ceil_table(value, expected) -> None:
     assert nice_ceil(value) == expected
 
 
 @pytest.mark.parametrize("value", [1.3, 3.7, 9.99, 42.0, 777.7, 3.1e5, 9.9e6])
-def test_nice_ceil_is_the_smallest_nice_number_at_or_above(value):
+def test_nice_ceil_is_the_smallest_nice_number_at_or_above(value) -> None:
     nice = sorted(m * 10**k for k in range(9) for m in (1, 2, 5))
     assert nice_ceil(value) == min(n for n in nice if n >= value)
 
@@ -106,6 +106,6 @@ def test_nice_ceil_is_the_smallest_nice_number_at_or_above(value):
         ({"at_steps": [False]}, "at_steps must be non-negative ints"),
     ],
 )
-def test_bad_rules_are_rejected_with_the_rule_named(kwargs, match):
+def test_bad_rules_are_rejected_with_the_rule_named(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         ProbeSchedule(**kwargs)

@@ -118,13 +118,13 @@ def brute_force_mahalanobis(shape, mean, prec) -> np.ndarray:
         ((3, 4, 5), [1.0, 1.5, 3.0], [[1.0, 0.2, -0.1], [0.2, 2.0, 0.3], [-0.1, 0.3, 0.5]]),
     ],
 )
-def test_mahalanobis_sq_matches_brute_force(shape, mean, prec):
+def test_mahalanobis_sq_matches_brute_force(shape, mean, prec) -> None:
     mean, prec = np.asarray(mean, float), np.asarray(prec, float)
     got = np.broadcast_to(grid.mahalanobis_sq(grid.open_grid(shape), mean, prec), shape)
     np.testing.assert_allclose(got, brute_force_mahalanobis(shape, mean, prec), rtol=1e-12)
 
 
-def test_distance_sq_is_euclidean_and_checks_the_centre():
+def test_distance_sq_is_euclidean_and_checks_the_centre() -> None:
     got = grid.distance_sq((4, 5), (1.5, 3.0))
     yy, xx = np.mgrid[:4, :5]
     np.testing.assert_allclose(got, (yy - 1.5) ** 2 + (xx - 3.0) ** 2, rtol=1e-15)
@@ -141,7 +141,7 @@ def test_distance_sq_is_euclidean_and_checks_the_centre():
         ((5, 6, 7), (2.0, 2.5, 3.0), np.diag([1.0, 2.0, 0.5])),
     ],
 )
-def test_gaussian_on_grid_matches_the_definition(shape, mean, cov):
+def test_gaussian_on_grid_matches_the_definition(shape, mean, cov) -> None:
     got = grid.gaussian_on_grid(shape, np.array(mean), np.array(cov))
     np.testing.assert_allclose(got, gaussian_map(shape, mean, np.array(cov)), rtol=1e-12)
     assert got.shape == shape
@@ -158,11 +158,11 @@ def test_gaussian_on_grid_matches_the_definition(shape, mean, cov):
         ((2.0, 2.0), np.full((2, 2), math.nan)),
     ],
 )
-def test_gaussian_on_grid_has_no_density_for_bad_fits(mean, cov):
+def test_gaussian_on_grid_has_no_density_for_bad_fits(mean, cov) -> None:
     assert grid.gaussian_on_grid((5, 5), np.array(mean), cov) is None
 
 
-def test_mass_within_counts_pixels_up_to_each_radius_inclusive():
+def test_mass_within_counts_pixels_up_to_each_radius_inclusive() -> None:
     dist = np.array([0.0, 1.0, 1.0, 2.0, 3.5])
     mass = np.array([1.0, 2.0, 3.0, 4.0, 10.0])
     got = grid.mass_within(dist, mass, np.array([0.0, 0.5, 1.0, 3.4, 3.5]))
@@ -175,6 +175,6 @@ def test_mass_within_counts_pixels_up_to_each_radius_inclusive():
     assert empty.shape == (2,) and not empty.any()
 
 
-def test_cumulative_mass_takes_a_scalar_radius():
+def test_cumulative_mass_takes_a_scalar_radius() -> None:
     got = grid.cumulative_mass(np.array([1.0, 2.0, 1.0]), np.array([1.0]), 0.0)
     np.testing.assert_allclose(got, [0.5], rtol=1e-15)
