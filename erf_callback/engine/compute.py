@@ -301,7 +301,10 @@ class _Probe:
                     "(computed under no_grad, detached, or by a fused inference kernel); "
                     "probe a layer whose output is differentiable w.r.t. the input."
                 )
-            (g,) = torch.autograd.grad(unit.sum(), x, retain_graph=i < last, allow_unused=True)
+            # allow_unused: a layer that ignores the input gets None, typed as a Tensor.
+            g: torch.Tensor | None = torch.autograd.grad(
+                unit.sum(), x, retain_graph=i < last, allow_unused=True
+            )[0]
             if g is None:
                 parts.append(torch.zeros(x.shape[2:], dtype=torch.float64, device=x.device))
                 continue

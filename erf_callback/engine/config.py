@@ -6,7 +6,7 @@ import dataclasses
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from erf_callback.engine.transforms import OutputTransform
 from erf_callback.fit.metrics import MetricConfig
@@ -21,7 +21,7 @@ Position = Sequence[int] | Mapping[str, Sequence[int]]
 Channels = int | Sequence[int]
 Transforms = OutputTransform | Mapping[str, OutputTransform]
 #: ``chunk_size="auto"``: chosen from the probe's activation size and ``memory_budget``.
-AUTO = "auto"
+AUTO: Final = "auto"
 ChunkSize = int | Literal["auto"]
 
 

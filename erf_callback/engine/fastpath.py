@@ -31,6 +31,8 @@ __all__ = ["FastPath", "ForwardRecorder"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
+_Norm = nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d
 
 
 class ForwardRecorder:
@@ -131,7 +133,7 @@ class FastPath:
             nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
         )
         conv_nodes = recorder.conv_nodes()
-        folds: dict[nn.Module, nn.Module] = {}
+        folds: dict[nn.Module, _Norm] = {}
         for conv, norm in recorder.candidate_pairs():
             node = conv_nodes[conv]
             if (
@@ -141,6 +143,8 @@ class FastPath:
                 or consumers.get(node, 0) != 1
                 or _has_hooks(conv)
                 or _has_hooks(norm)
+                or not isinstance(conv, _CONVS)
+                or not isinstance(norm, _NORMS)
                 or not _foldable(conv, norm)
             ):
                 continue
@@ -150,13 +154,13 @@ class FastPath:
             if "forward" in vars(conv):
                 continue
             layout = channels_last and type(conv) is nn.Conv2d
-            norm = folds.get(conv)
-            if norm is None and not layout:
+            folded = folds.get(conv)
+            if (folded is None and not layout) or not isinstance(conv, _CONVS):
                 continue
-            weight, bias = _shadow_weights(conv, norm, layout)
+            weight, bias = _shadow_weights(conv, folded, layout)
             forwards[conv] = functools.partial(_shadow_conv_forward, conv, weight, bias)
-            if norm is not None:
-                forwards[norm] = _identity
+            if folded is not None:
+                forwards[folded] = _identity
         return cls(forwards, channels_last, len(folds))
 
     @contextmanager
@@ -165,7 +169,7 @@ class FastPath:
         installed = []
         try:
             for module, forward in self._forwards.items():
-                module.forward = forward  # type: ignore[method-assign]
+                module.forward = forward
                 installed.append(module)
             yield
         finally:
@@ -194,11 +198,9 @@ def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module))
 
 
-def _foldable(conv: nn.Module, norm: nn.Module) -> bool:
+def _foldable(conv: _Conv, norm: _Norm) -> bool:
     return (
-        isinstance(norm, _NORMS)
-        and isinstance(conv, _CONVS)
-        and not norm.training
+        not norm.training
         and norm.running_mean is not None
         and norm.running_var is not None
         and norm.num_features == conv.out_channels
@@ -207,7 +209,7 @@ def _foldable(conv: nn.Module, norm: nn.Module) -> bool:
 
 
 def _shadow_weights(
-    conv: nn.Module, norm: nn.Module | None, channels_last: bool
+    conv: _Conv, norm: _Norm | None, channels_last: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Copies of ``conv``'s weight and bias, with ``norm`` folded in (computed in float64)."""
     with torch.no_grad():
@@ -215,6 +217,8 @@ def _shadow_weights(
         bias = None if conv.bias is None else conv.bias.detach()
         if norm is not None:
             w64 = weight.double()
+            # _foldable admitted only norms with running statistics.
+            assert norm.running_mean is not None and norm.running_var is not None
             mean, var = norm.running_mean.double(), norm.running_var.double()
             scale = torch.rsqrt(var + norm.eps)
             shift = -mean * scale
@@ -233,9 +237,9 @@ def _shadow_weights(
 
 
 def _shadow_conv_forward(
-    conv: Any, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor
+    conv: _Conv, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor
 ) -> torch.Tensor:
-    return conv._conv_forward(x, weight, bias)  # type: ignore[no-any-return]
+    return conv._conv_forward(x, weight, bias)
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

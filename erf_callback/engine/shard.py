@@ -36,6 +36,7 @@ from erf_callback.engine.layers import unwrap_model
 from erf_callback.warnings import ERFWarning
 
 __all__ = [
+    "LOCKSTEP_CHUNK",
     "ProbeFailedElsewhereError",
     "ShardReducer",
     "forwards_needed",
@@ -45,6 +46,10 @@ __all__ = [
     "torch_all_reduce",
     "unpack_sums",
 ]
+
+#: Samples per forward under ``lockstep`` when ``chunk_size="auto"``: every rank must run the
+#: same forwards, so the chunk cannot be measured per rank.
+LOCKSTEP_CHUNK = 8
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -75,16 +80,20 @@ def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
 def forwards_needed(model: nn.Module, n: int, chunk_size: int | None) -> int:
     """How many forward passes :func:`compute_erf` runs on ``n`` samples (``n >= 1``).
 
-    Mirrors the engine's chunking: ``chunk_size`` samples per forward, or one sample per
-    forward when a BatchNorm without running statistics would mix the samples of a chunk.
+    Mirrors the engine's chunking (:class:`~erf_callback.engine.chunking.ChunkPlan`): all at
+    once for ``None``; else the first sample alone, then ``chunk_size`` samples per forward, or
+    one per forward when a BatchNorm without running statistics would mix a chunk's samples.
 
     Example:
         >>> conv = torch.nn.Conv2d(1, 1, 3)
         >>> forwards_needed(conv, 10, 4), forwards_needed(conv, 10, None)
-        (3, 1)
+        (4, 1)
     """
-    chunk = 1 if _mixes_batch_in_eval(unwrap_model(model)) else (chunk_size or n)
-    return math.ceil(n / min(chunk, n))
+    mixes = _mixes_batch_in_eval(unwrap_model(model))
+    if chunk_size is None and not mixes:
+        return 1
+    chunk = 1 if mixes or chunk_size is None else chunk_size
+    return 1 + math.ceil((n - 1) / chunk)
 
 
 def pack_sums(sums: Mapping[str, torch.Tensor], count: float) -> torch.Tensor:
@@ -231,8 +240,11 @@ def sharded_compute_erf(
         >>> maps["0"].num_samples
         4
     """
-    chunk_size = (probe or ProbeConfig()).replace(chunk_size=kwargs.get("chunk_size", DEFAULT))
-    chunk_size = chunk_size.chunk_size
+    cfg = (probe or ProbeConfig()).replace(chunk_size=kwargs.pop("chunk_size", DEFAULT))
+    # Every forward of a sharded model needs all ranks, so all must chunk alike; a chunk
+    # measured against each rank's free memory could differ between ranks.
+    fixed_chunk = LOCKSTEP_CHUNK if isinstance(cfg.chunk_size, str) else cfg.chunk_size
+    chunk_size = fixed_chunk if lockstep else cfg.chunk_size
     n = inputs.shape[0]
     lo, hi = shard_bounds(n, rank, world_size)
     reducer = ShardReducer(all_reduce, weight=1.0 if hi > lo else 0.0)
@@ -240,12 +252,14 @@ def sharded_compute_erf(
     local = inputs[lo:hi] if hi > lo else inputs[:1]
     try:
         if lockstep:
-            most = forwards_needed(model, shard_bounds(n, 0, world_size)[1], chunk_size)
-            for _ in range(most - forwards_needed(model, local.shape[0], chunk_size)):
+            most = forwards_needed(model, shard_bounds(n, 0, world_size)[1], fixed_chunk)
+            for _ in range(most - forwards_needed(model, local.shape[0], fixed_chunk)):
                 with warnings.catch_warnings():  # a throw-away probe: its maps are not used
                     warnings.simplefilter("ignore", ERFWarning)
-                    compute_erf(model, inputs[:1], layers, probe=probe, **kwargs)
-        return compute_erf(model, local, layers, probe=probe, reduce=reducer, **kwargs)
+                    compute_erf(model, inputs[:1], layers, probe=cfg, **kwargs)
+        return compute_erf(
+            model, local, layers, probe=cfg, chunk_size=chunk_size, reduce=reducer, **kwargs
+        )
     except BaseException:
         reducer.fail()
         raise
