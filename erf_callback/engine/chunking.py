@@ -149,21 +149,20 @@ class SavedBytesMeter:
         return sum(self._storages.values())
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in self._exclude:
+        ptr = _storage_ptr(t)
+        if ptr is None:  # no plain storage (a DTensor, a freed FSDP buffer): its own size
+            self._storages[id(t)] = t.numel() * t.element_size()
+        elif ptr not in self._exclude:
             # A view (e.g. the chunk sliced from all inputs) counts for its own size only.
-            own = min(t.numel() * t.element_size(), storage.nbytes())
+            own = min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
             self._storages[ptr] = max(own, self._storages.get(ptr, 0))
         # An alias without autograd history: returning ``t`` itself would make every tensor
         # saved by its own grad_fn (a ReLU's output) a reference cycle that is never freed.
         return t.detach()
 
     def __enter__(self) -> SavedBytesMeter:
-        self._exclude = {
-            t.untyped_storage().data_ptr()
-            for t in (*self._model.parameters(), *self._model.buffers())
-        }
+        ptrs = (_storage_ptr(t) for t in (*self._model.parameters(), *self._model.buffers()))
+        self._exclude = {p for p in ptrs if p is not None}
         self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
         self._ctx.__enter__()
         return self
@@ -174,3 +173,14 @@ class SavedBytesMeter:
 
 def _unpack(t: torch.Tensor) -> torch.Tensor:
     return t
+
+
+def _storage_ptr(t: torch.Tensor) -> int | None:
+    """The address of ``t``'s storage, or None where it has none to give.
+
+    FSDP frees the unsharded parameters' storage between forwards, and DTensors wrap theirs.
+    """
+    try:
+        return int(t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):
+        return None
