@@ -66,13 +66,13 @@ class ERFTracker:
 
     Construction probes the untrained model (step 0), so a bad layer name or input fails
     before any training time is spent (with ``probe_at_init=False`` the probe is a dry run
-    that checks the configuration and records nothing). Then call :meth:`step` after every optimiser step and
-    :meth:`close` at the end (or use the tracker as a context manager). Each probe logs
-    ``<tag_prefix>/<layer>/<metric>`` scalars and, with ``log_images``, heatmaps, radial
-    profiles and the evolution grid to ``writer``, and rewrites ``<history_filename>.csv`` /
-    ``.json`` in ``history_dir``. Probing never changes training (eval mode, no weight
-    gradients, modes/buffers/RNG restored); a probe that fails after the first is skipped with
-    one :class:`~erf_callback.ERFWarning`.
+    that checks the configuration and records nothing). Then call :meth:`step` after every
+    optimiser step and :meth:`close` at the end (or use the tracker as a context manager).
+    Each probe logs ``<tag_prefix>/<layer>/<metric>`` scalars and, with ``log_images``,
+    heatmaps, radial profiles and the evolution grid to ``writer``, and rewrites
+    ``<history_filename>.csv`` / ``.json`` in ``history_dir``. Probing never changes training
+    (eval mode, no weight gradients, modes/buffers/RNG restored); a probe that fails after the
+    first is skipped with one :class:`~erf_callback.ERFWarning`.
 
     Args:
         model: the network (or the part of it to probe).
