@@ -1,42 +1,30 @@
 """``ERFTracker``: the callback's probing for any training loop, no Lightning needed.
 
-One object holds the engine (:func:`~erf_callback.compute_erf`), the schedule
-(:class:`~erf_callback.callback.schedule.ProbeSchedule`), the history
-(:class:`~erf_callback.callback.history.ERFHistory`) and the TensorBoard images of
-:mod:`erf_callback.callback.images`; a plain-PyTorch loop calls :meth:`ERFTracker.step` after
-every optimiser step. It logs the same tags and writes the same history files as
-``ERFMonitor``.
+``ERFTracker`` drives :class:`~erf_callback.callback.core.ERFMonitorBase`, the logic behind
+``ERFMonitor``, which only duck-types its ``trainer``: a small stand-in carries the loop's step
+count and the ``SummaryWriter``. So the engine, the schedule (automatic interval included),
+the history, the images, the warnings and the checkpoint state are the callback's own code,
+and a plain-PyTorch loop gets the same tags and history files as a Lightning run.
 """
 
 from __future__ import annotations
 
 import os
-import time
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from erf_callback.callback.core import ERFMonitorBase
 from erf_callback.callback.history import ERFHistory
-from erf_callback.callback.images import render_probe_images
-from erf_callback.callback.publish import ImagePublisher, add_custom_scalars, log_scalars
-from erf_callback.callback.record import record_probe
-from erf_callback.callback.schedule import AUTO_WARMUP_STEPS, DEFAULT_MAX_OVERHEAD, ProbeSchedule
-from erf_callback.engine.compute import compute_erf
+from erf_callback.callback.schedule import DEFAULT_MAX_OVERHEAD, ProbeSchedule
 from erf_callback.engine.config import DEFAULT, Channels, Default, Position, ProbeConfig, Reduction
-from erf_callback.engine.erf_map import ERFMap
-from erf_callback.engine.layers import resolve_layers
 from erf_callback.engine.transforms import OutputTransform
-from erf_callback.engine.validate import check_inputs, normalize_layers
+from erf_callback.engine.validate import check_inputs
 from erf_callback.fit.metrics import MetricConfig
-from erf_callback.warnings import ERFWarning
 
 __all__ = ["ERFTracker"]
-
-_STATE_VERSION = 1
 
 
 class _WriterLogger:
@@ -50,17 +38,41 @@ class _WriterLogger:
             self.experiment.add_scalar(tag, value, step)
 
 
+class _Loop:
+    """What ``ERFMonitorBase`` reads from a trainer, for a single-process training loop."""
+
+    is_global_zero = True
+    sanity_checking = False
+    fast_dev_run = False
+
+    def __init__(self, writer: Any | None, history_dir: str | None) -> None:
+        self.global_step = 0
+        self.current_epoch = 0
+        self.loggers = [] if writer is None else [_WriterLogger(writer)]
+        self.log_dir = history_dir
+        self.default_root_dir = history_dir
+
+
+class _LoopMonitor(ERFMonitorBase):
+    """The callback's logic; without a folder the history stays in memory only."""
+
+    def _write_history(self, trainer: Any) -> None:
+        if trainer.log_dir is not None:
+            super()._write_history(trainer)
+
+
 class ERFTracker:
     """Track the effective receptive field of layers through a plain PyTorch training loop.
 
     Construction probes the untrained model (step 0), so a bad layer name or input fails
-    before any training time is spent. Then call :meth:`step` after every optimiser step and
-    :meth:`close` at the end (or use the tracker as a context manager). Each probe logs
-    ``<tag_prefix>/<layer>/<metric>`` scalars and, with ``log_images``, heatmaps, radial
-    profiles and the evolution grid to ``writer``, and rewrites ``<history_filename>.csv`` /
-    ``.json`` in ``history_dir``. Probing never changes training (eval mode, no weight
-    gradients, modes/buffers/RNG restored); a probe that fails after the first is skipped with
-    one :class:`~erf_callback.ERFWarning`.
+    before any training time is spent (with ``probe_at_init=False`` the probe is a dry run
+    that checks the configuration and records nothing). Then call :meth:`step` after every
+    optimiser step and :meth:`close` at the end (or use the tracker as a context manager).
+    Each probe logs ``<tag_prefix>/<layer>/<metric>`` scalars and, with ``log_images``,
+    heatmaps, radial profiles and the evolution grid to ``writer``, and rewrites
+    ``<history_filename>.csv`` / ``.json`` in ``history_dir``. Probing never changes training
+    (eval mode, no weight gradients, modes/buffers/RNG restored); a probe that fails after the
+    first is skipped with one :class:`~erf_callback.ERFWarning`.
 
     Args:
         model: the network (or the part of it to probe).
@@ -93,8 +105,8 @@ class ERFTracker:
         >>> from erf_callback import ERFTracker
         >>> net = torch.nn.Sequential(*[torch.nn.Conv2d(1, 1, 3, padding=1) for _ in range(2)])
         >>> tracker = ERFTracker(net, ["1"], torch.randn(4, 1, 16, 16), every_n_steps=2)
-        >>> [tracker.step() is not None for _ in range(4)]
-        [False, True, False, True]
+        >>> [len(tracker.step()) for _ in range(4)]  # records added: one layer, probed twice
+        [0, 1, 0, 1]
         >>> [r["step"] for r in tracker.history.records], tracker.history.records[0]["trf_x"]
         ([0, 2, 4], 5.0)
     """
@@ -130,56 +142,81 @@ class ERFTracker:
         history_dir: str | os.PathLike[str] | None = None,
         history_filename: str = "erf_history",
     ) -> None:
-        if images_every_n_probes < 1:
-            raise ValueError(f"images_every_n_probes must be >= 1; got {images_every_n_probes}")
-        if not tag_prefix or tag_prefix.endswith("/"):
-            raise ValueError(f"tag_prefix must be non-empty without a trailing '/': {tag_prefix!r}")
+        if not isinstance(layers, str) and not layers:
+            raise ValueError("layers is empty; pass the names of the layers to probe.")
+        inputs = check_inputs(inputs)
         self.model = model
-        self.layers = normalize_layers(layers)
-        resolve_layers(model, self.layers)  # unknown names fail here, with the closest names
-        self.inputs = check_inputs(inputs).detach().to("cpu", copy=True)
         self.writer = writer
-        self.schedule = ProbeSchedule(
-            every_n_steps=every_n_steps,
+        folder = os.fspath(history_dir) if history_dir is not None else None
+        if folder is None and writer is not None:
+            folder = getattr(writer, "log_dir", None)
+        self._loop = _Loop(writer, folder)
+        self._monitor = _LoopMonitor(
+            layers,
+            every_n_steps,
+            num_samples=inputs.shape[0],
             at_steps=at_steps,
             log_spaced=log_spaced,
             max_overhead=max_overhead,
-        )
-        self.probe_at_end = probe_at_end
-        self.probe_config = (probe or ProbeConfig()).replace(
+            probe_at_init=probe_at_init,
+            probe_at_end=probe_at_end,
+            inputs=inputs,
+            probe=probe,
             position=position,
             channels=channels,
             reduction=reduction,
             output_transform=output_transform,
             chunk_size=chunk_size,
-            metrics=MetricConfig() if metric_config is None else metric_config,
+            metric_config=metric_config,
+            log_images=log_images,
+            images_every_n_probes=images_every_n_probes,
+            cmap=cmap,
+            history_map_size=history_map_size,
+            tag_prefix=tag_prefix,
+            history_filename=history_filename,
         )
-        self.log_images = log_images
-        self.images_every_n_probes = images_every_n_probes
-        self.cmap = cmap
-        self.tag_prefix = tag_prefix
-        self.history_filename = history_filename
-        self.history_dir = None if history_dir is None else os.fspath(history_dir)
-        if self.history_dir is None and writer is not None:
-            self.history_dir = getattr(writer, "log_dir", None)
-        self.history = ERFHistory(history_map_size)
-        self.global_step = 0
-        self.probe_seconds: list[float] = []
-        self._loggers = [] if writer is None else [_WriterLogger(writer)]
-        self._images = ImagePublisher()
-        self._warned: set[str] = set()
-        self._last_probed_step: int | None = None
-        self._step_times: list[float] = []
-        self._clock: float | None = None
         self._closed = False
-        add_custom_scalars(self._loggers, tag_prefix)
-        if probe_at_init:
-            self.probe(strict=True)  # configuration errors surface now, before training
-        self._clock = time.perf_counter()
+        self._monitor.setup(self._loop, model, "fit")  # unknown layer names fail here
+        self._monitor.on_train_start(self._loop, model)
+        # The monitor's fit-start probe: step 0, strict (a bad configuration raises now).
+        self._monitor.on_train_batch_start(self._loop, model, None, 0)
+
+    # ---- what the loop reads -------------------------------------------------------------
+
+    @property
+    def history(self) -> ERFHistory:
+        """Every probe's record (and downsampled map), as ``ERFMonitor.history``."""
+        return self._monitor.history
+
+    @property
+    def schedule(self) -> ProbeSchedule:
+        return self._monitor.schedule
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self._monitor.layers or [])
+
+    @property
+    def global_step(self) -> int:
+        return int(self._loop.global_step)
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        """The fixed probe inputs (CPU)."""
+        assert self._monitor.probe_inputs is not None
+        return self._monitor.probe_inputs
+
+    @property
+    def probe_seconds(self) -> list[float]:
+        return self._monitor.probe_seconds
+
+    @property
+    def history_dir(self) -> str | None:
+        return self._loop.log_dir
 
     # ---- the loop's calls ----------------------------------------------------------------
 
-    def step(self, step: int | None = None, epoch: int = 0) -> dict[str, ERFMap] | None:
+    def step(self, step: int | None = None, epoch: int = 0) -> list[dict[str, Any]]:
         """Call after each optimiser step; probes when the schedule says so.
 
         Args:
@@ -188,66 +225,20 @@ class ERFTracker:
             epoch: recorded with the probe.
 
         Returns:
-            The maps when a probe ran (and succeeded), else None.
+            The history records this call added (one per layer when it probed; else empty).
         """
-        self.global_step = self.global_step + 1 if step is None else int(step)
-        self._time_step()
-        if self.schedule.is_auto and self.schedule.auto_interval is None:
-            if len(self._step_times) < AUTO_WARMUP_STEPS:
-                return None
-            if not self.probe_seconds:  # no init probe: time one now to choose the interval
-                maps = self.probe(epoch=epoch)
-                self._choose_interval()
-                return maps
-            self._choose_interval()
-        if not self.schedule.due_at_step(self.global_step):
-            return None
-        maps = self.probe(epoch=epoch)
-        if self.schedule.is_auto:
-            self._choose_interval()
-        return maps
-
-    def probe(self, *, epoch: int = 0, strict: bool = False) -> dict[str, ERFMap] | None:
-        """Probe now (at :attr:`global_step`) whatever the schedule; at most once per step.
-
-        With ``strict`` an error is raised; otherwise the probe is skipped with one warning.
-        """
-        if self.global_step == self._last_probed_step:
-            return None
-        start = time.perf_counter()
-        try:
-            try:
-                with warnings.catch_warnings():
-                    # The engine's NaN/zero warnings are re-issued once per layer by
-                    # record_probe.
-                    warnings.simplefilter("ignore", ERFWarning)
-                    maps = compute_erf(
-                        self.model, self.inputs, self.layers, probe=self.probe_config
-                    )
-            except Exception as err:
-                if strict:
-                    raise
-                self._warn_once(
-                    f"skip:{type(err).__name__}",
-                    f"ERF probe at step {self.global_step} skipped ({type(err).__name__}: "
-                    f"{err}); training goes on.",
-                )
-                return None
-            self._last_probed_step = self.global_step
-            self._record(maps, epoch)
-            self.probe_seconds.append(time.perf_counter() - start)
-            return maps
-        finally:
-            self._exclude_from_step_time(time.perf_counter() - start)
+        self._loop.global_step = self._loop.global_step + 1 if step is None else int(step)
+        self._loop.current_epoch = epoch
+        before = len(self.history)
+        self._monitor.on_train_batch_end(self._loop, self.model, None, None, 0)
+        return self.history.records[before:]
 
     def close(self) -> None:
         """Probe once more (``probe_at_end``), write the history files, flush the writer."""
         if self._closed:
             return
         self._closed = True
-        if self.probe_at_end:
-            self.probe()
-        self.write_history()
+        self._monitor.on_train_end(self._loop, self.model)
         if self.writer is not None and hasattr(self.writer, "flush"):
             self.writer.flush()
 
@@ -257,70 +248,14 @@ class ERFTracker:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def write_history(self) -> tuple[str, str] | None:
-        """Write the CSV/JSON history into ``history_dir``; returns their paths (or None)."""
-        if self.history_dir is None or not len(self.history):
-            return None
-        return self.history.write(self.history_dir, self.history_filename)
-
     # ---- resuming ------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain containers and tensors (loads with ``torch.load(..., weights_only=True)``)."""
-        return {
-            "version": _STATE_VERSION,
-            "global_step": self.global_step,
-            "history": self.history.state_dict(),
-            "auto_interval": self.schedule.auto_interval,
-            "last_probed_step": self._last_probed_step,
-            "inputs": self.inputs,
-        }
+        """The monitor's state and the step count: plain containers and tensors, so it loads
+        with ``torch.load(..., weights_only=True)``."""
+        return {"global_step": self.global_step, "monitor": self._monitor.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict` (construct with ``probe_at_init=False`` to resume)."""
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(
-                f"ERFTracker state version {state.get('version')} is not supported (this "
-                f"erf-callback writes version {_STATE_VERSION})."
-            )
-        self.global_step = int(state["global_step"])
-        self.history.load_state_dict(state["history"])
-        self.schedule.auto_interval = state["auto_interval"]
-        self._last_probed_step = state["last_probed_step"]
-        self.inputs = state["inputs"]
-
-    # ---- internals -----------------------------------------------------------------------
-
-    def _record(self, maps: dict[str, ERFMap], epoch: int) -> None:
-        step = self.global_step
-        probe = self.history.num_probes
-        out = record_probe(self.history, maps, step, epoch, self.tag_prefix, self._warn_once)
-        log_scalars(self._loggers, out.scalars, step)
-        due = probe % self.images_every_n_probes == 0
-        if self.log_images and self._loggers and out.maps and due:
-            images = render_probe_images(
-                out.maps, self.history, self.tag_prefix, self.cmap, out.metrics
-            )
-            self._images.publish(self._loggers, images, step)
-        self.write_history()
-
-    def _time_step(self) -> None:
-        now = time.perf_counter()
-        if self._clock is not None:
-            self._step_times.append(now - self._clock)
-        self._clock = now
-
-    def _exclude_from_step_time(self, seconds: float) -> None:
-        if self._clock is not None:
-            self._clock += seconds  # probe time is not step time
-
-    def _choose_interval(self) -> None:
-        # The first probe carries one-time costs (imports, plotting caches).
-        probe_s = float(np.median(self.probe_seconds[1:] or self.probe_seconds))
-        step_s = float(np.median(self._step_times[-200:]))
-        self.schedule.choose_auto_interval(probe_s, step_s)
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(message, ERFWarning, stacklevel=4)
+        self._loop.global_step = int(state["global_step"])
+        self._monitor.load_state_dict(state["monitor"])

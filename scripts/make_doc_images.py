@@ -6,7 +6,9 @@
 * ``closed_form.png``: measured variance of uniform conv stacks against n(k^2 - 1)/12.
 * ``luo_replication.png``, ``tcn_erf.png``, ``vit_patch_erf.png``: the gallery's examples.
 
-Run:  python scripts/make_doc_images.py        (a few minutes on a laptop CPU)
+Run:  python scripts/make_doc_images.py            (a few minutes on an idle laptop CPU)
+      python scripts/make_doc_images.py --quick    (keeps stage3_*.png; the report is of a
+                                                    short examples/plain_pytorch.py run)
 """
 
 from __future__ import annotations
@@ -69,6 +71,19 @@ def demo_images(out: Path, steps: int) -> None:
                 save(np.asarray(img.convert("RGB")), out / "cli_report.png")
 
 
+def quick_report(out: Path, steps: int) -> None:
+    """``cli_report.png`` from a short run of the plain-PyTorch example (no Lightning run)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        load_example("plain_pytorch").main(
+            ["--steps", str(steps), "--every", "20", "--logdir", tmp]
+        )
+        history = next(Path(tmp).rglob("erf_history.json"))
+        with tempfile.TemporaryDirectory() as report_dir:
+            png, _ = write_report(read_history(history), Path(report_dir))
+            with Image.open(png) as img:
+                save(np.asarray(img.convert("RGB")), out / "cli_report.png")
+
+
 def closed_form_image(out: Path) -> None:
     """Uniform stacks of n k x k convolutions: measured per-axis variance vs n(k^2-1)/12."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -99,9 +114,10 @@ def closed_form_image(out: Path) -> None:
     print(f"  {path.relative_to(ROOT)}")
 
 
-def example_images(out: Path) -> None:
+def example_images(out: Path, quick: bool) -> None:
+    luo = ["--train-steps", "150"] if quick else []
     with tempfile.TemporaryDirectory() as tmp:
-        load_example("luo_replication").main(["--out", tmp])
+        load_example("luo_replication").main(["--out", tmp, *luo])
         load_example("tcn_1d").main(["--out", tmp])
         load_example("vit_patch").main(["--out", tmp])
         for name in ("luo_replication.png", "tcn_erf.png", "vit_patch_erf.png"):
@@ -113,14 +129,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "docs" / "images"))
     parser.add_argument("--steps", type=int, default=600, help="training steps of the demo")
+    parser.add_argument("--quick", action="store_true", help="skip the demo (slow on a busy CPU)")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(1)  # small models: one thread is fastest
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print("writing:")
     closed_form_image(out)
-    demo_images(out, args.steps)
-    example_images(out)
+    if args.quick:
+        quick_report(out, 120)
+    else:
+        demo_images(out, args.steps)
+    example_images(out, args.quick)
 
 
 if __name__ == "__main__":

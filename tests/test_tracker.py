@@ -106,11 +106,11 @@ def test_unknown_layer_fails_at_construction_with_closest_names():
 def test_failing_probe_mid_training_is_skipped_with_one_warning():
     net = relu_stack(2)
     tracker = ERFTracker(net, ["2"], torch.randn(2, 1, 12, 12), every_n_steps=1)
-    tracker.inputs = torch.randn(2, 3, 12, 12)  # the conv wants 1 channel: every probe fails
+    net[0] = torch.nn.Conv2d(3, 8, 3, padding=1)  # wants 3 channels: every probe fails
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         results = [tracker.step() for _ in range(3)]
-    assert results == [None, None, None]
+    assert results == [[], [], []]
     skipped = [w for w in caught if issubclass(w.category, ERFWarning)]
     assert len(skipped) == 1
     assert "skipped" in str(skipped[0].message)
@@ -138,10 +138,9 @@ def test_automatic_interval_is_a_nice_number_and_probes_follow_it():
     assert interval is not None
     assert interval / 10 ** math.floor(math.log10(interval)) in (1, 2, 5)
     steps = [r["step"] for r in tracker.history.records]
-    # init, then nothing until the warm-up steps are timed, then only at multiples of a nice
-    # interval (it is revisited after every probe, so it may change on the way)
+    # init, then nothing until the warm-up steps are timed (how many probes follow depends on
+    # the machine's speed: the interval is measured, not fixed)
     assert steps[0] == 0
-    assert len(steps) > 1
     assert all(s >= AUTO_WARMUP_STEPS for s in steps[1:])
 
 
@@ -151,6 +150,7 @@ def test_state_dict_round_trip_resumes_the_history(tmp_path):
     for _ in range(2):
         tracker.step()
     torch.save(tracker.state_dict(), tmp_path / "tracker.pt")
+    assert len(tracker.history) == 2  # steps 0 and 2
     resumed = ERFTracker(net, ["2"], torch.zeros(1, 1, 4, 4), every_n_steps=2, probe_at_init=False)
     resumed.load_state_dict(torch.load(tmp_path / "tracker.pt", weights_only=True))
     assert torch.equal(resumed.inputs, tracker.inputs)
@@ -163,10 +163,14 @@ def test_state_dict_round_trip_resumes_the_history(tmp_path):
     )
 
 
-def test_no_writer_writes_files_only_where_asked(tmp_path):
+def test_no_writer_writes_files_only_where_asked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     tracker = ERFTracker(relu_stack(2), ["2"], torch.randn(2, 1, 12, 12), every_n_steps=1)
+    tracker.step()
     tracker.close()
-    assert tracker.write_history() is None
+    assert tracker.history_dir is None
+    assert len(tracker.history) == 2  # kept in memory
+    assert os.listdir(tmp_path) == []  # and nowhere else
     tracker = ERFTracker(
         relu_stack(2), ["2"], torch.randn(2, 1, 12, 12), history_dir=tmp_path / "h"
     )

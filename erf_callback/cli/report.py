@@ -194,7 +194,10 @@ def render_report_png(run: Run) -> np.ndarray:
     heights.append(40 + 24 * (len(layers) + 1))
     fig = Figure(figsize=(width_px / 100, sum(heights) / 100), dpi=100)
     FigureCanvasAgg(fig)
-    spec = fig.add_gridspec(len(heights), 1, height_ratios=heights, hspace=0.35)
+    # hspace is in units of the mean row height: the curves' x label needs room below them
+    spec = fig.add_gridspec(
+        len(heights), 1, height_ratios=heights, hspace=0.45, top=0.97, bottom=0.02
+    )
     ax = fig.add_subplot(spec[0])
     for layer in layers:
         ok = [r for r in run.records if r["layer"] == layer and r.get("status", "ok") == "ok"]
