@@ -1,7 +1,7 @@
-"""Turning one probe's maps into history records and logged scalars (shared by every front end).
+"""Turning one probe's maps into history records and logged scalars.
 
-:class:`~erf_callback.ERFTracker` (plain PyTorch) records probes with :func:`record_probe`;
-the step is the same for ``ERFMonitorBase._record``, so both write identical histories.
+``ERFMonitorBase._record`` calls :func:`record_probe`; :class:`~erf_callback.ERFTracker` runs
+that same core, so plain PyTorch loops and Lightning runs write identical histories.
 """
 
 from __future__ import annotations
