@@ -68,7 +68,7 @@ def load_factory(spec: str) -> Callable[[], Any]:
             f"{spec!r} is a {type(target).__name__}, not a callable",
             "name a function or class that builds the model with no arguments",
         )
-    return target  # type: ignore[no-any-return]
+    return target
 
 
 def _import(module_name: str) -> Any:

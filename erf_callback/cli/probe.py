@@ -17,6 +17,7 @@ from torch import nn
 from erf_callback.cli.errors import CLIError
 from erf_callback.cli.loading import no_bar
 from erf_callback.engine.compute import compute_erf, map_status
+from erf_callback.engine.config import Reduction
 from erf_callback.engine.erf_map import ERFMap
 from erf_callback.engine.layers import resolve_layers
 from erf_callback.warnings import ERFWarning
@@ -30,7 +31,7 @@ def probe_model(
     inputs: torch.Tensor,
     *,
     batch_size: int = 8,
-    reduction: str = "abs",
+    reduction: Reduction = "abs",
     progress: bool | None = None,
 ) -> dict[str, ERFMap]:
     """``compute_erf`` over ``inputs`` in batches, with a progress bar; the same maps.

@@ -187,8 +187,8 @@ def render_report_png(run: Run) -> np.ndarray:
     from matplotlib.figure import Figure
 
     layers = run.layers
-    grids = [(layer, _evolution_image(run, layer)) for layer in layers]
-    grids = [(layer, g) for layer, g in grids if g is not None]
+    images = [(layer, _evolution_image(run, layer)) for layer in layers]
+    grids = [(layer, g) for layer, g in images if g is not None]
     width_px = 1000
     heights = [320] + [g.shape[0] * width_px / max(g.shape[1], width_px) + 30 for _, g in grids]
     heights.append(40 + 24 * (len(layers) + 1))
