@@ -577,8 +577,10 @@ class ERFMonitorBase:
         probe_s = max(float(np.median(later[-20:])), later[-1])
         step_s = float(np.median(self._step_times[-200:]))
         step = trainer.global_step
+        # The end probe is kept in reserve, so the budget holds over the whole run with it.
+        reserve = probe_s if self.probe_at_end else 0.0
         interval = self.schedule.choose_auto_interval(
-            probe_s, step_s, sum(self._probe_seconds), sum(self._step_times), step
+            probe_s, step_s, sum(self._probe_seconds) + reserve, sum(self._step_times), step
         )
         strategy = getattr(trainer, "strategy", None)
         if strategy is not None and hasattr(strategy, "broadcast"):
