@@ -7,6 +7,7 @@ the event files.
 
 from __future__ import annotations
 
+import inspect
 import io
 
 import numpy as np
@@ -95,12 +96,15 @@ def _png(url: str, run_name: str, tag: str) -> np.ndarray:
 
 def test_images_decode_as_png_of_expected_size(run) -> None:
     url, run_name, _ = run
-    # The annotated heatmap's layout does not depend on the map: one square panel of 400 px.
+    # The annotated heatmap's layout does not depend on the map: one square panel.
     expected = render_heatmap_figure(MapPanel(np.ones((16, 16)))).shape
     assert _png(url, run_name, f"erf/{LAYER}/heatmap_init").shape == expected
-    # The evolution grid shows at most 8 of the 13 probes, in rows of 4 tiles of 150 px.
-    height, width, _ = figures._grid_layout(8, 150, 4)
+    # The evolution grid shows at most 2 rows of the default columns: 6 of the 13 probes.
+    defaults = inspect.signature(figures.render_evolution).parameters
+    tile, columns = defaults["tile"].default, defaults["max_columns"].default
+    height, width, _ = figures._grid_layout(2 * columns, tile, columns)
     assert _png(url, run_name, f"erf/{LAYER}/evolution").shape == (height, width, 3)
+    assert width <= 400  # fits TensorBoard's default image card unscaled
 
 
 def test_hparams_tab_compares_runs_by_final_erf_metrics(run) -> None:
