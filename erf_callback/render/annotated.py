@@ -142,7 +142,9 @@ def _draw_panel(ax: Axes, panel: MapPanel, log_scale: bool, cmap: str) -> None:
         ax.set_title(panel.title, fontsize=_FONT - 1, y=1.0, pad=6.0)
 
 
-def _colorbar(fig: Figure, rect: Sequence[float], log_scale: bool, low: float, cmap: str) -> None:
+def _colorbar(
+    fig: Figure, rect: tuple[float, float, float, float], log_scale: bool, low: float, cmap: str
+) -> None:
     cax = fig.add_axes(rect)
     norm = Normalize(low, 1.0)
     from matplotlib.cm import ScalarMappable
