@@ -9,8 +9,8 @@ import torch
 
 from erf_callback import MetricConfig, compute_erf
 from erf_callback.fit.metrics import area_ratio
-from tests.fit.test_metrics import replknet_get_rectangle
 from tests.helpers.nets import ResNet
+from tests.helpers.replknet import replknet_get_rectangle
 
 # The 96x96 map is cut by the border (that is why its unit is off-centre): warned, expected.
 pytestmark = pytest.mark.filterwarnings("ignore::erf_callback.ERFWarning")
