@@ -51,6 +51,7 @@ class _Loop:
         self.loggers = [] if writer is None else [_WriterLogger(writer)]
         self.log_dir = history_dir
         self.default_root_dir = history_dir
+        self.callbacks: list[Any] = []  # the tracker's monitor, once built
 
 
 class _LoopMonitor(ERFMonitorBase):
@@ -175,6 +176,7 @@ class ERFTracker:
             tag_prefix=tag_prefix,
             history_filename=history_filename,
         )
+        self._loop.callbacks = [self._monitor]
         self._closed = False
         self._monitor.setup(self._loop, model, "fit")  # unknown layer names fail here
         self._monitor.on_train_start(self._loop, model)

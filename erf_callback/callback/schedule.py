@@ -6,7 +6,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-__all__ = ["AUTO_WARMUP_STEPS", "DEFAULT_MAX_OVERHEAD", "ProbeSchedule", "nice_ceil"]
+__all__ = ["AUTO_WARMUP_STEPS", "DEFAULT_MAX_OVERHEAD", "ProbeSchedule"]
 
 #: Probing may cost at most this fraction of training time under the automatic schedule.
 DEFAULT_MAX_OVERHEAD = 0.02
@@ -117,19 +117,3 @@ class ProbeSchedule:
         assert self.log_spaced
         i = round(self.log_spaced * math.log10(step)) if step > 0 else 0
         return {round(10 ** (j / self.log_spaced)) for j in (i - 1, i, i + 1) if j >= 0}
-
-
-def nice_ceil(value: float) -> int:
-    """The smallest of 1, 2, 5, 10, 20, 50, ... that is >= ``value``.
-
-    Example:
-        >>> [nice_ceil(v) for v in (0.3, 1, 3, 7, 11, 180)]
-        [1, 1, 5, 10, 20, 200]
-    """
-    if not value > 1:
-        return 1
-    exp = 10 ** math.floor(math.log10(value))
-    for m in (1, 2, 5, 10):
-        if m * exp >= value:
-            return int(m * exp)
-    return int(10 * exp)  # pragma: no cover - unreachable

@@ -21,7 +21,16 @@ import numpy as np
 
 from erf_callback.cli.errors import CLIError
 
-__all__ = ["TABLE_METRICS", "Run", "find_run", "read_history", "read_tensorboard", "write_report"]
+__all__ = [
+    "TABLE_METRICS",
+    "Run",
+    "find_run",
+    "read_history",
+    "read_tensorboard",
+    "render_report_html",
+    "render_report_png",
+    "write_report",
+]
 
 #: Columns of the report's table (the HTML page has every metric).
 TABLE_METRICS = (

@@ -28,7 +28,7 @@ CALLBACKS = {
 }
 
 # Public members of the core that are its own API, not Lightning hooks.
-CORE_API = {"probe_seconds", "probe_inputs"}
+CORE_API = {"probe_seconds", "probe_inputs", "history_files"}
 
 # What the monitor cannot work without: losing one of these stops probing or resuming.
 REQUIRED_HOOKS = {

@@ -21,6 +21,7 @@ from erf_callback.callback.publish import (
     custom_scalars_layout,
     finite_scalars,
     log_scalars,
+    scalar_tags,
     tensorboard_writer,
 )
 from tests.helpers.nets import uniform_stack
@@ -168,6 +169,7 @@ CHARTS = {
     "gaussian_r2": "Gaussian R^2",
     "map_correlation": "ERF map correlation with init",
     "area_ratio@0.5": "high-contribution area ratio @0.5",
+    "border_mass": "border mass (share of the fit outside the input)",
 }
 
 
@@ -190,7 +192,9 @@ def test_each_metric_tag_lands_in_its_own_chart_only(prefix) -> None:
     for layer in ("layer1", "backbone.stages.2", "net.7"):
         for name in names:
             expected = [CHARTS[name]] if name in CHARTS else []
-            assert charts_matching(layout, f"{prefix}/{layer}/{name}") == expected, name
+            # the tag the callback logs: the main prefix or the detail one
+            (tag,) = scalar_tags(prefix, layer, {name: 0.0})
+            assert charts_matching(layout, tag) == expected, name
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,10 @@
-"""ProbeSchedule: each rule on its own, their union, the automatic interval, nice_ceil."""
+"""ProbeSchedule: each rule on its own, their union, the automatic interval."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
-from erf_callback.callback.schedule import DEFAULT_MAX_OVERHEAD, ProbeSchedule, nice_ceil
+from erf_callback.callback.schedule import DEFAULT_MAX_OVERHEAD, ProbeSchedule
 
 
 def due_steps(schedule: ProbeSchedule, last: int) -> list[int]:
@@ -47,9 +45,15 @@ def test_automatic_interval_meets_the_overhead_budget() -> None:
     s = ProbeSchedule()
     assert s.is_auto and s.max_overhead == DEFAULT_MAX_OVERHEAD
     assert due_steps(s, 500) == []  # nothing is due before the interval is chosen
-    # 3 s per probe, 1 s per step, 2% budget: 150 steps at least, rounded up to 200.
-    assert s.choose_auto_interval(probe_seconds=3.0, step_seconds=1.0) == 200
-    assert due_steps(s, 650) == [0, 200, 400, 600]
+    # 3 s per probe, 1 s per step, 2% budget: a probe every 3 / (0.02 * 1) = 150 steps.
+    assert s.choose_auto_interval(probe_seconds=3.0, step_seconds=1.0) == 150
+    assert s.next_auto_step == 150 and s.due_at_step(150) and not s.due_at_step(149)
+    # 3 s already spent after 10 s of training: the next probe waits until the run so far
+    # (spent + next probe) fits the budget: (3 + 3) / 0.02 = 300 s of training, step 300.
+    k = s.choose_auto_interval(3.0, 1.0, spent_seconds=3.0, trained_seconds=10.0, step=10)
+    assert k == 290 and s.next_auto_step == 300
+    assert 0.02 * (10.0 + k * 1.0) + 1e-12 >= 3.0 + 3.0
+    assert 0.02 * (10.0 + (k - 1) * 1.0) < 3.0 + 3.0  # the fewest such steps
     tight = ProbeSchedule(max_overhead=0.5)
     assert tight.choose_auto_interval(probe_seconds=0.1, step_seconds=1.0) == 1
     assert tight.choose_auto_interval(probe_seconds=1.0, step_seconds=0.0) > 10**8  # no div 0
@@ -60,35 +64,6 @@ def test_explicit_rules_ignore_an_automatic_interval() -> None:
     assert not s.is_auto
     assert due_steps(s, 20) == []
     assert due_steps(ProbeSchedule(auto_interval=5), 12) == [0, 5, 10]  # restored from state
-
-
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [
-        (-3.0, 1),
-        (0.0, 1),
-        (math.nan, 1),
-        (1.0, 1),
-        (1.0001, 2),
-        (2.0, 2),
-        (2.5, 5),
-        (5.0, 5),
-        (5.01, 10),
-        (10.0, 10),
-        (10.5, 20),
-        (150.0, 200),
-        (499.0, 500),
-        (123456.0, 200000),
-    ],
-)
-def test_nice_ceil_table(value, expected) -> None:
-    assert nice_ceil(value) == expected
-
-
-@pytest.mark.parametrize("value", [1.3, 3.7, 9.99, 42.0, 777.7, 3.1e5, 9.9e6])
-def test_nice_ceil_is_the_smallest_nice_number_at_or_above(value) -> None:
-    nice = sorted(m * 10**k for k in range(9) for m in (1, 2, 5))
-    assert nice_ceil(value) == min(n for n in nice if n >= value)
 
 
 @pytest.mark.parametrize(
