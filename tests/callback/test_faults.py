@@ -218,12 +218,12 @@ def test_failing_loggers_and_renderer_never_end_training(tmp_path, monkeypatch):
     assert [e.step for e in acc.Scalars("erf/net.7/radius")] == [0, 2, 4]
 
     # A renderer that fails (e.g. a broken matplotlib backend): scalars and history go on.
-    import erf_callback.callback.core as core
+    from erf_callback.callback.images import ProbeImages
 
     def bad_render(*args, **kwargs):
         raise RuntimeError("no font cache")
 
-    monkeypatch.setattr(core, "render_probe_images", bad_render)
+    monkeypatch.setattr(ProbeImages, "render", bad_render)
     again = ERFMonitor(layers=["net.7"], every_n_steps=2, num_samples=8)
     with pytest.warns(ERFWarning, match="rendering the ERF images at step 0 failed"):
         trainer, _ = fit(tmp_path, again, max_steps=2)
