@@ -3,7 +3,8 @@
 Run as ``python -m tests.helpers.memory_probe DIMS SIZE CHANNELS``; prints JSON with the
 activation bytes of one sample and the growth of the process's peak resident set (maxrss)
 over three probes: 2 samples in chunks of 2, 8 samples in chunks of 2, 8 samples in one chunk.
-maxrss only grows, so each figure is the new high-water mark above the one before the probes.
+The peak (VmHWM, reset before the probes) only grows, so each figure is the new high-water
+mark above the one before the probes.
 A fresh process per input keeps earlier tests' memory out of the figures.
 """
 
@@ -46,7 +47,22 @@ def activation_bytes(net: nn.Module, x: torch.Tensor) -> int:
 
 
 def peak() -> int:
+    """The peak resident set since :func:`reset_peak` (VmHWM), in bytes.
+
+    Not ``ru_maxrss``: Linux carries it over from the parent through fork and exec, so a child
+    of a large pytest process starts with the parent's peak and shows no growth at all.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def reset_peak() -> None:
+    """Set the peak back to the current resident set (Linux: ``5`` to ``clear_refs``)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def main(dims: int, size: int, channels: int) -> dict[str, float]:
@@ -55,6 +71,7 @@ def main(dims: int, size: int, channels: int) -> dict[str, float]:
     small = torch.randn(1, 1, *[size // 8] * dims)
     compute_erf(net, small, ["4"])  # kernels and caches load outside the measurement
     x = torch.randn(8, 1, *[size] * dims)
+    reset_peak()
     base = peak()
     compute_erf(net, x[:2], ["4"], chunk_size=2)
     two = peak()
