@@ -61,6 +61,10 @@ _EXACT_RESIDUAL = 1e-12
 _NOISELESS = 1e-8
 # A model fit that puts more than this share of its Gaussian outside the map is not trusted.
 _MAX_OUTSIDE = 0.9
+# A model fit whose variance is below this share of the windowed moments' (geometric mean
+# over axes) fitted a peak, not the map: a Gaussian plus floor or noise, even cut by the edge,
+# keeps the ratio near 1 (a cut narrows the moments, never widens them 2x).
+_SPIKE_VARIANCE_RATIO = 0.5
 # Relative change per iteration below which a noise-driven limit cycle is accepted.
 _STALL_TOL = 1e-3
 
@@ -234,9 +238,23 @@ def _fit_robust(
         exact = fit_floor_gaussian(a, model.mean, model.cov, model.floor, model.amplitude)
         if exact is not None and exact.residual <= model.residual:
             model = exact
+    moments = _windowed_moments(a, coords, sample_idx, sample_vals, window, max_iter, tol)
     if model is not None and _plausible(model.mean, model.cov, a.shape):
-        return model.mean, model.cov, model.floor, model.converged
-    return _windowed_moments(a, coords, sample_idx, sample_vals, window, max_iter, tol)
+        if moments is None or not _narrower(model.cov, moments[1], _SPIKE_VARIANCE_RATIO):
+            return model.mean, model.cov, model.floor, model.converged
+        # A sharp peak on a broad base (a ResNet's skip path at initialisation): least squares
+        # fits the peak and calls the base a floor; the ERF is the whole distribution, so the
+        # floor-corrected windowed moments describe it.
+    return moments
+
+
+def _narrower(cov: np.ndarray, reference: np.ndarray, ratio: float) -> bool:
+    """True when ``cov``'s geometric-mean variance is below ``ratio`` times ``reference``'s."""
+    d = cov.shape[0]
+    det, ref = float(np.linalg.det(cov)), float(np.linalg.det(reference))
+    if not (det > 0 and ref > 0):
+        return False
+    return bool(det ** (1.0 / d) < ratio * ref ** (1.0 / d))
 
 
 def _plausible(mean: np.ndarray, cov: np.ndarray, shape: tuple[int, ...]) -> bool:
