@@ -239,12 +239,16 @@ def _fit_robust(
         if exact is not None and exact.residual <= model.residual:
             model = exact
     moments = _windowed_moments(a, coords, sample_idx, sample_vals, window, max_iter, tol)
-    if model is not None and _plausible(model.mean, model.cov, a.shape):
-        if moments is None or not _narrower(model.cov, moments[1], _SPIKE_VARIANCE_RATIO):
-            return model.mean, model.cov, model.floor, model.converged
-        # A sharp peak on a broad base (a ResNet's skip path at initialisation): least squares
-        # fits the peak and calls the base a floor; the ERF is the whole distribution, so the
-        # floor-corrected windowed moments describe it.
+    # A model far narrower than the moments fitted a sharp peak on a broad base (a ResNet's
+    # skip path at initialisation) and called the base a floor; the ERF is the whole
+    # distribution, so the floor-corrected windowed moments describe it.
+    spike = (
+        model is not None
+        and moments is not None
+        and _narrower(model.cov, moments[1], _SPIKE_VARIANCE_RATIO)
+    )
+    if model is not None and not spike and _plausible(model.mean, model.cov, a.shape):
+        return model.mean, model.cov, model.floor, model.converged
     return moments
 
 
