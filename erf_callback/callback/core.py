@@ -211,7 +211,7 @@ class ERFMonitorBase:
             reduction=reduction,
             output_transform=output_transform,
             chunk_size=chunk_size,
-            metrics=MetricConfig() if metric_config is None else metric_config,
+            metrics=metric_config,
         )
         self.log_images = log_images
         self.images_every_n_probes = images_every_n_probes

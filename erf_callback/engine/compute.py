@@ -150,7 +150,7 @@ def compute_erf(
         chunk_size=chunk_size,
         memory_budget=memory_budget,
         optimize=optimize,
-        metrics=MetricConfig() if config is None else config,
+        metrics=config,
     )
     net = unwrap_model(model)
     names = normalize_layers(layers)

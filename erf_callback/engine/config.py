@@ -118,8 +118,14 @@ class ProbeConfig:
             raise TypeError(f"metrics must be a MetricConfig; got {type(self.metrics).__name__}")
 
     def replace(self, **changes: Any) -> ProbeConfig:
-        """A copy with ``changes``; values that are :data:`DEFAULT` are left out."""
+        """A copy with ``changes``; values that are :data:`DEFAULT` are left out.
+
+        ``metrics=None`` means the default :class:`MetricConfig` (as ``config=None`` /
+        ``metric_config=None`` do in the functions that take these options).
+        """
         given = {k: v for k, v in changes.items() if not isinstance(v, Default)}
+        if "metrics" in given and given["metrics"] is None:
+            given["metrics"] = MetricConfig()
         return dataclasses.replace(self, **given) if given else self
 
 

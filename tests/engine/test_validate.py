@@ -87,3 +87,11 @@ def test_model_on_the_meta_device_is_refused_up_front():
         net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
     with pytest.raises(ValueError, match=r"meta device.*to_empty"):
         compute_erf(net, torch.randn(1, 1, 8, 8))
+
+
+def test_metrics_none_means_the_default_metric_config():
+    from erf_callback import MetricConfig, ProbeConfig
+
+    custom = ProbeConfig(metrics=MetricConfig(radius_factor=1.0))
+    assert custom.replace(metrics=None).metrics == MetricConfig()
+    assert custom.replace().metrics.radius_factor == 1.0  # nothing given: kept
