@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from _bench_utils import header, median, ratio, spread, verdict
-from bench_engine import LAYER, ResNet18, _randomize_bn_stats
+from bench_engine import LAYER, ResNet18, randomize_bn_stats
 from demo import QuadrantClassifier, make_quadrant_data
 
 from erf_callback import ERFMonitor, ProbeConfig, compute_erf
@@ -61,7 +61,7 @@ def _probe_worker(rank: int, port: int, rounds: int, size: int, out: str) -> Non
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.manual_seed(0)
     model = ResNet18()
-    _randomize_bn_stats(model)
+    randomize_bn_stats(model)
     x = noise_like(torch.zeros(1, 3, size, size), NUM_SAMPLES, seed=0)
     cfg = ProbeConfig()
     group = ProbeGroup(rank, 2, lockstep=False, strategy="DDPStrategy")

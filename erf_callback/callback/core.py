@@ -17,7 +17,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from erf_callback.callback.distributed import ProbeGroup, probe_group, run_probe
+from erf_callback.callback.distributed import (
+    ProbeGroup,
+    probe_group,
+    run_probe,
+    torch_gather_to_zero,
+)
 from erf_callback.callback.guarded import (
     Guard,
     free_probe_memory,
@@ -476,42 +481,76 @@ class ERFMonitorBase:
     def _record(self, trainer: Any, maps: dict[str, ERFMap]) -> None:
         step = trainer.global_step
         probe = self.history.num_probes
-        recorded = record_probe(
-            self.history,
-            maps,
-            step,
-            trainer.current_epoch,
-            self.tag_prefix,
-            self._warn_once,
-            self.detail_scalars,
-        )
-        scalars, valid, layer_metrics = recorded.scalars, recorded.maps, recorded.metrics
+        # Under DDP every rank holds the same maps and history, so the ranks split the
+        # rendering (the slowest part of a probe) and rank 0 gathers the pictures: every rank
+        # reaches that gather at every probe, whatever failed before it, so none waits alone.
+        group = self._group if self.log_images else None
+        mine: dict[str, np.ndarray] = {}
+        failure: Exception | None = None
+        try:
+            recorded = record_probe(
+                self.history,
+                maps,
+                step,
+                trainer.current_epoch,
+                self.tag_prefix,
+                self._warn_once,
+                self.detail_scalars,
+            )
+            valid, layer_metrics = recorded.maps, recorded.metrics
+            wanted = self.log_images and valid and probe % self.images_every_n_probes == 0
+            if wanted and (group is not None or trainer.is_global_zero):
+                share = (group.rank, group.world_size) if group is not None else (0, 1)
+                mine = (
+                    self._guard.call(
+                        "render",
+                        f"rendering the ERF images at step {step}",
+                        self._renderer.render,
+                        valid,
+                        self.history,
+                        layer_metrics,
+                        step,
+                        share,
+                        then="no images for this probe;",
+                    )
+                    or {}
+                )
+        except Exception as err:
+            if group is None:
+                raise
+            failure = err
+        images = self._gather_images(group, mine, step) if group is not None else mine
+        if failure is not None:
+            raise failure
         if not trainer.is_global_zero:
             return
+        scalars = recorded.scalars
         # Logging and files are side work: a failing logger, renderer or disk never ends
         # training, and the history (in memory, in checkpoints) is written at the next success.
         self._guard.each_logger(
             trainer.loggers, "scalars", lambda one: log_scalars(one, scalars, step), step
         )
-        if self.log_images and valid and probe % self.images_every_n_probes == 0:
-            images = self._guard.call(
-                "render",
-                f"rendering the ERF images at step {step}",
-                self._renderer.render,
-                valid,
-                self.history,
-                layer_metrics,
+        if images:
+            self._guard.each_logger(
+                trainer.loggers,
+                "images",
+                lambda one: self._images.publish(one, images, step),
                 step,
-                then="no images for this probe;",
             )
-            if images:
-                self._guard.each_logger(
-                    trainer.loggers,
-                    "images",
-                    lambda one: self._images.publish(one, images, step),
-                    step,
-                )
         self._write_history(trainer)
+
+    def _gather_images(
+        self, group: ProbeGroup, mine: dict[str, np.ndarray], step: int
+    ) -> dict[str, np.ndarray]:
+        """Every rank's share of the images, merged on rank 0 (empty on the other ranks)."""
+        gather = group.gather or torch_gather_to_zero()
+        parts = self._guard.call(
+            "gather", f"collecting the ERF images of all ranks at step {step}", gather, mine
+        )
+        merged: dict[str, np.ndarray] = {}
+        for part in parts or []:
+            merged.update(part or {})
+        return merged
 
     # ---- inputs ----------------------------------------------------------------------------
 
@@ -531,7 +570,16 @@ class ERFMonitorBase:
             loader = getattr(trainer, "train_dataloader", None)
             if loader is not None and not reuses_workers(loader):
                 need = self.num_samples - have
-                parts.append(gather_inputs(loader, self.input_key, need, skip=1))
+                more = gather_inputs(loader, self.input_key, need, skip=1)
+                if more.shape[0]:
+                    parts.append(more)
+                got = have + more.shape[0]
+                if got < self.num_samples:
+                    self._warn_once(
+                        "few-samples",
+                        f"ERFMonitor: the training data holds {got} samples < num_samples="
+                        f"{self.num_samples}; probing with those {got}.",
+                    )
             else:
                 self._warn_once(
                     "few-samples",

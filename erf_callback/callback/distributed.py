@@ -18,7 +18,7 @@ so it serves both Lightning namespaces) and decides, once at fit start:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,11 @@ from erf_callback.engine.config import ProbeConfig
 from erf_callback.engine.erf_map import ERFMap
 from erf_callback.engine.shard import AllReduce, sharded_compute_erf, torch_all_reduce
 
-__all__ = ["ProbeGroup", "probe_group", "run_probe"]
+__all__ = ["GatherToZero", "ProbeGroup", "probe_group", "run_probe", "torch_gather_to_zero"]
+
+#: Sends one picklable object from every rank to rank 0: rank 0 gets them all, in rank order;
+#: the others get None. Every rank must call it.
+GatherToZero = Callable[[Any], "list[Any] | None"]
 
 _DATA_PARALLEL = ("DDPStrategy", "DDPSpawnStrategy")
 _SHARDED = ("FSDPStrategy",)
@@ -47,6 +51,8 @@ class ProbeGroup:
         strategy: the strategy's class name (for messages).
         all_reduce: sums a tensor over all ranks; ``None`` means ``torch.distributed``'s
             default group, built when the first probe runs.
+        gather: collects one object per rank on rank 0 (the images each rank rendered);
+            ``None`` means ``torch.distributed.gather_object`` on the default group.
 
     Example:
         >>> ProbeGroup(rank=1, world_size=4, lockstep=False, strategy="DDPStrategy").rank
@@ -58,6 +64,7 @@ class ProbeGroup:
     lockstep: bool
     strategy: str
     all_reduce: AllReduce | None = None
+    gather: GatherToZero | None = None
 
 
 def probe_group(trainer: Any) -> ProbeGroup | None:
@@ -120,6 +127,26 @@ def run_probe(
         lockstep=group.lockstep,
         probe=probe,
     )
+
+
+def torch_gather_to_zero() -> GatherToZero:
+    """``torch.distributed.gather_object`` to rank 0 over the default group.
+
+    With NCCL the objects travel through the current CUDA device (Lightning sets one per rank).
+
+    Example:
+        >>> callable(torch_gather_to_zero())
+        True
+    """
+    import torch.distributed as dist
+
+    def gather(obj: Any) -> list[Any] | None:
+        rank = dist.get_rank()
+        out: list[Any] | None = [None] * dist.get_world_size() if rank == 0 else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    return gather
 
 
 def _unsupported(strategy: str, why: str) -> ValueError:

@@ -15,12 +15,18 @@ Per layer ``<prefix>/<layer>/...``:
 
 Once per probe ``<prefix>/all_layers/radius``: radius and growth since init vs step, one
 colour per layer with a legend (TensorBoard's own charts colour by run, not by tag).
+
+A layer's first probe writes ``heatmap``, ``heatmap_log``, ``heatmap_init`` and
+``radial_profile`` only: ``init_vs_now`` and ``evolution`` would show that one map again, and
+the chart would be one dot per layer. They start with the second probe.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
@@ -67,8 +73,12 @@ class ProbeImages:
         >>> _ = h.add(0, 0, "1", "ok", {**maps["1"].metrics(), "center_y": 8.0, "center_x": 8.0},
         ...           maps["1"].grad)
         >>> sorted(ProbeImages("erf").render(maps, h, step=0))  # doctest: +NORMALIZE_WHITESPACE
-        ['erf/1/evolution', 'erf/1/heatmap', 'erf/1/heatmap_init', 'erf/1/heatmap_log',
-         'erf/1/init_vs_now', 'erf/1/radial_profile', 'erf/all_layers/radius']
+        ['erf/1/heatmap', 'erf/1/heatmap_init', 'erf/1/heatmap_log', 'erf/1/radial_profile']
+        >>> _ = h.add(5, 0, "1", "ok", {**maps["1"].metrics(), "center_y": 8.0, "center_x": 8.0},
+        ...           maps["1"].grad)
+        >>> sorted(ProbeImages("erf").render(maps, h, step=5))  # doctest: +NORMALIZE_WHITESPACE
+        ['erf/1/evolution', 'erf/1/heatmap', 'erf/1/heatmap_log', 'erf/1/init_vs_now',
+         'erf/1/radial_profile', 'erf/all_layers/radius']
     """
 
     def __init__(
@@ -89,11 +99,23 @@ class ProbeImages:
         history: ERFHistory,
         metrics: dict[str, dict[str, float]] | None = None,
         step: int | None = None,
+        share: tuple[int, int] = (0, 1),
     ) -> dict[str, np.ndarray]:
-        """``{tag: uint8 HWC image}`` for the valid maps of one probe."""
-        # Imported here: matplotlib costs ~0.4 s to import, and runs with log_images=False (or
-        # ranks other than 0) never render.
-        from erf_callback.render import render_evolution, render_heatmap, render_radial_profile
+        """``{tag: uint8 HWC image}`` for the valid maps of one probe.
+
+        Args:
+            maps: the probe's valid maps.
+            history: the run's history, this probe's records included.
+            metrics: each layer's metrics (computed from ``maps`` when None).
+            step: the probe's step (titles; which probe is a layer's first).
+            share: ``(rank, world_size)``: render only every ``world_size``-th image, starting
+                at ``rank``, so the ranks of a distributed run split the work. The images are
+                numbered in the same order on every rank (they all hold the same maps and
+                history), and their union over the ranks is the whole set.
+        """
+        # Imported here: matplotlib costs ~0.4 s to import, and runs with log_images=False
+        # never render.
+        from erf_callback.render import render_evolution, render_heatmap
         from erf_callback.render.annotated import (
             MapPanel,
             render_heatmap_figure,
@@ -106,7 +128,9 @@ class ProbeImages:
                 warnings.simplefilter("ignore", ERFWarning)
                 metrics = {layer: m.metrics() for layer, m in maps.items()}
         step_text = "" if step is None else f"step {step} · "
-        images: dict[str, np.ndarray] = {}
+        # (tag, how to render it, tags that get the same picture), in a fixed order.
+        jobs: list[tuple[str, Callable[[], np.ndarray], tuple[str, ...]]] = []
+        first_here: list[bool] = []  # per layer: is this its first probe?
         for layer, m in maps.items():
             fit = m.gaussian
             arr = m.numpy()
@@ -122,9 +146,17 @@ class ProbeImages:
                 title=f"{layer}{_DOT}{step_text}radius {mx['radius']:.1f} px\n"
                 f"ERF/TRF {mx['erf_trf_ratio']:.2f}{_DOT}Gaussian R\u00b2 {mx['gaussian_r2']:.2f}",
             )
+            first = history.first(layer)
+            is_first = first is None or first["step"] == step
+            first_here.append(is_first)
+            # heatmap_init is written once, so TensorBoard's sampling (10 images per tag)
+            # never drops it.
+            init_alias = (f"{tag}/heatmap_init",) if layer not in self._init and is_first else ()
             for suffix, log_scale in (("heatmap", False), ("heatmap_log", True)):
+                make: Callable[[], np.ndarray]
                 if self.heatmap_style == "raw":
-                    images[f"{tag}/{suffix}"] = render_heatmap(
+                    make = partial(
+                        render_heatmap,
                         arr,
                         mean=fit.mean,
                         cov=fit.cov,
@@ -134,14 +166,18 @@ class ProbeImages:
                         log_scale=log_scale,
                     )
                 else:
-                    images[f"{tag}/{suffix}"] = render_heatmap_figure(
-                        panel, log_scale=log_scale, cmap=self.cmap
+                    make = partial(
+                        render_heatmap_figure, panel, log_scale=log_scale, cmap=self.cmap
                     )
-            first = history.first(layer)
-            if layer not in self._init and (first is None or first["step"] == step):
-                # Written once, so TensorBoard's sampling (10 images per tag) never drops it.
-                images[f"{tag}/heatmap_init"] = images[f"{tag}/heatmap"]
+                jobs.append((f"{tag}/{suffix}", make, init_alias if suffix == "heatmap" else ()))
             init = self._init_panel(layer, panel, history, step)
+            radial = partial(self._radial, layer, arr, fit, mx, step_text)
+            if is_first:
+                # The layer's first map: init_vs_now would be that map twice and evolution one
+                # frame of it, both already in `heatmap`. Rendering them costs ~40% of the
+                # first probe (the one every run pays, however short).
+                jobs.append((f"{tag}/radial_profile", radial, ()))
+                continue
             now = MapPanel(
                 arr,
                 fit.mean,
@@ -152,43 +188,64 @@ class ProbeImages:
                 + f"\nradius {mx['radius']:.1f} px",
             )
             growth = mx["radius"] / init[1] if init[1] and math.isfinite(init[1]) else math.nan
-            images[f"{tag}/init_vs_now"] = render_init_vs_now(
+            make_pair = partial(
+                render_init_vs_now,
                 init[0],
                 now,
                 suptitle=f"{layer}: ERF at initialisation vs now (radius \u00d7{growth:.2f})",
                 cmap=self.cmap,
             )
-            images[f"{tag}/radial_profile"] = render_radial_profile(
-                arr,
-                mean=fit.mean,
-                cov=fit.cov,
-                floor=max(fit.floor, 0.0),
-                radius=mx["radius"],
-                energy_radius=mx["energy_radius"],
-                title=f"{layer} \u00b7 {step_text}cumulative ERF mass around the fitted centre",
-            )
+            jobs.append((f"{tag}/init_vs_now", make_pair, ()))
+            jobs.append((f"{tag}/radial_profile", radial, ()))
             frames = history.maps.get(layer, [])
             if frames:
-                images[f"{tag}/evolution"] = render_evolution(
+                make_strip = partial(
+                    render_evolution,
                     [f.numpy() for _, f in frames],
                     [f"step {s}" for s, _ in frames],
                     cmap=self.cmap,
                 )
-        series = {
-            layer: (
-                [r["step"] for r in history.records if r["layer"] == layer],
-                [
-                    r.get("radius", math.nan) if r["status"] == "ok" else math.nan
-                    for r in history.records
-                    if r["layer"] == layer
-                ],
-                _geo_mean(tuple(m.trf)),
-            )
-            for layer, m in maps.items()
-        }
-        if series:
-            images[f"{self.tag_prefix}/{ALL_LAYERS_TAG}"] = render_radius_chart(series)
+                jobs.append((f"{tag}/evolution", make_strip, ()))
+        if maps and not all(first_here):
+            # A chart of radius vs step needs a second probe to show anything.
+            series = {
+                layer: (
+                    [r["step"] for r in history.records if r["layer"] == layer],
+                    [
+                        r.get("radius", math.nan) if r["status"] == "ok" else math.nan
+                        for r in history.records
+                        if r["layer"] == layer
+                    ],
+                    _geo_mean(tuple(m.trf)),
+                )
+                for layer, m in maps.items()
+            }
+            chart = partial(render_radius_chart, series)
+            jobs.append((f"{self.tag_prefix}/{ALL_LAYERS_TAG}", chart, ()))
+        rank, world_size = share
+        images: dict[str, np.ndarray] = {}
+        for k, (tag, make, aliases) in enumerate(jobs):
+            if k % world_size == rank:
+                images[tag] = make()
+                for alias in aliases:
+                    images[alias] = images[tag]
         return images
+
+    @staticmethod
+    def _radial(
+        layer: str, arr: np.ndarray, fit: Any, mx: dict[str, float], step_text: str
+    ) -> np.ndarray:
+        from erf_callback.render import render_radial_profile
+
+        return render_radial_profile(
+            arr,
+            mean=fit.mean,
+            cov=fit.cov,
+            floor=max(fit.floor, 0.0),
+            radius=mx["radius"],
+            energy_radius=mx["energy_radius"],
+            title=f"{layer} \u00b7 {step_text}cumulative ERF mass around the fitted centre",
+        )
 
     def _init_panel(
         self, layer: str, panel: Any, history: ERFHistory, step: int | None

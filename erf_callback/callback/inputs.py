@@ -134,10 +134,13 @@ def _tensors(batch: Any, path: str) -> Iterator[tuple[str, torch.Tensor]]:
 def gather_inputs(
     source: Iterable[Any], input_key: InputKey, need: int, skip: int = 0
 ) -> torch.Tensor:
-    """``need`` samples (CPU copies) from a tensor or an iterable of batches.
+    """Up to ``need`` samples (CPU copies) from a tensor or an iterable of batches.
 
     Iterating a loader draws a shuffle seed from the global RNG; the RNG streams are given
     back, so the training loop's own iterator sees exactly the stream it would have seen.
+    Fewer than ``need`` come back when the source runs out; with ``skip`` (batches the caller
+    already has), none at all is an empty batch. Raises when a source with nothing to skip
+    yields nothing.
     """
     if isinstance(source, torch.Tensor):
         return source[:need].detach().to("cpu", copy=True)
@@ -150,6 +153,8 @@ def gather_inputs(
             if sum(p.shape[0] for p in parts) >= need:
                 break
     if not parts:
+        if skip:
+            return torch.empty(0)
         raise ValueError("ERFMonitor: the inputs iterable yielded no batches.")
     return torch.cat(parts)[:need]
 

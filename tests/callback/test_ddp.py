@@ -154,11 +154,20 @@ def test_ddp_spawn_noise_probe_is_the_single_process_probe(tmp_path):
     runs = {os.path.dirname(p) for p in glob.glob(f"{tmp_path}/**/events.out.*", recursive=True)}
     with_erf = []
     for run in runs:
-        acc = EventAccumulator(run, size_guidance={"scalars": 0})
+        acc = EventAccumulator(run, size_guidance={"scalars": 0, "images": 0})
         acc.Reload()
         if f"erf/{LAYERS[1]}/radius" in acc.Tags()["scalars"]:
             with_erf.append([e.step for e in acc.Scalars(f"erf/{LAYERS[1]}/radius")])
+            images = acc
     assert with_erf == [[0, 2, 4]]
+    # The ranks split the rendering; rank 0 gathered and logged every picture, once.
+    for layer in LAYERS:
+        for kind in ("heatmap", "heatmap_log", "radial_profile"):
+            assert [e.step for e in images.Images(f"erf/{layer}/{kind}")] == [0, 2, 4]
+        for kind in ("init_vs_now", "evolution"):
+            assert [e.step for e in images.Images(f"erf/{layer}/{kind}")] == [2, 4]
+        assert [e.step for e in images.Images(f"erf/{layer}/heatmap_init")] == [0]
+    assert [e.step for e in images.Images("erf/all_layers/radius")] == [2, 4]
 
 
 def test_ddp_train_inputs_accumulation_and_a_failing_rank(tmp_path):

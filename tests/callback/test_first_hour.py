@@ -63,3 +63,24 @@ def test_demo_prints_a_tensorboard_command_that_exists(monkeypatch, tmp_path) ->
     assert os.access(
         program if os.path.isabs(program) else os.path.join(tmp_path, program), os.X_OK
     )
+
+
+@pytest.mark.parametrize(("n", "batch"), [(6, 8), (10, 4)])
+def test_a_dataset_smaller_than_num_samples_is_probed_whole(tmp_path, n, batch) -> None:
+    # A first try on a toy dataset: one batch of 6, or 10 samples in batches of 4, and the
+    # default num_samples. The probe uses every sample there is and says so once.
+    from torch.utils.data import DataLoader
+
+    from erf_callback import ERFWarning
+    from tests.helpers.lit import data, make_trainer, module_class
+
+    monitor = ERFMonitor(
+        layers=["3"], module="net", inputs="train", num_samples=16, every_n_steps=1
+    )
+    trainer = make_trainer(tmp_path, [monitor], max_steps=3)
+    with pytest.warns(ERFWarning, match=rf"holds {n} samples < num_samples=16") as caught:
+        trainer.fit(module_class()(), DataLoader(data(n), batch_size=batch))
+    assert sum("num_samples" in str(w.message) for w in caught) == 1
+    assert monitor.probe_inputs.shape[0] == n
+    statuses = [r["status"] for r in monitor.history.records]
+    assert statuses and set(statuses) == {"ok"}

@@ -111,3 +111,31 @@ def test_heatmap_init_is_written_once_and_raw_style_is_the_raster(probe) -> None
     np.testing.assert_array_equal(raw["erf/2/heatmap"], expected)
     with pytest.raises(ValueError, match="heatmap_style"):
         ProbeImages("erf", heatmap_style="fancy")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_share_the_images_of_a_probe(world_size) -> None:
+    # Two layers: 8 images at the first probe, 11 at a later one. Each rank renders its
+    # share; the shares are disjoint, each does a fair part, and their union is the
+    # single-process set, pixel for pixel (heatmap_init travels with heatmap).
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 1, 3, padding=1))
+    maps = compute_erf(net, torch.randn(2, 1, 16, 16), ["0", "2"])
+    history = ERFHistory()
+    for step in (0, 5):
+        for layer, m in maps.items():
+            history.add(step, 0, layer, "ok", {**m.metrics(), "center_y": 7.5, "center_x": 7.5},
+                        m.grad)  # fmt: skip
+    for step, count in ((0, 8), (5, 11)):  # the first probe (with heatmap_init), a later one
+        whole = ProbeImages("erf").render(maps, history, step=step)
+        assert len(whole) == count
+        shares = [
+            ProbeImages("erf").render(maps, history, step=step, share=(r, world_size))
+            for r in range(world_size)
+        ]
+        assert sum(len(s) for s in shares) == len(whole)  # disjoint
+        assert max(len(s) for s in shares) <= -(-len(whole) // world_size) + 1
+        union = {tag: img for s in shares for tag, img in s.items()}
+        assert union.keys() == whole.keys()
+        for tag, img in whole.items():
+            np.testing.assert_array_equal(union[tag], img, err_msg=tag)
