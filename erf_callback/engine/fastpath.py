@@ -211,12 +211,18 @@ def _foldable(conv: _Conv, norm: _Norm) -> bool:
 def _shadow_weights(
     conv: _Conv, norm: _Norm | None, channels_last: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Copies of ``conv``'s weight and bias, with ``norm`` folded in (computed in float64)."""
+    """Copies of ``conv``'s weight and bias, with ``norm`` folded in.
+
+    The per-channel scale and shift are computed in float64 and the weights scaled in their
+    own dtype, in one pass that also writes the memory format: one rounding of each product,
+    as a float64 product rounded back would have but for the scale's own rounding (~6e-8),
+    at a third of the cost (the fold runs once per probe, on every reached convolution).
+    """
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     with torch.no_grad():
         weight = conv.weight.detach()
         bias = None if conv.bias is None else conv.bias.detach()
         if norm is not None:
-            w64 = weight.double()
             # _foldable admitted only norms with running statistics.
             assert norm.running_mean is not None and norm.running_var is not None
             mean, var = norm.running_mean.double(), norm.running_var.double()
@@ -229,10 +235,12 @@ def _shadow_weights(
                 shift = shift + norm.bias.double()
             b64 = shift if bias is None else bias.double() * scale + shift
             shape = (-1,) + (1,) * (weight.dim() - 1)
-            weight = (w64 * scale.reshape(shape)).to(weight.dtype)
+            folded = torch.empty_like(weight, memory_format=memory_format)
+            torch.mul(weight, scale.to(weight.dtype).reshape(shape), out=folded)
+            weight = folded
             bias = b64.to(weight.dtype)
-        if channels_last:
-            weight = weight.contiguous(memory_format=torch.channels_last)
+        elif channels_last:
+            weight = weight.contiguous(memory_format=memory_format)
     return weight, bias
 
 
