@@ -15,7 +15,7 @@ Part 2 (training overhead), Lightning ``strategy="ddp_spawn"``, 2 CPU processes:
 model trained with ERFMonitor at its default schedule vs. without, alternating; the time from
 ``on_train_start`` to ``on_train_end`` on rank 0 is compared. Target: <= 1.03.
 
-    python benchmarks/bench_distributed.py [--rounds 7] [--steps 400] [--repeats 2] [--quick]
+    python benchmarks/bench_distributed.py [--rounds 15] [--steps 400] [--repeats 2] [--quick]
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ def overhead_part(steps: int, repeats: int) -> bool:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--repeats", type=int, default=2)
