@@ -409,3 +409,41 @@ def test_nan_weights_at_fit_start_are_recorded_not_raised(tmp_path):
     with pytest.warns(ERFWarning, match="NaN/Inf"):
         fit(tmp_path, monitor, model=model, max_steps=2)
     assert [r["status"] for r in monitor.history.records] == ["nonfinite", "nonfinite"]
+
+
+@pytest.mark.parametrize("gather_fails", [False, True])
+def test_the_image_gather_of_a_rank_group_is_guarded(tmp_path, monkeypatch, gather_fails):
+    # The ranks of a group render shares of the pictures and gather them on rank 0. A group
+    # of one rank (so it runs in one process) with a working gather logs every picture; one
+    # whose gather raises says so once per kind and loses only the pictures: training,
+    # scalars and history go on.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from erf_callback.callback import core
+    from erf_callback.callback.distributed import ProbeGroup
+
+    calls: list[int] = []
+
+    def gather(obj):
+        calls.append(len(obj))
+        if gather_fails:
+            raise RuntimeError("connection reset by peer")
+        return [obj]
+
+    group = ProbeGroup(0, 1, False, "DDPStrategy", all_reduce=lambda t: t, gather=gather)
+    monkeypatch.setattr(core, "probe_group", lambda trainer: group)
+    monitor = ERFMonitor(layers=["net.7"], every_n_steps=2, num_samples=8)
+    model = module_class()()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer, _ = fit(tmp_path, monitor, model=model, max_steps=4)
+    assert model.training_steps == 4
+    assert calls == [4, 6, 6]  # one gather per probe (steps 0, 2, 4), every picture in it
+    said = [m for m in erf_warnings(record) if "collecting the ERF images" in m]
+    assert len(said) == (1 if gather_fails else 0)
+    trainer.logger.experiment.flush()
+    acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("erf/net.7/radius")] == [0, 2, 4]
+    assert ("erf/net.7/heatmap" in acc.Tags()["images"]) is not gather_fails
+    assert [r["step"] for r in monitor.history.records] == [0, 2, 4]

@@ -216,3 +216,16 @@ def test_fast_median_equals_numpy_median(n):
 
     values = np.random.default_rng(n).normal(size=n)
     assert _median(values) == np.median(values)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_noisy_erf_filling_the_map_keeps_the_model_fit(seed):
+    # No pixel lies 3 sigma from the ERF, so nothing tells the floor apart from a tail but
+    # the model; the floor-corrected windowed moments would assume no floor at all. The model
+    # is kept (its floor is fitted) unless it is far narrower than the plain moments.
+    shape, sigma, floor = (48, 48), (12.0, 12.0), 0.01
+    erf = gaussian_map(shape, (23.5, 23.5), np.diag(np.square(sigma))) + floor
+    erf = erf + np.abs(np.random.default_rng(seed).normal(0.0, 0.005, shape))
+    fit = fit_gaussian(erf)
+    assert fit.floor == pytest.approx(floor + 0.005 * math.sqrt(2 / math.pi), abs=2e-3)
+    np.testing.assert_allclose(fit.sigma, sigma, rtol=0.03)
