@@ -118,15 +118,11 @@ def oracle_fit(
     map's information. Its mean and covariance."""
     from scipy.optimize import least_squares
 
-    y = np.arange(a.shape[0], dtype=np.float64)[:, None]
-    x = np.arange(a.shape[1], dtype=np.float64)[None, :]
+    shape = (a.shape[0], a.shape[1])
 
     def residual(p: np.ndarray) -> np.ndarray:
         low = np.array([[p[3], 0.0], [p[4], p[5]]])
-        q = np.linalg.inv(low @ low.T)
-        dy, dx = y - p[1], x - p[2]
-        g = np.exp(-0.5 * (q[0, 0] * dy * dy + 2 * q[0, 1] * dy * dx + q[1, 1] * dx * dx))
-        return (p[6] + p[0] * g - a).ravel()
+        return (p[6] + p[0] * gaussian(shape, p[1:3], low @ low.T) - a).ravel()
 
     low = np.linalg.cholesky(cov)
     p0 = np.array([1.0, mean[0], mean[1], low[0, 0], low[1, 0], low[1, 1], floor])

@@ -330,7 +330,7 @@ def _windowed_moments(
     previous: tuple[np.ndarray, np.ndarray] | None = None
     for _ in range(max_iter):
         prec = _inverse(cov, _MIN_WINDOW_VARIANCE)
-        floor = _estimate_floor(sample_idx, sample_vals, mean, prec, window, amplitude)
+        floor = _far_floor(sample_idx, sample_vals, mean, prec, window, amplitude)[0]
         box = _window_box(a.shape, mean, cov, window)
         box_coords = [c[s] for c, s in zip(coords, box, strict=True)]
         d2 = mahalanobis_sq(box_coords, mean, prec)
@@ -392,18 +392,6 @@ def _subsample(a: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
     idx = [np.arange(0, n, step, dtype=np.float64) for n in a.shape]
     vals = a[tuple(slice(None, None, step) for _ in range(a.ndim))]
     return idx, vals
-
-
-def _estimate_floor(
-    idx: list[np.ndarray],
-    vals: np.ndarray,
-    mean: np.ndarray,
-    prec: np.ndarray,
-    window: float,
-    amplitude: float,
-) -> float:
-    """Clipped mean of the pixels far from the ERF: the constant pedestal under it."""
-    return _far_floor(idx, vals, mean, prec, window, amplitude)[0]
 
 
 def _far_floor(
