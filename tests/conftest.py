@@ -42,3 +42,16 @@ def working_tree_stays_clean() -> Iterator[None]:
         return
     new = sorted(after - before)
     assert not new, f"the tests wrote into the working tree: {new}; write into tmp_path instead"
+
+
+@pytest.fixture(autouse=True)
+def seeded_rngs() -> None:
+    """Every test starts from the same RNG state, whatever ran before it on its worker."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)

@@ -7,6 +7,7 @@
 * :mod:`.fastpath`: BatchNorm folding and channels_last for later chunks, model untouched.
 * :mod:`.guard`: leaving the model exactly as found.
 * :mod:`.layers`: layer names, wrappers, the default layer.
+* :mod:`.trace_cache`: the first probe's trace, remembered per model for the next probes.
 * :mod:`.transforms`: layer outputs to ``(N, C, *spatial)`` tensors.
 * :mod:`.validate`: argument checks with messages that say the fix.
 """
@@ -21,6 +22,7 @@ from erf_callback.engine.layers import (
     resolve_layers,
     unwrap_model,
 )
+from erf_callback.engine.trace_cache import clear_trace_cache
 from erf_callback.engine.transforms import OutputTransform, tokens_to_grid
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "ProbeConfig",
     "Reduction",
     "Status",
+    "clear_trace_cache",
     "compute_erf",
     "deepest_spatial_layer",
     "model_device_dtype",

@@ -46,6 +46,7 @@ from erf_callback.engine.layers import (
     resolve_layers,
     unwrap_model,
 )
+from erf_callback.engine.trace_cache import TRACES, TracedProbe, model_fingerprint, probe_key
 from erf_callback.engine.transforms import OutputTransform, apply_transform
 from erf_callback.engine.validate import (
     check_inputs,
@@ -70,6 +71,11 @@ class _LayerMeta(NamedTuple):
 
 class _StopForward(Exception):  # noqa: N818 - a control-flow signal, not an error
     """Raised from a forward hook once every probed layer has produced its output."""
+
+
+class _StaleTrace(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """A layer's output shape differs from the remembered trace's: the model changed in a way
+    its fingerprint did not show; the probe starts again, traced."""
 
 
 def compute_erf(
@@ -173,6 +179,22 @@ def _accumulate(
     modules: dict[str, nn.Module | None],
     cfg: ProbeConfig,
 ) -> tuple[dict[str, torch.Tensor], dict[str, _LayerMeta]]:
+    """Sum every probed unit's reduced input gradient over all samples, chunk by chunk."""
+    try:
+        return _accumulate_chunks(net, x_all, names, modules, cfg, recall=True)
+    except _StaleTrace:
+        TRACES.clear(net)
+        return _accumulate_chunks(net, x_all, names, modules, cfg, recall=False)
+
+
+def _accumulate_chunks(
+    net: nn.Module,
+    x_all: torch.Tensor,
+    names: list[str],
+    modules: dict[str, nn.Module | None],
+    cfg: ProbeConfig,
+    recall: bool,
+) -> tuple[dict[str, torch.Tensor], dict[str, _LayerMeta]]:
     """Sum every probed unit's reduced input gradient over all samples, chunk by chunk.
 
     The first chunk (one sample unless ``chunk_size=None``) runs the model as written: it is
@@ -197,15 +219,28 @@ def _accumulate(
     )
     fast = FastPath.disabled()
     sums: dict[str, torch.Tensor] = {}
+    positions = per_layer(cfg.position, names, "position")
+    # The optimize=False path is the reference the fast path is checked against: it always
+    # traces. Otherwise a probe of a model whose fingerprint is unchanged since an earlier
+    # probe of the same input shape reuses that probe's trace (see .trace_cache).
+    key = fingerprint = None
+    if cfg.optimize:
+        key = probe_key(x_all, names, probe.transforms, device, dtype)
+        fingerprint = model_fingerprint(net)
+    known = TRACES.get(net, key, fingerprint) if key is not None and recall else None
     with probe_context(net, [device]), original_forwards(net):
+        if known is not None:
+            fast = probe.recall(known, positions)
+            plan.measured(known.per_sample_bytes, start=0)
         start = 0
         while start < n:
+            traced = known is None and start == 0
             # The first sample goes alone (traced, measured) unless all go at once.
-            size = 1 if start == 0 and cfg.chunk_size is not None else plan.size(start)
+            size = 1 if traced and cfg.chunk_size is not None else plan.size(start)
             x = x_all[start : start + size].to(device=device, dtype=dtype).detach()
             try:
-                if start == 0:
-                    parts, fast = probe.first(x, per_layer(cfg.position, names, "position"))
+                if traced:
+                    parts, fast = probe.first(x, positions)
                     plan.measured(probe.per_sample_bytes, start=size)
                 else:
                     parts = probe.later(x, fast)
@@ -221,6 +256,8 @@ def _accumulate(
             for name, part in zip(names, parts, strict=True):
                 sums[name] = part if name not in sums else sums[name] + part
             start += size
+    if key is not None:
+        TRACES.put(net, key, fingerprint, probe.remembered(fast))
     return sums, probe.meta
 
 
@@ -240,6 +277,7 @@ class _Probe:
         self.cfg, self.spatial_dims = cfg, spatial_dims
         self.meta: dict[str, _LayerMeta] = {}
         self.per_sample_bytes = 0.0
+        self.recalled = False  # meta comes from an earlier probe's trace
 
     def first(
         self, x: torch.Tensor, positions: dict[str, Any]
@@ -257,15 +295,36 @@ class _Probe:
         ):
             outputs = _forward_capture(self.net, x, self.names, self.modules, self.transforms)
         for name, out in outputs.items():
-            pos = check_output(name, out, self.spatial_dims, positions[name])
+            pos = check_output(name, out.shape, self.spatial_dims, positions[name])
             self.meta[name] = _LayerMeta(tuple(out.shape[1:]), pos, _safe_geometry(tracer, out))
         self.per_sample_bytes = (meter.nbytes + 2 * x.nbytes) / x.shape[0]
         fast = FastPath.disabled()
         if self.cfg.optimize and _plain_parameters(self.net):
             probed = [m for m in self.modules.values() if m is not None]
             layout = _wants_channels_last(self.net, x, x.device)
-            fast = FastPath.plan(recorder, list(outputs.values()), probed, layout)
+            fast = FastPath.plan(self.net, recorder, list(outputs.values()), probed, layout)
         return self._backward(x, outputs), fast
+
+    def recall(self, known: TracedProbe, positions: dict[str, Any]) -> FastPath:
+        """Take the layers' shapes and geometry from an earlier probe's trace; its fast path."""
+        for name in self.names:
+            shape = known.output_shapes[name]
+            pos = check_output(name, (1, *shape), self.spatial_dims, positions[name])
+            self.meta[name] = _LayerMeta(shape, pos, known.geometries[name])
+        self.per_sample_bytes = known.per_sample_bytes
+        self.recalled = True
+        if known.recipe is None:
+            return FastPath.disabled()
+        return FastPath.build(self.net, known.recipe)
+
+    def remembered(self, fast: FastPath) -> TracedProbe:
+        """What this probe's trace showed, for the next probe of the same model."""
+        return TracedProbe(
+            output_shapes={n: m.output_shape for n, m in self.meta.items()},
+            geometries={n: m.geometry for n, m in self.meta.items()},
+            per_sample_bytes=self.per_sample_bytes,
+            recipe=fast.recipe,
+        )
 
     def later(self, x: torch.Tensor, fast: FastPath) -> list[torch.Tensor]:
         """A chunk after the first, with the fast path when the model tolerates it."""
@@ -274,7 +333,7 @@ class _Probe:
             try:
                 with fast.active():
                     return self._run(xf)
-            except torch.OutOfMemoryError:
+            except (torch.OutOfMemoryError, _StaleTrace):
                 raise
             except Exception:
                 # The model's code did not accept a rewrite (e.g. .view() of a channels_last
@@ -285,6 +344,10 @@ class _Probe:
     def _run(self, x: torch.Tensor) -> list[torch.Tensor]:
         x.requires_grad_(True)
         outputs = _forward_capture(self.net, x, self.names, self.modules, self.transforms)
+        if self.recalled:
+            for name, out in outputs.items():
+                if tuple(out.shape[1:]) != self.meta[name].output_shape:
+                    raise _StaleTrace
         return self._backward(x, outputs)
 
     def _backward(self, x: torch.Tensor, outputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:

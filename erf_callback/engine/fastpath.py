@@ -22,12 +22,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-__all__ = ["FastPath", "ForwardRecorder"]
+__all__ = ["FastPath", "ForwardRecorder", "Recipe"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -93,6 +93,14 @@ class ForwardRecorder:
         return dict(self._conv_out)
 
 
+class Recipe(NamedTuple):
+    """A fast path by module names: reached convolutions, (conv, BatchNorm) folds, layout."""
+
+    convs: tuple[str, ...]
+    folds: tuple[tuple[str, str], ...]
+    channels_last: bool
+
+
 class FastPath:
     """Shadow forwards for the reached convolutions (and folded BatchNorms).
 
@@ -100,11 +108,18 @@ class FastPath:
     """
 
     def __init__(
-        self, forwards: dict[nn.Module, Callable[..., Any]], channels_last: bool, folded: int
+        self,
+        forwards: dict[nn.Module, Callable[..., Any]],
+        channels_last: bool,
+        folded: int,
+        recipe: Recipe | None = None,
     ) -> None:
         self._forwards = forwards
         self.channels_last = channels_last
         self.folded = folded
+        #: What :meth:`build` needs to make this fast path again for the same model (module
+        #: names, so a remembered recipe holds no module alive); None once disabled.
+        self.recipe = recipe
 
     @classmethod
     def disabled(cls) -> FastPath:
@@ -116,24 +131,25 @@ class FastPath:
 
     def disable(self) -> None:
         """Run the model as written from now on (the model rejected a rewrite)."""
-        self._forwards, self.channels_last, self.folded = {}, False, 0
+        self._forwards, self.channels_last, self.folded, self.recipe = {}, False, 0, None
 
     @classmethod
     def plan(
         cls,
+        model: nn.Module,
         recorder: ForwardRecorder,
         outputs: Sequence[torch.Tensor],
         probed: Sequence[nn.Module],
         channels_last: bool,
     ) -> FastPath:
-        """Decide the shadows from the first chunk's forward (``outputs``: the probed tensors)."""
+        """Decide from the recorded forward which rewrites are safe, and build them."""
         consumers = _count_consumers(outputs)
         roots = {o.grad_fn for o in outputs if o.grad_fn is not None}
         hooked_globally = bool(
             nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
         )
         conv_nodes = recorder.conv_nodes()
-        folds: dict[nn.Module, _Norm] = {}
+        folds: dict[nn.Module, nn.Module] = {}
         for conv, norm in recorder.candidate_pairs():
             node = conv_nodes[conv]
             if (
@@ -149,19 +165,35 @@ class FastPath:
             ):
                 continue
             folds[conv] = norm
+        names = {m: n for n, m in model.named_modules(remove_duplicate=False)}
+        recipe = Recipe(
+            tuple(names[c] for c in conv_nodes if c in names),
+            tuple((names[c], names[m]) for c, m in folds.items() if c in names and m in names),
+            channels_last,
+        )
+        return cls.build(model, recipe)
+
+    @classmethod
+    def build(cls, model: nn.Module, recipe: Recipe) -> FastPath:
+        """The shadow forwards of ``recipe`` with fresh copies of the weights as they are now."""
+        modules = dict(model.named_modules(remove_duplicate=False))
+        folds = {modules[c]: modules[n] for c, n in recipe.folds}
         forwards: dict[nn.Module, Callable[..., Any]] = {}
-        for conv in conv_nodes:
-            if "forward" in vars(conv):
+        for conv in (modules[c] for c in recipe.convs):
+            if "forward" in vars(conv) or not isinstance(conv, _CONVS):
                 continue
-            layout = channels_last and type(conv) is nn.Conv2d
-            folded = folds.get(conv)
-            if (folded is None and not layout) or not isinstance(conv, _CONVS):
+            norm = folds.get(conv)
+            layout = recipe.channels_last and type(conv) is nn.Conv2d
+            if norm is None and not layout:
                 continue
-            weight, bias = _shadow_weights(conv, folded, layout)
+            if norm is not None and not isinstance(norm, _NORMS):
+                continue
+            weight, bias = _shadow_weights(conv, norm, layout)
             forwards[conv] = functools.partial(_shadow_conv_forward, conv, weight, bias)
-            if folded is not None:
-                forwards[folded] = _identity
-        return cls(forwards, channels_last, len(folds))
+            if norm is not None:
+                forwards[norm] = _identity
+        folded = sum(1 for f in forwards.values() if f is _identity)
+        return cls(forwards, recipe.channels_last, folded, recipe)
 
     @contextmanager
     def active(self) -> Iterator[None]:

@@ -144,17 +144,18 @@ def per_layer(value: Any, names: list[str], what: str) -> dict[str, Any]:
 
 
 def check_output(
-    name: str, out: torch.Tensor, spatial_dims: int, position: Sequence[int] | None
+    name: str, shape: Sequence[int], spatial_dims: int, position: Sequence[int] | None
 ) -> tuple[int, ...]:
-    if out.dim() != spatial_dims + 2:
-        hint = f" {_UNBATCHED_HINT}" if out.dim() > spatial_dims + 2 else ""
+    """The probed unit's position in a layer output of ``shape`` (N, C, *spatial)."""
+    if len(shape) != spatial_dims + 2:
+        hint = f" {_UNBATCHED_HINT}" if len(shape) > spatial_dims + 2 else ""
         raise ValueError(
-            f"layer {name!r} outputs shape {tuple(out.shape)}, but an ERF needs "
+            f"layer {name!r} outputs shape {tuple(shape)}, but an ERF needs "
             f"(N, C, *spatial) with {spatial_dims} spatial dims like the input. Probe a layer "
             "with a spatial output (a conv/pool/block), or pass output_transform (e.g. "
             f"tokens_to_grid() for transformer tokens).{hint}"
         )
-    spatial = tuple(out.shape[2:])
+    spatial = tuple(shape[2:])
     if position is None:
         return tuple(s // 2 for s in spatial)
     pos = tuple(int(p) for p in position)

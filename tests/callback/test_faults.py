@@ -368,7 +368,9 @@ def test_out_of_memory_in_a_probe_is_skipped_and_freed(tmp_path, monkeypatch):
     said = [m for m in erf_warnings(record) if "out of memory" in m]
     assert len(said) == 1 and "Lower chunk_size or num_samples" in said[0]
     assert [r["step"] for r in monitor.history.records] == [1, 3, 4]
-    assert model.seen_alive == [False, False] and freed == ["cache", "cache"]
+    # every buffer of both failed probes (the second retried with halved chunks) was freed
+    assert len(model.seen_alive) >= 2 and not any(model.seen_alive)
+    assert freed == ["cache", "cache"]
 
 
 # ---- 7. divergence ---------------------------------------------------------------------------

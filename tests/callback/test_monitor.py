@@ -250,7 +250,7 @@ def test_default_layer_noise_inputs_and_input_key(tmp_path):
 
 
 def test_explicit_tensor_inputs_and_warnings_are_once(tmp_path):
-    inputs = torch.randn(6, 3, 16, 16)
+    inputs = torch.randn(6, 3, 32, 32)  # big enough that no ERF reaches the border
     monitor = ERFMonitor(layers=["net.7"], inputs=inputs, every_n_steps=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ERFWarning)
@@ -259,6 +259,23 @@ def test_explicit_tensor_inputs_and_warnings_are_once(tmp_path):
     expected = compute_erf(model, inputs, ["net.7"])["net.7"].metrics()
     for key in ("radius", "sigma_x", "area_ratio@0.5"):
         assert monitor.history.records[-1][key] == pytest.approx(expected[key], rel=1e-9), key
+
+
+def test_later_probes_reuse_the_first_trace(tmp_path, monkeypatch):
+    from erf_callback.engine import compute
+
+    traced, original = [], compute.ReceptiveFieldTracer
+    monkeypatch.setattr(compute, "ReceptiveFieldTracer", lambda x: traced.append(1) or original(x))
+    monitor = ERFMonitor(layers=LAYERS, every_n_steps=1, num_samples=4, log_images=False)
+    _, model = fit(tmp_path, monitor)  # the test module counts its steps on itself
+    assert len(monitor.history.records) == 6 * len(LAYERS)
+    # the init probe runs in another hook (Lightning's _current_fx_name differs): two traces
+    assert len(traced) <= 2
+    expected = compute_erf(model, monitor.probe_inputs, LAYERS, optimize=False)
+    for record in monitor.history.records[-len(LAYERS) :]:
+        want = expected[record["layer"]].metrics()
+        for key in ("trf_x", "radius", "sigma_x"):
+            assert record[key] == pytest.approx(want[key], rel=1e-5), key
 
 
 def test_bf16_true_precision(tmp_path):

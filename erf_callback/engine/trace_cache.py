@@ -1,0 +1,266 @@
+"""What the traced first sample of a probe showed, remembered per model for the next probe.
+
+The first chunk of every probe runs the model as written under the receptive-field tracer, a
+memory meter and a recorder of which convolution feeds which BatchNorm (see
+:mod:`.compute`). On a small input or a fast GPU that one sample is a large part of the probe:
+~15% of a ResNet-18 probe at 64x64 on CPU, more than the whole batched pass on an H100.
+What it shows depends only on the model's structure and the input's shape, so repeated probes
+of one model (the callback's every probe, a sweep of positions or channels) reuse it.
+
+A remembered trace is used only when the model's **fingerprint** is unchanged: for every
+submodule its name, identity, class and the class's ``forward``, each attribute of its
+``__dict__`` but plain ``int`` and ``float`` ones (tuples such as ``stride``, ``dilation`` and
+``padding``, strings, flags, an instance ``forward``, every hook dictionary), and the type,
+shape, dtype and device of its parameters and buffers. Values are left out on purpose: weights
+change every step (the shadow weights of :mod:`.fastpath` are rebuilt from them at every
+probe), and training code keeps step counters and loss scales as ``int`` / ``float``
+attributes of its modules. Replacing a module, changing a conv's stride or dilation,
+registering a hook or patching ``forward`` all change the fingerprint, and the next probe
+traces again; a probed layer whose output shape differs from the remembered one makes the
+probe start again, traced. What neither can see is a change that keeps every probed output
+shape and lives outside the fingerprint: state outside the modules (a global flag, a class
+attribute), an ``int`` hyper-parameter changed in place (a pooling's ``dilation`` given as an
+int, with its ``padding`` changed to keep the shape). :func:`clear_trace_cache` is the way out
+there; ``optimize=False`` never uses the cache.
+
+Memory: a handful of small records per model, held weakly (a model that is garbage collected
+takes its records with it), at most :data:`MAX_ENTRIES` per model.
+"""
+
+from __future__ import annotations
+
+import enum
+import weakref
+from collections import OrderedDict
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from erf_callback.trf import RFGeometry
+
+__all__ = [
+    "MAX_ENTRIES",
+    "TRACES",
+    "TraceCache",
+    "TracedProbe",
+    "clear_trace_cache",
+    "model_fingerprint",
+    "probe_key",
+]
+
+#: Records kept per model; the oldest is dropped first (configs probed in turn stay cached).
+MAX_ENTRIES = 8
+
+# Module attributes the fingerprint leaves out: the probe forces eval mode itself, and the
+# parameter/buffer/child dictionaries are summarised separately (shapes, not values).
+_SUMMARISED = frozenset({"training", "_parameters", "_buffers", "_modules"})
+_SCALARS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+_PLAIN = frozenset(_SCALARS) - {int, float}
+_MAX_ITEMS = 256
+_MAX_DEPTH = 4
+
+
+@dataclass
+class TracedProbe:
+    """What one traced first chunk showed, for one model, layer list and input shape.
+
+    Attributes:
+        output_shapes: per probed layer, its output shape without the batch dim.
+        geometries: per probed layer, its traced TRF geometry (None where untraceable).
+        per_sample_bytes: the saved activations of one sample, for ``chunk_size="auto"``.
+        recipe: the fast path's plan (reached convolutions, folded pairs, channels_last), or
+            None where the model runs as written.
+    """
+
+    output_shapes: dict[str, tuple[int, ...]]
+    geometries: dict[str, RFGeometry | None]
+    per_sample_bytes: float
+    recipe: Any
+
+
+class _Identity:
+    """Compares by identity. Weakly held where possible: a fingerprint must not keep the
+    model alive through, say, a hook closure; an object that died compares unequal to
+    everything, so its ``id`` being reused cannot make a stale record match."""
+
+    __slots__ = ("_hash", "_ref", "_strong")
+
+    def __init__(self, obj: object) -> None:
+        self._hash = id(obj)
+        try:
+            self._ref: weakref.ref[Any] | None = weakref.ref(obj)
+            self._strong: object = None
+        except TypeError:  # not weak-referenceable: hold it (its id stays unique meanwhile)
+            self._ref, self._strong = None, obj
+
+    def _get(self) -> object:
+        return self._strong if self._ref is None else self._ref()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Identity) or other._hash != self._hash:
+            return False
+        obj = self._get()
+        return (obj is not None or self._ref is None) and obj is other._get()
+
+    def __hash__(self) -> int:
+        return self._hash
+
+
+def _tensor_summary(t: torch.Tensor | None) -> Hashable:
+    if t is None:
+        return None
+    return (type(t), tuple(t.shape), t.dtype, t.device)
+
+
+def _freeze(v: Any, depth: int = 0) -> Hashable:
+    """A hashable, comparable stand-in for an attribute value (tensors by shape, not value)."""
+    if isinstance(v, (_SCALARS, enum.Enum)):
+        return v
+    if isinstance(v, torch.Tensor):
+        return ("tensor", *_tensor_summary(v))  # type: ignore[misc]
+    if isinstance(v, nn.Module):
+        return ("module", id(v))  # its own entry of the fingerprint describes it
+    if isinstance(v, np.ndarray):
+        return ("ndarray", v.shape, v.dtype.str)
+    if depth < _MAX_DEPTH:
+        if isinstance(v, (tuple, list)) and len(v) <= _MAX_ITEMS:
+            return (type(v), tuple(_freeze(x, depth + 1) for x in v))
+        if isinstance(v, Mapping) and len(v) <= _MAX_ITEMS:
+            return (
+                type(v),
+                tuple((_freeze(k, depth + 1), _freeze(x, depth + 1)) for k, x in v.items()),
+            )
+        if isinstance(v, (set, frozenset)) and len(v) <= _MAX_ITEMS:
+            return (type(v), frozenset(_freeze(x, depth + 1) for x in v))
+    return _Identity(v)
+
+
+def model_fingerprint(model: nn.Module) -> Hashable:
+    """Everything about ``model`` that can change its traced geometry or its fast path.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 1, 3))
+        >>> before = model_fingerprint(net)
+        >>> before == model_fingerprint(net)
+        True
+        >>> net[0].dilation = (2, 2)
+        >>> before == model_fingerprint(net)
+        False
+    """
+    # Hot path (every probe walks every module): plain values are kept as they are, empty
+    # hook dictionaries as (), only the rest goes through _freeze.
+    mm = nn.modules.module
+    parts: list[Hashable] = [(tuple(mm._global_forward_hooks), tuple(mm._global_forward_pre_hooks))]
+    plain, summarised = _PLAIN, _SUMMARISED
+    for name, m in model.named_modules():
+        attrs: list[Hashable] = []
+        for k, v in m.__dict__.items():
+            t = type(v)
+            if t in plain:
+                attrs.append((k, v))
+            elif t is int or t is float:
+                continue  # step counters and the like; see the module docstring
+            elif k in summarised:
+                continue
+            elif not v and (t is OrderedDict or t is dict):
+                attrs.append((k, ()))
+            elif t is tuple and _hashable(v):
+                attrs.append((k, v))  # kernel_size, stride, ...: tuples of ints
+            else:
+                attrs.append((k, _freeze(v)))
+        params = tuple((k, _tensor_summary(p)) for k, p in m._parameters.items())
+        buffers = tuple((k, _tensor_summary(b)) for k, b in m._buffers.items())
+        children = tuple((k, id(c)) for k, c in m._modules.items())
+        cls = type(m)
+        parts.append((name, id(m), cls, cls.forward, tuple(attrs), params, buffers, children))
+    return tuple(parts)
+
+
+def _hashable(v: tuple[Any, ...]) -> bool:
+    try:
+        hash(v)
+    except TypeError:
+        return False
+    return True
+
+
+class TraceCache:
+    """Per model (held weakly): probe key -> (fingerprint, :class:`TracedProbe`).
+
+    Example:
+        >>> cache = TraceCache()
+        >>> net = nn.Conv2d(1, 1, 3)
+        >>> rec = TracedProbe({"output": (1, 6, 6)}, {"output": None}, 400.0, None)
+        >>> cache.put(net, ("k",), model_fingerprint(net), rec)
+        >>> cache.get(net, ("k",), model_fingerprint(net)) is rec
+        True
+        >>> net.stride = (2, 2)
+        >>> cache.get(net, ("k",), model_fingerprint(net)) is None
+        True
+    """
+
+    def __init__(self) -> None:
+        self._models: weakref.WeakKeyDictionary[
+            nn.Module, dict[Hashable, tuple[Hashable, TracedProbe]]
+        ]
+        self._models = weakref.WeakKeyDictionary()
+
+    def get(self, model: nn.Module, key: Hashable, fingerprint: Hashable) -> TracedProbe | None:
+        entry = self._models.get(model, {}).get(key)
+        if entry is None or entry[0] != fingerprint:
+            return None
+        return entry[1]
+
+    def put(self, model: nn.Module, key: Hashable, fingerprint: Hashable, rec: TracedProbe) -> None:
+        entries = self._models.setdefault(model, {})
+        entries.pop(key, None)
+        while len(entries) >= MAX_ENTRIES:
+            entries.pop(next(iter(entries)))
+        entries[key] = (fingerprint, rec)
+
+    def clear(self, model: nn.Module | None = None) -> None:
+        if model is None:
+            self._models.clear()
+        else:
+            self._models.pop(model, None)
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._models.values())
+
+
+#: The process-wide cache :func:`~erf_callback.compute_erf` uses.
+TRACES = TraceCache()
+
+
+def clear_trace_cache(model: nn.Module | None = None) -> None:
+    """Forget the remembered first-sample traces of ``model`` (``None``: of every model).
+
+    Only needed for a model whose forward changes with state the fingerprint cannot see (a
+    global flag, a branch on the input's values): the next probe then traces again.
+
+    Example:
+        >>> from erf_callback.engine import clear_trace_cache
+        >>> clear_trace_cache()
+    """
+    TRACES.clear(model)
+
+
+def probe_key(
+    x: torch.Tensor,
+    names: Sequence[str],
+    transforms: Mapping[str, Any],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Hashable:
+    """What besides the model decides a trace: input shape, dtype, device, layers, transforms."""
+    return (
+        tuple(x.shape[1:]),
+        dtype,
+        device,
+        tuple(names),
+        tuple((n, _Identity(transforms.get(n))) for n in names),
+    )
