@@ -12,7 +12,10 @@ Run: ``.venv/bin/python benchmarks/bench_engine.py`` (``--quick`` for a smoke ru
   at the best chunk size of a sweep: ``plain`` (the model as it is), ``channels_last`` (a
   channels_last copy of the model and channels_last inputs), ``BN-folded`` (a copy with every
   eval-mode BatchNorm folded into its convolution), and both together (information).
-* candidate: ``compute_erf(model, inputs, layers=["layer3"])`` with every default.
+* candidate: ``compute_erf(model, inputs, layers=["layer3"])`` with every default. Timed
+  calls repeat the probe of one model, so they reuse the trace of the first call (as the
+  callback's probes do after its first); ``first probe of the model`` clears it before each
+  call (information).
 
 All runs use the same unit as compute_erf's default ``reduction="abs"``: the sum over channels of
 layer3's output at the spatial centre, and the map is |grad| summed over input channels.
@@ -37,6 +40,7 @@ import torch
 from torch import nn
 
 from erf_callback import ERFMap, compute_erf, fit_gaussian
+from erf_callback.engine import clear_trace_cache
 
 # _bench_utils put the repository root on sys.path
 from tests.helpers.nets import BasicBlock, randomize_bn_stats
@@ -175,6 +179,12 @@ def hand_loop(trunc: nn.Module, x: torch.Tensor, chunk: int, cl: bool = False) -
 
 def candidate(model: nn.Module, x: torch.Tensor, chunk: int | str = "auto") -> ERFMap:
     return compute_erf(model, x, layers=[LAYER], chunk_size=chunk)[LAYER]
+
+
+def candidate_cold(model: nn.Module, x: torch.Tensor) -> ERFMap:
+    """A model's first probe: no remembered trace (it traces its first sample alone)."""
+    clear_trace_cache(model)
+    return candidate(model, x)
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,10 +379,17 @@ def run_main(args: argparse.Namespace, device: torch.device, size: int, repeats:
     # float64: compute_erf (with its BN folding and channels_last) against a hand-written float64
     # loop of the model as written. float32 maps of different kernels (batch 1 vs batched,
     # folded vs not) can differ by more than rounding where a ReLU / max-pool decision sits
-    # within rounding of a tie; they are shown as information.
-    ref_map = reference(model, x, LAYER)
-    ours = candidate(model, x)
-    ours_c1 = compute_erf(model, x, layers=[LAYER], chunk_size=1, optimize=False)[LAYER].grad
+    # within rounding of a tie; they are shown as information. On CUDA the float32 comparison
+    # runs without TF32 (PyTorch lets cuDNN use it for convolutions by default, ~1e-3
+    # relative, and batch 1 vs batched picks other algorithms): full float32 on both sides.
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        ref_map = reference(model, x, LAYER)
+        ours = candidate(model, x)
+        ours_c1 = compute_erf(model, x, layers=[LAYER], chunk_size=1, optimize=False)[LAYER].grad
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
     model64 = copy.deepcopy(model).double()
     truth = hand_loop(truncated(model64), x.double(), 8)
     ours64 = compute_erf(model64, x.double(), layers=[LAYER])[LAYER].grad
@@ -409,6 +426,9 @@ def run_main(args: argparse.Namespace, device: torch.device, size: int, repeats:
         "OpenERF: per image, full model": lambda: reference(model, x, LAYER),
         "RepLKNet script: per image, stops at layer3": lambda: reference_truncated(trunc, x),
         "compute_erf (defaults)": lambda: candidate(model, x),
+        # Every call above after the warm-up reuses the trace of the first (the callback's
+        # every probe after its first); this one forgets it first: a model's first probe.
+        "compute_erf, first probe of the model": lambda: candidate_cold(model, x),
     }
     hand_chunks = [c for c in CHUNKS if 4 <= c <= args.n] or [args.n]
     for name, (net, cl) in hand.items():
@@ -428,7 +448,14 @@ def run_main(args: argparse.Namespace, device: torch.device, size: int, repeats:
         )
         for name in hand
     }
-    shown = [ref_key, "RepLKNet script: per image, stops at layer3", ours_key, *best.values()]
+    cold_key = "compute_erf, first probe of the model"
+    shown = [
+        ref_key,
+        "RepLKNet script: per image, stops at layer3",
+        ours_key,
+        cold_key,
+        *best.values(),
+    ]
     rows = [
         (
             k,
@@ -511,6 +538,8 @@ def run_main(args: argparse.Namespace, device: torch.device, size: int, repeats:
         f"TARGET compute_erf / best hand-written variant ({best_single}){dev}: {vs_best:.2f}x "
         f"(target <= 1.0x): {bu.verdict(vs_best <= 1.0)}"
     )
+    cold = bu.ratio(times[cold_key], times[best_single])
+    print(f"   (information) a model's first probe / {best_single}: {cold:.2f}x")
     if "BN-folded + channels_last" in best:
         both = bu.ratio(times[ours_key], times[best["BN-folded + channels_last"]])
         print(f"   (information) compute_erf / hand-written BN-folded + channels_last: {both:.2f}x")
