@@ -33,6 +33,7 @@ from erf_callback.engine.compute import _mixes_batch_in_eval, compute_erf
 from erf_callback.engine.config import DEFAULT, ProbeConfig
 from erf_callback.engine.erf_map import ERFMap
 from erf_callback.engine.layers import unwrap_model
+from erf_callback.engine.trace_cache import clear_trace_cache
 from erf_callback.warnings import ERFWarning
 
 __all__ = [
@@ -80,9 +81,10 @@ def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
 def forwards_needed(model: nn.Module, n: int, chunk_size: int | None) -> int:
     """How many forward passes :func:`compute_erf` runs on ``n`` samples (``n >= 1``).
 
-    Mirrors the engine's chunking (:class:`~erf_callback.engine.chunking.ChunkPlan`): all at
-    once for ``None``; else the first sample alone, then ``chunk_size`` samples per forward, or
-    one per forward when a BatchNorm without running statistics would mix a chunk's samples.
+    Mirrors the engine's chunking (:class:`~erf_callback.engine.chunking.ChunkPlan`) for a
+    probe that traces (no remembered trace, see :mod:`.trace_cache`): all at once for
+    ``None``; else the first sample alone, then ``chunk_size`` samples per forward, or one per
+    forward when a BatchNorm without running statistics would mix a chunk's samples.
 
     Example:
         >>> conv = torch.nn.Conv2d(1, 1, 3)
@@ -254,9 +256,13 @@ def sharded_compute_erf(
         if lockstep:
             most = forwards_needed(model, shard_bounds(n, 0, world_size)[1], fixed_chunk)
             for _ in range(most - forwards_needed(model, local.shape[0], fixed_chunk)):
+                clear_trace_cache(unwrap_model(model))
                 with warnings.catch_warnings():  # a throw-away probe: its maps are not used
                     warnings.simplefilter("ignore", ERFWarning)
                     compute_erf(model, inputs[:1], layers, probe=cfg, **kwargs)
+            # forwards_needed counts a traced first sample; a remembered trace (which one rank
+            # may have and another not) would skip it and put the ranks out of step.
+            clear_trace_cache(unwrap_model(model))
         return compute_erf(
             model, local, layers, probe=cfg, chunk_size=chunk_size, reduce=reducer, **kwargs
         )

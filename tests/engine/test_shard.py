@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from erf_callback import compute_erf
+from erf_callback.engine import clear_trace_cache
 from erf_callback.engine.shard import (
     ProbeFailedElsewhereError,
     ShardReducer,
@@ -112,6 +113,7 @@ def test_sharded_compute_erf_tells_the_others_when_it_fails():
     [(10, 4, False), (10, None, False), (3, 8, False), (5, 2, True), (1, 1, False)],
 )
 def test_forwards_needed_counts_the_engine_forwards(n, chunk, bn_without_stats):
+    clear_trace_cache()
     layers: list[nn.Module] = [nn.Conv2d(1, 2, 3, padding=1)]
     if bn_without_stats:
         layers.append(nn.BatchNorm2d(2, track_running_stats=False))
@@ -155,3 +157,18 @@ def test_two_gloo_processes_fsdp2_syncbn_and_a_failing_rank(tmp_path):
     assert [r["failure"] for r in ranks] == ["elsewhere", "injected failure on rank 1"]
     want = compute_erf(shard_worker.conv_stack(), shard_worker.samples(4), ["2"])
     assert all(close(r["after_failure"], want["2"].grad) for r in ranks)
+
+
+def test_lockstep_probes_run_the_counted_forwards_every_time():
+    """A repeated probe reuses its trace and skips the traced sample; under lockstep that
+    would put a rank that remembers out of step with one that does not: never reused there."""
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1))
+    calls: list[int] = []
+    net[0].register_forward_hook(lambda *_: calls.append(1))
+    for _ in range(3):
+        calls.clear()
+        sharded_compute_erf(
+            net, torch.randn(8, 1, 8, 8), ["1"], rank=0, world_size=2,
+            all_reduce=lambda t: t, lockstep=True, chunk_size=2,
+        )  # fmt: skip
+        assert len(calls) == forwards_needed(net, 4, 2) == 3
