@@ -199,7 +199,10 @@ def _accumulate_chunks(
 
     The first chunk (one sample unless ``chunk_size=None``) runs the model as written: it is
     traced for the TRF, checked, measured for the ``"auto"`` chunk size, and its forward shows
-    which rewrites of :mod:`.fastpath` are safe; the later chunks run with them.
+    which rewrites of :mod:`.fastpath` are safe; the later chunks run with them. With
+    ``recall``, a trace remembered from an earlier probe of the unchanged model
+    (:mod:`.trace_cache`) stands in for that chunk and every chunk runs the fast path; a
+    probed output whose shape differs from the remembered one raises :class:`_StaleTrace`.
     """
     device, dtype = model_device_dtype(net, x_all)
     n = x_all.shape[0]

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from erf_callback.engine.fastpath import Recipe
 from erf_callback.trf import RFGeometry
 
 __all__ = [
@@ -79,7 +80,7 @@ class TracedProbe:
     output_shapes: dict[str, tuple[int, ...]]
     geometries: dict[str, RFGeometry | None]
     per_sample_bytes: float
-    recipe: Any
+    recipe: Recipe | None
 
 
 class _Identity:
