@@ -4,9 +4,10 @@ Peak memory of a probe is the autograd graph of one chunk: the activations that 
 truncated forward saves for the backward, times the chunk's length. With
 ``chunk_size="auto"`` the first chunk is a single sample whose saved activations are
 measured (``torch.autograd.graph.saved_tensors_hooks``); the rest of the samples then go in
-chunks that fit the memory budget. On CPU, large chunks are not faster once their activations
-leave the caches and every chunk faults in fresh pages, so the default budget is small; on
-CUDA it is half of the memory the caching allocator could still hand out.
+chunks that fit the memory budget (a probe that reuses a remembered trace reuses its
+measurement: ``plan.measured(..., start=0)``). On CPU, large chunks are not faster once their
+activations leave the caches and every chunk faults in fresh pages, so the default budget is
+small; on CUDA it is half of the memory the caching allocator could still hand out.
 """
 
 from __future__ import annotations

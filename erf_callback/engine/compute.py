@@ -120,7 +120,9 @@ def compute_erf(
         memory_budget: bytes of saved activations per chunk for ``chunk_size="auto"``
             (default: 128 MiB on CPU, half the free memory on CUDA).
         optimize: run later chunks with BatchNorm folded into copies of the preceding convs
-            and, on CPU, channels_last; never changes the model. ``False``: as written.
+            and, on CPU, channels_last; never changes the model; and reuse the trace of an
+            earlier probe of the unchanged model on inputs of the same shape (see
+            :mod:`erf_callback.engine.trace_cache`). ``False``: as written, always traced.
         config: metric choices (radius factor, energy fraction, fit method, ...); the same as
             ``ProbeConfig.metrics``.
         reduce: combines the gradient sums of several processes before the mean is taken:
