@@ -59,6 +59,7 @@ def probe_model(
     n = inputs.shape[0]
     sums: dict[str, torch.Tensor] = {}
     first: dict[str, ERFMap] = {}
+    ok: dict[str, bool] = {}  # some batch gave a map that is not zero
     starts = range(0, n, batch_size)
     with warnings.catch_warnings():
         # Zero/NaN maps are re-checked on the sum below, which warns once per layer.
@@ -77,12 +78,13 @@ def probe_model(
                 part = m.grad * chunk.shape[0]
                 sums[name] = part if name not in sums else sums[name] + part
                 first.setdefault(name, m)
+                ok[name] = ok.get(name, False) or m.status != "zero"
     out: dict[str, ERFMap] = {}
     for name in layers:
         grad = sums[name] / n
-        out[name] = dataclasses.replace(
-            first[name], grad=grad, num_samples=n, status=map_status(grad, name)
-        )
+        # Every batch's map was zero or round-off of a constant channel sum: so is the total.
+        status = map_status(grad, name, cancelled=not ok[name])
+        out[name] = dataclasses.replace(first[name], grad=grad, num_samples=n, status=status)
     return out
 
 

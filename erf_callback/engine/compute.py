@@ -12,7 +12,7 @@ from __future__ import annotations
 import numbers
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import nullcontext
 from typing import Any, NamedTuple
 
@@ -165,13 +165,13 @@ def compute_erf(
     modules = resolve_layers(net, names)
     x_all = check_inputs(inputs)
     check_model(net)
-    sums, meta = _accumulate(net, x_all, names, modules, cfg)
+    sums, meta, cancelled = _accumulate(net, x_all, names, modules, cfg)
     count = float(x_all.shape[0])
     if reduce is not None:  # distributed: every rank's sums and counts are added up
         from erf_callback.engine.shard import pack_sums, unpack_sums
 
         sums, count = unpack_sums(reduce(pack_sums(sums, count)), sums)
-    return _assemble(sums, meta, names, x_all, cfg, round(count))
+    return _assemble(sums, meta, names, x_all, cfg, round(count), cancelled)
 
 
 def _accumulate(
@@ -180,8 +180,9 @@ def _accumulate(
     names: list[str],
     modules: dict[str, nn.Module | None],
     cfg: ProbeConfig,
-) -> tuple[dict[str, torch.Tensor], dict[str, _LayerMeta]]:
-    """Sum every probed unit's reduced input gradient over all samples, chunk by chunk."""
+) -> tuple[dict[str, torch.Tensor], dict[str, _LayerMeta], set[str]]:
+    """Sum every probed unit's reduced input gradient over all samples, chunk by chunk; also
+    the layers whose unit turned out constant up to rounding (see ``_Probe.first``)."""
     try:
         return _accumulate_chunks(net, x_all, names, modules, cfg, recall=True)
     except _StaleTrace:
@@ -196,7 +197,7 @@ def _accumulate_chunks(
     modules: dict[str, nn.Module | None],
     cfg: ProbeConfig,
     recall: bool,
-) -> tuple[dict[str, torch.Tensor], dict[str, _LayerMeta]]:
+) -> tuple[dict[str, torch.Tensor], dict[str, _LayerMeta], set[str]]:
     """Sum every probed unit's reduced input gradient over all samples, chunk by chunk.
 
     The first chunk (one sample unless ``chunk_size=None``) runs the model as written: it is
@@ -261,9 +262,11 @@ def _accumulate_chunks(
             for name, part in zip(names, parts, strict=True):
                 sums[name] = part if name not in sums else sums[name] + part
             start += size
-    if key is not None:
+    # A model whose channel sum cancels is checked again at every probe (only a traced first
+    # chunk checks): its trace is not remembered.
+    if key is not None and not probe.cancelled:
         TRACES.put(net, key, fingerprint, probe.remembered(fast))
-    return sums, probe.meta
+    return sums, probe.meta, probe.cancelled
 
 
 class _Probe:
@@ -283,6 +286,7 @@ class _Probe:
         self.meta: dict[str, _LayerMeta] = {}
         self.per_sample_bytes = 0.0
         self.recalled = False  # meta comes from an earlier probe's trace
+        self.cancelled: set[str] = set()  # layers whose channel sum is constant (see first)
 
     def first(
         self, x: torch.Tensor, positions: dict[str, Any]
@@ -308,7 +312,7 @@ class _Probe:
             probed = [m for m in self.modules.values() if m is not None]
             layout = _wants_channels_last(self.net, x, x.device)
             fast = FastPath.plan(self.net, recorder, list(outputs.values()), probed, layout)
-        return self._backward(x, outputs), fast
+        return self._backward(x, outputs, check_cancellation=True), fast
 
     def recall(self, known: TracedProbe, positions: dict[str, Any]) -> FastPath:
         """Take the layers' shapes and geometry from an earlier probe's trace; its fast path."""
@@ -355,8 +359,15 @@ class _Probe:
                     raise _StaleTrace
         return self._backward(x, outputs)
 
-    def _backward(self, x: torch.Tensor, outputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Per layer: the float64 sum over samples and input channels of the reduced gradient."""
+    def _backward(
+        self, x: torch.Tensor, outputs: dict[str, torch.Tensor], check_cancellation: bool = False
+    ) -> list[torch.Tensor]:
+        """Per layer: the float64 sum over samples and input channels of the reduced gradient.
+
+        With ``check_cancellation`` (the traced first chunk), a unit that sums several channels
+        is also checked for a constant sum (:func:`_cancels`), at the cost of one more backward
+        of that chunk per such layer.
+        """
         parts = []
         last = len(self.names) - 1
         for i, name in enumerate(self.names):
@@ -369,10 +380,13 @@ class _Probe:
                     "(computed under no_grad, detached, or by a fused inference kernel); "
                     "probe a layer whose output is differentiable w.r.t. the input."
                 )
+            check = check_cancellation and self.cfg.reduction == "abs" and unit.shape[1] > 1
             # allow_unused: a layer that ignores the input gets None, typed as a Tensor.
             g: torch.Tensor | None = torch.autograd.grad(
-                unit.sum(), x, retain_graph=i < last, allow_unused=True
+                unit.sum(), x, retain_graph=i < last or check, allow_unused=True
             )[0]
+            if check and g is not None and _cancels(unit, x, g, retain_graph=i < last):
+                self.cancelled.add(name)
             if g is None:
                 parts.append(torch.zeros(x.shape[2:], dtype=torch.float64, device=x.device))
                 continue
@@ -388,6 +402,7 @@ def _assemble(
     x_all: torch.Tensor,
     cfg: ProbeConfig,
     n: int,
+    cancelled: Collection[str] = (),
 ) -> dict[str, ERFMap]:
     """Turn the gradient sums of ``n`` samples into :class:`ERFMap` s: mean, status, location."""
     in_shape = tuple(x_all.shape[2:])
@@ -395,7 +410,7 @@ def _assemble(
     for name in names:
         out_shape, pos, geo = meta[name]
         grad = (sums[name] / n).cpu()
-        status = map_status(grad, name)
+        status = map_status(grad, name, cancelled=name in cancelled)
         location = (
             geo.center(pos)
             if geo is not None
@@ -419,8 +434,12 @@ def _assemble(
     return result
 
 
-def map_status(grad: torch.Tensor, name: str) -> Status:
-    """``"ok"``, or ``"nonfinite"`` / ``"zero"`` with an :class:`ERFWarning` saying why."""
+def map_status(grad: torch.Tensor, name: str, cancelled: bool = False) -> Status:
+    """``"ok"``, or ``"nonfinite"`` / ``"zero"`` with an :class:`ERFWarning` saying why.
+
+    ``cancelled``: the probe found the unit's sum over channels constant up to rounding, so
+    the map is rounding noise: ``"zero"``, as an exactly zero map.
+    """
     if not bool(torch.isfinite(grad).all()):
         warnings.warn(
             f"compute_erf: the gradient of {name!r} contains NaN/Inf; its metrics are NaN. "
@@ -429,7 +448,7 @@ def map_status(grad: torch.Tensor, name: str) -> Status:
             stacklevel=3,
         )
         return "nonfinite"
-    if not bool(grad.any()):
+    if cancelled or not bool(grad.any()):
         warnings.warn(
             f"compute_erf: the gradient of {name!r} is zero everywhere; its metrics are NaN. "
             "Causes: dead ReLUs, a unit that does not depend on the input, or a sum over "
@@ -499,6 +518,29 @@ def _select_unit(
             f"channels {idx} are not valid for an output with {unit.shape[1]} channels."
         )
     return unit[:, idx]
+
+
+def _cancels(unit: torch.Tensor, x: torch.Tensor, g: torch.Tensor, retain_graph: bool) -> bool:
+    """Whether the sum over the unit's channels is constant up to rounding (``g`` its gradient).
+
+    After a LayerNorm or GroupNorm over channels with equal weights (every such layer at
+    initialisation) the normalised channels sum to a constant, so ``g`` is float round-off:
+    ~1e-7 of a real ERF in float32, or exactly zero, depending on the rounding. The reference
+    is the gradient of the same channels summed with fixed pseudo-random signs, which cannot
+    cancel that way; ``g`` far below it (a thousand times the dtype's epsilon, at most 1e-3)
+    is round-off. The signs come from a private generator: no RNG stream is touched.
+    """
+    signs = torch.randint(0, 2, (unit.shape[1],), generator=torch.Generator().manual_seed(0))
+    signs = (2 * signs - 1).to(device=unit.device, dtype=unit.dtype)
+    view = (1, -1) + (1,) * (unit.dim() - 2)
+    ref: torch.Tensor | None = torch.autograd.grad(
+        (unit * signs.view(view)).sum(), x, retain_graph=retain_graph, allow_unused=True
+    )[0]
+    if ref is None:  # allow_unused: typed as a Tensor, None at run time
+        return False
+    big, small = float(ref.abs().max()), float(g.abs().max())
+    tol = min(1e3 * torch.finfo(g.dtype).eps, 1e-3)
+    return big > 0 and small <= tol * big
 
 
 def _int_list(values: Any) -> list[int]:

@@ -375,3 +375,30 @@ def test_report_errors_exit_2(tmp_path, capsys, setup, problem):
         target.write_text("x")
     assert run_cli("report", str(target), "--out", str(tmp_path / "out")) == 2
     assert problem in one_line_error(capsys)
+
+
+def test_probe_in_batches_keeps_the_constant_channel_sum_zero():
+    """Each batch finds the LayerNorm channel sum constant (status zero, or round-off that the
+    engine recognises); the batched total must say so too, not become an "ok" noise map."""
+    import warnings
+
+    from erf_callback import ERFWarning
+    from erf_callback.cli.probe import probe_model
+
+    class ChannelNorm(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.norm = torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.LayerNorm(4)
+
+        def forward(self, x):
+            return self.norm(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    for seed in range(4):
+        torch.manual_seed(seed)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            maps = probe_model(ChannelNorm(), ["output"], torch.randn(6, 1, 8, 8), batch_size=2,
+                               progress=False)  # fmt: skip
+        assert maps["output"].status == "zero", seed
+        said = [str(w.message) for w in record if issubclass(w.category, ERFWarning)]
+        assert len(said) == 1 and "constant" in said[0]
