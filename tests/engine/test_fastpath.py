@@ -104,6 +104,12 @@ def test_the_fast_path_leaves_no_visible_trace(planned):
     assert_same(before, snapshot(net))
     # memory format of every parameter as found (contiguous, not channels_last)
     assert all(p.is_contiguous() for p in net.parameters())
+    # A second probe rebuilds the rewrites from the remembered recipe (no new plan, no trace):
+    # no trace of those either.
+    compute_erf(net, torch.randn(6, 3, 32, 32), ["layer3"], chunk_size=2)
+    assert len(planned) == 1
+    assert_same(before, snapshot(net))
+    assert all(p.is_contiguous() for p in net.parameters())
 
 
 class Shared(nn.Module):
