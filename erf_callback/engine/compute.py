@@ -231,8 +231,11 @@ def _accumulate_chunks(
     # probe of the same input shape reuses that probe's trace (see .trace_cache).
     key = fingerprint = None
     if cfg.optimize:
-        key = probe_key(x_all, names, probe.transforms, device, dtype)
-        fingerprint = model_fingerprint(net)
+        try:
+            key = probe_key(x_all, names, probe.transforms, device, dtype)
+            fingerprint = model_fingerprint(net)
+        except Exception:  # an odd attribute must never cost the probe: it just traces
+            key = fingerprint = None
     known = TRACES.get(net, key, fingerprint) if key is not None and recall else None
     with probe_context(net, [device]), original_forwards(net):
         if known is not None:

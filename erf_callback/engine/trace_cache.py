@@ -60,7 +60,8 @@ MAX_ENTRIES = 8
 # parameter/buffer/child dictionaries are summarised separately (shapes, not values).
 _SUMMARISED = frozenset({"training", "_parameters", "_buffers", "_modules"})
 _SCALARS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
-_PLAIN = frozenset(_SCALARS) - {int, float}
+_SCALAR_TYPES = frozenset(_SCALARS)
+_PLAIN = _SCALAR_TYPES - {int, float}
 _MAX_ITEMS = 256
 _MAX_DEPTH = 4
 
@@ -167,9 +168,9 @@ def model_fingerprint(model: nn.Module) -> Hashable:
                 continue  # step counters and the like; see the module docstring
             elif k in summarised:
                 continue
-            elif not v and (t is OrderedDict or t is dict):
+            elif (t is OrderedDict or t is dict) and not v:
                 attrs.append((k, ()))
-            elif t is tuple and _hashable(v):
+            elif t is tuple and all(type(x) in _SCALAR_TYPES for x in v):
                 attrs.append((k, v))  # kernel_size, stride, ...: tuples of ints
             else:
                 attrs.append((k, _freeze(v)))
@@ -179,14 +180,6 @@ def model_fingerprint(model: nn.Module) -> Hashable:
         cls = type(m)
         parts.append((name, id(m), cls, cls.forward, tuple(attrs), params, buffers, children))
     return tuple(parts)
-
-
-def _hashable(v: tuple[Any, ...]) -> bool:
-    try:
-        hash(v)
-    except TypeError:
-        return False
-    return True
 
 
 class TraceCache:

@@ -219,3 +219,26 @@ def test_counters_kept_on_modules_do_not_make_every_probe_trace_again(traces):
         net.steps, net.loss_scale = step, 2.0**step
         compute_erf(net, x)
     assert len(traces) == 1
+
+
+def test_a_fingerprint_holds_no_tensor_of_the_model_alive():
+    net = uniform_stack([3])
+    t = torch.zeros(1000)
+    net[0].cached, net[0].pair = t, (t, 2)  # tensors kept on a module, bare and in a tuple
+    ref = weakref.ref(t)
+    fingerprint = model_fingerprint(net)
+    net[0].cached = net[0].pair = None
+    del t
+    gc.collect()
+    assert ref() is None and fingerprint != model_fingerprint(net)
+
+
+def test_a_model_the_fingerprint_cannot_read_is_probed_and_traced_every_time(traces, monkeypatch):
+    def unreadable(_model):
+        raise RuntimeError("an attribute that cannot be read")
+
+    monkeypatch.setattr(compute, "model_fingerprint", unreadable)
+    net, x = uniform_stack([3, 3]), torch.randn(2, 1, 16, 16)
+    maps = [compute_erf(net, x)["output"] for _ in range(2)]
+    assert len(traces) == 2 and all(m.status == "ok" for m in maps)
+    assert maps[0].metrics()["trf_x"] == 5
