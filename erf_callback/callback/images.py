@@ -115,7 +115,7 @@ class ProbeImages:
         """
         # Imported here: matplotlib costs ~0.4 s to import, and runs with log_images=False
         # never render.
-        from erf_callback.render import render_evolution, render_heatmap
+        from erf_callback.render import render_evolution, render_heatmap, render_radial_profile
         from erf_callback.render.annotated import (
             MapPanel,
             render_heatmap_figure,
@@ -171,7 +171,16 @@ class ProbeImages:
                     )
                 jobs.append((f"{tag}/{suffix}", make, init_alias if suffix == "heatmap" else ()))
             init = self._init_panel(layer, panel, history, step)
-            radial = partial(self._radial, layer, arr, fit, mx, step_text)
+            radial = partial(
+                render_radial_profile,
+                arr,
+                mean=fit.mean,
+                cov=fit.cov,
+                floor=max(fit.floor, 0.0),
+                radius=mx["radius"],
+                energy_radius=mx["energy_radius"],
+                title=f"{layer} \u00b7 {step_text}cumulative ERF mass around the fitted centre",
+            )
             if is_first:
                 # The layer's first map: init_vs_now would be that map twice and evolution one
                 # frame of it, both already in `heatmap`. Rendering them costs ~40% of the
@@ -230,22 +239,6 @@ class ProbeImages:
                 for alias in aliases:
                     images[alias] = images[tag]
         return images
-
-    @staticmethod
-    def _radial(
-        layer: str, arr: np.ndarray, fit: Any, mx: dict[str, float], step_text: str
-    ) -> np.ndarray:
-        from erf_callback.render import render_radial_profile
-
-        return render_radial_profile(
-            arr,
-            mean=fit.mean,
-            cov=fit.cov,
-            floor=max(fit.floor, 0.0),
-            radius=mx["radius"],
-            energy_radius=mx["energy_radius"],
-            title=f"{layer} \u00b7 {step_text}cumulative ERF mass around the fitted centre",
-        )
 
     def _init_panel(
         self, layer: str, panel: Any, history: ERFHistory, step: int | None

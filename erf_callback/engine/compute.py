@@ -535,9 +535,8 @@ def _cancels(unit: torch.Tensor, x: torch.Tensor, g: torch.Tensor, retain_graph:
     """
     signs = torch.randint(0, 2, (unit.shape[1],), generator=torch.Generator().manual_seed(0))
     signs = (2 * signs - 1).to(device=unit.device, dtype=unit.dtype)
-    view = (1, -1) + (1,) * (unit.dim() - 2)
-    ref: torch.Tensor | None = torch.autograd.grad(
-        (unit * signs.view(view)).sum(), x, retain_graph=retain_graph, allow_unused=True
+    ref: torch.Tensor | None = torch.autograd.grad(  # unit: (N, C), from _select_unit
+        (unit * signs).sum(), x, retain_graph=retain_graph, allow_unused=True
     )[0]
     if ref is None:  # allow_unused: typed as a Tensor, None at run time
         return False

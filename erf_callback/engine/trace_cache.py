@@ -53,7 +53,8 @@ __all__ = [
     "probe_key",
 ]
 
-#: Records kept per model; the oldest is dropped first (configs probed in turn stay cached).
+#: Records kept per model; the least recently used is dropped first (every probe puts its
+#: record back, so configurations probed in turn stay cached).
 MAX_ENTRIES = 8
 
 # Module attributes the fingerprint leaves out: the probe forces eval mode itself, and the
