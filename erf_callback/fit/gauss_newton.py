@@ -16,13 +16,16 @@ cuts it, because the model fits only the pixels that exist.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["GaussianModelFit", "fit_floor_gaussian"]
+from erf_callback.fit.grid import sum_of_products
+
+__all__ = ["GaussianModelFit", "bounding_box", "fit_floor_gaussian"]
 
 # Box half-width in sigmas: a Gaussian is below exp(-12.5) ~ 4e-6 of its peak there, and the
 # box holds ~100 sigma^2 of pixels per ~6 sigma^2 of Gaussian, enough to pin the floor.
@@ -53,6 +56,9 @@ class GaussianModelFit:
     converged: bool
     residual: float  # residual sum of squares over total sum of squares, on the fitted pixels
     point_samples: bool = True  # fitted on single pixels (exact model), not block means
+    # exp(-(x - mean)^T cov^-1 (x - mean) / 2) on every pixel of the map, when the fit
+    # evaluated it there anyway (its box was the whole map, pixel by pixel); else None.
+    unit: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 def fit_floor_gaussian(
@@ -93,7 +99,7 @@ def fit_floor_gaussian(
     d = a.ndim
     if points is None:
         points = _BLOCKS if binned else _POINTS
-    scale = max(abs(amplitude), float(np.max(np.abs(a))), 1e-300)
+    scale = max(abs(amplitude), float(a.max()), -float(a.min()), 1e-300)
     result: GaussianModelFit | None = None
     used: tuple[slice, ...] | None = None
     # Rounds while the box grows: a seed narrowed by a cut or by noise gives a box too small
@@ -104,7 +110,8 @@ def fit_floor_gaussian(
         if used is not None and _covers(used, box):
             break
         used = box
-        if binned:
+        blocked = binned and any(sl.step > 1 for sl in box)
+        if blocked:
             coords, values = _blocks(a, box)
         else:
             coords = [np.arange(s.start, s.stop, s.step, dtype=np.float64) for s in box]
@@ -123,28 +130,36 @@ def fit_floor_gaussian(
         solved = _levenberg_marquardt(grid, target, floor / scale, c0, fit_floor, _TOL)
         if solved is None:
             return result
-        b, coef, converged, rss = solved
+        b, coef, converged, rss, g = solved
         gauss = _gaussian(coef, d)
         if gauss is None:
             return result
         mu_n, cov_n, amp_n = gauss
         mean = centre + half * mu_n
         cov_w = cov_n * np.outer(half, half)
-        # Block means see the Gaussian widened by the block's own variance: take it off.
-        cov = cov_w - np.diag([(sl.step**2 - 1) / 12.0 if binned else 0.0 for sl in box])
-        if binned and not np.all(np.linalg.eigvalsh(cov) > 0):
-            return result
-        peak = math.sqrt(np.linalg.det(cov_w) / np.linalg.det(cov)) if binned else 1.0
+        cov, peak = cov_w, 1.0
+        if blocked:
+            # Block means see the Gaussian widened by the block's own variance: take it off.
+            cov = cov_w - np.diag([(sl.step**2 - 1) / 12.0 for sl in box])
+            det, det_w = _det_if_positive_definite(cov), _det_if_positive_definite(cov_w)
+            if det is None or det_w is None:
+                return result
+            peak = math.sqrt(det_w / det)
         floor, amplitude = float(b * scale), float(amp_n * scale * peak)
-        tss = float(np.sum((target - target.mean()) ** 2))
+        total = float(target.sum())
+        tss = sum_of_products(target, target) - total * total / target.size
+        whole = not blocked and all(
+            sl.step == 1 and sl.stop - sl.start == n for sl, n in zip(box, a.shape, strict=True)
+        )
         result = GaussianModelFit(
             mean,
             cov,
             floor,
             amplitude,
             converged,
-            rss / tss if tss else 0.0,
-            not binned or all(sl.step == 1 for sl in box),
+            rss / tss if tss > 0 else 0.0,
+            not blocked,
+            g / amp_n if whole else None,
         )
     return result
 
@@ -172,16 +187,44 @@ def _log_linear(grid: _Grid, target: np.ndarray, floor: float) -> np.ndarray | N
     weights ``(map - floor)^2`` (Caruana's estimator): one linear solve, exact on a clean
     Gaussian however it is cut, and a start one or two iterations from the optimum otherwise.
     """
-    v = target - floor
-    top = float(v.max())
+    top = float(target.max()) - floor
     if not top > 0:
         return None
-    used = v > _LOG_LEVEL * top
-    w = np.where(used, v * v, 0.0)
-    lv = np.log(np.where(used, v, 1.0))
-    m = grid.moments(np.stack([w, w * lv]))
+    # Only the bounding box of the pixels used is read (a few hundred of the map's pixels
+    # for a compact ERF): the others have weight 0.
+    used = target > floor + _LOG_LEVEL * top
+    box = bounding_box(used)
+    v = target[box] - floor
+    used = used[box]
+    w = np.zeros((2, *v.shape))
+    np.multiply(v, v, out=w[0], where=used)
+    np.log(v, out=w[1], where=used)
+    w[1] *= w[0]
+    m = grid.moments(w, box)
     coef = _solve_spd(m[0][grid.pair_index], m[1][grid.single_index])
-    return coef if coef is not None and np.all(np.isfinite(coef)) else None
+    return coef
+
+
+def _det_if_positive_definite(m: np.ndarray) -> float | None:
+    """The determinant of a symmetric ``m``, or None when ``m`` is not positive definite."""
+    if m.shape == (2, 2):
+        a, b, c = float(m[0, 0]), float(m[0, 1]), float(m[1, 1])
+        det = a * c - b * b
+        return det if a > 0 and det > 0 else None
+    if not np.all(np.linalg.eigvalsh(m) > 0):
+        return None
+    return float(np.linalg.det(m))
+
+
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
+    """The smallest box holding every True of a non-empty ``mask``."""
+    d = mask.ndim
+    box = []
+    for i in range(d):
+        others = tuple(k for k in range(d) if k != i)
+        hits = np.flatnonzero(mask.any(axis=others) if others else mask)
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
 
 
 def _solve_spd(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
@@ -195,7 +238,30 @@ def _solve_spd(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
         x = np.linalg.solve(a, b)
     except np.linalg.LinAlgError:
         return None
-    return x if np.all(np.isfinite(x)) else None
+    return x if math.isfinite(sum(x.tolist())) else None
+
+
+def _predicted_drop(step: np.ndarray, grad: np.ndarray, lam: float, scale: np.ndarray) -> float:
+    """Drop of the residual sum of squares that the linearised model predicts for ``step``,
+    the solution of ``(J^T J + lam diag(scale)) step = J^T r``: ``step . J^T r + lam step^T
+    diag(scale) step`` (from ``|r|^2 - |r - J step|^2``)."""
+    st = step.tolist()
+    return sum(s * g for s, g in zip(st, grad.tolist(), strict=True)) + lam * sum(
+        c * s * s for c, s in zip(scale.tolist(), st, strict=True)
+    )
+
+
+def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
+    """Solve ``a x = b``; None when ``a`` is singular or the solution is not finite.
+
+    For the damped normal equations, positive definite by construction (a Gram matrix plus
+    a positive diagonal), so no factorisation is spent on testing it.
+    """
+    try:
+        x = np.linalg.solve(a, b)
+    except np.linalg.LinAlgError:
+        return None
+    return x if math.isfinite(sum(x.tolist())) else None
 
 
 def _box(
@@ -206,10 +272,10 @@ def _box(
     d = len(shape)
     if math.prod(shape) <= max(points, dense):
         return tuple(slice(0, n, 1) for n in shape)
-    half = _BOX_SIGMAS * np.sqrt(np.clip(np.diag(cov), 0.25, None))
     per_axis = points ** (1.0 / d)
     bounds = []
-    for m, h, n in zip(mean.tolist(), half.tolist(), shape, strict=True):
+    for m, var, n in zip(mean.tolist(), cov.diagonal().tolist(), shape, strict=True):
+        h = _BOX_SIGMAS * math.sqrt(max(var, 0.25))
         lo = min(max(math.floor(m - h), 0), n - 1)
         bounds.append((lo, min(max(math.ceil(m + h) + 1, lo + 1), n)))
     if math.prod(hi - lo for lo, hi in bounds) <= dense:
@@ -230,6 +296,22 @@ def _pairs(d: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(d) for j in range(i, d)]
 
 
+_POWERS = np.arange(5.0)
+
+
+@functools.cache
+def _monomial_index(d: int) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    """Where monomial a times monomial b, and monomial a alone, sit in the order-4 moment
+    tensor of :meth:`_Grid.moments` (monomials ``1, u_i, u_i u_j (i <= j)``)."""
+    exps = [(0,) * d]
+    exps += [tuple(int(k == i) for k in range(d)) for i in range(d)]
+    exps += [tuple(int(k == i) + int(k == j) for k in range(d)) for i, j in _pairs(d)]
+    e = np.array(exps)
+    pair = tuple((e[:, None, i] + e[None, :, i]) for i in range(d))
+    single = tuple(e[:, i] for i in range(d))
+    return pair, single
+
+
 class _Grid:
     """The open grid of a strided box and what the fit needs of it.
 
@@ -245,14 +327,9 @@ class _Grid:
         self.shape = tuple(len(v) for v in u)
         self.size = math.prod(self.shape)
         self.axes = [v.reshape([-1 if k == i else 1 for k in range(d)]) for i, v in enumerate(u)]
-        self.powers = [np.vander(v, 5, increasing=True) for v in u]
-        self.exps: list[tuple[int, ...]] = [(0,) * d]
-        self.exps += [tuple(int(k == i) for k in range(d)) for i in range(d)]
-        self.exps += [tuple(int(k == i) + int(k == j) for k in range(d)) for i, j in _pairs(d)]
-        e = np.array(self.exps)
-        # Index of monomial a times monomial b in the order-4 moment tensor, and of a alone.
-        self.pair_index = tuple((e[:, None, i] + e[None, :, i]) for i in range(d))
-        self.single_index = tuple(e[:, i] for i in range(d))
+        self.powers = [v[:, None] ** _POWERS for v in u]
+        self.pair_index, self.single_index = _monomial_index(d)
+        self._weights = np.empty((3, *self.shape))
 
     def eta(self, c: np.ndarray) -> np.ndarray:
         """``c . monomials`` at every grid point."""
@@ -266,9 +343,12 @@ class _Grid:
             out = out + c[1 + d + k] * (u[i] * u[j])
         return np.broadcast_to(out, self.shape)
 
-    def moments(self, w: np.ndarray) -> np.ndarray:
-        """``sum_x w[b](x) prod_i u_i^p_i`` for each leading index b and ``p_i <= 4``."""
-        p = self.powers
+    def moments(self, w: np.ndarray, box: tuple[slice, ...] | None = None) -> np.ndarray:
+        """``sum_x w[b](x) prod_i u_i^p_i`` for each leading index b and ``p_i <= 4``.
+
+        With ``box``, ``w`` covers only that box of the grid.
+        """
+        p = self.powers if box is None else [q[s] for q, s in zip(self.powers, box, strict=True)]
         if self.d == 1:
             return w @ p[0]
         if self.d == 2:
@@ -279,7 +359,11 @@ class _Grid:
         self, g: np.ndarray, r: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``sum g^2 m_a m_b``, ``sum r g m_a`` and ``sum g m_a`` over the monomials ``m``."""
-        m = self.moments(np.stack([g * g, r * g, g]))
+        w = self._weights
+        np.multiply(g, g, out=w[0])
+        np.multiply(r, g, out=w[1])
+        w[2] = g
+        m = self.moments(w)
         return m[0][self.pair_index], m[1][self.single_index], m[2][self.single_index]
 
 
@@ -300,6 +384,19 @@ def _coefficients(mean: np.ndarray, cov: np.ndarray, amplitude: float) -> np.nda
 
 def _gaussian(coef: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray, float] | None:
     """Mean, covariance and peak from the coefficients, or None if not a Gaussian bump."""
+    if d == 2:
+        # Closed form on Python floats (numpy costs more in call overhead than the algebra).
+        c0, c1, c2, c3, c4, c5 = coef.tolist()
+        p00, p01, p11 = -2.0 * c3, -c4, -2.0 * c5
+        det = p00 * p11 - p01 * p01
+        if not (p00 > 0 and det > 0):
+            return None
+        s00, s01, s11 = p11 / det, -p01 / det, p00 / det
+        m0, m1 = s00 * c1 + s01 * c2, s01 * c1 + s11 * c2
+        log_amp = c0 + 0.5 * (m0 * c1 + m1 * c2)
+        if not (math.isfinite(s00 + s01 + s11 + m0 + m1) and log_amp < 700):
+            return None
+        return np.array([m0, m1]), np.array([[s00, s01], [s01, s11]]), math.exp(log_amp)
     prec = np.empty((d, d))
     for k, (i, j) in enumerate(_pairs(d)):
         v = coef[1 + d + k]
@@ -307,12 +404,10 @@ def _gaussian(coef: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray, float] 
             prec[i, i] = -2.0 * v
         else:
             prec[i, j] = prec[j, i] = -v
-    if d == 2:
-        # Closed form (numpy.linalg costs more in call overhead than the algebra here).
-        det = prec[0, 0] * prec[1, 1] - prec[0, 1] * prec[0, 1]
-        if not (prec[0, 0] > 0 and det > 0):
+    if d == 1:
+        if not prec[0, 0] > 0:
             return None
-        cov = np.array([[prec[1, 1], -prec[0, 1]], [-prec[0, 1], prec[0, 0]]]) / det
+        cov = np.array([[1.0 / float(prec[0, 0])]])
     else:
         try:
             np.linalg.cholesky(prec)
@@ -333,16 +428,16 @@ def _levenberg_marquardt(
     coef: np.ndarray,
     fit_floor: bool,
     tol: float,
-) -> tuple[float, np.ndarray, bool, float] | None:
-    dot = ",".join(["abc"[: target.ndim]] * 2) + "->"
-
+) -> tuple[float, np.ndarray, bool, float, np.ndarray] | None:
     def evaluate(b_: float, c_: np.ndarray) -> tuple[np.ndarray, np.ndarray, float] | None:
-        # exp(700) is finite: a wild trial step gives a huge cost and is rejected, without
-        # overflow warnings (and without np.errstate, which costs more than the exp here).
-        g = np.exp(np.minimum(grid.eta(c_), 700.0))
+        eta = grid.eta(c_)
+        # The grid's coordinates lie in [-1, 1], so |eta| <= sum |c|: below 700 the exp cannot
+        # overflow. Else exp(700) is finite: a wild trial step gives a huge cost and is
+        # rejected, without overflow warnings (np.errstate costs more than the exp here).
+        g = np.exp(eta if sum(map(abs, c_.tolist())) < 700.0 else np.minimum(eta, 700.0))
         r = target - g
         r -= b_
-        cost = float(np.einsum(dot, r, r))  # not BLAS: see gaussian._dot
+        cost = sum_of_products(r, r)
         return (g, r, cost) if math.isfinite(cost) else None
 
     return _iterate(grid, evaluate, b, coef, fit_floor, tol)
@@ -355,7 +450,7 @@ def _iterate(
     coef: np.ndarray,
     fit_floor: bool,
     tol: float,
-) -> tuple[float, np.ndarray, bool, float] | None:
+) -> tuple[float, np.ndarray, bool, float, np.ndarray] | None:
     k = len(coef)
     off = 1 if fit_floor else 0
 
@@ -373,14 +468,19 @@ def _iterate(
             grad = np.concatenate([[float(r.sum())], grad_g])
         else:
             grad = grad_g
-        scale = np.diag(normal).copy()
+        scale = normal.diagonal().copy()
         scale[scale <= 0] = 1.0
         damping = np.diag(scale)
         for _ in range(20):
-            step = _solve_spd(normal + lam * damping, grad)
+            step = _solve(normal + lam * damping, grad)
             if step is None:
                 lam *= 10.0
                 continue
+            if lam <= 1e-2 and _predicted_drop(step, grad, lam, scale) <= tol * cost:
+                # The model's own prediction of the step's gain is at the tolerance: the
+                # minimum is reached (on noisy data, to a millionth of a standard error), so
+                # the step that would only confirm it is not evaluated.
+                return b, coef, True, cost, g
             nb, nc = (b + step[0], coef + step[1:]) if fit_floor else (b, coef + step)
             trial = evaluate(nb, nc)
             if trial is not None and trial[2] <= cost:
@@ -388,16 +488,16 @@ def _iterate(
             if trial is not None and trial[2] <= cost * (1.0 + 1e-9) and lam <= 1e-2:
                 # A nearly undamped step that cannot lower the cost: at the minimum to
                 # rounding (the usual way a fit on noisy data ends; no need to damp further).
-                return b, coef, True, cost
+                return b, coef, True, cost, g
             lam *= 10.0
         else:
             # No step lowers the cost: a minimum to within rounding.
-            return b, coef, True, cost
-        params = np.append(b, coef) if fit_floor else coef
-        small = float(np.max(np.abs(step) / (np.abs(params) + 1e-3)))
+            return b, coef, True, cost, g
+        params = [b, *coef.tolist()] if fit_floor else coef.tolist()
+        small = max(abs(s) / (abs(p) + 1e-3) for s, p in zip(step.tolist(), params, strict=True))
         drop = cost - trial[2]
         b, coef, (g, r, cost) = nb, nc, trial
         lam = max(lam / 10.0, 1e-12)
         if drop <= tol * max(cost, 1e-300) or small < 100 * tol:
-            return b, coef, True, cost
-    return b, coef, False, cost
+            return b, coef, True, cost, g
+    return b, coef, False, cost, g

@@ -28,8 +28,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from erf_callback.fit.gauss_newton import GaussianModelFit, fit_floor_gaussian
-from erf_callback.fit.grid import mahalanobis_sq, open_grid
+from erf_callback.fit.gauss_newton import GaussianModelFit, bounding_box, fit_floor_gaussian
+from erf_callback.fit.grid import mahalanobis_sq, open_grid, sum_of_products
 from erf_callback.fit.metrics import axis_mass
 from erf_callback.fit.truncation import chi2_cdf, restore_edge_cut, truncated_variance_factor
 from erf_callback.warnings import ERFWarning
@@ -166,9 +166,11 @@ def fit_gaussian(
     if method not in ("robust", "moments", "least_squares"):
         raise ValueError(f"unknown method {method!r}; use 'robust', 'moments' or 'least_squares'.")
     d = a.ndim
-    if not np.all(np.isfinite(a)):
+    # One pass for the common case: a finite, non-zero sum settles both checks.
+    total = float(a.sum())
+    if not math.isfinite(total) and not np.all(np.isfinite(a)):
         return _failed(d, method, "the map contains NaN or Inf")
-    if not np.any(a):
+    if total == 0.0 and not np.any(a):
         return _failed(d, method, "the map is all zeros")
     coords = open_grid(a.shape)
 
@@ -181,10 +183,10 @@ def fit_gaussian(
     robust = _fit_robust(a, coords, window, max_iter, tol)
     if robust is None:
         return _failed(d, method, "the map has no positive mass above its floor")
-    mean, cov, floor, converged = robust
+    mean, cov, floor, converged, unit = robust
     msg = "" if converged else f"robust fit did not converge in {max_iter} iterations"
     if method == "robust":
-        return _finish(a, coords, mean, cov, floor, method, converged, msg)
+        return _finish(a, coords, mean, cov, floor, method, converged, msg, unit)
     return _fit_least_squares(a, coords, mean, cov, floor)
 
 
@@ -194,7 +196,7 @@ def fit_gaussian(
 
 def _fit_robust(
     a: np.ndarray, coords: list[np.ndarray], window: float, max_iter: int, tol: float
-) -> tuple[np.ndarray, np.ndarray, float, bool] | None:
+) -> _Robust | None:
     d = a.ndim
     sample_idx, sample_vals = _subsample(a)
     peak = float(a.max())
@@ -220,8 +222,8 @@ def _fit_robust(
                 # anything else keeps its (edge-corrected) moments.
                 model = fit_floor_gaussian(a, mean, cov, 0.0, peak)
                 if model is not None and model.residual <= _EXACT_RESIDUAL:
-                    return model.mean, model.cov, model.floor, model.converged
-            return mean, cov, 0.0, True
+                    return _from_model(model)
+            return mean, cov, 0.0, True, None
 
     init = _half_max_init(a, coords)
     if init is None:
@@ -233,7 +235,10 @@ def _fit_robust(
         sample_idx, sample_vals, mean, _inverse(cov, _MIN_WINDOW_VARIANCE), window, peak
     )
     floor = pedestal[0]
-    model = fit_floor_gaussian(a, mean, cov, floor, max(peak - floor, 1e-300), binned=True)
+    # Far pixels that are all one value (a pedestal without noise) call for point samples,
+    # which are exact; noise for block means, which average it like the full map would.
+    noiseless = pedestal[1] == 0.0 and pedestal[2] > 0
+    model = fit_floor_gaussian(a, mean, cov, floor, max(peak - floor, 1e-300), binned=not noiseless)
     if model is not None and not model.point_samples and model.residual <= _NOISELESS:
         # Floor + Gaussian with no noise: block means cost ~1e-6 of exactness, point samples
         # nothing; one more round from here converges in an iteration or two.
@@ -241,9 +246,10 @@ def _fit_robust(
         if exact is not None and exact.residual <= model.residual:
             model = exact
     if model is None or not _plausible(model.mean, model.cov, a.shape):
-        return _windowed_moments(a, coords, sample_idx, sample_vals, window, max_iter, tol)
+        moments = _windowed_moments(a, coords, sample_idx, sample_vals, window, max_iter, tol)
+        return None if moments is None else (*moments, None)
     if _floors_agree(model, pedestal, a.shape):
-        return model.mean, model.cov, model.floor, model.converged
+        return _from_model(model)
     # No pixel is far from the ERF (it fills the map): the windowed moments below would use a
     # zero floor and a window wider than the map, so the plain moments bound their variance
     # from above. A model not far narrower than those is not a peak on a base.
@@ -252,15 +258,22 @@ def _fit_robust(
         and np.all(np.isfinite(plain_cov))
         and not _narrower(model.cov, plain_cov, _SPIKE_VARIANCE_RATIO)
     ):
-        return model.mean, model.cov, model.floor, model.converged
+        return _from_model(model)
     # The model's floor is not the far pixels' level: it may have fitted a sharp peak on a
     # broad base (a ResNet's skip path at initialisation) and called the base a floor. If it
     # is far narrower than the floor-corrected windowed moments, those describe the ERF (the
     # whole distribution); else the model stands.
     moments = _windowed_moments(a, coords, sample_idx, sample_vals, window, max_iter, tol)
     if moments is not None and _narrower(model.cov, moments[1], _SPIKE_VARIANCE_RATIO):
-        return moments
-    return model.mean, model.cov, model.floor, model.converged
+        return (*moments, None)
+    return _from_model(model)
+
+
+_Robust = tuple[np.ndarray, np.ndarray, float, bool, np.ndarray | None]
+
+
+def _from_model(model: GaussianModelFit) -> _Robust:
+    return model.mean, model.cov, model.floor, model.converged, model.unit
 
 
 def _floors_agree(
@@ -285,7 +298,7 @@ def _floors_agree(
 def _narrower(cov: np.ndarray, reference: np.ndarray, ratio: float) -> bool:
     """True when ``cov``'s geometric-mean variance is below ``ratio`` times ``reference``'s."""
     d = cov.shape[0]
-    det, ref = float(np.linalg.det(cov)), float(np.linalg.det(reference))
+    det, ref = _det(cov), _det(reference)
     if not (det > 0 and ref > 0):
         return False
     return bool(det ** (1.0 / d) < ratio * ref ** (1.0 / d))
@@ -296,7 +309,7 @@ def _plausible(mean: np.ndarray, cov: np.ndarray, shape: tuple[int, ...]) -> boo
     widest = 4.0 * max(shape)
     return bool(
         np.all(np.isfinite(cov))
-        and float(np.max(np.diag(cov))) <= widest * widest
+        and max(cov.diagonal().tolist()) <= widest * widest
         and float(np.prod(axis_mass(mean, cov, shape))) >= 1.0 - _MAX_OUTSIDE
     )
 
@@ -380,8 +393,12 @@ def _half_max_init(a: np.ndarray, coords: list[np.ndarray]) -> tuple[np.ndarray,
         if not peak > 0:
             return None
         base = 0.0  # a constant map: the whole map is the distribution
-    mask = (a >= base + 0.5 * (peak - base)).astype(np.float64)
-    _, mean, cov = _moments(mask, coords)
+    above = a >= base + 0.5 * (peak - base)
+    # The moments of the region on its bounding box only (a small part of the map).
+    box = bounding_box(above)
+    _, mean, cov = _moments(
+        above[box].astype(np.float64), [c[s] for c, s in zip(coords, box, strict=True)]
+    )
     cov = cov * (a.ndim + 2) / (2.0 * math.log(2.0))
     return mean, cov + np.eye(a.ndim) * _MIN_WINDOW_VARIANCE
 
@@ -450,7 +467,7 @@ def _median(values: np.ndarray) -> float:
 
 def _peak_of(mass: float, cov: np.ndarray) -> float:
     """Peak height of the Gaussian with total ``mass`` and covariance ``cov`` (pixel units)."""
-    det = float(np.linalg.det(cov))
+    det = _det(cov)
     if not det > 0:
         return 0.0
     return mass / math.sqrt((2 * math.pi) ** cov.shape[0] * det)
@@ -459,13 +476,12 @@ def _peak_of(mass: float, cov: np.ndarray) -> float:
 def _window_box(
     shape: tuple[int, ...], mean: np.ndarray, cov: np.ndarray, window: float
 ) -> tuple[slice, ...]:
-    half = window * np.sqrt(np.clip(np.diag(cov), _MIN_WINDOW_VARIANCE, None))
-    lo = np.floor(mean - half).astype(np.int64)
-    hi = np.ceil(mean + half).astype(np.int64) + 1
-    return tuple(
-        slice(int(np.clip(l_, 0, n)), int(np.clip(h, 0, n)))
-        for l_, h, n in zip(lo, hi, shape, strict=True)
-    )
+    boxes = []
+    for m, var, n in zip(mean.tolist(), cov.diagonal().tolist(), shape, strict=True):
+        half = window * math.sqrt(max(var, _MIN_WINDOW_VARIANCE))
+        lo, hi = math.floor(m - half), math.ceil(m + half) + 1
+        boxes.append(slice(min(max(lo, 0), n), min(max(hi, 0), n)))
+    return tuple(boxes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -549,6 +565,15 @@ def _moments(w: np.ndarray, coords: list[np.ndarray]) -> tuple[float, np.ndarray
 
 def _inverse(cov: np.ndarray, min_variance: float) -> np.ndarray:
     """Inverse of ``cov`` with eigenvalues floored at ``min_variance`` (degenerate maps)."""
+    if cov.shape == (2, 2):
+        # Closed form when both eigenvalues clear the floor (numpy.linalg's call overhead is
+        # most of the fit's time on small maps).
+        a, b, c = float(cov[0, 0]), 0.5 * float(cov[0, 1] + cov[1, 0]), float(cov[1, 1])
+        det = a * c - b * b
+        half_tr = 0.5 * (a + c)
+        largest = half_tr + math.sqrt(max(half_tr * half_tr - det, 0.0))
+        if det > 0 and det >= min_variance * largest:  # smallest eigenvalue det / largest
+            return np.array([[c / det, -b / det], [-b / det, a / det]])
     vals, vecs = np.linalg.eigh((cov + cov.T) / 2)
     vals = np.maximum(vals, min_variance)
     return (vecs / vals) @ vecs.T
@@ -563,26 +588,33 @@ def _finish(
     method: str,
     converged: bool,
     message: str,
+    unit: np.ndarray | None = None,
 ) -> GaussianFit:
     """Amplitude and R^2 of ``floor + amplitude * exp(-d^2 / 2)`` against the map.
 
     The Gaussian is evaluated only inside 8 sigma (exp(-32) ~ 1e-14 beyond); outside it the
-    model is the floor alone.
+    model is the floor alone. ``unit``, when given, is that Gaussian on the whole map already
+    (the model fit's last evaluation, which agrees with it to rounding).
     """
     cov = (cov + cov.T) / 2
-    prec = _inverse(cov, _MIN_EVAL_VARIANCE)
-    box = _window_box(a.shape, mean, cov, 8.0)
-    box_coords = [c[s] for c, s in zip(coords, box, strict=True)]
-    g = np.exp(-0.5 * mahalanobis_sq(box_coords, mean, prec))
-    g = np.broadcast_to(g, a[box].shape)
+    if unit is not None:
+        box: tuple[slice, ...] = tuple(slice(None) for _ in a.shape)
+        g = unit
+    else:
+        prec = _inverse(cov, _MIN_EVAL_VARIANCE)
+        box = _window_box(a.shape, mean, cov, 8.0)
+        box_coords = [c[s] for c, s in zip(coords, box, strict=True)]
+        g = np.exp(-0.5 * mahalanobis_sq(box_coords, mean, prec))
+        g = np.broadcast_to(g, a[box].shape)
     resid_in = a[box] - floor
     # Sums of squares from a few dot products (no full-size temporaries):
     # sum (r - A g)^2 = sum r^2 - 2 A sum r g + A^2 sum g^2 inside the box; outside it the
     # model is the floor alone.
-    gg, rg, rr_in = _dot(g, g), _dot(resid_in, g), _dot(resid_in, resid_in)
+    dot = sum_of_products
+    gg, rg, rr_in = dot(g, g), dot(resid_in, g), dot(resid_in, resid_in)
     amplitude = rg / gg if gg > 0 else float("nan")
     flat = a.reshape(-1)
-    total, total_sq, n = float(flat.sum()), _dot(flat, flat), flat.size
+    total, total_sq, n = float(flat.sum()), dot(flat, flat), flat.size
     total_ss = max(total_sq - total * total / n, 0.0)
     all_ss = total_sq - 2.0 * floor * total + n * floor * floor
     outside_ss = all_ss - rr_in
@@ -601,13 +633,13 @@ def _finish(
     )
 
 
-def _dot(x: np.ndarray, y: np.ndarray) -> float:
-    """``sum(x * y)`` in one single-threaded pass: BLAS ``dot`` spawns threads above ~10k
-    elements, which costs milliseconds on a busy machine for microseconds of work."""
-    return float(np.einsum(_EINSUM_DOT[x.ndim], x, y))
-
-
-_EINSUM_DOT = {1: "i,i->", 2: "ij,ij->", 3: "ijk,ijk->"}
+def _det(m: np.ndarray) -> float:
+    """Determinant of a small square matrix (closed form up to 2 x 2)."""
+    if m.shape == (2, 2):
+        return float(m[0, 0] * m[1, 1] - m[0, 1] * m[1, 0])
+    if m.shape == (1, 1):
+        return float(m[0, 0])
+    return float(np.linalg.det(m))
 
 
 def _failed(d: int, method: str, why: str) -> GaussianFit:

@@ -20,6 +20,7 @@ __all__ = [
     "mahalanobis_sq",
     "mass_within",
     "open_grid",
+    "sum_of_products",
 ]
 
 
@@ -46,6 +47,26 @@ def mahalanobis_sq(coords: list[np.ndarray], mean: np.ndarray, prec: np.ndarray)
             factor = prec[i, j] if i == j else 2.0 * prec[i, j]
             out = out + factor * delta[i] * delta[j]
     return out
+
+
+def sum_of_products(x: np.ndarray, y: np.ndarray) -> float:
+    """``sum(x * y)`` over two arrays of one shape, on one thread.
+
+    BLAS ``dot`` is the cheapest call up to 10000 elements, where OpenBLAS keeps it on one
+    thread; above that it spawns threads, which costs milliseconds on a busy machine for
+    microseconds of work, so ``einsum`` (one pass, no temporary) takes over.
+
+    Example:
+        >>> sum_of_products(np.arange(3.0), np.ones(3))
+        3.0
+    """
+    if x.size <= _BLAS_DOT_MAX:
+        return float(np.vdot(x, y))
+    return float(np.einsum(_EINSUM_DOT[x.ndim], x, y))
+
+
+_BLAS_DOT_MAX = 8192
+_EINSUM_DOT = {1: "i,i->", 2: "ij,ij->", 3: "ijk,ijk->"}
 
 
 def distance_sq(shape: Sequence[int], center: ArrayLike) -> np.ndarray:
