@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from erf_callback.fit.gauss_newton import GaussianModelFit, bounding_box, fit_floor_gaussian
-from erf_callback.fit.grid import mahalanobis_sq, open_grid, sum_of_products
+from erf_callback.fit.grid import mahalanobis_sq, open_grid, sum_of_products, unit_gaussian
 from erf_callback.fit.metrics import axis_mass
 from erf_callback.fit.truncation import chi2_cdf, restore_edge_cut, truncated_variance_factor
 from erf_callback.warnings import ERFWarning
@@ -235,9 +235,10 @@ def _fit_robust(
         sample_idx, sample_vals, mean, _inverse(cov, _MIN_WINDOW_VARIANCE), window, peak
     )
     floor = pedestal[0]
-    # Far pixels that are all one value (a pedestal without noise) call for point samples,
-    # which are exact; noise for block means, which average it like the full map would.
-    noiseless = pedestal[1] == 0.0 and pedestal[2] > 0
+    # Far pixels that are one value to within rounding and Gaussian tails (a pedestal without
+    # noise) call for point samples, which are exact; noise for block means, which average it
+    # like the full map would.
+    noiseless = pedestal[2] > 0 and pedestal[1] <= _CLEAN_FLOOR * peak
     model = fit_floor_gaussian(a, mean, cov, floor, max(peak - floor, 1e-300), binned=not noiseless)
     if model is not None and not model.point_samples and model.residual <= _NOISELESS:
         # Floor + Gaussian with no noise: block means cost ~1e-6 of exactness, point samples
@@ -604,8 +605,7 @@ def _finish(
         prec = _inverse(cov, _MIN_EVAL_VARIANCE)
         box = _window_box(a.shape, mean, cov, 8.0)
         box_coords = [c[s] for c, s in zip(coords, box, strict=True)]
-        g = np.exp(-0.5 * mahalanobis_sq(box_coords, mean, prec))
-        g = np.broadcast_to(g, a[box].shape)
+        g = unit_gaussian(box_coords, mean, prec)
     resid_in = a[box] - floor
     # Sums of squares from a few dot products (no full-size temporaries):
     # sum (r - A g)^2 = sum r^2 - 2 A sum r g + A^2 sum g^2 inside the box; outside it the

@@ -21,6 +21,7 @@ __all__ = [
     "mass_within",
     "open_grid",
     "sum_of_products",
+    "unit_gaussian",
 ]
 
 
@@ -46,6 +47,67 @@ def mahalanobis_sq(coords: list[np.ndarray], mean: np.ndarray, prec: np.ndarray)
                 continue
             factor = prec[i, j] if i == j else 2.0 * prec[i, j]
             out = out + factor * delta[i] * delta[j]
+    return out
+
+
+def unit_gaussian(coords: list[np.ndarray], mean: np.ndarray, prec: np.ndarray) -> np.ndarray:
+    """``exp(-(p - mean)^T prec (p - mean) / 2)`` at every point of the open grid ``coords``.
+
+    The full-size result of ``np.exp(-0.5 * mahalanobis_sq(coords, mean, prec))``, to a few
+    units of rounding. On a large 2-D grid of consecutive rows the exponential is factored:
+    the exponent is ``A_i + B_j + C_j * i`` (``C_j`` from the cross term), so row ``i`` is
+    ``exp(B_j) * exp(C_j)^i * exp(A_i)``, the powers built by doubling the rows already
+    made: three exponentials along one axis and a few products instead of an exponential per
+    pixel (the costly part on large maps). It falls back to the direct form where a partial
+    product could overflow (correlations near 1).
+
+    Example:
+        >>> g = unit_gaussian([np.arange(3.0), np.arange(4.0)], np.array([1.0, 1.5]), np.eye(2))
+        >>> bool(np.allclose(g, np.exp(-0.5 * mahalanobis_sq(
+        ...     [np.arange(3.0), np.arange(4.0)], np.array([1.0, 1.5]), np.eye(2)))))
+        True
+    """
+    if len(coords) == 2 and len(coords[0]) * len(coords[1]) >= _FACTORED_MIN:
+        out = _unit_gaussian_2d(coords[0], coords[1], mean, prec)
+        if out is not None:
+            return out
+    d = len(coords)
+    out = np.exp(-0.5 * mahalanobis_sq(coords, mean, prec))
+    return np.broadcast_to(out, tuple(len(c) for c in coords)).copy() if out.ndim < d else out
+
+
+# Below this many pixels the direct form costs no more (numpy's per-call overhead dominates).
+_FACTORED_MIN = 8192
+
+
+def _unit_gaussian_2d(
+    y: np.ndarray, x: np.ndarray, mean: np.ndarray, prec: np.ndarray
+) -> np.ndarray | None:
+    n, m = len(y), len(x)
+    if n > 1 and not np.all(np.diff(y) == 1.0):
+        return None
+    p00, p01, p11 = float(prec[0, 0]), 0.5 * float(prec[0, 1] + prec[1, 0]), float(prec[1, 1])
+    dy = y - float(mean[0])
+    dx = x - float(mean[1])
+    rows = -0.5 * p00 * (dy * dy)  # A_i
+    cross = -p01 * dx  # C_j: the exponent gains C_j per row
+    first = -0.5 * p11 * (dx * dx) + cross * float(dy[0])  # B_j + C_j dy_0
+    # Every partial product is exp(first_j + cross_j * i) or exp(cross_j * w): both must stay
+    # finite (the whole exponent is <= 0; its parts need not be).
+    big = float(np.max(np.abs(cross))) * n + float(np.max(np.abs(first)))
+    if not (math.isfinite(big) and big < 600.0 and float(np.min(rows)) > -600.0):
+        return None
+    out = np.empty((n, m))
+    out[0] = np.exp(first)
+    ratio = np.exp(cross)
+    done = 1
+    while done < n:  # rows [done, 2 done) from rows [0, done), contiguous blocks
+        k = min(done, n - done)
+        np.multiply(out[:k], ratio, out=out[done : done + k])
+        done += k
+        if done < n:
+            ratio = ratio * ratio
+    out *= np.exp(rows)[:, None]
     return out
 
 
@@ -130,8 +192,7 @@ def gaussian_on_grid(shape: Sequence[int], mean: np.ndarray, cov: np.ndarray) ->
     cov = 0.5 * (cov + cov.T)
     if np.linalg.eigvalsh(cov).min() <= 0:
         return None
-    q = mahalanobis_sq(open_grid(shape), mean, np.linalg.inv(cov))
-    return np.broadcast_to(np.exp(-0.5 * q), tuple(shape)).copy()
+    return unit_gaussian(open_grid(shape), mean, np.linalg.inv(cov))
 
 
 def downsample_map(erf: np.ndarray, max_side: int = 64) -> np.ndarray:
