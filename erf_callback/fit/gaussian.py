@@ -46,8 +46,11 @@ _MIN_EVAL_VARIANCE = 1e-6
 _MIN_WINDOW_VARIANCE = 0.25
 # Enough far-away pixels to take a median from; fewer and the floor is assumed to be zero.
 _MIN_FLOOR_PIXELS = 8
-# The floor median is taken on a regular subsample of at most this many pixels.
+# The floor under the windowed moments is taken on a regular subsample of at most this many
+# pixels (its error, times the window's area, goes straight into the variance).
 _FLOOR_SAMPLE = 32768
+# The checks and the model fit's starting floor read a sparser one (the model fits its own).
+_CHECK_SAMPLE = 8192
 # A far-pixel median at most this fraction of the peak counts as "no pedestal".
 _CLEAN_FLOOR = 1e-6
 # The clean path tries the model fit when the edge-corrected Gaussian has more than this
@@ -198,7 +201,7 @@ def _fit_robust(
     a: np.ndarray, coords: list[np.ndarray], window: float, max_iter: int, tol: float
 ) -> _Robust | None:
     d = a.ndim
-    sample_idx, sample_vals = _subsample(a)
+    sample_idx, sample_vals = _subsample(a, _CHECK_SAMPLE)
     peak = float(a.max())
     # Fast exact path: when the pixels far outside the plain-moment window are zero to
     # rounding (no pedestal, no noise), the plain moments are the answer (exact for Gaussians
@@ -247,7 +250,7 @@ def _fit_robust(
         if exact is not None and exact.residual <= model.residual:
             model = exact
     if model is None or not _plausible(model.mean, model.cov, a.shape):
-        moments = _windowed_moments(a, coords, sample_idx, sample_vals, window, max_iter, tol)
+        moments = _windowed_moments(a, coords, window, max_iter, tol)
         return None if moments is None else (*moments, None)
     if _floors_agree(model, pedestal, a.shape):
         return _from_model(model)
@@ -264,7 +267,7 @@ def _fit_robust(
     # broad base (a ResNet's skip path at initialisation) and called the base a floor. If it
     # is far narrower than the floor-corrected windowed moments, those describe the ERF (the
     # whole distribution); else the model stands.
-    moments = _windowed_moments(a, coords, sample_idx, sample_vals, window, max_iter, tol)
+    moments = _windowed_moments(a, coords, window, max_iter, tol)
     if moments is not None and _narrower(model.cov, moments[1], _SPIKE_VARIANCE_RATIO):
         return (*moments, None)
     return _from_model(model)
@@ -318,14 +321,13 @@ def _plausible(mean: np.ndarray, cov: np.ndarray, shape: tuple[int, ...]) -> boo
 def _windowed_moments(
     a: np.ndarray,
     coords: list[np.ndarray],
-    sample_idx: list[np.ndarray],
-    sample_vals: np.ndarray,
     window: float,
     max_iter: int,
     tol: float,
 ) -> tuple[np.ndarray, np.ndarray, float, bool] | None:
     """Floor-corrected windowed moments: the fallback where the model fit fails."""
     d = a.ndim
+    sample_idx, sample_vals = _subsample(a, _FLOOR_SAMPLE)
     peak = float(a.max())
     init = _half_max_init(a, coords)
     if init is None:
@@ -404,9 +406,9 @@ def _half_max_init(a: np.ndarray, coords: list[np.ndarray]) -> tuple[np.ndarray,
     return mean, cov + np.eye(a.ndim) * _MIN_WINDOW_VARIANCE
 
 
-def _subsample(a: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
-    """A regular grid subsample (index arrays per axis and values) for the floor median."""
-    step = max(1, math.ceil((a.size / _FLOOR_SAMPLE) ** (1.0 / a.ndim)))
+def _subsample(a: np.ndarray, size: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """A regular grid subsample of at most ``size`` pixels (index arrays per axis, values)."""
+    step = max(1, math.ceil((a.size / size) ** (1.0 / a.ndim)))
     idx = [np.arange(0, n, step, dtype=np.float64) for n in a.shape]
     vals = a[tuple(slice(None, None, step) for _ in range(a.ndim))]
     return idx, vals
