@@ -229,3 +229,52 @@ def test_a_noisy_erf_filling_the_map_keeps_the_model_fit(seed):
     fit = fit_gaussian(erf)
     assert fit.floor == pytest.approx(floor + 0.005 * math.sqrt(2 / math.pi), abs=2e-3)
     np.testing.assert_allclose(fit.sigma, sigma, rtol=0.03)
+
+
+def test_bounding_box_is_the_smallest_box_holding_the_mask():
+    from erf_callback.fit.gauss_newton import bounding_box
+
+    mask = np.zeros((9, 12), dtype=bool)
+    mask[2, 5] = mask[6, 3] = mask[4, 10] = True
+    assert bounding_box(mask) == (slice(2, 7), slice(3, 11))
+    line = np.zeros(10, dtype=bool)
+    line[[4, 7]] = True
+    assert bounding_box(line) == (slice(4, 8),)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (129, 161)])
+def test_r2_is_the_coefficient_of_determination_of_the_fitted_model(shape):
+    # R^2 may come from the model fit's last evaluation (small maps) or from a fresh one
+    # (large maps): either way it is 1 - RSS / TSS of floor + amplitude * Gaussian, with
+    # the amplitude that is least squares given the floor.
+    rng = np.random.default_rng(3)
+    cov = rotated_cov(shape[0] / 12, shape[1] / 9, 0.4)
+    erf = gaussian_map(shape, (shape[0] / 2 - 3, shape[1] / 2 + 5), cov)
+    erf = erf + 0.01 + np.abs(rng.normal(0.0, 0.01, shape))
+    fit = fit_gaussian(erf)
+    g = gaussian_map(shape, fit.mean, fit.cov)
+    r = erf - fit.floor
+    amplitude = float(np.sum(r * g) / np.sum(g * g))
+    rss = float(np.sum((r - amplitude * g) ** 2))
+    tss = float(np.sum((erf - erf.mean()) ** 2))
+    assert fit.amplitude == pytest.approx(amplitude, rel=1e-9)
+    assert fit.r2 == pytest.approx(1.0 - rss / tss, abs=1e-12)
+
+
+def test_huge_finite_maps_are_not_taken_for_non_finite_ones():
+    # The finite check reads the sum first; a sum that overflows must not fail a finite map,
+    # and a map whose values cancel to a zero sum is not "all zeros".
+    y, x = np.mgrid[:32, :32]
+    g = np.exp(-((y - 15.0) ** 2 + (x - 16.0) ** 2) / 18.0)
+    huge = 4e306 * g
+    assert not np.isfinite(huge.sum()) and np.all(np.isfinite(huge))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the moments themselves overflow
+        assert "NaN or Inf" not in fit_gaussian(huge).message
+    signed = np.zeros((8, 8))
+    signed[2, 2], signed[5, 5] = 1.0, -1.0
+    assert "zeros" not in fit_gaussian(signed).message
+    inf = np.ones((8, 8))
+    inf[3, 3] = np.inf
+    with pytest.warns(ERFWarning, match="NaN or Inf"):
+        assert not fit_gaussian(inf).ok

@@ -178,3 +178,75 @@ def test_mass_within_counts_pixels_up_to_each_radius_inclusive() -> None:
 def test_cumulative_mass_takes_a_scalar_radius() -> None:
     got = grid.cumulative_mass(np.array([1.0, 2.0, 1.0]), np.array([1.0]), 0.0)
     np.testing.assert_allclose(got, [0.5], rtol=1e-15)
+
+
+# --------------------------------------------------------------------------------------------
+# unit Gaussian (factored on large 2-D grids), sum of products, bounding box
+# --------------------------------------------------------------------------------------------
+
+
+def _direct(coords: list[np.ndarray], mean: np.ndarray, prec: np.ndarray) -> np.ndarray:
+    q = grid.mahalanobis_sq(coords, mean, prec)
+    return np.broadcast_to(np.exp(-0.5 * q), tuple(len(c) for c in coords))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_unit_gaussian_equals_the_exponential_of_the_quadratic_form(seed: int) -> None:
+    # Random boxes (offset, 9-300 px per side), centres in and out of them, widths from a
+    # third of a pixel to twice the box, correlations up to 0.999: the factored product
+    # agrees with exp(-q/2) to the rounding of q itself (|q| up to ~1e3 here: ~1e-13).
+    rng = np.random.default_rng(seed)
+    factored = 0
+    for _ in range(60):
+        n, m = (int(v) for v in rng.integers(9, 300, 2))
+        y0, x0 = (float(v) for v in rng.integers(0, 50, 2))
+        coords = [y0 + np.arange(n, dtype=np.float64), x0 + np.arange(m, dtype=np.float64)]
+        mean = np.array([rng.uniform(y0 - 20, y0 + n + 20), rng.uniform(x0 - 20, x0 + m + 20)])
+        sy, sx = rng.uniform(0.3, 2.0 * max(n, m), 2)
+        rho = rng.uniform(-0.999, 0.999)
+        prec = np.linalg.inv(np.array([[sy * sy, rho * sy * sx], [rho * sy * sx, sx * sx]]))
+        ref = _direct(coords, mean, prec)
+        got = grid.unit_gaussian(coords, mean, prec)
+        factored += grid._unit_gaussian_2d(coords[0], coords[1], mean, prec) is not None
+        assert got.shape == (n, m)
+        big = ref > 1e-200
+        np.testing.assert_allclose(got[big], ref[big], rtol=5e-13)
+        assert np.all(np.abs(got[~big]) < 1e-190)
+    assert factored > 30  # the factored path is the one under test
+
+
+def test_unit_gaussian_falls_back_where_a_partial_product_would_overflow() -> None:
+    # Correlation 0.99999 on a 200 x 200 box: the cross term alone reaches e^1000.
+    coords = [np.arange(200.0), np.arange(200.0)]
+    s = 60.0
+    rho = 0.99999
+    prec = np.linalg.inv(np.array([[s * s, rho * s * s], [rho * s * s, s * s]]))
+    mean = np.array([100.0, 100.0])
+    assert grid._unit_gaussian_2d(coords[0], coords[1], mean, prec) is None
+    got = grid.unit_gaussian(coords, mean, prec)
+    np.testing.assert_allclose(got, _direct(coords, mean, prec), rtol=1e-15)
+
+
+@pytest.mark.parametrize(
+    "coords",
+    [
+        [np.arange(40.0)],
+        [np.arange(30.0), np.arange(0.0, 60.0, 2.0)],  # strided rows: direct form
+        [np.arange(6.0), np.arange(7.0), np.arange(5.0)],
+    ],
+)
+def test_unit_gaussian_other_grids_take_the_direct_form(coords: list[np.ndarray]) -> None:
+    d = len(coords)
+    mean = np.array([float(len(c)) / 2 for c in coords])
+    prec = np.linalg.inv(np.eye(d) * 9.0 + 0.5)
+    np.testing.assert_allclose(
+        grid.unit_gaussian(coords, mean, prec), _direct(coords, mean, prec), rtol=1e-15
+    )
+
+
+@pytest.mark.parametrize("shape", [(7,), (50, 60), (100, 101), (20, 21, 22)])
+def test_sum_of_products_is_the_sum_of_the_products(shape: tuple[int, ...]) -> None:
+    # Below and above the size where BLAS would start threads (8192): both forms agree.
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=shape), rng.normal(size=shape)
+    assert grid.sum_of_products(x, y) == pytest.approx(float(np.sum(x * y)), rel=1e-12)
