@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from erf_callback.fit.grid import sum_of_products
+from erf_callback.fit.grid import bounding_box, sum_of_products
 
-__all__ = ["GaussianModelFit", "bounding_box", "fit_floor_gaussian"]
+__all__ = ["GaussianModelFit", "fit_floor_gaussian"]
 
 # Box half-width in sigmas: a Gaussian is below exp(-12.5) ~ 4e-6 of its peak there, and the
 # box holds ~100 sigma^2 of pixels per ~6 sigma^2 of Gaussian, enough to pin the floor.
@@ -214,17 +214,6 @@ def _det_if_positive_definite(m: np.ndarray) -> float | None:
     if not np.all(np.linalg.eigvalsh(m) > 0):
         return None
     return float(np.linalg.det(m))
-
-
-def bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
-    """The smallest box holding every True of a non-empty ``mask``."""
-    d = mask.ndim
-    box = []
-    for i in range(d):
-        others = tuple(k for k in range(d) if k != i)
-        hits = np.flatnonzero(mask.any(axis=others) if others else mask)
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)
 
 
 def _solve_spd(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:

@@ -28,8 +28,14 @@ from typing import Literal
 import numpy as np
 import torch
 
-from erf_callback.fit.gauss_newton import GaussianModelFit, bounding_box, fit_floor_gaussian
-from erf_callback.fit.grid import mahalanobis_sq, open_grid, sum_of_products, unit_gaussian
+from erf_callback.fit.gauss_newton import GaussianModelFit, fit_floor_gaussian
+from erf_callback.fit.grid import (
+    bounding_box,
+    mahalanobis_sq,
+    open_grid,
+    sum_of_products,
+    unit_gaussian,
+)
 from erf_callback.fit.metrics import axis_mass
 from erf_callback.fit.truncation import chi2_cdf, restore_edge_cut, truncated_variance_factor
 from erf_callback.warnings import ERFWarning
@@ -482,6 +488,9 @@ def _window_box(
     boxes = []
     for m, var, n in zip(mean.tolist(), cov.diagonal().tolist(), shape, strict=True):
         half = window * math.sqrt(max(var, _MIN_WINDOW_VARIANCE))
+        if not math.isfinite(m + half):  # no estimate: an empty box, never an exception
+            boxes.append(slice(0, 0))
+            continue
         lo, hi = math.floor(m - half), math.ceil(m + half) + 1
         boxes.append(slice(min(max(lo, 0), n), min(max(hi, 0), n)))
     return tuple(boxes)

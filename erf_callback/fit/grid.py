@@ -13,6 +13,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 __all__ = [
+    "bounding_box",
     "cumulative_mass",
     "distance_sq",
     "downsample_map",
@@ -23,6 +24,22 @@ __all__ = [
     "sum_of_products",
     "unit_gaussian",
 ]
+
+
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
+    """The smallest box holding every True of a non-empty ``mask``, one slice per axis.
+
+    Example:
+        >>> bounding_box(np.array([[0, 0, 0], [0, 1, 1]], dtype=bool))
+        (slice(1, 2, None), slice(1, 3, None))
+    """
+    d = mask.ndim
+    box = []
+    for i in range(d):
+        others = tuple(k for k in range(d) if k != i)
+        hits = np.flatnonzero(mask.any(axis=others) if others else mask)
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
 
 
 def open_grid(shape: Sequence[int]) -> list[np.ndarray]:

@@ -250,3 +250,12 @@ def test_sum_of_products_is_the_sum_of_the_products(shape: tuple[int, ...]) -> N
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=shape), rng.normal(size=shape)
     assert grid.sum_of_products(x, y) == pytest.approx(float(np.sum(x * y)), rel=1e-12)
+
+
+def test_bounding_box_is_the_smallest_box_holding_the_mask() -> None:
+    mask = np.zeros((9, 12), dtype=bool)
+    mask[2, 5] = mask[6, 3] = mask[4, 10] = True
+    assert grid.bounding_box(mask) == (slice(2, 7), slice(3, 11))
+    line = np.zeros(10, dtype=bool)
+    line[[4, 7]] = True
+    assert grid.bounding_box(line) == (slice(4, 8),)
