@@ -201,8 +201,7 @@ def _log_linear(grid: _Grid, target: np.ndarray, floor: float) -> np.ndarray | N
     np.log(v, out=w[1], where=used)
     w[1] *= w[0]
     m = grid.moments(w, box)
-    coef = _solve_spd(m[0][grid.pair_index], m[1][grid.single_index])
-    return coef
+    return _solve_spd(m[0][grid.pair_index], m[1][grid.single_index])
 
 
 def _det_if_positive_definite(m: np.ndarray) -> float | None:
@@ -224,10 +223,9 @@ def _solve_spd(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
     """
     try:
         np.linalg.cholesky(a)
-        x = np.linalg.solve(a, b)
     except np.linalg.LinAlgError:
         return None
-    return x if math.isfinite(sum(x.tolist())) else None
+    return _solve(a, b)
 
 
 def _predicted_drop(step: np.ndarray, grad: np.ndarray, lam: float, scale: np.ndarray) -> float:

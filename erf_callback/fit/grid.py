@@ -88,9 +88,7 @@ def unit_gaussian(coords: list[np.ndarray], mean: np.ndarray, prec: np.ndarray) 
         out = _unit_gaussian_2d(coords[0], coords[1], mean, prec)
         if out is not None:
             return out
-    d = len(coords)
-    out = np.exp(-0.5 * mahalanobis_sq(coords, mean, prec))
-    return np.broadcast_to(out, tuple(len(c) for c in coords)).copy() if out.ndim < d else out
+    return np.exp(-0.5 * mahalanobis_sq(coords, mean, prec))
 
 
 # Below this many pixels the direct form costs no more (numpy's per-call overhead dominates).
