@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -299,6 +298,36 @@ def _monomial_index(d: int) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, .
     return pair, single
 
 
+# The slots of the weight buffer (:meth:`_Grid.weights`): g^2, r g, g and r.
+_GG, _RG, _G, _R = range(4)
+
+
+@functools.cache
+def _gather_index(d: int, fit_floor: bool) -> np.ndarray:
+    """Flat indices into the ``(4, 5, ..., 5)`` moments of the weight buffer that give the
+    normal matrix (row-major) followed by the gradient ``J^T r`` in one ``take``.
+
+    Parameters are ``[floor,] coefficients``: the floor's column is ``[N, sum g m_a]`` (``N``
+    is set after the gather; its slot reads a placeholder) and its gradient ``sum r``.
+    """
+    pair, single = _monomial_index(d)
+    shape = (4,) + (5,) * d
+    k = len(single[0])
+
+    def at(slot: int, powers: tuple[np.ndarray, ...]) -> np.ndarray:
+        return np.ravel_multi_index((np.full(powers[0].shape, slot), *powers), shape)
+
+    gg, gm, rgm = at(_GG, pair), at(_G, single), at(_RG, single)
+    if not fit_floor:
+        return np.concatenate([gg.ravel(), rgm])
+    normal = np.empty((k + 1, k + 1), dtype=np.intp)
+    normal[1:, 1:] = gg
+    normal[0, 1:] = normal[1:, 0] = gm
+    normal[0, 0] = 0
+    r_sum = at(_R, tuple(np.zeros(1, dtype=int) for _ in range(d)))
+    return np.concatenate([normal.ravel(), r_sum, rgm])
+
+
 class _Grid:
     """The open grid of a strided box and what the fit needs of it.
 
@@ -316,19 +345,30 @@ class _Grid:
         self.axes = [v.reshape([-1 if k == i else 1 for k in range(d)]) for i, v in enumerate(u)]
         self.powers = [v[:, None] ** _POWERS for v in u]
         self.pair_index, self.single_index = _monomial_index(d)
-        self._weights = np.empty((3, *self.shape))
+        if d == 2:
+            # [1, y, y^2] and [1, x, x^2]^T: eta = rows @ C @ cols (see eta).
+            self._rows = np.ascontiguousarray(self.powers[0][:, :3])
+            self._cols = np.ascontiguousarray(self.powers[1][:, :3].T)
+            self._eta = np.empty(self.shape)
+
+    def weights(self) -> np.ndarray:
+        """A fresh ``(4, *shape)`` buffer for :meth:`normal_equations`: slots ``_GG, _RG,
+        _G, _R`` (the model fills g and r, the normal equations the products)."""
+        return np.empty((4, *self.shape))
 
     def eta(self, c: np.ndarray) -> np.ndarray:
-        """``c . monomials`` at every grid point."""
+        """``c . monomials`` at every grid point (2-D: into a buffer reused by each call)."""
         d, u = self.d, self.axes
         if d == 2:
-            # c0 + c1 y + c3 y^2 + x (c2 + c4 y) + c5 x^2, in three passes over the grid.
-            y, x = u[0], u[1]
-            return (c[0] + y * (c[1] + c[3] * y)) + x * (c[2] + c[4] * y + c[5] * x)
+            # [1, y, y^2] C [1, x, x^2]^T: two small matrix products (BLAS) in place of five
+            # broadcast passes over the grid, 3x faster at 64 x 64.
+            c0, c1, c2, c3, c4, c5 = c.tolist()
+            quad = np.array([[c0, c2, c5], [c1, c4, 0.0], [c3, 0.0, 0.0]])
+            return np.matmul(self._rows @ quad, self._cols, out=self._eta)
         out = c[0] + sum(c[1 + i] * u[i] for i in range(d))
         for k, (i, j) in enumerate(_pairs(d)):
             out = out + c[1 + d + k] * (u[i] * u[j])
-        return np.broadcast_to(out, self.shape)
+        return np.broadcast_to(out, self.shape).copy() if out.shape != self.shape else out
 
     def moments(self, w: np.ndarray, box: tuple[slice, ...] | None = None) -> np.ndarray:
         """``sum_x w[b](x) prod_i u_i^p_i`` for each leading index b and ``p_i <= 4``.
@@ -342,16 +382,22 @@ class _Grid:
             return p[0].T @ w @ p[1]
         return np.einsum("bzyx,zi,yj,xk->bijk", w, *p, optimize=True)
 
-    def normal_equations(
-        self, g: np.ndarray, r: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``sum g^2 m_a m_b``, ``sum r g m_a`` and ``sum g m_a`` over the monomials ``m``."""
-        w = self._weights
-        np.multiply(g, g, out=w[0])
-        np.multiply(r, g, out=w[1])
-        w[2] = g
-        m = self.moments(w)
-        return m[0][self.pair_index], m[1][self.single_index], m[2][self.single_index]
+    def normal_equations(self, w: np.ndarray, fit_floor: bool) -> tuple[np.ndarray, np.ndarray]:
+        """``(J^T J, J^T r)`` for the parameters ``[floor,] coefficients``.
+
+        ``w`` is a :meth:`weights` buffer holding g and r; the products are written into it.
+        The entries are moments of g^2, r g, g and r (``sum g^2 m_a m_b``, ``sum r g m_a``,
+        ``sum g m_a``, ``sum r``), gathered in one ``take``.
+        """
+        np.multiply(w[_G], w[_G], out=w[_GG])
+        np.multiply(w[_R], w[_G], out=w[_RG])
+        index = _gather_index(self.d, fit_floor)
+        flat = self.moments(w).take(index)
+        n = round(math.sqrt(len(index) + 0.25) - 0.5)  # n^2 + n entries
+        normal = flat[: n * n].reshape(n, n)
+        if fit_floor:
+            normal[0, 0] = float(self.size)
+        return normal, flat[n * n :]
 
 
 def _coefficients(mean: np.ndarray, cov: np.ndarray, amplitude: float) -> np.ndarray | None:
@@ -416,50 +462,34 @@ def _levenberg_marquardt(
     fit_floor: bool,
     tol: float,
 ) -> tuple[float, np.ndarray, bool, float, np.ndarray] | None:
-    def evaluate(b_: float, c_: np.ndarray) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """``(floor, coefficients, converged, residual sum of squares, g)`` from the start
+    ``(b, coef)``; None when the start cannot be evaluated."""
+
+    def evaluate(b_: float, c_: np.ndarray) -> tuple[np.ndarray, float] | None:
+        w = grid.weights()
         eta = grid.eta(c_)
         # The grid's coordinates lie in [-1, 1], so |eta| <= sum |c|: below 700 the exp cannot
         # overflow. Else exp(700) is finite: a wild trial step gives a huge cost and is
         # rejected, without overflow warnings (np.errstate costs more than the exp here).
-        g = np.exp(eta if sum(map(abs, c_.tolist())) < 700.0 else np.minimum(eta, 700.0))
-        r = target - g
+        if sum(map(abs, c_.tolist())) >= 700.0:
+            np.minimum(eta, 700.0, out=eta)
+        g = np.exp(eta, out=w[_G])
+        r = np.subtract(target, g, out=w[_R])
         r -= b_
         cost = sum_of_products(r, r)
-        return (g, r, cost) if math.isfinite(cost) else None
-
-    return _iterate(grid, evaluate, b, coef, fit_floor, tol)
-
-
-def _iterate(
-    grid: _Grid,
-    evaluate: Callable[[float, np.ndarray], tuple[np.ndarray, np.ndarray, float] | None],
-    b: float,
-    coef: np.ndarray,
-    fit_floor: bool,
-    tol: float,
-) -> tuple[float, np.ndarray, bool, float, np.ndarray] | None:
-    k = len(coef)
-    off = 1 if fit_floor else 0
+        return (w, cost) if math.isfinite(cost) else None
 
     state = evaluate(b, coef)
     if state is None:
         return None
-    g, r, cost = state
+    w, cost = state
     lam = 1e-3
-    normal = np.empty((k + off, k + off))
     for _ in range(_MAX_ITER):
-        normal[off:, off:], grad_g, col = grid.normal_equations(g, r)
-        if fit_floor:
-            normal[0, 1:] = normal[1:, 0] = col
-            normal[0, 0] = float(grid.size)
-            grad = np.concatenate([[float(r.sum())], grad_g])
-        else:
-            grad = grad_g
-        scale = normal.diagonal().copy()
-        scale[scale <= 0] = 1.0
-        damping = np.diag(scale)
+        normal, grad = grid.normal_equations(w, fit_floor)
+        diagonal = normal.diagonal()
+        scale = np.where(diagonal > 0, diagonal, 1.0)
         for _ in range(20):
-            step = _solve(normal + lam * damping, grad)
+            step = _solve(normal + np.diag(lam * scale), grad)
             if step is None:
                 lam *= 10.0
                 continue
@@ -467,24 +497,24 @@ def _iterate(
                 # The model's own prediction of the step's gain is at the tolerance: the
                 # minimum is reached (on noisy data, to a millionth of a standard error), so
                 # the step that would only confirm it is not evaluated.
-                return b, coef, True, cost, g
-            nb, nc = (b + step[0], coef + step[1:]) if fit_floor else (b, coef + step)
+                return b, coef, True, cost, w[_G]
+            nb, nc = (b + float(step[0]), coef + step[1:]) if fit_floor else (b, coef + step)
             trial = evaluate(nb, nc)
-            if trial is not None and trial[2] <= cost:
+            if trial is not None and trial[1] <= cost:
                 break
-            if trial is not None and trial[2] <= cost * (1.0 + 1e-9) and lam <= 1e-2:
+            if trial is not None and trial[1] <= cost * (1.0 + 1e-9) and lam <= 1e-2:
                 # A nearly undamped step that cannot lower the cost: at the minimum to
                 # rounding (the usual way a fit on noisy data ends; no need to damp further).
-                return b, coef, True, cost, g
+                return b, coef, True, cost, w[_G]
             lam *= 10.0
         else:
             # No step lowers the cost: a minimum to within rounding.
-            return b, coef, True, cost, g
+            return b, coef, True, cost, w[_G]
         params = [b, *coef.tolist()] if fit_floor else coef.tolist()
         small = max(abs(s) / (abs(p) + 1e-3) for s, p in zip(step.tolist(), params, strict=True))
-        drop = cost - trial[2]
-        b, coef, (g, r, cost) = nb, nc, trial
+        drop = cost - trial[1]
+        b, coef, (w, cost) = nb, nc, trial
         lam = max(lam / 10.0, 1e-12)
         if drop <= tol * max(cost, 1e-300) or small < 100 * tol:
-            return b, coef, True, cost, g
-    return b, coef, False, cost, g
+            return b, coef, True, cost, w[_G]
+    return b, coef, False, cost, w[_G]

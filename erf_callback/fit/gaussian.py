@@ -208,13 +208,15 @@ def _fit_robust(
 ) -> _Robust | None:
     d = a.ndim
     sample_idx, sample_vals = _subsample(a, _CHECK_SAMPLE)
-    peak = float(a.max())
+    peak, low = float(a.max()), float(a.min())
     # Fast exact path: when the pixels far outside the plain-moment window are zero to
     # rounding (no pedestal, no noise), the plain moments are the answer (exact for Gaussians
-    # and compact maps alike).
-    m0, mean, cov = _moments(a, coords)
-    plain_cov = cov
-    if m0 > 0 and np.all(np.isfinite(cov)):
+    # and compact maps alike). A map whose every pixel is above that level (a positive floor,
+    # |gradient| noise) cannot take it: its check is skipped.
+    plain: tuple[float, np.ndarray, np.ndarray] | None = None
+    if not low > _CLEAN_FLOOR * peak:
+        plain = m0, mean, cov = _moments(a, coords)
+    if plain is not None and m0 > 0 and np.all(np.isfinite(cov)):
         d2 = mahalanobis_sq(sample_idx, mean, _inverse(cov, _MIN_WINDOW_VARIANCE))
         far = sample_vals[d2 > window * window]
         # median(|far|) <= level, counted rather than sorted
@@ -234,7 +236,7 @@ def _fit_robust(
                     return _from_model(model)
             return mean, cov, 0.0, True, None
 
-    init = _half_max_init(a, coords)
+    init = _half_max_init(a, coords, low, peak)
     if init is None:
         return None
     mean, cov = init
@@ -263,12 +265,12 @@ def _fit_robust(
     # No pixel is far from the ERF (it fills the map): the windowed moments below would use a
     # zero floor and a window wider than the map, so the plain moments bound their variance
     # from above. A model not far narrower than those is not a peak on a base.
-    if (
-        pedestal[2] == 0
-        and np.all(np.isfinite(plain_cov))
-        and not _narrower(model.cov, plain_cov, _SPIKE_VARIANCE_RATIO)
-    ):
-        return _from_model(model)
+    if pedestal[2] == 0:
+        plain_cov = (plain or _moments(a, coords))[2]
+        if np.all(np.isfinite(plain_cov)) and not _narrower(
+            model.cov, plain_cov, _SPIKE_VARIANCE_RATIO
+        ):
+            return _from_model(model)
     # The model's floor is not the far pixels' level: it may have fitted a sharp peak on a
     # broad base (a ResNet's skip path at initialisation) and called the base a floor. If it
     # is far narrower than the floor-corrected windowed moments, those describe the ERF (the
@@ -335,7 +337,7 @@ def _windowed_moments(
     d = a.ndim
     sample_idx, sample_vals = _subsample(a, _FLOOR_SAMPLE)
     peak = float(a.max())
-    init = _half_max_init(a, coords)
+    init = _half_max_init(a, coords, float(a.min()), peak)
     if init is None:
         return None
     mean, cov = init
@@ -389,15 +391,17 @@ def _relative_change(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.n
     )
 
 
-def _half_max_init(a: np.ndarray, coords: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
-    """Mean and covariance from the region above half maximum.
+def _half_max_init(
+    a: np.ndarray, coords: list[np.ndarray], low: float, peak: float
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Mean and covariance from the region above half maximum (``low``, ``peak``: the map's
+    minimum and maximum).
 
     For a Gaussian that region is the ellipsoid of Mahalanobis radius ``sqrt(2 ln 2)``, whose
     uniform covariance is ``cov * 2 ln 2 / (d + 2)``; inverting that gives a start that is
     close even when a floor dominates the total mass (where plain moments are off by 10x).
     """
-    base = max(float(a.min()), 0.0)
-    peak = float(a.max())
+    base = max(low, 0.0)
     if not peak > base:
         if not peak > 0:
             return None
