@@ -20,6 +20,7 @@ Three methods, one result type (:class:`GaussianFit`):
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -319,10 +320,10 @@ def _narrower(cov: np.ndarray, reference: np.ndarray, ratio: float) -> bool:
 def _plausible(mean: np.ndarray, cov: np.ndarray, shape: tuple[int, ...]) -> bool:
     """A model fit that describes the map: mostly inside it and no wider than a few maps."""
     widest = 4.0 * max(shape)
-    return bool(
-        np.all(np.isfinite(cov))
+    return (
+        math.isfinite(sum(cov.ravel().tolist()))
         and max(cov.diagonal().tolist()) <= widest * widest
-        and float(np.prod(axis_mass(mean, cov, shape))) >= 1.0 - _MAX_OUTSIDE
+        and math.prod(axis_mass(mean, cov, shape).tolist()) >= 1.0 - _MAX_OUTSIDE
     )
 
 
@@ -409,11 +410,37 @@ def _half_max_init(
     above = a >= base + 0.5 * (peak - base)
     # The moments of the region on its bounding box only (a small part of the map).
     box = bounding_box(above)
-    _, mean, cov = _moments(
-        above[box].astype(np.float64), [c[s] for c, s in zip(coords, box, strict=True)]
-    )
+    region = above[box].astype(np.float64)
+    if a.ndim == 2:
+        mean, cov = _region_moments_2d(region, box[0].start, box[1].start)
+    else:
+        _, mean, cov = _moments(region, [c[s] for c, s in zip(coords, box, strict=True)])
     cov = cov * (a.ndim + 2) / (2.0 * math.log(2.0))
     return mean, cov + np.eye(a.ndim) * _MIN_WINDOW_VARIANCE
+
+
+def _region_moments_2d(region: np.ndarray, row: int, col: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of a non-empty 0/1 ``region`` whose first pixel is ``(row, col)``.
+
+    All six raw moments come from one product ``[1, i, i^2]^T region [1, j, j^2]`` in the
+    region's own coordinates (at most its size, so taking the squared mean off the second
+    moment loses nothing that matters to a starting point).
+    """
+    h, w = region.shape
+    m = (_quadratic_powers(h).T @ region @ _quadratic_powers(w)).tolist()
+    n = m[0][0]
+    my, mx = m[1][0] / n, m[0][1] / n
+    vyy, vxx, vxy = m[2][0] / n - my * my, m[0][2] / n - mx * mx, m[1][1] / n - my * mx
+    return np.array([row + my, col + mx]), np.array([[vyy, vxy], [vxy, vxx]])
+
+
+@functools.lru_cache(maxsize=32)
+def _quadratic_powers(n: int) -> np.ndarray:
+    """``[1, k, k^2]`` for ``k < n``, shape ``(n, 3)`` (cached, read-only)."""
+    k = np.arange(n, dtype=np.float64)
+    out = np.stack([np.ones(n), k, k * k], axis=1)
+    out.flags.writeable = False
+    return out
 
 
 def _subsample(a: np.ndarray, size: int) -> tuple[list[np.ndarray], np.ndarray]:
@@ -460,10 +487,11 @@ def _clipped_stats(values: np.ndarray) -> tuple[float, float, int]:
     structures far from the ERF out of the estimate.
     """
     med = _median(values)
-    spread = 1.4826 * _median(np.abs(values - med))
+    deviation = np.abs(values - med)
+    spread = 1.4826 * _median(deviation)
     if spread == 0.0:
         return med, 0.0, int(values.size)
-    kept = values[np.abs(values - med) <= 5.0 * spread]
+    kept = values[deviation <= 5.0 * spread]
     return float(kept.mean()), spread, int(kept.size)
 
 

@@ -235,14 +235,16 @@ def axis_mass(mean: np.ndarray, cov: np.ndarray, shape: Sequence[int]) -> np.nda
         >>> axis_mass(np.array([-0.5, 10.0]), np.eye(2), (20, 21)).round(6).tolist()
         [0.5, 1.0]
     """
-    out = np.empty(len(mean))
-    for i, (mu, var, n) in enumerate(zip(mean, np.diag(cov), shape, strict=True)):
-        sd = math.sqrt(max(float(var), 0.0))
+    means = np.asarray(mean, dtype=np.float64).tolist()
+    variances = np.asarray(cov, dtype=np.float64).diagonal().tolist()
+    out = []
+    for mu, var, n in zip(means, variances, shape, strict=True):
+        sd = math.sqrt(max(var, 0.0))
         if sd == 0.0:
-            out[i] = 1.0 if -0.5 <= mu <= n - 0.5 else 0.0
+            out.append(1.0 if -0.5 <= mu <= n - 0.5 else 0.0)
         else:
-            out[i] = _normal_cdf_diff(-0.5, n - 0.5, float(mu), sd)
-    return out
+            out.append(_normal_cdf_diff(-0.5, n - 0.5, mu, sd))
+    return np.array(out)
 
 
 # Gauss-Legendre nodes on [-1, 1] for the box-mass quadrature. The integrand is a normal
