@@ -515,8 +515,10 @@ def _levenberg_marquardt(
     """``(floor, coefficients, converged, residual sum of squares, g)`` from the start
     ``(b, coef)``; None when the start cannot be evaluated."""
 
-    def evaluate(b_: float, c_: np.ndarray) -> tuple[np.ndarray, float] | None:
-        w = grid.weights()
+    # Two weight buffers: the accepted state's and the trial's (swapped on acceptance).
+    spare = grid.weights()
+
+    def evaluate(b_: float, c_: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, float] | None:
         eta = grid.eta(c_)
         # The grid's coordinates lie in [-1, 1], so |eta| <= sum |c|: below 700 the exp cannot
         # overflow. Else exp(700) is finite: a wild trial step gives a huge cost and is
@@ -529,7 +531,7 @@ def _levenberg_marquardt(
         cost = sum_of_products(r, r)
         return (w, cost) if math.isfinite(cost) else None
 
-    state = evaluate(b, coef)
+    state = evaluate(b, coef, grid.weights())
     if state is None:
         return None
     w, cost = state
@@ -553,11 +555,11 @@ def _levenberg_marquardt(
                 continue
             if lam <= 1e-2 and _predicted_drop(step, grad, lam, scale) <= still * cost:
                 # The model's own prediction of the step's gain says the step would not move
-                # the fit by a thousandth of its standard error: the minimum is reached, and
+                # the fit by a hundredth of its standard error: the minimum is reached, and
                 # the step that would only confirm it is not evaluated.
                 return b, coef, True, cost, w[_G]
             nb, nc = (b + float(step[0]), coef + step[1:]) if fit_floor else (b, coef + step)
-            trial = evaluate(nb, nc)
+            trial = evaluate(nb, nc, spare)
             if trial is not None and trial[1] <= cost:
                 break
             if trial is not None and trial[1] <= cost * (1.0 + 1e-9) and lam <= 1e-2:
@@ -571,6 +573,7 @@ def _levenberg_marquardt(
         params = [b, *coef.tolist()] if fit_floor else coef.tolist()
         small = max(abs(s) / (abs(p) + 1e-3) for s, p in zip(step.tolist(), params, strict=True))
         drop = cost - trial[1]
+        spare = w
         b, coef, (w, cost) = nb, nc, trial
         lam = max(lam / 10.0, 1e-12)
         if drop <= tol * max(cost, 1e-300) or small < 100 * tol:
