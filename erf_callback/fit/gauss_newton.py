@@ -212,6 +212,7 @@ def _grid_of(axes: tuple[tuple[float, int, int], ...]) -> tuple[_Grid, np.ndarra
     grid = _Grid(
         [(c - m) / h for c, m, h in zip(coords, centre.tolist(), half.tolist(), strict=True)]
     )
+    centre.flags.writeable = half.flags.writeable = False
     return grid, centre, half
 
 
@@ -252,16 +253,42 @@ def _det_if_positive_definite(m: np.ndarray) -> float | None:
 
 
 def _solve_spd(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
-    """Solve ``a x = b`` for a small symmetric positive definite ``a``; None when it is not.
+    """Solve ``a x = b`` for a small symmetric positive definite ``a``; None when it is not
+    (or the solution is not finite).
 
-    The Cholesky factorisation is the positive-definiteness test. (A plain-Python Cholesky
-    was tried for these 4-10 unknowns: 3x slower than this with numpy 2.x.)
+    Cholesky on Python floats, which is also the positive-definiteness test: one pass where
+    numpy.linalg needs two calls (``cholesky`` to test, ``solve`` to solve), each with more
+    call overhead than these 4-10 unknowns cost to factorise.
     """
-    try:
-        np.linalg.cholesky(a)
-    except np.linalg.LinAlgError:
-        return None
-    return _solve(a, b)
+    n = len(b)
+    rows = a.tolist()
+    low = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        row, li = rows[i], low[i]
+        for j in range(i + 1):
+            lj = low[j]
+            s = row[j]
+            for k in range(j):
+                s -= li[k] * lj[k]
+            if i > j:
+                li[j] = s / lj[j]
+            elif s > 0.0:
+                li[i] = math.sqrt(s)
+            else:
+                return None
+    x = b.tolist()
+    for i in range(n):  # L y = b
+        li = low[i]
+        s = x[i]
+        for k in range(i):
+            s -= li[k] * x[k]
+        x[i] = s / li[i]
+    for i in range(n - 1, -1, -1):  # L^T x = y
+        s = x[i]
+        for k in range(i + 1, n):
+            s -= low[k][i] * x[k]
+        x[i] = s / low[i][i]
+    return np.array(x) if math.isfinite(sum(x)) else None
 
 
 def _predicted_drop(step: np.ndarray, grad: np.ndarray, lam: float, scale: np.ndarray) -> float:
@@ -400,6 +427,10 @@ class _Grid:
             # [1, y, y^2] and [1, x, x^2]^T: eta = rows @ C @ cols (see eta).
             self._rows = np.ascontiguousarray(self.powers[0][:, :3])
             self._cols = np.ascontiguousarray(self.powers[1][:, :3].T)
+            self._rows.flags.writeable = self._cols.flags.writeable = False
+        # Grids are shared through _grid_of's cache: nothing may write into one.
+        for array in (*self.axes, *self.powers):
+            array.flags.writeable = False
 
     def weights(self) -> np.ndarray:
         """A fresh ``(4, *shape)`` buffer for :meth:`normal_equations`: slots ``_GG, _RG,

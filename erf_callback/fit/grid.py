@@ -37,8 +37,10 @@ def bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
     box = []
     for i in range(d):
         others = tuple(k for k in range(d) if k != i)
-        hits = np.flatnonzero(mask.any(axis=others) if others else mask)
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+        hits = np.logical_or.reduce(mask, axis=others) if others else mask
+        # First and last True by argmax (a C loop that stops at the first hit; np.flatnonzero
+        # and ndarray.any go through several Python-level wrappers).
+        box.append(slice(int(hits.argmax()), hits.size - int(hits[::-1].argmax())))
     return tuple(box)
 
 

@@ -1,0 +1,143 @@
+"""The model fit's numerics (``erf_callback.fit.gauss_newton``) against independent
+computations: the normal equations against the explicit Jacobian, block means against
+numpy's, the half-maximum moments against the centred ones, and the iteration's statistical
+stop against the fully converged optimum."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from erf_callback.fit import gauss_newton as gn
+from erf_callback.fit import gaussian as fg
+from tests.helpers.maps import gaussian_map, half_normal_floor, rotated_cov
+
+
+def _monomials(grid: gn._Grid) -> list[np.ndarray]:
+    """``1, u_i, u_i u_j (i <= j)`` on the full grid, the model's feature order."""
+    u = [np.broadcast_to(a, grid.shape) for a in grid.axes]
+    out = [np.ones(grid.shape), *u]
+    out += [u[i] * u[j] for i in range(grid.d) for j in range(i, grid.d)]
+    return out
+
+
+@pytest.mark.parametrize("fit_floor", [True, False])
+@pytest.mark.parametrize(
+    "axes",
+    [
+        ((3.0, 1, 40),),
+        ((0.0, 1, 23), (5.5, 2, 31)),
+        ((0.0, 1, 64), (0.0, 1, 64)),
+        ((1.0, 3, 9), (0.0, 1, 11), (2.0, 2, 8)),
+    ],
+    ids=["1d", "2d-blocks", "2d-square", "3d"],
+)
+def test_normal_equations_equal_the_explicit_jacobian(axes, fit_floor) -> None:
+    grid, _, _ = gn._grid_of(axes)
+    rng = np.random.default_rng(len(axes))
+    d = grid.d
+    # A bump: negative definite quadratic part, small linear part.
+    coef = np.concatenate([[0.1], rng.normal(0, 0.3, d), np.zeros(d * (d + 1) // 2)])
+    k = 1 + d
+    for i in range(d):
+        for j in range(i, d):
+            coef[k] = -1.5 if i == j else rng.normal(0, 0.2)
+            k += 1
+    target = rng.random(grid.shape)
+    w = grid.weights()
+    g = np.exp(grid.eta(coef), out=w[gn._G])
+    np.subtract(target, g, out=w[gn._R])
+    w[gn._R] -= 0.05
+    normal, grad = grid.normal_equations(w, fit_floor)
+
+    monomials = _monomials(grid)
+    np.testing.assert_allclose(grid.eta(coef), sum(c * m for c, m in zip(coef, monomials)))
+    columns = [g * m for m in monomials]
+    if fit_floor:
+        columns = [np.ones(grid.shape), *columns]
+    jac = np.stack([c.ravel() for c in columns], axis=1)
+    r = (target - g - 0.05).ravel()
+    np.testing.assert_allclose(normal, jac.T @ jac, rtol=1e-12, atol=1e-12 * grid.size)
+    np.testing.assert_allclose(grad, jac.T @ r, rtol=1e-12, atol=1e-12 * grid.size)
+
+
+def test_grid_of_scales_the_coordinates_to_unit_range_and_is_shared() -> None:
+    axes = ((3.5, 4, 10), (0.0, 1, 7))
+    grid, centre, half = gn._grid_of(axes)
+    assert gn._grid_of(axes)[0] is grid  # cached: repeated probes of one shape reuse it
+    shared = [centre, half, *grid.axes, *grid.powers, grid._rows, grid._cols]
+    assert not any(array.flags.writeable for array in shared)  # so no fit can alter it
+    coords = [3.5 + 4 * np.arange(10.0), np.arange(7.0)]
+    for axis, c, m, h in zip(grid.axes, coords, centre, half, strict=True):
+        np.testing.assert_array_equal(axis.ravel(), (c - m) / h)
+        assert axis.min() == -1.0 and axis.max() == 1.0
+
+
+@pytest.mark.parametrize(
+    "shape, box",
+    [
+        ((64, 64), (slice(0, 64, 2), slice(0, 64, 2))),
+        ((129, 161), (slice(5, 120, 3), slice(7, 161, 4))),  # ragged ends are dropped
+        ((50, 70), (slice(3, 50, 5), slice(0, 61, 6))),
+    ],
+)
+def test_block_means_equal_numpy_reshaped_means(shape, box) -> None:
+    a = np.random.default_rng(0).random(shape)
+    got = gn._blocks(a, box)
+    (y, sy, ny), (x, sx, nx) = ((b.start, b.step, (b.stop - b.start) // b.step) for b in box)
+    expected = a[y : y + ny * sy, x : x + nx * sx].reshape(ny, sy, nx, sx).mean(axis=(1, 3))
+    np.testing.assert_allclose(got, expected, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_half_maximum_region_moments_equal_centred_moments(seed) -> None:
+    rng = np.random.default_rng(seed)
+    h, w = rng.integers(1, 60, 2)
+    region = (rng.random((h, w)) < rng.uniform(0.05, 0.9)).astype(np.float64)
+    region[rng.integers(h), rng.integers(w)] = 1.0  # never empty
+    row, col = (int(v) for v in rng.integers(0, 900, 2))
+    mean, cov = fg._region_moments_2d(region, row, col)
+    _, mean_ref, cov_ref = fg._moments(region, [row + np.arange(h * 1.0), col + np.arange(w * 1.0)])
+    np.testing.assert_allclose(mean, mean_ref, rtol=1e-13)
+    np.testing.assert_allclose(cov, cov_ref, rtol=1e-9, atol=1e-9 * max(h, w) ** 2)
+
+
+def _lm_case(seed: int) -> tuple[gn._Grid, np.ndarray, float, np.ndarray]:
+    """A noisy cut or rotated Gaussian on a floor, as fit_floor_gaussian sets it up."""
+    rng = np.random.default_rng(seed)
+    shape = (64, 64)
+    cov = rotated_cov(rng.uniform(4, 9), rng.uniform(4, 9), rng.uniform(0, math.pi))
+    mean = rng.uniform(5, 59, 2)
+    a = gaussian_map(shape, mean, cov) + 0.02 + half_normal_floor(shape, 0.02, seed)
+    grid, _, _ = gn._grid_of(tuple((0.0, 1, n) for n in shape))
+    floor = 0.04
+    start = gn._log_linear(grid, a, floor)
+    assert start is not None
+    return grid, a, floor, start
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_iteration_stops_within_a_hundredth_of_a_standard_error(seed, monkeypatch) -> None:
+    grid, a, floor, start = _lm_case(seed)
+    eps = gn._STEP_SE
+    b, coef, converged, cost, _ = gn._levenberg_marquardt(grid, a, floor, start, True, gn._TOL)
+    assert converged
+    monkeypatch.setattr(gn, "_STEP_SE", 1e-9)  # converge to rounding instead
+    b_opt, coef_opt, _, cost_opt, g_opt = gn._levenberg_marquardt(
+        grid, a, floor, start, True, gn._TOL
+    )
+    assert cost >= cost_opt * (1 - 1e-12)
+    # Distance in standard errors: parameter covariance sigma^2 (J^T J)^-1 at the optimum.
+    w = grid.weights()
+    w[gn._G] = g_opt
+    np.subtract(a, g_opt + b_opt, out=w[gn._R])
+    normal, _ = grid.normal_equations(w, True)
+    sigma2 = cost_opt / (grid.size - len(coef) - 1)
+    delta = np.concatenate([[b - b_opt], coef - coef_opt])
+    distance = math.sqrt(float(delta @ normal @ delta) / sigma2)
+    assert distance <= 2 * eps
+    # ... and the stop is not vacuous: the start is many standard errors away.
+    delta0 = np.concatenate([[floor - b_opt], start - coef_opt])
+    assert math.sqrt(float(delta0 @ normal @ delta0) / sigma2) > 100 * eps
