@@ -369,12 +369,14 @@ def _log_linear_index(d: int) -> np.ndarray:
     m_a``) in one ``take``."""
     pair, single = _monomial_index(d)
     shape = (2,) + (5,) * d
-    return np.concatenate(
+    index = np.concatenate(
         [
             np.ravel_multi_index((np.zeros(pair[0].shape, dtype=int), *pair), shape).ravel(),
             np.ravel_multi_index((np.ones(single[0].shape, dtype=int), *single), shape),
         ]
     )
+    index.flags.writeable = False
+    return index
 
 
 # The slots of the weight buffer (:meth:`_Grid.weights`): g^2, r g, g and r.
@@ -397,14 +399,17 @@ def _gather_index(d: int, fit_floor: bool) -> np.ndarray:
         return np.ravel_multi_index((np.full(powers[0].shape, slot), *powers), shape)
 
     gg, gm, rgm = at(_GG, pair), at(_G, single), at(_RG, single)
-    if not fit_floor:
-        return np.concatenate([gg.ravel(), rgm])
-    normal = np.empty((k + 1, k + 1), dtype=np.intp)
-    normal[1:, 1:] = gg
-    normal[0, 1:] = normal[1:, 0] = gm
-    normal[0, 0] = 0
-    r_sum = at(_R, tuple(np.zeros(1, dtype=int) for _ in range(d)))
-    return np.concatenate([normal.ravel(), r_sum, rgm])
+    if fit_floor:
+        normal = np.empty((k + 1, k + 1), dtype=np.intp)
+        normal[1:, 1:] = gg
+        normal[0, 1:] = normal[1:, 0] = gm
+        normal[0, 0] = 0
+        r_sum = at(_R, tuple(np.zeros(1, dtype=int) for _ in range(d)))
+        index = np.concatenate([normal.ravel(), r_sum, rgm])
+    else:
+        index = np.concatenate([gg.ravel(), rgm])
+    index.flags.writeable = False
+    return index
 
 
 class _Grid:

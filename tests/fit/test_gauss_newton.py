@@ -53,7 +53,9 @@ def test_normal_equations_equal_the_explicit_jacobian(axes, fit_floor) -> None:
     normal, grad = grid.normal_equations(w, fit_floor)
 
     monomials = _monomials(grid)
-    np.testing.assert_allclose(grid.eta(coef), sum(c * m for c, m in zip(coef, monomials)))
+    np.testing.assert_allclose(
+        grid.eta(coef), sum(c * m for c, m in zip(coef, monomials, strict=True))
+    )
     columns = [g * m for m in monomials]
     if fit_floor:
         columns = [np.ones(grid.shape), *columns]
@@ -76,7 +78,7 @@ def test_grid_of_scales_the_coordinates_to_unit_range_and_is_shared() -> None:
 
 
 @pytest.mark.parametrize(
-    "shape, box",
+    ("shape", "box"),
     [
         ((64, 64), (slice(0, 64, 2), slice(0, 64, 2))),
         ((129, 161), (slice(5, 120, 3), slice(7, 161, 4))),  # ragged ends are dropped
@@ -141,3 +143,20 @@ def test_the_iteration_stops_within_a_hundredth_of_a_standard_error(seed, monkey
     # ... and the stop is not vacuous: the start is many standard errors away.
     delta0 = np.concatenate([[floor - b_opt], start - coef_opt])
     assert math.sqrt(float(delta0 @ normal @ delta0) / sigma2) > 100 * eps
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_iteration_needs_three_evaluations_from_the_log_linear_start(seed, monkeypatch):
+    # The start, one step, one confirming step. Marquardt's classic damping (1e-3 of the
+    # diagonal) needs 4-5 here: it holds back the ill-conditioned monomial directions.
+    grid, a, floor, start = _lm_case(seed)
+    evaluations = []
+    eta = gn._Grid.eta
+
+    def counted(self: gn._Grid, c: np.ndarray) -> np.ndarray:
+        evaluations.append(c)
+        return eta(self, c)
+
+    monkeypatch.setattr(gn._Grid, "eta", counted)
+    assert gn._levenberg_marquardt(grid, a, floor, start, True, gn._TOL) is not None
+    assert len(evaluations) <= 3
