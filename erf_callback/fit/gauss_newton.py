@@ -584,6 +584,7 @@ def _levenberg_marquardt(
     # least_squares default ftol=1e-8). On a noiseless map sigma is rounding, so the fit
     # still converges to rounding.
     still = max(_STEP_SE**2 / max(grid.size - len(coef) - int(fit_floor), 1), tol)
+    nu = 2.0
     for _ in range(_MAX_ITER):
         normal, grad = grid.normal_equations(w, fit_floor)
         diagonal = normal.diagonal()
@@ -591,9 +592,10 @@ def _levenberg_marquardt(
         for _ in range(20):
             step = _solve(normal + np.diag(lam * scale), grad)
             if step is None:
-                lam *= 10.0
+                lam, nu = lam * nu, 2.0 * nu
                 continue
-            if lam <= 1e-2 and _predicted_drop(step, grad, lam, scale) <= still * cost:
+            predicted = _predicted_drop(step, grad, lam, scale)
+            if lam <= 1e-2 and predicted <= still * cost:
                 # The model's own prediction of the step's gain says the step would not move
                 # the fit by a hundredth of its standard error: the minimum is reached, and
                 # the step that would only confirm it is not evaluated.
@@ -606,7 +608,7 @@ def _levenberg_marquardt(
                 # A nearly undamped step that cannot lower the cost: at the minimum to
                 # rounding (the usual way a fit on noisy data ends; no need to damp further).
                 return b, coef, True, cost, w[_G]
-            lam *= 10.0
+            lam, nu = lam * nu, 2.0 * nu
         else:
             # No step lowers the cost: a minimum to within rounding.
             return b, coef, True, cost, w[_G]
@@ -615,7 +617,10 @@ def _levenberg_marquardt(
         drop = cost - trial[1]
         spare = w
         b, coef, (w, cost) = nb, nc, trial
-        lam = max(lam / 10.0, 1e-12)
+        # Nielsen's update: damping follows how well the linear model predicted the drop
+        # (gain ratio rho), without the 10x up / 10x down oscillation in curved valleys.
+        rho = drop / predicted if predicted > 0 else 0.0
+        lam, nu = max(lam * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3), 1e-12), 2.0
         if drop <= tol * max(cost, 1e-300) or small < 100 * tol:
             return b, coef, True, cost, w[_G]
     return b, coef, False, cost, w[_G]
