@@ -39,7 +39,8 @@ _BLOCKS = 1600
 _ROUNDS = 3
 # The log-linear start uses the pixels above this fraction of the peak.
 _LOG_LEVEL = 0.1
-_MAX_ITER = 60
+# Iteration cap of the Levenberg-Marquardt fit (fit_gaussian names it when it is reached).
+MODEL_MAX_ITER = 60
 # Relative cost change and step size below which the iteration has converged.
 _TOL = 1e-12
 # ... or when its next step would move the parameters by less than this many standard errors.
@@ -585,7 +586,7 @@ def _levenberg_marquardt(
     # still converges to rounding.
     still = max(_STEP_SE**2 / max(grid.size - len(coef) - int(fit_floor), 1), tol)
     nu = 2.0
-    for _ in range(_MAX_ITER):
+    for _ in range(MODEL_MAX_ITER):
         normal, grad = grid.normal_equations(w, fit_floor)
         diagonal = normal.diagonal()
         scale = np.where(diagonal > 0, diagonal, 1.0)

@@ -29,7 +29,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from erf_callback.fit.gauss_newton import GaussianModelFit, fit_floor_gaussian
+from erf_callback.fit.gauss_newton import MODEL_MAX_ITER, GaussianModelFit, fit_floor_gaussian
 from erf_callback.fit.grid import (
     bounding_box,
     mahalanobis_sq,
@@ -193,8 +193,11 @@ def fit_gaussian(
     robust = _fit_robust(a, coords, window, max_iter, tol)
     if robust is None:
         return _failed(d, method, "the map has no positive mass above its floor")
-    mean, cov, floor, converged, unit = robust
-    msg = "" if converged else f"robust fit did not converge in {max_iter} iterations"
+    mean, cov, floor, converged, unit, stage = robust
+    msg = ""
+    if not converged:
+        cap = max_iter if stage == _WINDOWED else MODEL_MAX_ITER
+        msg = f"robust fit: the {stage} did not converge in {cap} iterations"
     if method == "robust":
         return _finish(a, coords, mean, cov, floor, method, converged, msg, unit)
     return _fit_least_squares(a, coords, mean, cov, floor)
@@ -235,7 +238,7 @@ def _fit_robust(
                 model = fit_floor_gaussian(a, mean, cov, 0.0, peak)
                 if model is not None and model.residual <= _EXACT_RESIDUAL:
                     return _from_model(model)
-            return mean, cov, 0.0, True, None
+            return mean, cov, 0.0, True, None, _PLAIN
 
     init = _half_max_init(a, coords, low, peak)
     if init is None:
@@ -260,7 +263,7 @@ def _fit_robust(
             model = exact
     if model is None or not _plausible(model.mean, model.cov, a.shape):
         moments = _windowed_moments(a, coords, window, max_iter, tol)
-        return None if moments is None else (*moments, None)
+        return None if moments is None else (*moments, None, _WINDOWED)
     if _floors_agree(model, pedestal, a.shape):
         return _from_model(model)
     # No pixel is far from the ERF (it fills the map): the windowed moments below would use a
@@ -278,15 +281,20 @@ def _fit_robust(
     # whole distribution); else the model stands.
     moments = _windowed_moments(a, coords, window, max_iter, tol)
     if moments is not None and _narrower(model.cov, moments[1], _SPIKE_VARIANCE_RATIO):
-        return (*moments, None)
+        return (*moments, None, _WINDOWED)
     return _from_model(model)
 
 
-_Robust = tuple[np.ndarray, np.ndarray, float, bool, np.ndarray | None]
+# mean, cov, floor, converged, the unit Gaussian on the map if the fit has it, and the stage
+# that produced the result (named in the message when it did not converge).
+_Robust = tuple[np.ndarray, np.ndarray, float, bool, np.ndarray | None, str]
+_PLAIN = "plain moments"
+_MODEL = "floor + Gaussian model fit"
+_WINDOWED = "windowed moments"
 
 
 def _from_model(model: GaussianModelFit) -> _Robust:
-    return model.mean, model.cov, model.floor, model.converged, model.unit
+    return model.mean, model.cov, model.floor, model.converged, model.unit, _MODEL
 
 
 def _floors_agree(

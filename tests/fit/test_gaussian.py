@@ -267,3 +267,27 @@ def test_huge_finite_maps_are_not_taken_for_non_finite_ones():
     inf[3, 3] = np.inf
     with pytest.warns(ERFWarning, match="NaN or Inf"):
         assert not fit_gaussian(inf).ok
+
+
+def test_the_message_names_the_iteration_that_did_not_converge(monkeypatch) -> None:
+    from erf_callback.fit import gauss_newton
+    from erf_callback.fit import gaussian as fit_module
+
+    # A sharp peak on a broad base ends in the windowed moments: their cap is max_iter.
+    shape, centre = (120, 120), (59.0, 60.0)
+    spike = gaussian_map(shape, centre, np.eye(2) * 1.5**2)
+    spike = spike + 0.2 * gaussian_map(shape, centre, np.eye(2) * 20.0**2)
+    spike = spike + np.random.default_rng(0).normal(0.0, 0.002, shape)
+    fit = fit_gaussian(spike, max_iter=2)
+    assert not fit.converged
+    assert fit.message == "robust fit: the windowed moments did not converge in 2 iterations"
+    # A noisy Gaussian ends in the model fit: its cap is the Levenberg-Marquardt one.
+    monkeypatch.setattr(gauss_newton, "MODEL_MAX_ITER", 1)
+    monkeypatch.setattr(fit_module, "MODEL_MAX_ITER", 1)
+    noisy = gaussian_map((64, 64), (30.0, 33.0), rotated_cov(6.0, 4.0, 0.4))
+    noisy = noisy + 0.02 + half_normal_floor((64, 64), 0.02)
+    fit = fit_gaussian(noisy)
+    assert not fit.converged
+    assert fit.message == (
+        "robust fit: the floor + Gaussian model fit did not converge in 1 iterations"
+    )
