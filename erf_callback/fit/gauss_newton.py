@@ -237,9 +237,13 @@ def _log_linear(grid: _Grid, target: np.ndarray, floor: float) -> np.ndarray | N
     np.multiply(v, v, out=w[0], where=used)
     np.log(v, out=w[1], where=used)
     w[1] *= w[0]
-    flat = grid.moments(w, box).take(_log_linear_index(grid.d))
-    k = round(math.sqrt(len(flat) + 0.25) - 0.5)  # k^2 + k entries
-    return _solve_spd(flat[: k * k].reshape(k, k), flat[k * k :])
+    return _solve_spd(*_split(grid.moments(w, box).take(_log_linear_index(grid.d))))
+
+
+def _split(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A gathered system (``k^2 + k`` entries) as its ``k x k`` matrix and right-hand side."""
+    k = round(math.sqrt(len(flat) + 0.25) - 0.5)
+    return flat[: k * k].reshape(k, k), flat[k * k :]
 
 
 def _det_if_positive_definite(m: np.ndarray) -> float | None:
@@ -478,13 +482,10 @@ class _Grid:
         """
         np.multiply(w[_G], w[_G], out=w[_GG])
         np.multiply(w[_R], w[_G], out=w[_RG])
-        index = _gather_index(self.d, fit_floor)
-        flat = self.moments(w).take(index)
-        n = round(math.sqrt(len(index) + 0.25) - 0.5)  # n^2 + n entries
-        normal = flat[: n * n].reshape(n, n)
+        normal, grad = _split(self.moments(w).take(_gather_index(self.d, fit_floor)))
         if fit_floor:
             normal[0, 0] = float(self.size)
-        return normal, flat[n * n :]
+        return normal, grad
 
 
 def _coefficients(mean: np.ndarray, cov: np.ndarray, amplitude: float) -> np.ndarray | None:

@@ -262,7 +262,7 @@ def _fit_robust(
         if exact is not None and exact.residual <= model.residual:
             model = exact
     if model is None or not _plausible(model.mean, model.cov, a.shape):
-        moments = _windowed_moments(a, coords, window, max_iter, tol)
+        moments = _windowed_moments(a, coords, low, peak, window, max_iter, tol)
         return None if moments is None else (*moments, None, _WINDOWED)
     if _floors_agree(model, pedestal, a.shape):
         return _from_model(model)
@@ -279,7 +279,7 @@ def _fit_robust(
     # broad base (a ResNet's skip path at initialisation) and called the base a floor. If it
     # is far narrower than the floor-corrected windowed moments, those describe the ERF (the
     # whole distribution); else the model stands.
-    moments = _windowed_moments(a, coords, window, max_iter, tol)
+    moments = _windowed_moments(a, coords, low, peak, window, max_iter, tol)
     if moments is not None and _narrower(model.cov, moments[1], _SPIKE_VARIANCE_RATIO):
         return (*moments, None, _WINDOWED)
     return _from_model(model)
@@ -338,15 +338,17 @@ def _plausible(mean: np.ndarray, cov: np.ndarray, shape: tuple[int, ...]) -> boo
 def _windowed_moments(
     a: np.ndarray,
     coords: list[np.ndarray],
+    low: float,
+    peak: float,
     window: float,
     max_iter: int,
     tol: float,
 ) -> tuple[np.ndarray, np.ndarray, float, bool] | None:
-    """Floor-corrected windowed moments: the fallback where the model fit fails."""
+    """Floor-corrected windowed moments: the fallback where the model fit fails (``low``,
+    ``peak``: the map's minimum and maximum)."""
     d = a.ndim
     sample_idx, sample_vals = _subsample(a, _FLOOR_SAMPLE)
-    peak = float(a.max())
-    init = _half_max_init(a, coords, float(a.min()), peak)
+    init = _half_max_init(a, coords, low, peak)
     if init is None:
         return None
     mean, cov = init
