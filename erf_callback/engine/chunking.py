@@ -144,6 +144,7 @@ class SavedBytesMeter:
         self._model = model
         self._storages: dict[int, int] = {}
         self._exclude: set[int] = set()
+        self._ctx: torch.autograd.graph.saved_tensors_hooks | None = None
 
     @property
     def nbytes(self) -> int:
@@ -169,7 +170,11 @@ class SavedBytesMeter:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._ctx.__exit__(*exc)
+        # The hooks object holds self._pack (and so self and the model): dropping it breaks
+        # that cycle, so the model is freed when its user lets go of it, not at the next gc.
+        ctx, self._ctx = self._ctx, None
+        if ctx is not None:
+            ctx.__exit__(*exc)
 
 
 def _unpack(t: torch.Tensor) -> torch.Tensor:

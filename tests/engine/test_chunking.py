@@ -118,6 +118,26 @@ def test_a_probe_keeps_no_activation_alive():
     assert len(net.seen) > 2 and all(ref() is None for ref in net.seen)
 
 
+@pytest.mark.parametrize("optimize", [True, False])
+def test_a_probed_model_is_freed_by_reference_counting_alone(optimize):
+    # Nothing compute_erf leaves behind may hold the model in a reference cycle: a model the
+    # user deletes after probing (a GPU model, say) must free its memory at once, not at the
+    # next garbage collection.
+    from tests.helpers.nets import ResNet
+
+    gc.collect()
+    gc.disable()
+    try:
+        net = ResNet(width=4).eval()
+        compute_erf(net, torch.randn(3, 3, 32, 32), ["layer2"], optimize=optimize)
+        compute_erf(net, torch.randn(3, 3, 32, 32), ["layer2"], optimize=optimize)  # recalled
+        ref = weakref.ref(net)
+        del net
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 

@@ -170,3 +170,50 @@ def test_a_model_that_rejects_channels_last_falls_back(planned):
     want = compute_erf(net, x, chunk_size=2, optimize=False)["output"].grad
     assert planned[0].channels_last is False  # disabled after the failed chunk
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _fold_one_pair(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fold of one pair written out: float64 scale and shift, rounded to the weight dtype."""
+    mean, var = norm.running_mean.double(), norm.running_var.double()
+    scale = torch.rsqrt(var + norm.eps)
+    shift = -mean * scale
+    if norm.weight is not None:
+        scale, shift = scale * norm.weight.double(), shift * norm.weight.double()
+    if norm.bias is not None:
+        shift = shift + norm.bias.double()
+    if conv.bias is not None:
+        shift = conv.bias.double() * scale + shift
+    dtype = conv.weight.dtype
+    return conv.weight * scale.to(dtype).reshape(-1, 1, 1, 1), shift.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_all_folds_at_once_equal_each_pair_folded_alone_bitwise(dtype):
+    # One concatenated computation for every pair must give each channel exactly what the pair
+    # alone gives: with and without affine parameters and conv bias, different eps, negative
+    # gammas, a shift of exactly -0.0 (a missing beta must keep its sign), channels_last.
+    torch.manual_seed(0)
+    pairs = []
+    for i, (affine, bias, eps) in enumerate(
+        [(True, False, 1e-5), (False, True, 1e-3), (True, True, 1e-5), (False, False, 0.1)]
+    ):
+        conv = nn.Conv2d(3, 4 + i, 3, bias=bias).to(dtype)
+        norm = nn.BatchNorm2d(4 + i, eps=eps, affine=affine).to(dtype).eval()
+        with torch.no_grad():
+            norm.running_mean.uniform_(-1, 1)
+            norm.running_var.uniform_(0.5, 2)
+            norm.running_mean[0] = 0.0  # -mean * scale = -0.0
+            if affine:
+                norm.weight.uniform_(-2, 2)
+                norm.bias.uniform_(-1, 1)
+        pairs.append((conv, norm, i % 2 == 1))
+    shadows = fastpath._shadow_weights(pairs)
+    for (conv, norm, channels_last), (weight, bias) in zip(pairs, shadows, strict=True):
+        ref_weight, ref_bias = _fold_one_pair(conv, norm)
+        assert torch.equal(weight, ref_weight) and weight.dtype == dtype
+        assert torch.equal(bias, ref_bias)
+        assert torch.equal(bias.signbit(), ref_bias.signbit())  # -0.0 stays -0.0
+        assert weight.is_contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format
+        )
+    assert bool(_fold_one_pair(*pairs[3][:2])[1][0].signbit())  # the -0.0 case is exercised

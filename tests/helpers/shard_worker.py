@@ -74,7 +74,11 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
+    # A CPU mesh named explicitly: FSDP's default mesh takes a CUDA device wherever one exists.
+    mesh = init_device_mesh("cpu", (world,))
 
     reduce = torch_all_reduce()
     common = {"rank": rank, "world_size": world, "all_reduce": reduce}
@@ -82,8 +86,8 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
 
     sharded = conv_stack()
     for i in (0, 2, 4):
-        fully_shard(sharded[i])
-    fully_shard(sharded)
+        fully_shard(sharded[i], mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
     # 5 samples in chunks of 2: rank 0 runs 2 forwards, rank 1 one (plus one stand-in);
     # 1 sample: rank 1 has none and probes a stand-in weighted 0.
     for n in (5, 1):
