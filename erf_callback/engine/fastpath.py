@@ -314,8 +314,8 @@ def _fold_affines(
             if any(conv.bias is not None for conv, _ in group):
                 conv_bias = _concat([_or(conv.bias, 0.0) for conv, _ in group], sizes, device)
                 with_bias = conv_bias * scale + shift
-            scales = scale.to(dtype).split(sizes)
-            shifts, biased = shift.to(dtype).split(sizes), with_bias.to(dtype).split(sizes)
+            scales, shifts = scale.to(dtype).split(sizes), shift.to(dtype).split(sizes)
+            biased = shifts if with_bias is shift else with_bias.to(dtype).split(sizes)
             for i, (conv, _) in enumerate(group):
                 out[conv] = (scales[i], shifts[i] if conv.bias is None else biased[i])
     return out
