@@ -55,6 +55,11 @@ def check_inputs(inputs: Any) -> torch.Tensor:
         )
     if inputs.shape[0] == 0:
         raise ValueError("inputs has no samples (N == 0).")
+    if 0 in inputs.shape[1:]:
+        raise ValueError(
+            f"inputs of shape {tuple(inputs.shape)} have an empty channel or spatial axis; each "
+            "sample needs at least one channel and one pixel along every spatial axis."
+        )
     if not inputs.is_floating_point():
         raise ValueError(
             f"inputs must be floating point to take gradients; got {inputs.dtype}. "
@@ -159,7 +164,14 @@ def check_output(
     if position is None:
         return tuple(s // 2 for s in spatial)
     pos = tuple(int(p) for p in position)
-    if len(pos) != spatial_dims or any(not 0 <= p < s for p, s in zip(pos, spatial, strict=False)):
+    if len(pos) != spatial_dims:
+        count = f"{len(pos)} index" if len(pos) == 1 else f"{len(pos)} indices"
+        raise ValueError(
+            f"position {tuple(position)} has {count}, but layer {name!r}'s output has "
+            f"{spatial_dims} spatial axes {spatial}: give one index per axis (the centre is "
+            f"{tuple(s // 2 for s in spatial)})."
+        )
+    if any(not 0 <= p < s for p, s in zip(pos, spatial, strict=True)):
         raise ValueError(
             f"position {tuple(position)} is outside layer {name!r}'s output grid {spatial}; "
             f"use indices 0 <= p < size per axis (the centre is {tuple(s // 2 for s in spatial)})."

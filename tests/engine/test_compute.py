@@ -370,6 +370,8 @@ def test_non_spatial_layer_is_rejected_with_a_fix():
         (torch.randn(32, 32), "unsqueeze"),
         (torch.randint(0, 255, (1, 3, 32, 32)), "floating point"),
         (torch.randn(1, 1, 2, 2, 2, 2), "1-3 spatial dims"),
+        (torch.randn(2, 3, 0, 8), r"\(2, 3, 0, 8\) have an empty channel or spatial axis"),
+        (torch.randn(2, 0, 8, 8), "empty channel or spatial axis"),
     ],
 )
 def test_bad_inputs(inputs, match):
@@ -381,6 +383,13 @@ def test_bad_inputs(inputs, match):
 def test_position_outside_the_output():
     with pytest.raises(ValueError, match=r"outside layer 'output'.*\(8, 8\).*centre is \(4, 4\)"):
         compute_erf(nn.Conv2d(1, 1, 1), torch.randn(1, 1, 8, 8), position=(8, 0))
+
+
+def test_position_with_the_wrong_number_of_indices():
+    with pytest.raises(ValueError, match=r"has 3 indices, but layer 'output'.*2 spatial axes"):
+        compute_erf(nn.Conv2d(1, 1, 1), torch.randn(1, 1, 8, 8), position=(1, 2, 3))
+    with pytest.raises(ValueError, match=r"has 1 index,.*2 spatial axes \(8, 8\)"):
+        compute_erf(nn.Conv2d(1, 1, 1), torch.randn(1, 1, 8, 8), position=(1,))
 
 
 def test_layer_never_reached():
