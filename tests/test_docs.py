@@ -4,11 +4,13 @@ Every fenced ```python block of a page runs, in order, in one namespace per page
 reader who pastes them one after another) and in a temporary working directory. A block may
 be preceded by a marker line:
 
-* ``<!-- doc-test: skip -->``: not run (signatures, snippets that need a user's data).
+* ``<!-- doc-test: skip -->``: not run (signatures, snippets that need a user's data); a
+  reason may follow in parentheses, ``<!-- doc-test: skip (needs a GPU) -->``.
 * ``<!-- doc-test: NAME -->``: run after the setup ``FIXTURES[NAME]`` (once per page), which
   defines the names the snippet assumes the reader has (``model``, ``train_loader``, ...).
 
 New pages are picked up automatically; a block that needs names nobody defines fails here.
+Blocks indented inside list items run too (their indentation removed).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").glob("**/*.md")])
 
-_MARKER = re.compile(r"<!--\s*doc-test:\s*([\w-]+)\s*-->")
-_FENCE = re.compile(r"^```python\s*$")
+_MARKER = re.compile(r"<!--\s*doc-test:\s*([\w-]+)(?:\s+\([^)]*\))?\s*-->")
+_FENCE = re.compile(r"^(\s*)```python\s*$")
 
 # Setup code per marker name: small stand-ins for what a reader has at hand.
 _NETS = """
@@ -139,10 +141,13 @@ def python_blocks(text: str) -> list[tuple[int, str | None, str]]:
     blocks = []
     i = 0
     while i < len(lines):
-        if _FENCE.match(lines[i]):
+        if fence := _FENCE.match(lines[i]):
+            # A block inside a list item is indented: its closing fence and code carry the
+            # same indentation, which is removed.
+            indent = fence.group(1)
             start = i
             j = i + 1
-            while j < len(lines) and not lines[j].startswith("```"):
+            while j < len(lines) and not lines[j].startswith(indent + "```"):
                 j += 1
             marker = None
             k = start - 1
@@ -150,7 +155,8 @@ def python_blocks(text: str) -> list[tuple[int, str | None, str]]:
                 k -= 1
             if k >= 0 and (m := _MARKER.search(lines[k])):
                 marker = m.group(1)
-            blocks.append((start + 1, marker, "\n".join(lines[start + 1 : j]) + "\n"))
+            code = "\n".join(line.removeprefix(indent) for line in lines[start + 1 : j])
+            blocks.append((start + 1, marker, code + "\n"))
             i = j
         i += 1
     return blocks
@@ -205,3 +211,11 @@ def test_page_examples_run(page: pathlib.Path, tmp_path, monkeypatch) -> None:
                     f"the example at {page.relative_to(ROOT)}:{line} fails: "
                     f"{type(err).__name__}: {err}"
                 ) from err
+
+
+def test_indented_blocks_and_markers_with_a_reason() -> None:
+    text = (
+        "- item:\n\n  <!-- doc-test: skip (needs a GPU) -->\n"
+        "  ```python\n  x = 1\n    y = 2\n  ```\n"
+    )
+    assert python_blocks(text) == [(4, "skip", "x = 1\n  y = 2\n")]
