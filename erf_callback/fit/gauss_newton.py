@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from erf_callback.fit.grid import bounding_box, sum_of_products
+from erf_callback.fit.grid import bounding_box, determinant, sum_of_products
 
 __all__ = ["GaussianModelFit", "fit_floor_gaussian"]
 
@@ -248,13 +248,12 @@ def _split(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _det_if_positive_definite(m: np.ndarray) -> float | None:
     """The determinant of a symmetric ``m``, or None when ``m`` is not positive definite."""
-    if m.shape == (2, 2):
-        a, b, c = float(m[0, 0]), float(m[0, 1]), float(m[1, 1])
-        det = a * c - b * b
-        return det if a > 0 and det > 0 else None
+    if m.shape == (2, 2):  # Sylvester's criterion: both leading minors positive
+        det = determinant(m)
+        return det if m[0, 0] > 0 and det > 0 else None
     if not np.all(np.linalg.eigvalsh(m) > 0):
         return None
-    return float(np.linalg.det(m))
+    return determinant(m)
 
 
 def _solve_spd(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:

@@ -32,6 +32,7 @@ import torch
 from erf_callback.fit.gauss_newton import MODEL_MAX_ITER, GaussianModelFit, fit_floor_gaussian
 from erf_callback.fit.grid import (
     bounding_box,
+    determinant,
     mahalanobis_sq,
     open_grid,
     sum_of_products,
@@ -319,7 +320,7 @@ def _floors_agree(
 def _narrower(cov: np.ndarray, reference: np.ndarray, ratio: float) -> bool:
     """True when ``cov``'s geometric-mean variance is below ``ratio`` times ``reference``'s."""
     d = cov.shape[0]
-    det, ref = _det(cov), _det(reference)
+    det, ref = determinant(cov), determinant(reference)
     if not (det > 0 and ref > 0):
         return False
     return bool(det ** (1.0 / d) < ratio * ref ** (1.0 / d))
@@ -518,7 +519,7 @@ def _median(values: np.ndarray) -> float:
 
 def _peak_of(mass: float, cov: np.ndarray) -> float:
     """Peak height of the Gaussian with total ``mass`` and covariance ``cov`` (pixel units)."""
-    det = _det(cov)
+    det = determinant(cov)
     if not det > 0:
         return 0.0
     return mass / math.sqrt((2 * math.pi) ** cov.shape[0] * det)
@@ -684,15 +685,6 @@ def _finish(
         converged=converged,
         message=message,
     )
-
-
-def _det(m: np.ndarray) -> float:
-    """Determinant of a small square matrix (closed form up to 2 x 2)."""
-    if m.shape == (2, 2):
-        return float(m[0, 0] * m[1, 1] - m[0, 1] * m[1, 0])
-    if m.shape == (1, 1):
-        return float(m[0, 0])
-    return float(np.linalg.det(m))
 
 
 def _failed(d: int, method: str, why: str) -> GaussianFit:

@@ -15,6 +15,7 @@ from numpy.typing import ArrayLike
 __all__ = [
     "bounding_box",
     "cumulative_mass",
+    "determinant",
     "distance_sq",
     "downsample_map",
     "gaussian_on_grid",
@@ -42,6 +43,21 @@ def bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
         # and ndarray.any go through several Python-level wrappers).
         box.append(slice(int(hits.argmax()), hits.size - int(hits[::-1].argmax())))
     return tuple(box)
+
+
+def determinant(m: np.ndarray) -> float:
+    """Determinant of a small square matrix: closed form up to 2 x 2 (numpy.linalg's call
+    overhead is most of the cost at that size), ``numpy.linalg.det`` above.
+
+    Example:
+        >>> determinant(np.array([[2.0, 1.0], [1.0, 3.0]]))
+        5.0
+    """
+    if m.shape == (2, 2):
+        return float(m[0, 0] * m[1, 1] - m[0, 1] * m[1, 0])
+    if m.shape == (1, 1):
+        return float(m[0, 0])
+    return float(np.linalg.det(m))
 
 
 def open_grid(shape: Sequence[int]) -> list[np.ndarray]:
