@@ -69,6 +69,7 @@ from erf_callback.engine.config import (
 from erf_callback.engine.erf_map import ERFMap
 from erf_callback.engine.layers import deepest_spatial_layer, model_device_dtype, resolve_layers
 from erf_callback.engine.transforms import OutputTransform
+from erf_callback.engine.validate import normalize_layers
 from erf_callback.fit.metrics import MetricConfig
 from erf_callback.warnings import ERFWarning
 
@@ -192,7 +193,8 @@ class ERFMonitorBase:
             raise ValueError(f"images_every_n_probes must be >= 1; got {images_every_n_probes}")
         if not tag_prefix or tag_prefix.endswith("/"):
             raise ValueError(f"tag_prefix must be non-empty without a trailing '/': {tag_prefix!r}")
-        self.layers = [layers] if isinstance(layers, str) else (list(layers) if layers else None)
+        # Checked as compute_erf checks it (a name, names, no duplicates), at construction.
+        self.layers = None if layers is None else normalize_layers(layers)
         # The state key must not change when the default layer is resolved at fit start, or a
         # resumed run would not find its own state in the checkpoint.
         self._layers_arg = None if self.layers is None else list(self.layers)

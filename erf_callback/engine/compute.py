@@ -161,10 +161,10 @@ def compute_erf(
         metrics=config,
     )
     net = unwrap_model(model)
+    check_model(net)
     names = normalize_layers(layers)
     modules = resolve_layers(net, names)
     x_all = check_inputs(inputs)
-    check_model(net)
     sums, meta, cancelled = _accumulate(net, x_all, names, modules, cfg)
     count = float(x_all.shape[0])
     if reduce is not None:  # distributed: every rank's sums and counts are added up

@@ -114,6 +114,15 @@ class ProbeConfig:
                 _check_position(pos, f"position[{name!r}]")
         elif self.position is not None:
             _check_position(self.position, "position")
+        transforms: Any = self.output_transform  # checked here, whatever the annotation says
+        named = transforms.items() if isinstance(transforms, Mapping) else [("", transforms)]
+        for name, transform in named:
+            if transform is not None and not callable(transform):
+                what = f"output_transform[{name!r}]" if name else "output_transform"
+                raise ValueError(
+                    f"{what} must be a callable (layer output -> tensor (N, C, *spatial)), a "
+                    f"mapping of layer names to callables, or None; got {transform!r}"
+                )
         if not isinstance(self.metrics, MetricConfig):
             raise TypeError(f"metrics must be a MetricConfig; got {type(self.metrics).__name__}")
 

@@ -3,8 +3,8 @@
 Probing switches to eval mode, turns off weight gradients and autocast, and runs a forward
 whose hooks may stop it early. :func:`probe_context` undoes all of it: each submodule's own
 ``training`` flag (never a blanket ``.train()``, which would unfreeze frozen parts), each
-parameter's ``requires_grad``, every buffer whose version counter moved, and the RNG streams of
-torch (CPU and the CUDA devices in use), NumPy and Python.
+parameter's ``requires_grad``, every buffer whose value changed (bitwise), and the RNG streams
+of torch (CPU and the CUDA devices in use), NumPy and Python.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def probe_context(model: nn.Module, devices: Sequence[torch.device] = ()) -> Ite
     """
     modes = [(m, m.training) for m in model.modules()]
     grads = [(p, p.requires_grad) for p in model.parameters()]
-    buffers = [(b, b._version, b.detach().clone()) for b in model.buffers()]
+    buffers = _BufferSnapshot(list(model.buffers()))
     device_type = torch.device(next(iter(devices), torch.device("cpu"))).type
     try:
         with preserved_rng(devices), torch.autocast(device_type, enabled=False):
@@ -81,7 +81,73 @@ def probe_context(model: nn.Module, devices: Sequence[torch.device] = ()) -> Ite
             m.training = mode
         for p, flag in grads:
             p.requires_grad_(flag)
+        buffers.restore_changed()
+
+
+class _BufferSnapshot:
+    """The values of a model's buffers, to put back those a probe changed.
+
+    A change is found by value, not by the version counter: kernels that update statistics in
+    place (``F.batch_norm`` with ``training=True``) write buffers without moving it. The
+    copies of the dense buffers of one device and dtype are one flat tensor, compared with
+    their values afterwards in one go (a ResNet has ~60 buffers, and on a GPU each separate
+    copy or comparison is a launch the probe waits for). A buffer is written only if its bytes
+    differ, so an untouched one keeps its version counter (a graph the user still holds that
+    saved it stays valid).
+
+    Example:
+        >>> bn = torch.nn.BatchNorm1d(2)
+        >>> snap = _BufferSnapshot(list(bn.buffers()))
+        >>> _ = bn.train()(torch.randn(4, 2))  # updates the running statistics
+        >>> snap.restore_changed()
+        >>> bn.running_mean.tolist(), int(bn.num_batches_tracked)
+        ([0.0, 0.0], 0)
+    """
+
+    def __init__(self, buffers: list[torch.Tensor]) -> None:
+        self._groups: list[tuple[list[torch.Tensor], list[torch.Size], torch.Tensor]] = []
+        self._others: list[tuple[torch.Tensor, int, torch.Tensor]] = []
+        groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for b in buffers:
+            if b.layout == torch.strided and not (b.is_meta or b.is_quantized):
+                groups.setdefault((b.device, b.dtype), []).append(b)
+            else:  # sparse and the like: copied one by one, checked by version
+                self._others.append((b, b._version, b.detach().clone()))
+        for members in groups.values():
+            shapes = [b.shape for b in members]
+            self._groups.append((members, shapes, _flat(members)))
+
+    def restore_changed(self) -> None:
+        """Copy the saved values back into every buffer whose bytes changed."""
         with torch.no_grad():
-            for b, version, saved in buffers:
+            for members, shapes, saved in self._groups:
+                if [b.shape for b in members] == shapes and _same_bytes(_flat(members), saved):
+                    continue
+                offset = 0
+                for b, shape in zip(members, shapes, strict=True):
+                    n = shape.numel()
+                    old = saved[offset : offset + n].view(shape)
+                    offset += n
+                    if b.shape != shape:  # resized in place: its old shape and values back
+                        b.resize_(shape)
+                        b.copy_(old)
+                    elif not _same_bytes(b.reshape(-1), old.reshape(-1)):
+                        b.copy_(old)
+            for b, version, old in self._others:
                 if b._version != version:
-                    b.copy_(saved)
+                    b.copy_(old)
+
+
+def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors' values, concatenated (most buffers are 1-D: no view op for them)."""
+    with torch.no_grad():
+        return torch.cat([t if t.dim() == 1 else t.reshape(-1) for t in tensors])
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality of two flat tensors of one dtype (NaN equals itself, -0.0 != 0.0)."""
+    if a.dtype.is_complex:
+        a, b = torch.view_as_real(a), torch.view_as_real(b)
+    if a.dtype == torch.bool:
+        return torch.equal(a, b)
+    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))

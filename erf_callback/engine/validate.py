@@ -6,7 +6,7 @@ the fix.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -33,7 +33,15 @@ _UNBATCHED_HINT = (
 def normalize_layers(layers: str | Sequence[str] | None) -> list[str]:
     if layers is None:
         return [OUTPUT]
-    names = [layers] if isinstance(layers, str) else list(layers)
+    if isinstance(layers, str):
+        names = [layers]
+    elif isinstance(layers, Iterable) and not isinstance(layers, (bytes, Mapping)):
+        names = list(layers)
+    else:
+        raise TypeError(
+            f"layers must be a layer name, a sequence of names or None (the model output); got "
+            f"{layers!r}. Names are those of model.named_modules(), e.g. layers=['layer3']."
+        )
     if not names:
         raise ValueError("layers is empty; pass layer names or None for the model output.")
     for name in names:
@@ -47,6 +55,10 @@ def normalize_layers(layers: str | Sequence[str] | None) -> list[str]:
 def check_inputs(inputs: Any) -> torch.Tensor:
     if not isinstance(inputs, torch.Tensor):
         raise TypeError(f"inputs must be a torch.Tensor (N, C, *spatial); got {type(inputs)}")
+    if inputs.layout != torch.strided:
+        raise ValueError(
+            f"inputs must be a dense tensor; got layout {inputs.layout}. Pass inputs.to_dense()."
+        )
     if inputs.dim() not in (3, 4, 5):
         hint = " Add the batch dim: inputs.unsqueeze(0)." if inputs.dim() in (2, 3) else ""
         raise ValueError(
@@ -79,10 +91,17 @@ def check_inputs(inputs: Any) -> torch.Tensor:
     return inputs
 
 
-def check_model(model: nn.Module) -> None:
+def check_model(model: Any) -> None:
     """Refuse models that cannot be probed, before any forward (e.g. on the meta device)."""
-    meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
-    if meta:
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model must be a torch.nn.Module; got {type(model).__name__}. Wrap a function in "
+            "a module whose layers are submodules (their names are what layers= selects)."
+        )
+    # The names are built only when there is something to report (every probe runs this).
+    tensors = (t for m in model.modules() for t in (*m._parameters.values(), *m._buffers.values()))
+    if any(t is not None and t.is_meta for t in tensors):
+        meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
         raise ValueError(
             f"the model has {len(meta)} parameters/buffers on the meta device (e.g. {meta[0]!r}): "
             "they hold no values, so there is no gradient to measure. Materialise the model "
@@ -103,11 +122,20 @@ def unbatched_guard(model: nn.Module, spatial_dims: int) -> Iterator[None]:
     def make_hook(name: str, dims: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0] if args else None
-            if isinstance(x, torch.Tensor) and x.dim() == dims + 1:
+            if not isinstance(x, torch.Tensor):
+                return
+            if x.dim() == dims + 1:
                 raise ValueError(
                     f"layer {name!r} ({type(module).__name__}) received an unbatched input of "
                     f"shape {tuple(x.shape)}: compute_erf read the inputs as {spatial_dims}-D "
                     f"signals but the model works on {dims}-D ones. {_UNBATCHED_HINT}"
+                )
+            if x.dim() > dims + 2:
+                raise ValueError(
+                    f"layer {name!r} ({type(module).__name__}) works on {dims}-D signals but "
+                    f"received an input of shape {tuple(x.shape)}: compute_erf read the inputs "
+                    f"as {spatial_dims}-D signals. Pass inputs of shape (N, C, {_axes(dims)}) "
+                    "for this model."
                 )
 
         return hook
@@ -122,6 +150,10 @@ def unbatched_guard(model: nn.Module, spatial_dims: int) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
+
+
+def _axes(dims: int) -> str:
+    return ", ".join(("D", "H", "W")[3 - dims :])
 
 
 def _module_spatial_dims(module: nn.Module) -> int | None:

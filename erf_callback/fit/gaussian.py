@@ -219,14 +219,20 @@ def _fit_robust(
     # and compact maps alike). A map whose every pixel is above that level (a positive floor,
     # |gradient| noise) cannot take it: its check is skipped.
     plain: tuple[float, np.ndarray, np.ndarray] | None = None
-    if not low > _CLEAN_FLOOR * peak:
+    level = _CLEAN_FLOOR * peak
+    # The clean path needs at least _MIN_FLOOR_PIXELS far pixels, half of them at most
+    # ``level``: a sample with fewer such pixels in all (zero-mean noise has almost none)
+    # cannot take it, whatever its moments, so they are not computed for the check.
+    quiet = None if low > level else np.abs(sample_vals) <= level
+    if quiet is not None and np.count_nonzero(quiet) >= (_MIN_FLOOR_PIXELS + 1) // 2:
         plain = m0, mean, cov = _moments(a, coords)
-    if plain is not None and m0 > 0 and np.all(np.isfinite(cov)):
+    if plain is not None and quiet is not None and m0 > 0 and np.all(np.isfinite(cov)):
         d2 = mahalanobis_sq(sample_idx, mean, _inverse(cov, _MIN_WINDOW_VARIANCE))
-        far = sample_vals[d2 > window * window]
+        far = d2 > window * window
+        n_far = np.count_nonzero(far)
         # median(|far|) <= level, counted rather than sorted
-        noisy = np.count_nonzero(np.abs(far) > _CLEAN_FLOOR * peak)
-        if far.size >= _MIN_FLOOR_PIXELS and 2 * noisy <= far.size:
+        noisy = n_far - np.count_nonzero(quiet & far)
+        if n_far >= _MIN_FLOOR_PIXELS and 2 * noisy <= n_far:
             mean, cov = restore_edge_cut(a, m0, mean, cov)
             # The edge correction is per axis: exact for axis-aligned Gaussians down to a
             # deeper cut than for rotated ones.

@@ -212,6 +212,12 @@ def test_configuration_errors_surface_at_fit_start(tmp_path):
     assert model.training_steps == 0
     with pytest.raises(ValueError, match="every_n_steps must be a positive int"):
         ERFMonitor(every_n_steps=0)
+    with pytest.raises(TypeError, match=r"layers must be a layer name.*got 7"):
+        ERFMonitor(layers=7)
+    with pytest.raises(ValueError, match=r"layers has duplicates"):
+        ERFMonitor(layers=["net.7", "net.7"])
+    with pytest.raises(ValueError, match=r"output_transform must be a callable"):
+        ERFMonitor(layers=["net.7"], output_transform="tokens")
     with pytest.raises(ValueError, match="no such submodule"):
         fit(tmp_path, ERFMonitor(module="backbone"), model=model)
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from erf_callback import ERFWarning, MetricConfig, compute_erf, tokens_to_grid
 from tests.helpers.nets import ResNet, relu_stack, stack_closed_form, uniform_stack
@@ -251,6 +252,33 @@ def test_buffers_changed_by_the_forward_are_restored():
     assert net.calls.item() == 0
 
 
+def test_buffers_written_in_place_by_a_kernel_are_restored_too():
+    # F.batch_norm(training=True) updates the running statistics inside the kernel without
+    # moving their version counters; a norm that always uses batch statistics (whatever the
+    # module's mode) changes them at every probe. Found by value, they are put back bitwise;
+    # a buffer the probe did not change is not written (its version counter stays).
+    class BatchStatNorm(nn.BatchNorm2d):
+        def forward(self, x):
+            stats = (self.running_mean, self.running_var, self.weight, self.bias)
+            return F.batch_norm(x, *stats, training=True, momentum=0.5)
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), BatchStatNorm(3), nn.Conv2d(3, 2, 1))
+    net.register_buffer("odd", torch.tensor([float("nan"), -0.0, 1.0]))
+    version = net[1].running_mean._version
+    net[1](torch.randn(2, 3, 4, 4))
+    assert net[1].running_mean._version == version  # written, yet the counter did not move
+    before = {n: b.clone() for n, b in net.named_buffers()}
+    odd_version = net.odd._version
+
+    compute_erf(net, torch.randn(4, 1, 8, 8), chunk_size=2)
+
+    for n, b in net.named_buffers():
+        got, expected = b.reshape(-1).view(torch.uint8), before[n].reshape(-1).view(torch.uint8)
+        assert torch.equal(got, expected), n
+    assert net.odd._version == odd_version
+
+
 def test_autocast_and_channels_last_and_low_precision():
     torch.manual_seed(0)
     net = ResNet(width=4).eval()
@@ -378,6 +406,43 @@ def test_bad_inputs(inputs, match):
     net = nn.Conv2d(3, 3, 3)
     with pytest.raises(ValueError, match=match):
         compute_erf(net, inputs)
+
+
+def test_sparse_inputs_are_refused_with_the_fix():
+    with pytest.raises(ValueError, match=r"dense tensor; got layout torch.sparse_coo.*to_dense"):
+        compute_erf(nn.Conv2d(3, 3, 3), torch.randn(2, 3, 8, 8).to_sparse())
+
+
+def test_inputs_with_more_spatial_dims_than_the_model_name_the_shape_it_needs():
+    # A 3-D volume into a 2-D network: conv2d's own error would name neither the layer nor
+    # the fix. (One dim too few is the unbatched case, tested with the unbatched guard.)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    with pytest.raises(ValueError, match=r"'0' \(Conv2d\) works on 2-D.*\(N, C, H, W\)"):
+        compute_erf(net, torch.randn(2, 3, 4, 16, 16), ["2"])
+    conv1d = nn.Conv1d(3, 3, 3)
+    with pytest.raises(ValueError, match=r"works on 1-D.*\(N, C, W\)"):
+        compute_erf(conv1d, torch.randn(2, 3, 8, 8))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"layers": 2}, TypeError, r"layers must be a layer name.*got 2.*layers=\['layer3'\]"),
+        ({"layers": {"2": 1}}, TypeError, r"layers must be a layer name"),
+        ({"output_transform": 3}, ValueError, r"output_transform must be a callable.*got 3"),
+        (
+            {"output_transform": {"2": "flatten"}},
+            ValueError,
+            r"output_transform\['2'\] must be a callable.*got 'flatten'",
+        ),
+        ({"model": lambda x: x}, TypeError, r"model must be a torch.nn.Module; got function"),
+    ],
+)
+def test_arguments_of_the_wrong_kind_are_named(kwargs, error, match):
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    args = {"model": net, "inputs": torch.randn(2, 3, 8, 8), "layers": ["2"], **kwargs}
+    with pytest.raises(error, match=match):
+        compute_erf(**args)
 
 
 def test_position_outside_the_output():

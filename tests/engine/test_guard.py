@@ -1,0 +1,57 @@
+"""The buffer snapshot of the state guard (``erf_callback.engine.guard``): every change is put
+back bitwise, whatever the dtype or how it was made, and nothing unchanged is written."""
+
+from __future__ import annotations
+
+import torch
+
+from erf_callback.engine.guard import _BufferSnapshot
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().clone().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def test_changes_of_every_kind_are_undone_and_the_rest_is_not_written() -> None:
+    buffers = [
+        torch.tensor([1.0, float("nan"), -0.0]),  # NaN and -0.0: equal to themselves bitwise
+        torch.arange(6, dtype=torch.float32).reshape(2, 3),
+        torch.tensor(3),  # 0-dim int64 (num_batches_tracked)
+        torch.tensor([True, False]),
+        torch.tensor([1 + 2j, 3 - 1j]),
+        torch.zeros(4, 2).t(),  # not contiguous
+        torch.ones(0),
+        torch.tensor([0.5, 0.25], dtype=torch.bfloat16),
+    ]
+    before = [_bytes(b) for b in buffers]
+    shapes = [b.shape for b in buffers]
+    snap = _BufferSnapshot(buffers)
+    versions = [b._version for b in buffers]
+
+    buffers[1].mul_(2)
+    buffers[2].add_(1)
+    buffers[3].logical_not_()
+    buffers[4].mul_(1j)
+    buffers[5].fill_(7.0)
+    buffers[7].resize_(5)  # resized in place
+    changed = {1, 2, 3, 4, 5, 7}
+    versions_after_change = [b._version for b in buffers]
+    snap.restore_changed()
+
+    for i, b in enumerate(buffers):
+        assert b.shape == shapes[i], i
+        assert _bytes(b) == before[i], i
+        if i not in changed:
+            assert b._version == versions[i], i  # untouched: not written
+        else:
+            assert b._version > versions_after_change[i], i
+
+
+def test_a_value_change_without_a_version_bump_is_found() -> None:
+    stats = torch.zeros(3)
+    snap = _BufferSnapshot([stats])
+    version = stats._version
+    torch.nn.functional.batch_norm(torch.randn(4, 3), stats, torch.ones(3), training=True)
+    assert stats._version == version and stats.abs().sum() > 0
+    snap.restore_changed()
+    assert torch.equal(stats, torch.zeros(3))
