@@ -65,11 +65,12 @@ from erf_callback.engine.config import (
     Position,
     ProbeConfig,
     Reduction,
+    is_int,
 )
 from erf_callback.engine.erf_map import ERFMap
 from erf_callback.engine.layers import deepest_spatial_layer, model_device_dtype, resolve_layers
 from erf_callback.engine.transforms import OutputTransform
-from erf_callback.engine.validate import normalize_layers
+from erf_callback.engine.validate import check_inputs, normalize_layers
 from erf_callback.fit.metrics import MetricConfig
 from erf_callback.warnings import ERFWarning
 
@@ -189,10 +190,52 @@ class ERFMonitorBase:
             raise ValueError(
                 f"an inputs tensor must be (N, C, *spatial); got shape {tuple(inputs.shape)}"
             )
-        if images_every_n_probes < 1:
-            raise ValueError(f"images_every_n_probes must be >= 1; got {images_every_n_probes}")
-        if not tag_prefix or tag_prefix.endswith("/"):
+        if isinstance(inputs, torch.Tensor):
+            check_inputs(inputs)  # dtype, NaN/Inf, layout: now rather than at fit start
+        for name, value in (
+            ("images_every_n_probes", images_every_n_probes),
+            ("history_map_size", history_map_size),
+        ):
+            if not is_int(value) or value < 1:
+                raise ValueError(f"{name} must be a positive int; got {value!r}")
+        if not is_int(seed) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int; got {seed!r}")
+        for name, flag in (
+            ("probe_at_init", probe_at_init),
+            ("probe_at_end", probe_at_end),
+            ("log_images", log_images),
+            ("detail_scalars", detail_scalars),
+        ):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise ValueError(f"{name} must be True or False; got {flag!r}")
+        if not isinstance(tag_prefix, str) or not tag_prefix or tag_prefix.endswith("/"):
             raise ValueError(f"tag_prefix must be non-empty without a trailing '/': {tag_prefix!r}")
+        if module is not None and not isinstance(module, str):
+            raise TypeError(
+                f"module must be the name of a submodule of the LightningModule (e.g. 'model') "
+                f"or None; got {module!r}"
+            )
+        if not (input_key is None or is_int(input_key) or isinstance(input_key, str)) and (
+            not callable(input_key)
+        ):
+            raise TypeError(
+                "input_key must be None, an index or key into the batch, or a callable "
+                f"batch -> images; got {input_key!r}"
+            )
+        if history_filename is not None and (
+            not isinstance(history_filename, str)
+            or history_filename in ("", ".", "..")
+            or any(sep in history_filename for sep in ("/", "\\"))
+        ):
+            raise ValueError(
+                "history_filename must be a plain file name (written in the run's log "
+                f"directory), without a path; got {history_filename!r}"
+            )
+        if log_images:
+            # matplotlib's registry holds the names; it is imported only when images are drawn.
+            from erf_callback.render.raster import check_colormap
+
+            check_colormap(cmap)
         # Checked as compute_erf checks it (a name, names, no duplicates), at construction.
         self.layers = None if layers is None else normalize_layers(layers)
         # The state key must not change when the default layer is resolved at fit start, or a

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -52,8 +53,18 @@ class ProbeSchedule:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
                 raise ValueError(f"{name} must be a positive int or None; got {value!r}")
-        if not 0 < self.max_overhead < 1:
-            raise ValueError(f"max_overhead must be in (0, 1); got {self.max_overhead}")
+        overhead: object = self.max_overhead  # checked whatever the annotation says
+        if isinstance(overhead, bool) or not isinstance(overhead, numbers.Real):
+            raise ValueError(f"max_overhead must be a number in (0, 1); got {overhead!r}")
+        if not 0 < float(overhead) < 1:
+            raise ValueError(f"max_overhead must be in (0, 1); got {overhead}")
+        if self.at_steps is not None and (
+            isinstance(self.at_steps, (str, bytes)) or not isinstance(self.at_steps, Iterable)
+        ):
+            raise ValueError(
+                f"at_steps must be a sequence of non-negative ints, e.g. [0, 100, 1000]; got "
+                f"{self.at_steps!r}"
+            )
         steps = list(self.at_steps or [])
         if any(isinstance(s, bool) or int(s) != s or s < 0 for s in steps):
             raise ValueError(f"at_steps must be non-negative ints; got {steps}")

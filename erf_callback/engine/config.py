@@ -11,7 +11,16 @@ from typing import Any, Final, Literal
 from erf_callback.engine.transforms import OutputTransform
 from erf_callback.fit.metrics import MetricConfig
 
-__all__ = ["AUTO", "DEFAULT", "OUTPUT", "ChunkSize", "Default", "ProbeConfig", "Reduction"]
+__all__ = [
+    "AUTO",
+    "DEFAULT",
+    "OUTPUT",
+    "ChunkSize",
+    "Default",
+    "ProbeConfig",
+    "Reduction",
+    "is_int",
+]
 
 #: Name of the model output in ``layers`` (``layers=None`` probes it).
 OUTPUT = "output"
@@ -138,13 +147,18 @@ class ProbeConfig:
         return dataclasses.replace(self, **given) if given else self
 
 
-def _is_int(value: Any) -> bool:
-    """An integer that is not a bool (numpy integers count; 2.0 and True do not)."""
+def is_int(value: Any) -> bool:
+    """An integer that is not a bool (numpy integers count; 2.0 and True do not).
+
+    Example:
+        >>> is_int(3), is_int(True), is_int(3.0)
+        (True, False, False)
+    """
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _positive_int(value: Any) -> bool:
-    return _is_int(value) and value >= 1
+    return is_int(value) and value >= 1
 
 
 def _check_channels(channels: Any) -> None:
@@ -152,12 +166,12 @@ def _check_channels(channels: Any) -> None:
         "channels must be an int or a non-empty sequence of distinct ints (channel indices, "
         "negative ones allowed), or None for all channels"
     )
-    if _is_int(channels):
+    if is_int(channels):
         return
     items = _as_list(channels)
     if items is None:
         raise ValueError(f"{allowed}; got {channels!r}")
-    if not items or not all(_is_int(c) for c in items):
+    if not items or not all(is_int(c) for c in items):
         raise ValueError(f"{allowed}; got {channels!r}")
     if len({int(c) for c in items}) != len(items):
         raise ValueError(f"{allowed}; got duplicates in {channels!r} (each would count twice)")
@@ -171,7 +185,7 @@ def _check_position(position: Any, what: str) -> None:
         raise ValueError(
             f"{what} must be a sequence of ints (one index per spatial axis); got {position!r}"
         )
-    if not all(_is_int(p) for p in items):
+    if not all(is_int(p) for p in items):
         raise ValueError(
             f"{what} must hold integer indices (one per spatial axis, e.g. (7, 7)); got "
             f"{tuple(items)!r}. Non-integers are not rounded: pass the unit's index."

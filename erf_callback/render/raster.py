@@ -14,6 +14,7 @@ at coordinate ``(r, c)``.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import math
 from typing import overload
@@ -21,7 +22,7 @@ from typing import overload
 import matplotlib
 import numpy as np
 
-__all__ = ["colorize", "colorize_map", "render_heatmap", "to_display_2d"]
+__all__ = ["check_colormap", "colorize", "colorize_map", "render_heatmap", "to_display_2d"]
 
 # Overlay colours (RGB). Chosen to stand out on the dark-to-yellow "inferno" map: the 1-sigma
 # ellipse is the primary cue (solid cyan), the 2-sigma ellipse is secondary (dashed white),
@@ -120,6 +121,26 @@ def to_display_2d(
         loc2 = None if loc_a is None else (mid, loc_a[-1])
         return strip, mean2, cov2, box2, loc2
     raise ValueError(f"expected a map with 1, 2 or 3 spatial axes, got shape {erf.shape}")
+
+
+def check_colormap(cmap: object) -> None:
+    """Raise a ``ValueError`` naming close matches unless ``cmap`` is a registered colour map.
+
+    Example:
+        >>> check_colormap("inferno")
+        >>> check_colormap("infernoo")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: cmap='infernoo' is not a matplotlib colour map; did you mean 'inferno', ...
+    """
+    if isinstance(cmap, str) and cmap in matplotlib.colormaps:
+        return
+    close = difflib.get_close_matches(str(cmap), list(matplotlib.colormaps), n=3)
+    hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
+    raise ValueError(
+        f"cmap={cmap!r} is not a matplotlib colour map; {hint}Any name of "
+        "matplotlib.colormaps works, e.g. 'inferno' (the default), 'viridis', 'magma'."
+    )
 
 
 @functools.lru_cache(maxsize=32)

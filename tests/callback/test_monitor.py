@@ -222,6 +222,34 @@ def test_configuration_errors_surface_at_fit_start(tmp_path):
         fit(tmp_path, ERFMonitor(module="backbone"), model=model)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"at_steps": 5}, ValueError, r"at_steps must be a sequence.*got 5"),
+        ({"max_overhead": None}, ValueError, r"max_overhead must be a number in \(0, 1\)"),
+        ({"inputs": torch.zeros(2, 3, 8, 8, dtype=torch.uint8)}, ValueError, "floating point"),
+        ({"inputs": torch.full((2, 3, 8, 8), float("nan"))}, ValueError, "NaN or Inf in 2 of 2"),
+        ({"seed": "a"}, ValueError, r"seed must be a non-negative int; got 'a'"),
+        ({"module": 3}, TypeError, r"module must be the name of a submodule"),
+        ({"cmap": "infernoo"}, ValueError, r"cmap='infernoo'.*did you mean 'inferno'"),
+        ({"history_map_size": 7.5}, ValueError, r"history_map_size must be a positive int"),
+        ({"images_every_n_probes": 1.5}, ValueError, r"images_every_n_probes must be a pos"),
+        ({"tag_prefix": 3}, ValueError, r"tag_prefix must be non-empty"),
+        ({"history_filename": "../h"}, ValueError, r"plain file name.*got '../h'"),
+        ({"log_images": "yes"}, ValueError, r"log_images must be True or False"),
+        ({"probe_at_init": 0}, ValueError, r"probe_at_init must be True or False"),
+        ({"input_key": 3.5}, TypeError, r"input_key must be None, an index or key"),
+    ],
+)
+def test_arguments_of_the_wrong_kind_fail_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ERFMonitor(layers=["net.7"], **kwargs)
+
+
+def test_a_colour_map_is_checked_only_when_images_are_drawn():
+    assert ERFMonitor(layers=["net.7"], cmap="not-a-map", log_images=False).cmap == "not-a-map"
+
+
 def test_nan_probe_warns_skips_and_training_goes_on(tmp_path):
     model = module_class()(poison_after=2)
     monitor = ERFMonitor(layers=["net.7"], every_n_steps=1, num_samples=8)
