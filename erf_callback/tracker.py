@@ -21,7 +21,7 @@ from erf_callback.callback.history import ERFHistory
 from erf_callback.callback.schedule import DEFAULT_MAX_OVERHEAD, ProbeSchedule
 from erf_callback.engine.config import DEFAULT, Channels, Default, Position, ProbeConfig, Reduction
 from erf_callback.engine.transforms import OutputTransform
-from erf_callback.engine.validate import check_inputs
+from erf_callback.engine.validate import check_inputs, check_model
 from erf_callback.fit.metrics import MetricConfig
 
 __all__ = ["ERFTracker"]
@@ -145,6 +145,7 @@ class ERFTracker:
     ) -> None:
         if not isinstance(layers, str) and not layers:
             raise ValueError("layers is empty; pass the names of the layers to probe.")
+        check_model(model)
         inputs = check_inputs(inputs)
         self.model = model
         self.writer = writer

@@ -189,3 +189,8 @@ def test_engine_only_users_do_not_import_lightning():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_model_that_is_no_module_is_named_at_construction():
+    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module; got function"):
+        ERFTracker(lambda x: x, ["1"], torch.randn(2, 1, 8, 8))
