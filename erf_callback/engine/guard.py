@@ -10,7 +10,7 @@ of torch (CPU and the CUDA devices in use), NumPy and Python.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -65,9 +65,10 @@ def probe_context(model: nn.Module, devices: Sequence[torch.device] = ()) -> Ite
         >>> net.training, net[0].weight.requires_grad
         (True, True)
     """
-    modes = [(m, m.training) for m in model.modules()]
-    grads = [(p, p.requires_grad) for p in model.parameters()]
-    buffers = _BufferSnapshot(list(model.buffers()))
+    modules = list(model.modules())
+    modes = [(m, m.training) for m in modules]
+    grads = [(p, p.requires_grad) for p in _unique(m._parameters for m in modules)]
+    buffers = _BufferSnapshot(_unique(m._buffers for m in modules))
     device_type = torch.device(next(iter(devices), torch.device("cpu"))).type
     try:
         with preserved_rng(devices), torch.autocast(device_type, enabled=False):
@@ -82,6 +83,19 @@ def probe_context(model: nn.Module, devices: Sequence[torch.device] = ()) -> Ite
         for p, flag in grads:
             p.requires_grad_(flag)
         buffers.restore_changed()
+
+
+def _unique(tables: Iterable[Mapping[str, torch.Tensor | None]]) -> list[torch.Tensor]:
+    """The tensors of the modules' parameter or buffer tables, each once, in module order:
+    ``parameters()`` / ``buffers()`` without building every tensor's qualified name."""
+    seen: set[int] = set()
+    out = []
+    for table in tables:
+        for t in table.values():
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                out.append(t)
+    return out
 
 
 class _BufferSnapshot:
