@@ -123,9 +123,10 @@ class _BufferSnapshot:
         self._others: list[tuple[torch.Tensor, int, torch.Tensor]] = []
         groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         for b in buffers:
-            if b.layout == torch.strided and not (b.is_meta or b.is_quantized):
+            plain = type(b) is torch.Tensor and b.layout == torch.strided
+            if plain and not (b.is_meta or b.is_quantized):
                 groups.setdefault((b.device, b.dtype), []).append(b)
-            else:  # sparse and the like: copied one by one, checked by version
+            else:  # sparse, quantized, tensor subclasses: copied one by one, checked by version
                 self._others.append((b, b._version, b.detach().clone()))
         for members in groups.values():
             shapes = [b.shape for b in members]

@@ -55,3 +55,20 @@ def test_a_value_change_without_a_version_bump_is_found() -> None:
     assert stats._version == version and stats.abs().sum() > 0
     snap.restore_changed()
     assert torch.equal(stats, torch.zeros(3))
+
+
+def test_tensor_subclasses_and_sparse_buffers_are_copied_one_by_one() -> None:
+    class Tagged(torch.Tensor):
+        pass
+
+    tagged = torch.zeros(3).as_subclass(Tagged)
+    sparse = torch.eye(3).to_sparse()
+    plain = torch.ones(2)
+    snap = _BufferSnapshot([tagged, sparse, plain])
+    tagged.add_(1)
+    sparse.mul_(2)
+    plain.sub_(1)
+    snap.restore_changed()
+    assert type(tagged) is Tagged and torch.equal(tagged, torch.zeros(3).as_subclass(Tagged))
+    assert torch.equal(sparse.to_dense(), torch.eye(3))
+    assert torch.equal(plain, torch.ones(2))
