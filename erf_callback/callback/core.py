@@ -236,6 +236,10 @@ class ERFMonitorBase:
             from erf_callback.render.raster import check_colormap
 
             check_colormap(cmap)
+        if isinstance(layers, (list, tuple)) and not layers:
+            raise ValueError(
+                "layers is empty; pass layer names, or None to probe the deepest spatial layer."
+            )
         # Checked as compute_erf checks it (a name, names, no duplicates), at construction.
         self.layers = None if layers is None else normalize_layers(layers)
         # The state key must not change when the default layer is resolved at fit start, or a

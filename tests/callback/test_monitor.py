@@ -214,6 +214,8 @@ def test_configuration_errors_surface_at_fit_start(tmp_path):
         ERFMonitor(every_n_steps=0)
     with pytest.raises(TypeError, match=r"layers must be a layer name.*got 7"):
         ERFMonitor(layers=7)
+    with pytest.raises(ValueError, match=r"layers is empty.*None to probe the deepest"):
+        ERFMonitor(layers=[])
     with pytest.raises(ValueError, match=r"layers has duplicates"):
         ERFMonitor(layers=["net.7", "net.7"])
     with pytest.raises(ValueError, match=r"output_transform must be a callable"):
