@@ -92,8 +92,12 @@ class RFGeometry:
 
     @property
     def width(self) -> tuple[float, ...]:
-        """TRF width in input pixels per input spatial axis (``math.inf`` for global)."""
-        return tuple(a.size for a in self.axes)
+        """TRF width in input pixels per input spatial axis (``math.inf`` for global).
+
+        Rounded to 9 decimals: resampling by non-dyadic factors (an upsampling by 3) carries
+        jumps like 1/3, and 3.9999999999999996 is 4 to anyone reading the metric.
+        """
+        return tuple(a.size if math.isinf(a.size) else round(a.size, 9) for a in self.axes)
 
     @property
     def exact(self) -> bool:

@@ -563,6 +563,20 @@ def test_interpolate_upsampling_is_non_exact(kwargs, jump, width) -> None:
     assert geo.width == (width, width)
 
 
+def test_widths_after_resampling_by_three_are_not_float_noise() -> None:
+    # Jumps of 1/3 and 2/3 do not add up exactly in binary (3.9999999999999996); the width a
+    # user reads is rounded to 9 decimals.
+    model = nn.Sequential(
+        nn.ConvTranspose2d(1, 2, 2, stride=2),
+        nn.Upsample(scale_factor=3.0, mode="bilinear"),
+        nn.Conv2d(2, 2, 5, stride=2, padding=4),
+        nn.Conv2d(2, 2, 3, padding=1),
+        nn.Conv2d(2, 2, 2, padding=2, dilation=2),
+    )
+    geo = geometry_of(model, torch.rand(1, 1, 40, 40))
+    assert geo.width == (4.0, 4.0)
+
+
 def test_interpolate_integer_downsampling_is_exact() -> None:
     near = geometry_of(lambda x: F.interpolate(x, scale_factor=0.25), torch.rand(1, 1, 32, 32))
     assert near.axes == (AxisRF(0, 4, 1, True),) * 2
