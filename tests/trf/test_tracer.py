@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -141,6 +142,46 @@ STACKS = {
     "1d_strided": (1, [L(7, s=2, p=3), L(5, s=3), L(3, s=2, d=2)]),
     "3d": (3, [L(3, s=2, p=1), L((3, 1, 5), d=(1, 1, 2)), L(2, s=2)]),
 }
+
+
+def _random_stack(seed: int) -> nn.Sequential:
+    """1-5 random convs (kernel, stride, dilation, padding) and average pools."""
+    rng = random.Random(seed)
+    mods: list[nn.Module] = []
+    channels = 1
+    for _ in range(rng.randint(1, 5)):
+        if rng.random() < 0.75:
+            k, d = rng.randint(1, 5), rng.choice([1, 1, 2, 3])
+            out = rng.choice([1, 2])
+            conv = nn.Conv2d(
+                channels, out, k, rng.choice([1, 1, 2, 3]), rng.randint(0, d * (k - 1)), d
+            )
+            mods.append(conv)
+            channels = out
+        else:
+            k = rng.randint(2, 4)
+            mods.append(nn.AvgPool2d(k, rng.randint(1, k), rng.randint(0, k // 2)))
+    return positive_(nn.Sequential(*mods))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_conv_and_pool_stacks_match_their_gradient_support(seed: int) -> None:
+    # Beyond the hand-picked stacks: the traced interval of the centre unit is exactly the
+    # input pixels its gradient reaches (positive weights), whenever the field lies inside
+    # the input (no padding on the way can clip it).
+    model = _random_stack(seed)
+    shape = (1, 1, 160, 160)
+    try:
+        out_shape = model(torch.rand(shape)).shape[2:]
+    except RuntimeError:  # the random stack shrank the map to nothing
+        pytest.skip("no output")
+    geo = geometry_of(model, torch.rand(shape))
+    assert geo.exact
+    centre = tuple(n // 2 for n in out_shape)
+    traced = traced_interval(geo, centre)
+    if any(lo < 0 or hi > 159 for lo, hi in traced):
+        pytest.skip("the field reaches past the input")
+    assert gradient_bbox(model, shape, centre) == traced
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
