@@ -274,11 +274,22 @@ class ERFMonitorBase:
         self._history_filename_arg = history_filename
         self.history_filename = history_filename or DEFAULT_BASENAME
         self.history = ERFHistory(history_map_size)
+        self._enabled = True
+        self._dry_run = False  # fast_dev_run: the fit-start check only, nothing logged
+        self._group: ProbeGroup | None = None  # the ranks sharing each probe (None: alone)
+        self._renderer = ProbeImages(tag_prefix, cmap, heatmap_style)
+        self.detail_scalars = detail_scalars
+        self._fitted = False  # a fit with this instance has ended (see setup)
+        self._start_run()
 
+    def _start_run(self) -> None:
+        """The state of one training run: what a checkpoint holds, and the run's bookkeeping."""
+        self.layers = None if self._layers_arg is None else list(self._layers_arg)
+        self.history = ERFHistory(self.history.map_size)
+        self.schedule.auto_interval = self.schedule.next_auto_step = None
         self._inputs: torch.Tensor | None = None  # CPU copy; part of the checkpoint
         self._history_dir: str | None = None
         self._device_inputs: torch.Tensor | None = None
-        self._enabled = True
         self._last_step_seen: int | None = None
         self._last_probed_step: int | None = None
         self._step_clock: float | None = None
@@ -289,11 +300,7 @@ class ERFMonitorBase:
         self._guard = Guard(self._warn_once)
         self._told_interval = False
         self._checked = False  # the fit-start check ran in this fit
-        self._dry_run = False  # fast_dev_run: the fit-start check only, nothing logged
         self._files_name: str | None = None  # the history files' base name, once taken
-        self._group: ProbeGroup | None = None  # the ranks sharing each probe (None: alone)
-        self._renderer = ProbeImages(tag_prefix, cmap, heatmap_style)
-        self.detail_scalars = detail_scalars
         self._hparams_declared = False
 
     # ---- Lightning hooks -----------------------------------------------------------------
@@ -307,6 +314,12 @@ class ERFMonitorBase:
     def setup(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
         if stage != "fit":
             return
+        if self._fitted and trainer.global_step == 0:
+            # This instance already took part in a fit and a new run starts (a new Trainer;
+            # the same Trainer fitting on continues at its step, and keeps its history): it
+            # gets its own init probe and history. A checkpoint it resumes from is loaded
+            # after this (load_state_dict).
+            self._start_run()
         self._checked, self._files_name = False, None
         self._dry_run = bool(getattr(trainer, "fast_dev_run", False))
         if self._dry_run:
@@ -394,6 +407,10 @@ class ERFMonitorBase:
             return
         if self.schedule.due_at_epoch_end(trainer.current_epoch):
             self._probe_if_new(trainer, pl_module)
+
+    def teardown(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
+        if stage == "fit":
+            self._fitted = True
 
     def on_train_end(self, trainer: Any, pl_module: nn.Module) -> None:
         if not self._enabled or self._dry_run or self._last_probed_step is None:

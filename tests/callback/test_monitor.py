@@ -252,6 +252,30 @@ def test_a_colour_map_is_checked_only_when_images_are_drawn():
     assert ERFMonitor(layers=["net.7"], cmap="not-a-map", log_images=False).cmap == "not-a-map"
 
 
+def test_one_monitor_in_two_fits_gives_each_run_its_own_history(tmp_path):
+    # A notebook re-running a cell, or a sweep reusing one callback object: a new Trainer is a
+    # new run (its own TensorBoard version), with its own init probe, history and files.
+    monitor = ERFMonitor(layers=["net.6"], every_n_steps=2, num_samples=4)
+    model = module_class()()
+    make_trainer(tmp_path, [monitor], max_steps=4).fit(model)
+    first = monitor.history_files
+    assert [r["step"] for r in monitor.history.records] == [0, 2, 4]
+
+    make_trainer(tmp_path, [monitor], max_steps=2).fit(model)
+    assert [r["step"] for r in monitor.history.records] == [0, 2]
+    second = monitor.history_files
+    assert second is not None and first is not None and second[0] != first[0]
+    assert list(pd.read_csv(second[0])["step"].unique()) == [0, 2]
+    assert list(pd.read_csv(first[0])["step"].unique()) == [0, 2, 4]  # left as it was
+
+    # The same Trainer fitting on continues its run: the history goes on.
+    trainer = make_trainer(tmp_path, [monitor], max_steps=4)
+    trainer.fit(model)
+    trainer.fit_loop.epoch_loop.max_steps = 6
+    trainer.fit(model)
+    assert [r["step"] for r in monitor.history.records] == [0, 2, 4, 6]
+
+
 def test_nan_probe_warns_skips_and_training_goes_on(tmp_path):
     model = module_class()(poison_after=2)
     monitor = ERFMonitor(layers=["net.7"], every_n_steps=1, num_samples=8)
