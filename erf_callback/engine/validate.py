@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from erf_callback.engine.config import OUTPUT
 
@@ -100,8 +101,19 @@ def check_model(model: Any) -> None:
         )
     # The names are built only when there is something to report (every probe runs this).
     tensors = (t for m in model.modules() for t in (*m._parameters.values(), *m._buffers.values()))
-    if any(t is not None and t.is_meta for t in tensors):
-        meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if not any(t is not None and (t.is_meta or is_lazy(t)) for t in tensors):
+        return
+    named = [*model.named_parameters(), *model.named_buffers()]
+    lazy = [n for n, t in named if is_lazy(t)]
+    if lazy:
+        raise ValueError(
+            f"the model has {len(lazy)} uninitialised parameters/buffers of lazy modules (e.g. "
+            f"{lazy[0]!r}): their shapes are not known yet. Run the model once on a batch "
+            "(model(x)), as its first training step would, then probe; a probe does not "
+            "initialise them, as that would change the model."
+        )
+    meta = [n for n, t in named if t.is_meta]
+    if meta:
         raise ValueError(
             f"the model has {len(meta)} parameters/buffers on the meta device (e.g. {meta[0]!r}): "
             "they hold no values, so there is no gradient to measure. Materialise the model "

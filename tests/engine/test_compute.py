@@ -408,6 +408,15 @@ def test_bad_inputs(inputs, match):
         compute_erf(net, inputs)
 
 
+def test_lazy_modules_must_be_initialised_first_and_are_left_uninitialised():
+    net = nn.Sequential(nn.LazyConv2d(4, 3), nn.ReLU(), nn.LazyConv2d(2, 3))
+    with pytest.raises(ValueError, match=r"4 uninitialised parameters.*'0.weight'.*model\(x\)"):
+        compute_erf(net, torch.randn(2, 3, 16, 16))
+    assert isinstance(net[0].weight, nn.parameter.UninitializedParameter)  # not initialised
+    net(torch.randn(1, 3, 16, 16))  # what the first training step does
+    assert compute_erf(net, torch.randn(2, 3, 16, 16))["output"].status == "ok"
+
+
 def test_sparse_inputs_are_refused_with_the_fix():
     with pytest.raises(ValueError, match=r"dense tensor; got layout torch.sparse_coo.*to_dense"):
         compute_erf(nn.Conv2d(3, 3, 3), torch.randn(2, 3, 8, 8).to_sparse())
