@@ -69,6 +69,9 @@ def probe_context(model: nn.Module, devices: Sequence[torch.device] = ()) -> Ite
     modes = [(m, m.training) for m in modules]
     grads = [(p, p.requires_grad) for p in _unique(m._parameters for m in modules)]
     buffers = _BufferSnapshot(_unique(m._buffers for m in modules))
+    # Which tensor each module holds under each buffer name: a forward may also replace one
+    # (a cache rebuilt for another input size) or register a new one.
+    tables = [(m, dict(m._buffers), set(m._non_persistent_buffers_set)) for m in modules]
     device_type = torch.device(next(iter(devices), torch.device("cpu"))).type
     try:
         with preserved_rng(devices), torch.autocast(device_type, enabled=False):
@@ -82,6 +85,17 @@ def probe_context(model: nn.Module, devices: Sequence[torch.device] = ()) -> Ite
             m.training = mode
         for p, flag in grads:
             p.requires_grad_(flag)
+        for m, table, non_persistent in tables:
+            now = m._buffers
+            if (
+                now.keys() != table.keys()
+                or any(now[k] is not t for k, t in table.items())
+                or m._non_persistent_buffers_set != non_persistent
+            ):
+                m._buffers.clear()
+                m._buffers.update(table)
+                m._non_persistent_buffers_set.clear()
+                m._non_persistent_buffers_set.update(non_persistent)
         buffers.restore_changed()
 
 

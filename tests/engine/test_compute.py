@@ -279,6 +279,30 @@ def test_buffers_written_in_place_by_a_kernel_are_restored_too():
     assert net.odd._version == odd_version
 
 
+def test_buffers_replaced_or_added_by_the_forward_are_put_back():
+    # A cache rebuilt for the probe's input size (as rotary-embedding tables are) replaces a
+    # buffer; another module registers one on the fly. After the probe each module holds its
+    # own tensors again, under the same names.
+    class Cached(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3, padding=1)
+            self.register_buffer("table", torch.ones(4), persistent=False)
+
+        def forward(self, x):
+            if self.table.numel() != x.shape[-1]:
+                self.table = torch.ones(x.shape[-1])  # replaces the buffer
+            self.register_buffer("seen", torch.zeros(1))
+            return self.conv(x) * self.table
+
+    net = Cached()
+    table = net.table
+    compute_erf(net, torch.randn(2, 1, 8, 8))
+    assert net.table is table and torch.equal(table, torch.ones(4))
+    assert "seen" not in net._buffers and net._non_persistent_buffers_set == {"table"}
+    assert [n for n, _ in net.named_buffers()] == ["table"]
+
+
 def test_autocast_and_channels_last_and_low_precision():
     torch.manual_seed(0)
     net = ResNet(width=4).eval()
