@@ -186,12 +186,8 @@ class ERFMonitorBase:
                 f"inputs must be 'train', 'noise', a tensor or an iterable of batches; got "
                 f"{inputs!r}"
             )
-        if isinstance(inputs, torch.Tensor) and inputs.dim() not in (3, 4, 5):
-            raise ValueError(
-                f"an inputs tensor must be (N, C, *spatial); got shape {tuple(inputs.shape)}"
-            )
         if isinstance(inputs, torch.Tensor):
-            check_inputs(inputs)  # dtype, NaN/Inf, layout: now rather than at fit start
+            check_inputs(inputs)  # rank, dtype, NaN/Inf, layout: now rather than at fit start
         for name, value in (
             ("images_every_n_probes", images_every_n_probes),
             ("history_map_size", history_map_size),
@@ -236,15 +232,12 @@ class ERFMonitorBase:
             from erf_callback.render.raster import check_colormap
 
             check_colormap(cmap)
-        if isinstance(layers, (list, tuple)) and not layers:
-            raise ValueError(
-                "layers is empty; pass layer names, or None to probe the deepest spatial layer."
-            )
-        # Checked as compute_erf checks it (a name, names, no duplicates), at construction.
-        self.layers = None if layers is None else normalize_layers(layers)
-        # The state key must not change when the default layer is resolved at fit start, or a
-        # resumed run would not find its own state in the checkpoint.
-        self._layers_arg = None if self.layers is None else list(self.layers)
+        # Checked as compute_erf checks it (a name, names, no duplicates), at construction. The
+        # state key must not change when the default layer is resolved at fit start, or a
+        # resumed run would not find its own state in the checkpoint: it is built from this.
+        self._layers_arg = (
+            None if layers is None else normalize_layers(layers, "the deepest spatial layer")
+        )
         self.num_samples = num_samples
         self.schedule = ProbeSchedule(
             every_n_steps=every_n_steps,

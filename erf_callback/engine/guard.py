@@ -68,10 +68,7 @@ def probe_context(model: nn.Module, devices: Sequence[torch.device] = ()) -> Ite
     modules = list(model.modules())
     modes = [(m, m.training) for m in modules]
     grads = [(p, p.requires_grad) for p in _unique(m._parameters for m in modules)]
-    buffers = _BufferSnapshot(_unique(m._buffers for m in modules))
-    # Which tensor each module holds under each buffer name: a forward may also replace one
-    # (a cache rebuilt for another input size) or register a new one.
-    tables = [(m, dict(m._buffers), set(m._non_persistent_buffers_set)) for m in modules]
+    buffers = _BufferSnapshot(modules)
     device_type = torch.device(next(iter(devices), torch.device("cpu"))).type
     try:
         with preserved_rng(devices), torch.autocast(device_type, enabled=False):
@@ -85,18 +82,7 @@ def probe_context(model: nn.Module, devices: Sequence[torch.device] = ()) -> Ite
             m.training = mode
         for p, flag in grads:
             p.requires_grad_(flag)
-        for m, table, non_persistent in tables:
-            now = m._buffers
-            if (
-                now.keys() != table.keys()
-                or any(now[k] is not t for k, t in table.items())
-                or m._non_persistent_buffers_set != non_persistent
-            ):
-                m._buffers.clear()
-                m._buffers.update(table)
-                m._non_persistent_buffers_set.clear()
-                m._non_persistent_buffers_set.update(non_persistent)
-        buffers.restore_changed()
+        buffers.restore()
 
 
 def _unique(tables: Iterable[Mapping[str, torch.Tensor | None]]) -> list[torch.Tensor]:
@@ -113,30 +99,33 @@ def _unique(tables: Iterable[Mapping[str, torch.Tensor | None]]) -> list[torch.T
 
 
 class _BufferSnapshot:
-    """The values of a model's buffers, to put back those a probe changed.
+    """The buffers of modules as they are: which tensor each module holds under each name, and
+    every tensor's value; :meth:`restore` puts back what a probe changed.
 
-    A change is found by value, not by the version counter: kernels that update statistics in
-    place (``F.batch_norm`` with ``training=True``) write buffers without moving it. The
-    copies of the dense buffers of one device and dtype are one flat tensor, compared with
-    their values afterwards in one go (a ResNet has ~60 buffers, and on a GPU each separate
-    copy or comparison is a launch the probe waits for). A buffer is written only if its bytes
-    differ, so an untouched one keeps its version counter (a graph the user still holds that
-    saved it stays valid).
+    A forward may replace a buffer (a cache rebuilt for another input size) or register one:
+    each module gets its own table back. A change of value is found by the bytes, not by the
+    version counter: kernels that update statistics in place (``F.batch_norm`` with
+    ``training=True``) write buffers without moving it. The copies of the dense buffers of
+    one device and dtype are one flat tensor, compared with their values afterwards in one go
+    (a ResNet has ~60 buffers, and on a GPU each separate copy or comparison is a launch the
+    probe waits for). A buffer is written only if its bytes differ, so an untouched one keeps
+    its version counter (a graph the user still holds that saved it stays valid).
 
     Example:
         >>> bn = torch.nn.BatchNorm1d(2)
-        >>> snap = _BufferSnapshot(list(bn.buffers()))
+        >>> snap = _BufferSnapshot([bn])
         >>> _ = bn.train()(torch.randn(4, 2))  # updates the running statistics
-        >>> snap.restore_changed()
+        >>> snap.restore()
         >>> bn.running_mean.tolist(), int(bn.num_batches_tracked)
         ([0.0, 0.0], 0)
     """
 
-    def __init__(self, buffers: list[torch.Tensor]) -> None:
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self._tables = [(m, dict(m._buffers), set(m._non_persistent_buffers_set)) for m in modules]
         self._groups: list[tuple[list[torch.Tensor], list[torch.Size], torch.Tensor]] = []
         self._others: list[tuple[torch.Tensor, int, torch.Tensor]] = []
         groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-        for b in buffers:
+        for b in _unique(m._buffers for m in modules):
             plain = type(b) is torch.Tensor and b.layout == torch.strided
             if plain and not (b.is_meta or b.is_quantized):
                 groups.setdefault((b.device, b.dtype), []).append(b)
@@ -146,8 +135,20 @@ class _BufferSnapshot:
             shapes = [b.shape for b in members]
             self._groups.append((members, shapes, _flat(members)))
 
-    def restore_changed(self) -> None:
-        """Copy the saved values back into every buffer whose bytes changed."""
+    def restore(self) -> None:
+        """Each module's buffer table, then the saved values of every buffer whose bytes
+        changed."""
+        for m, table, non_persistent in self._tables:
+            now = m._buffers
+            if (
+                now.keys() != table.keys()
+                or any(now[k] is not t for k, t in table.items())
+                or m._non_persistent_buffers_set != non_persistent
+            ):
+                now.clear()
+                now.update(table)
+                m._non_persistent_buffers_set.clear()
+                m._non_persistent_buffers_set.update(non_persistent)
         with torch.no_grad():
             for members, shapes, saved in self._groups:
                 if [b.shape for b in members] == shapes and _same_bytes(_flat(members), saved):

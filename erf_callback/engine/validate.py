@@ -31,7 +31,11 @@ _UNBATCHED_HINT = (
 )
 
 
-def normalize_layers(layers: str | Sequence[str] | None) -> list[str]:
+def normalize_layers(
+    layers: str | Sequence[str] | None, none_means: str = "the model output"
+) -> list[str]:
+    """The layer names as a list (``None``: the model output), checked; ``none_means`` is what
+    ``layers=None`` selects for the caller, named in the messages."""
     if layers is None:
         return [OUTPUT]
     if isinstance(layers, str):
@@ -40,11 +44,11 @@ def normalize_layers(layers: str | Sequence[str] | None) -> list[str]:
         names = list(layers)
     else:
         raise TypeError(
-            f"layers must be a layer name, a sequence of names or None (the model output); got "
+            f"layers must be a layer name, a sequence of names or None ({none_means}); got "
             f"{layers!r}. Names are those of model.named_modules(), e.g. layers=['layer3']."
         )
     if not names:
-        raise ValueError("layers is empty; pass layer names or None for the model output.")
+        raise ValueError(f"layers is empty; pass layer names, or None to probe {none_means}.")
     for name in names:
         if not isinstance(name, str):
             raise TypeError(f"layer names must be strings; got {name!r}")

@@ -8,6 +8,14 @@ import torch
 from erf_callback.engine.guard import _BufferSnapshot
 
 
+def _snapshot(buffers: list[torch.Tensor]) -> _BufferSnapshot:
+    """A snapshot of one module that holds ``buffers``."""
+    holder = torch.nn.Module()
+    for i, b in enumerate(buffers):
+        holder.register_buffer(f"b{i}", b)
+    return _BufferSnapshot([holder])
+
+
 def _bytes(t: torch.Tensor) -> bytes:
     return t.detach().cpu().clone().reshape(-1).view(torch.uint8).numpy().tobytes()
 
@@ -25,7 +33,7 @@ def test_changes_of_every_kind_are_undone_and_the_rest_is_not_written() -> None:
     ]
     before = [_bytes(b) for b in buffers]
     shapes = [b.shape for b in buffers]
-    snap = _BufferSnapshot(buffers)
+    snap = _snapshot(buffers)
     versions = [b._version for b in buffers]
 
     buffers[1].mul_(2)
@@ -36,7 +44,7 @@ def test_changes_of_every_kind_are_undone_and_the_rest_is_not_written() -> None:
     buffers[7].resize_(5)  # resized in place
     changed = {1, 2, 3, 4, 5, 7}
     versions_after_change = [b._version for b in buffers]
-    snap.restore_changed()
+    snap.restore()
 
     for i, b in enumerate(buffers):
         assert b.shape == shapes[i], i
@@ -49,11 +57,11 @@ def test_changes_of_every_kind_are_undone_and_the_rest_is_not_written() -> None:
 
 def test_a_value_change_without_a_version_bump_is_found() -> None:
     stats = torch.zeros(3)
-    snap = _BufferSnapshot([stats])
+    snap = _snapshot([stats])
     version = stats._version
     torch.nn.functional.batch_norm(torch.randn(4, 3), stats, torch.ones(3), training=True)
     assert stats._version == version and stats.abs().sum() > 0
-    snap.restore_changed()
+    snap.restore()
     assert torch.equal(stats, torch.zeros(3))
 
 
@@ -64,11 +72,11 @@ def test_tensor_subclasses_and_sparse_buffers_are_copied_one_by_one() -> None:
     tagged = torch.zeros(3).as_subclass(Tagged)
     sparse = torch.eye(3).to_sparse()
     plain = torch.ones(2)
-    snap = _BufferSnapshot([tagged, sparse, plain])
+    snap = _snapshot([tagged, sparse, plain])
     tagged.add_(1)
     sparse.mul_(2)
     plain.sub_(1)
-    snap.restore_changed()
+    snap.restore()
     assert type(tagged) is Tagged and torch.equal(tagged, torch.zeros(3).as_subclass(Tagged))
     assert torch.equal(sparse.to_dense(), torch.eye(3))
     assert torch.equal(plain, torch.ones(2))
