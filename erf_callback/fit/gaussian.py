@@ -76,8 +76,12 @@ _MAX_OUTSIDE = 0.9
 # over axes) fitted a peak, not the map: a Gaussian plus floor or noise, even cut by the edge,
 # keeps the ratio near 1 (a cut narrows the moments, never widens them 2x).
 _SPIKE_VARIANCE_RATIO = 0.5
+# A model floor more than this share of the map's range below its minimum is not a floor.
+_FLOOR_BELOW_MIN = 0.05
 # Relative change per iteration below which a noise-driven limit cycle is accepted.
 _STALL_TOL = 1e-3
+# Longest limit cycle of the windowed moments that is recognised as one (in states).
+_MAX_CYCLE = 6
 
 
 @dataclass(frozen=True)
@@ -228,11 +232,7 @@ def _fit_robust(
         plain = m0, mean, cov = _moments(a, coords)
     if plain is not None and quiet is not None and m0 > 0 and np.all(np.isfinite(cov)):
         d2 = mahalanobis_sq(sample_idx, mean, _inverse(cov, _MIN_WINDOW_VARIANCE))
-        far = d2 > window * window
-        n_far = np.count_nonzero(far)
-        # median(|far|) <= level, counted rather than sorted
-        noisy = n_far - np.count_nonzero(quiet & far)
-        if n_far >= _MIN_FLOOR_PIXELS and 2 * noisy <= n_far:
+        if _far_is_quiet(d2, quiet, window):
             mean, cov = restore_edge_cut(a, m0, mean, cov)
             # The edge correction is per axis: exact for axis-aligned Gaussians down to a
             # deeper cut than for rotated ones.
@@ -268,7 +268,7 @@ def _fit_robust(
         exact = fit_floor_gaussian(a, model.mean, model.cov, model.floor, model.amplitude)
         if exact is not None and exact.residual <= model.residual:
             model = exact
-    if model is None or not _plausible(model.mean, model.cov, a.shape):
+    if model is None or not _plausible(model, a.shape, low, peak):
         moments = _windowed_moments(a, coords, low, peak, window, max_iter, tol)
         return None if moments is None else (*moments, None, _WINDOWED)
     if _floors_agree(model, pedestal, a.shape):
@@ -290,6 +290,28 @@ def _fit_robust(
     if moments is not None and _narrower(model.cov, moments[1], _SPIKE_VARIANCE_RATIO):
         return (*moments, None, _WINDOWED)
     return _from_model(model)
+
+
+def _far_is_quiet(d2: np.ndarray, quiet: np.ndarray, window: float) -> bool:
+    """Whether the sampled pixels far from the ERF are zero to rounding (``d2``: their squared
+    Mahalanobis distance from the plain moments; ``quiet``: which are at most the clean level).
+
+    Far means beyond the window when at least ``_MIN_FLOOR_PIXELS`` pixels are; when the ERF
+    nearly fills the map (a conv stack whose field is a few pixels smaller than the input),
+    beyond Mahalanobis radius 4, then 3. A Gaussian's tail there is at least 3e-4 of its
+    peak, far above the clean level, so only pixels that are zero to rounding (outside the
+    field) count as quiet: a Gaussian that fills the map, a pedestal or noise never passes.
+    The test is that the median of ``|far|`` is at most the level, counted rather than
+    sorted.
+    """
+    for radius in (window, 4.0, 3.0):
+        if radius > window:
+            continue
+        far = d2 > radius * radius
+        n_far = np.count_nonzero(far)
+        if n_far >= _MIN_FLOOR_PIXELS:
+            return 2 * (n_far - np.count_nonzero(quiet & far)) <= n_far
+    return False
 
 
 # mean, cov, floor, converged, the unit Gaussian on the map if the fit has it, and the stage
@@ -332,13 +354,22 @@ def _narrower(cov: np.ndarray, reference: np.ndarray, ratio: float) -> bool:
     return bool(det ** (1.0 / d) < ratio * ref ** (1.0 / d))
 
 
-def _plausible(mean: np.ndarray, cov: np.ndarray, shape: tuple[int, ...]) -> bool:
-    """A model fit that describes the map: mostly inside it and no wider than a few maps."""
+def _plausible(model: GaussianModelFit, shape: tuple[int, ...], low: float, peak: float) -> bool:
+    """A model fit that describes the map: mostly inside it, no wider than a few maps, and on
+    a floor that is not far below the map's minimum ``low`` (``peak``: its maximum).
+
+    A floor, fitted or not, is never much below the lowest pixel: zero-mean noise puts a few
+    pixels below it, not the other way round. A floor far below them is the model bending
+    a flat-topped map (a single convolution's box filling the map) into the top of a broad
+    Gaussian on a negative pedestal.
+    """
+    cov = model.cov
     widest = 4.0 * max(shape)
     return (
         math.isfinite(sum(cov.ravel().tolist()))
         and max(cov.diagonal().tolist()) <= widest * widest
-        and math.prod(axis_mass(mean, cov, shape).tolist()) >= 1.0 - _MAX_OUTSIDE
+        and math.prod(axis_mass(model.mean, cov, shape).tolist()) >= 1.0 - _MAX_OUTSIDE
+        and model.floor >= low - _FLOOR_BELOW_MIN * (peak - low)
     )
 
 
@@ -369,7 +400,7 @@ def _windowed_moments(
     cut = truncated_variance_factor(d, r2)
     ring_r2 = (window - 1) ** 2
     history: list[float] = []
-    previous: tuple[np.ndarray, np.ndarray] | None = None
+    visited: list[tuple[np.ndarray, np.ndarray]] = []  # the states before the current one
     for _ in range(max_iter):
         prec = _inverse(cov, _MIN_WINDOW_VARIANCE)
         floor = _far_floor(sample_idx, sample_vals, mean, prec, window, amplitude)[0]
@@ -389,14 +420,22 @@ def _windowed_moments(
         if delta < tol:
             return new_mean, new_cov, floor, True
         # Noise makes pixels on the window's edge flip in and out: the iteration can settle
-        # into a 2-cycle (or a slow crawl) far below the noise-limited precision. A 2-cycle is
-        # answered with the average of its two states.
-        if previous is not None and _relative_change(previous, (new_mean, new_cov)) < tol:
-            return (mean + new_mean) / 2, (cov + new_cov) / 2, floor, True
+        # into a short cycle (or a slow crawl) far below the noise-limited precision. A cycle
+        # (the new state back at one of the last few) is answered with the average of its
+        # states.
+        for back in range(1, min(len(visited), _MAX_CYCLE - 1) + 1):
+            if _relative_change(visited[-back], (new_mean, new_cov)) < tol:
+                cycle = [*visited[len(visited) - back + 1 :], (mean, cov), (new_mean, new_cov)]
+                return (
+                    np.mean([m for m, _ in cycle], axis=0),
+                    np.mean([c for _, c in cycle], axis=0),
+                    floor,
+                    True,
+                )
         history.append(delta)
         if len(history) >= 3 and max(history[-3:]) < _STALL_TOL:
             return new_mean, new_cov, floor, True
-        previous = (mean, cov)
+        visited.append((mean, cov))
         mean, cov = new_mean, new_cov
     return mean, cov, floor, False
 

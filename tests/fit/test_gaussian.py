@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from erf_callback import ERFWarning, fit_gaussian
+from erf_callback import ERFWarning, compute_erf, fit_gaussian
 from tests.helpers.maps import gaussian_map, half_normal_floor, rotated_cov
 from tests.helpers.nets import stack_closed_form, uniform_stack
 
@@ -60,6 +60,52 @@ def test_robust_fit_has_moment_semantics_on_shallow_stacks(dims, depth, k):
     var = stack_closed_form([k] * depth)[0].variance
     fit = fit_gaussian(erf)
     np.testing.assert_allclose(fit.sigma, math.sqrt(var), rtol=1e-3)
+
+
+@pytest.mark.parametrize(("depth", "k"), [(2, 3), (2, 7), (3, 3), (4, 5), (5, 5), (8, 3), (10, 3)])
+@pytest.mark.parametrize("margin", [1, 2, 3])
+def test_a_stack_whose_field_nearly_fills_the_input_keeps_the_closed_form(depth, k, margin):
+    # The input is the TRF plus a few zero pixels on each side, through compute_erf: no pixel
+    # lies beyond the 5-sigma window, so the clean-map test reads the pixels beyond
+    # Mahalanobis radius 4 or 3, the zero margin. Before, these maps went to the floor +
+    # Gaussian model (2 layers of 7 x 7 on a 17 x 17 input came out 29% too wide in variance).
+    size = depth * (k - 1) + 1 + 2 * margin
+    net = uniform_stack([k] * depth).double()
+    maps = compute_erf(net, torch.randn(2, 1, size, size, dtype=torch.float64))
+    fit = fit_gaussian(next(iter(maps.values())).grad)
+    var = stack_closed_form([k] * depth)[0].variance
+    np.testing.assert_allclose(np.diag(fit.cov), [var, var], rtol=1e-9)
+    assert fit.floor == 0.0
+
+
+@pytest.mark.parametrize(("ky", "kx"), [(3, 3), (5, 9), (7, 4)])
+def test_one_box_with_a_one_pixel_margin_keeps_its_moments(ky, kx):
+    # One convolution's ERF is flat. With a one-pixel margin few pixels are far from it, and
+    # the model bends the flat top into a broad Gaussian on a floor far below every pixel
+    # (for 5 x 9: variances 47 and 182 instead of 2 and 6.7). Such a floor is no floor.
+    fit = fit_gaussian(np.pad(np.ones((ky, kx)), 1))
+    np.testing.assert_allclose(np.diag(fit.cov), [(ky**2 - 1) / 12, (kx**2 - 1) / 12], rtol=1e-9)
+    assert fit.converged
+
+
+def test_windowed_moments_recognise_limit_cycles_longer_than_two():
+    # A noisy ring on a floor: the window's edge pixels flip in and out and the iteration
+    # settles into a 3-cycle (689.0, 690.6, 689.6 in variance), which a test for 2-cycles
+    # alone ran into the iteration cap.
+    from erf_callback.fit import gaussian as fg
+
+    rng = np.random.default_rng(5)
+    h, w = (int(v) for v in rng.integers(40, 200, 2))
+    y, x = np.mgrid[:h, :w]
+    ring = np.exp(-0.5 * (np.hypot(y - h / 2, x - w / 2) - min(h, w) / 4) ** 2 / 4)
+    a = ring + 0.01 + 0.005 * rng.normal(0, 1, (h, w))
+    coords = [np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64)]
+    result = fg._windowed_moments(a, coords, float(a.min()), float(a.max()), 5.0, 50, 1e-6)
+    assert result is not None
+    _, cov, _, converged = result
+    assert converged
+    # The moment semantics of a ring of radius R: per-axis variance R^2 / 2.
+    np.testing.assert_allclose(np.sqrt(np.diag(cov)), min(h, w) / 4 / math.sqrt(2), rtol=0.03)
 
 
 def test_least_squares_lacks_moment_semantics_on_a_box():
