@@ -68,8 +68,10 @@ _EDGE_CUT = 1e-8
 _EDGE_CUT_ALIGNED = 1e-5
 _EXACT_RESIDUAL = 1e-12
 # A binned model fit this close to the map (residual / total sum of squares) is refitted on
-# point samples, which are exact.
-_NOISELESS = 1e-8
+# point samples, which are exact (and kept if it fits better). Per number of axes: the block
+# mean's own misfit to a Gaussian is below 1e-10 in 1-D and 2-D (at least 40 blocks per axis
+# of the box, so blocks are at most a quarter sigma) but up to ~3e-6 in 3-D (12 per axis).
+_NOISELESS = {1: 1e-8, 2: 1e-8, 3: 1e-5}
 # A model fit that puts more than this share of its Gaussian outside the map is not trusted.
 _MAX_OUTSIDE = 0.9
 # A model fit whose variance is below this share of the windowed moments' (geometric mean
@@ -224,15 +226,16 @@ def _fit_robust(
     # |gradient| noise) cannot take it: its check is skipped.
     plain: tuple[float, np.ndarray, np.ndarray] | None = None
     level = _CLEAN_FLOOR * peak
-    # The clean path needs at least _MIN_FLOOR_PIXELS far pixels, half of them at most
-    # ``level``: a sample with fewer such pixels in all (zero-mean noise has almost none)
-    # cannot take it, whatever its moments, so they are not computed for the check.
+    # The clean path needs pixels at most ``level``: half of at least _MIN_FLOOR_PIXELS far
+    # ones, or a whole outer frame (two pixels, the ends of a line, at the least). A sample
+    # with fewer such pixels in all (zero-mean noise has almost none) cannot take it,
+    # whatever its moments, so they are not computed for the check.
     quiet = None if low > level else np.abs(sample_vals) <= level
-    if quiet is not None and np.count_nonzero(quiet) >= (_MIN_FLOOR_PIXELS + 1) // 2:
+    if quiet is not None and np.count_nonzero(quiet) >= 2:
         plain = m0, mean, cov = _moments(a, coords)
     if plain is not None and quiet is not None and m0 > 0 and np.all(np.isfinite(cov)):
         d2 = mahalanobis_sq(sample_idx, mean, _inverse(cov, _MIN_WINDOW_VARIANCE))
-        if _far_is_quiet(d2, quiet, window):
+        if _far_is_quiet(a, d2, quiet, window, level):
             mean, cov = restore_edge_cut(a, m0, mean, cov)
             # The edge correction is per axis: exact for axis-aligned Gaussians down to a
             # deeper cut than for rotated ones.
@@ -262,7 +265,7 @@ def _fit_robust(
     # like the full map would.
     noiseless = pedestal[2] > 0 and pedestal[1] <= _CLEAN_FLOOR * peak
     model = fit_floor_gaussian(a, mean, cov, floor, max(peak - floor, 1e-300), binned=not noiseless)
-    if model is not None and not model.point_samples and model.residual <= _NOISELESS:
+    if model is not None and not model.point_samples and model.residual <= _NOISELESS[d]:
         # Floor + Gaussian with no noise: block means cost ~1e-6 of exactness, point samples
         # nothing; one more round from here converges in an iteration or two.
         exact = fit_floor_gaussian(a, model.mean, model.cov, model.floor, model.amplitude)
@@ -292,26 +295,28 @@ def _fit_robust(
     return _from_model(model)
 
 
-def _far_is_quiet(d2: np.ndarray, quiet: np.ndarray, window: float) -> bool:
-    """Whether the sampled pixels far from the ERF are zero to rounding (``d2``: their squared
-    Mahalanobis distance from the plain moments; ``quiet``: which are at most the clean level).
+def _far_is_quiet(
+    a: np.ndarray, d2: np.ndarray, quiet: np.ndarray, window: float, level: float
+) -> bool:
+    """Whether the pixels far from the ERF are zero to rounding (``d2``: the squared
+    Mahalanobis distance of the sampled pixels from the plain moments; ``quiet``: which of
+    them are at most ``level``, the clean level).
 
-    Far means beyond the window when at least ``_MIN_FLOOR_PIXELS`` pixels are; when the ERF
-    nearly fills the map (a conv stack whose field is a few pixels smaller than the input),
-    beyond Mahalanobis radius 4, then 3. A Gaussian's tail there is at least 3e-4 of its
-    peak, far above the clean level, so only pixels that are zero to rounding (outside the
-    field) count as quiet: a Gaussian that fills the map, a pedestal or noise never passes.
-    The test is that the median of ``|far|`` is at most the level, counted rather than
-    sorted.
+    Far means beyond the window, where the test is that the median of ``|far|`` is at most
+    the level (counted rather than sorted) over at least ``_MIN_FLOOR_PIXELS`` pixels. When
+    fewer lie that far (an ERF that nearly fills the map, such as a conv stack whose field is
+    a few pixels smaller than the input), the map's outer frame (its first and last row or
+    column along every axis) must be zero to rounding: noise, a pedestal or an ERF cut by
+    the edge leave none of it at zero.
     """
-    for radius in (window, 4.0, 3.0):
-        if radius > window:
-            continue
-        far = d2 > radius * radius
-        n_far = np.count_nonzero(far)
-        if n_far >= _MIN_FLOOR_PIXELS:
-            return 2 * (n_far - np.count_nonzero(quiet & far)) <= n_far
-    return False
+    far = d2 > window * window
+    n_far = np.count_nonzero(far)
+    if n_far >= _MIN_FLOOR_PIXELS:
+        return 2 * (n_far - np.count_nonzero(quiet & far)) <= n_far
+    return all(
+        a.shape[axis] > 2 and float(np.abs(a.take([0, -1], axis=axis)).max()) <= level
+        for axis in range(a.ndim)
+    )
 
 
 # mean, cov, floor, converged, the unit Gaussian on the map if the fit has it, and the stage

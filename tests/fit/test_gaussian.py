@@ -65,10 +65,10 @@ def test_robust_fit_has_moment_semantics_on_shallow_stacks(dims, depth, k):
 @pytest.mark.parametrize(("depth", "k"), [(2, 3), (2, 7), (3, 3), (4, 5), (5, 5), (8, 3), (10, 3)])
 @pytest.mark.parametrize("margin", [1, 2, 3])
 def test_a_stack_whose_field_nearly_fills_the_input_keeps_the_closed_form(depth, k, margin):
-    # The input is the TRF plus a few zero pixels on each side, through compute_erf: no pixel
-    # lies beyond the 5-sigma window, so the clean-map test reads the pixels beyond
-    # Mahalanobis radius 4 or 3, the zero margin. Before, these maps went to the floor +
-    # Gaussian model (2 layers of 7 x 7 on a 17 x 17 input came out 29% too wide in variance).
+    # The input is the TRF plus a few zero pixels on each side, through compute_erf: fewer
+    # than 8 pixels lie beyond the 5-sigma window, so the clean-map test reads the map's
+    # zero frame. Before, these maps went to the floor + Gaussian model (2 layers of 7 x 7
+    # on a 17 x 17 input came out 29% too wide in variance).
     size = depth * (k - 1) + 1 + 2 * margin
     net = uniform_stack([k] * depth).double()
     maps = compute_erf(net, torch.randn(2, 1, size, size, dtype=torch.float64))
@@ -80,11 +80,49 @@ def test_a_stack_whose_field_nearly_fills_the_input_keeps_the_closed_form(depth,
 
 @pytest.mark.parametrize(("ky", "kx"), [(3, 3), (5, 9), (7, 4)])
 def test_one_box_with_a_one_pixel_margin_keeps_its_moments(ky, kx):
-    # One convolution's ERF is flat. With a one-pixel margin few pixels are far from it, and
-    # the model bends the flat top into a broad Gaussian on a floor far below every pixel
-    # (for 5 x 9: variances 47 and 182 instead of 2 and 6.7). Such a floor is no floor.
+    # One convolution's ERF is flat; its zero frame marks the map as clean.
     fit = fit_gaussian(np.pad(np.ones((ky, kx)), 1))
     np.testing.assert_allclose(np.diag(fit.cov), [(ky**2 - 1) / 12, (kx**2 - 1) / 12], rtol=1e-9)
+    assert fit.floor == 0.0
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+@pytest.mark.parametrize(("depth", "k", "margin"), [(2, 5, 1), (3, 3, 2), (2, 7, 3), (6, 3, 1)])
+def test_stacks_that_nearly_fill_lines_and_volumes_keep_the_closed_form(dims, depth, k, margin):
+    # 1-D: two zero pixels (the ends of the line) are the whole frame.
+    size = depth * (k - 1) + 1 + 2 * margin
+    x = torch.zeros((1, 1) + (size,) * dims, dtype=torch.float64)
+    x[(0, 0) + (size // 2,) * dims] = 1.0
+    with torch.no_grad():
+        erf = uniform_stack([k] * depth, dims=dims).double()(x)[0, 0]
+    var = stack_closed_form([k] * depth)[0].variance
+    np.testing.assert_allclose(np.diag(fit_gaussian(erf).cov), [var] * dims, rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("sigma", "mean"), [((4.0, 5.0, 4.5), (12.0, 12.0, 21.0)), ((5.0, 4.0, 4.0), (3.0, 12.0, 12.0))]
+)
+def test_a_clean_volume_cut_by_the_edge_is_recovered_to_rounding(sigma, mean):
+    # A rotated 3-D Gaussian that fills a 24^3 map and is cut by one face: too few pixels
+    # are far from it for the clean test, so it takes the model fit, on 3 x 3 x 3 block means
+    # (12 per axis). Their own misfit to a Gaussian (~1e-8 of the total sum of squares here)
+    # had to stay below 1e-8 for the exact refit on single pixels; it was 4.5e-4 off.
+    c, s = math.cos(0.5), math.sin(0.5)
+    rot = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+    cov = rot @ np.diag(np.square(sigma)) @ rot.T
+    fit = fit_gaussian(gaussian_map((24, 24, 24), mean, cov))
+    np.testing.assert_allclose(fit.cov, cov, atol=1e-9 * cov.max())
+
+
+@pytest.mark.parametrize(("ky", "kx"), [(3, 3), (5, 5), (7, 3), (3, 9)])
+def test_a_floor_far_below_every_pixel_is_no_floor(ky, kx):
+    # A flat box against the bottom edge of a small map: few pixels are far from it, none of
+    # them at the bottom. The model bends the flat top into a broad Gaussian on a floor far
+    # below every pixel (for 5 x 5: variances 20x too large, floor -5 under a peak of 1).
+    # Such a floor is no floor; the windowed moments are exact.
+    fit = fit_gaussian(np.pad(np.ones((ky, kx)), ((1, 0), (1, 1))))
+    np.testing.assert_allclose(np.diag(fit.cov), [(ky**2 - 1) / 12, (kx**2 - 1) / 12], rtol=1e-9)
+    assert fit.floor == 0.0
     assert fit.converged
 
 
