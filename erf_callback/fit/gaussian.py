@@ -365,8 +365,8 @@ def _plausible(model: GaussianModelFit, shape: tuple[int, ...], low: float, peak
 
     A floor, fitted or not, is never much below the lowest pixel: zero-mean noise puts a few
     pixels below it, not the other way round. A floor far below them is the model bending
-    a flat-topped map (a single convolution's box filling the map) into the top of a broad
-    Gaussian on a negative pedestal.
+    a flat-topped map (one convolution's box against the edge of a small map) into the top
+    of a broad Gaussian on a negative pedestal.
     """
     cov = model.cov
     widest = 4.0 * max(shape)
@@ -440,7 +440,7 @@ def _windowed_moments(
         history.append(delta)
         if len(history) >= 3 and max(history[-3:]) < _STALL_TOL:
             return new_mean, new_cov, floor, True
-        visited.append((mean, cov))
+        visited = [*visited[2 - _MAX_CYCLE :], (mean, cov)]
         mean, cov = new_mean, new_cov
     return mean, cov, floor, False
 
