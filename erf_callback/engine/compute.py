@@ -247,6 +247,8 @@ def _accumulate_chunks(
             # The first sample goes alone (traced, measured) unless all go at once.
             size = 1 if traced and cfg.chunk_size is not None else plan.size(start)
             x = x_all[start : start + size].to(device=device, dtype=dtype).detach()
+            if x.is_inference():  # made under torch.inference_mode: autograd cannot use it
+                x = x.clone()
             try:
                 if traced:
                     parts, fast = probe.first(x, positions)

@@ -75,7 +75,9 @@ def probe_context(model: nn.Module, devices: Sequence[torch.device] = ()) -> Ite
             model.eval()
             for p, _ in grads:
                 p.requires_grad_(False)
-            with torch.enable_grad():
+            # A caller inside torch.inference_mode (a notebook cell, a validation hook) would
+            # get tensors autograd cannot use; the probe leaves that mode, as it leaves no_grad.
+            with torch.inference_mode(False), torch.enable_grad():
                 yield
     finally:
         for m, mode in modes:

@@ -557,3 +557,24 @@ def test_border_warning():
     with pytest.warns(ERFWarning, match="reaches the input's border"):
         metrics = compute_erf(net, torch.randn(1, 1, 24, 24))["output"].metrics()
     assert metrics["border_mass"] > 0.01
+
+
+@pytest.mark.parametrize("made_inside", [False, True])
+def test_compute_erf_inside_inference_mode_gives_the_same_maps(made_inside):
+    # A notebook cell or a validation hook under torch.inference_mode: the probe leaves that
+    # mode, as it leaves no_grad, and an input made inside it (an inference tensor, which
+    # autograd refuses) is copied. Before, either failed with "not connected to the input".
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    net.append(nn.Conv2d(8, 8, 3, padding=1))
+    x = torch.randn(3, 3, 24, 24)
+    compute_erf(net, x)  # the first call traces; later ones take the recalled fast path
+    expected = compute_erf(net, x)["output"].grad
+    state = copy.deepcopy(net.state_dict())
+    with torch.inference_mode():
+        inputs = x.clone() if made_inside else x
+        got = compute_erf(net, inputs)["output"]
+    assert got.status == "ok"
+    assert torch.equal(got.grad, expected)
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, state[key]), key
