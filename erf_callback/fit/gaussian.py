@@ -227,11 +227,11 @@ def _fit_robust(
     plain: tuple[float, np.ndarray, np.ndarray] | None = None
     level = _CLEAN_FLOOR * peak
     # The clean path needs pixels at most ``level``: half of at least _MIN_FLOOR_PIXELS far
-    # ones, or a whole outer frame (two pixels, the ends of a line, at the least). A sample
-    # with fewer such pixels in all (zero-mean noise has almost none) cannot take it,
+    # ones, or a whole outer frame (the two ends of a line; at least 8 pixels of a map). A
+    # sample with fewer such pixels in all (zero-mean noise has almost none) cannot take it,
     # whatever its moments, so they are not computed for the check.
     quiet = None if low > level else np.abs(sample_vals) <= level
-    if quiet is not None and np.count_nonzero(quiet) >= 2:
+    if quiet is not None and np.count_nonzero(quiet) >= (2 if d == 1 else 4):
         plain = m0, mean, cov = _moments(a, coords)
     if plain is not None and quiet is not None and m0 > 0 and np.all(np.isfinite(cov)):
         d2 = mahalanobis_sq(sample_idx, mean, _inverse(cov, _MIN_WINDOW_VARIANCE))
