@@ -54,6 +54,9 @@ _MIN_EVAL_VARIANCE = 1e-6
 _MIN_WINDOW_VARIANCE = 0.25
 # Enough far-away pixels to take a median from; fewer and the floor is assumed to be zero.
 _MIN_FLOOR_PIXELS = 8
+# Share of neighbouring far pixels of which one is quiet and the other not, above which the
+# quiet ones are clipped noise rather than the zero surroundings of a clean map.
+_MAX_MIXED_PAIRS = 0.25
 # The floor under the windowed moments is taken on a regular subsample of at most this many
 # pixels (its error, times the window's area, goes straight into the variance).
 _FLOOR_SAMPLE = 32768
@@ -259,11 +262,12 @@ def _fit_robust(
     pedestal = _far_floor(
         sample_idx, sample_vals, mean, _inverse(cov, _MIN_WINDOW_VARIANCE), window, peak
     )
-    floor = pedestal[0]
     # Far pixels that are one value to within rounding and Gaussian tails (a pedestal without
     # noise) call for point samples, which are exact; noise for block means, which average it
-    # like the full map would.
+    # like the full map would. Without noise the pedestal is the far pixels' median (most of
+    # them are that one value; their mean carries the tails).
     noiseless = pedestal[2] > 0 and pedestal[1] <= _CLEAN_FLOOR * peak
+    floor = pedestal[3] if noiseless else pedestal[0]
     model = fit_floor_gaussian(a, mean, cov, floor, max(peak - floor, 1e-300), binned=not noiseless)
     if model is not None and not model.point_samples and model.residual <= _NOISELESS[d]:
         # Floor + Gaussian with no noise: block means cost ~1e-6 of exactness, point samples
@@ -312,11 +316,30 @@ def _far_is_quiet(
     far = d2 > window * window
     n_far = np.count_nonzero(far)
     if n_far >= _MIN_FLOOR_PIXELS:
-        return 2 * (n_far - np.count_nonzero(quiet & far)) <= n_far
+        noisy = n_far - np.count_nonzero(quiet & far)
+        if 2 * noisy > n_far:
+            return False
+        # Far pixels nearly all zero are a clean map's surroundings; between that and half,
+        # they may be noise clipped at zero.
+        return 10 * noisy <= n_far or _zeros_form_regions(quiet, far)
     return all(
         a.shape[axis] > 2 and float(np.abs(a.take([0, -1], axis=axis)).max()) <= level
         for axis in range(a.ndim)
     )
+
+
+def _zeros_form_regions(quiet: np.ndarray, far: np.ndarray) -> bool:
+    """Whether the quiet far pixels lie in regions rather than scattered among noisy ones.
+
+    A clean map is zero outside the field and beyond its tails: neighbouring far pixels
+    differ (one quiet, one not) only along that region's edge. Noise clipped at zero (what a
+    ReLU of the gradient leaves, ``reduction="replknet"`` on few samples) is zero on about
+    half of the pixels too, which passes the median test, but pixel by pixel: about half of
+    the neighbouring pairs differ. Neighbours along the last axis suffice to tell.
+    """
+    both = far[..., :-1] & far[..., 1:]
+    mixed = np.count_nonzero(both & (quiet[..., :-1] != quiet[..., 1:]))
+    return bool(mixed <= _MAX_MIXED_PAIRS * np.count_nonzero(both))
 
 
 # mean, cov, floor, converged, the unit Gaussian on the map if the fit has it, and the stage
@@ -332,7 +355,7 @@ def _from_model(model: GaussianModelFit) -> _Robust:
 
 
 def _floors_agree(
-    model: GaussianModelFit, far: tuple[float, float, int], shape: tuple[int, ...]
+    model: GaussianModelFit, far: tuple[float, float, int, float], shape: tuple[int, ...]
 ) -> bool:
     """Whether the model's floor is the level of the pixels far from the ERF.
 
@@ -342,7 +365,7 @@ def _floors_agree(
     A sharp peak on a broad base fails it: the model's floor is the base near the peak, the
     far pixels are the base's tails.
     """
-    level, spread, n_far = far
+    level, spread, n_far, _ = far
     n_fit = math.prod(s.stop - s.start for s in _window_box(shape, model.mean, model.cov, 5.0))
     if n_far == 0 or n_fit == 0:
         return False
@@ -519,8 +542,9 @@ def _far_floor(
     prec: np.ndarray,
     window: float,
     amplitude: float,
-) -> tuple[float, float, int]:
-    """The pedestal under the ERF from the pixels far from it: (level, spread, pixels used).
+) -> tuple[float, float, int, float]:
+    """The pedestal under the ERF from the pixels far from it: (level, spread, pixels used,
+    median); see :func:`_clipped_stats`.
 
     Pixels beyond the window are used when there are enough of them. When the ERF nearly fills
     the map, nearer rings (Mahalanobis 4, then 3) are used with the current Gaussian's tail
@@ -537,23 +561,30 @@ def _far_floor(
                 far = far - amplitude * np.exp(-0.5 * d2[outside])
             return _clipped_stats(far)
     # No pixel is far enough from the ERF to tell a floor from a tail: assume none.
-    return 0.0, 0.0, 0
+    return 0.0, 0.0, 0, 0.0
 
 
-def _clipped_stats(values: np.ndarray) -> tuple[float, float, int]:
-    """Mean, robust spread (1.4826 MAD) and count after dropping values beyond 5 MADs.
+def _clipped_stats(values: np.ndarray) -> tuple[float, float, int, float]:
+    """Mean, robust spread (interquartile range / 1.349) and count after dropping values more
+    than 5 spreads from the median; and the median.
 
     The mean, not the median, is the pedestal to remove: |gradient| noise is skewed
     (half-normal), and its median sits 15% below its mean. The clip keeps unrelated bright
-    structures far from the ERF out of the estimate.
+    structures far from the ERF out of the estimate. The spread is the standard deviation for
+    normal noise (as 1.4826 MAD is), and unlike the MAD it stays the noise's scale when about
+    half of the values are exactly zero (noise clipped at zero, as a ReLU of the gradient
+    leaves it), where the MAD collapses and the clip would keep only the zeros.
     """
-    med = _median(values)
-    deviation = np.abs(values - med)
-    spread = 1.4826 * _median(deviation)
+    n = values.size
+    # Lower quartile, median and upper quartile from one partition.
+    q1, k, q3 = (n - 1) // 4, n // 2, (3 * (n - 1)) // 4
+    part = np.partition(values, sorted({q1, max(k - 1, 0), k, q3}))
+    med = float(part[k]) if n % 2 else 0.5 * (float(part[k - 1]) + float(part[k]))
+    spread = (float(part[q3]) - float(part[q1])) / 1.349
     if spread == 0.0:
-        return med, 0.0, int(values.size)
-    kept = values[deviation <= 5.0 * spread]
-    return float(kept.mean()), spread, int(kept.size)
+        return med, 0.0, int(n), med
+    kept = values[np.abs(values - med) <= 5.0 * spread]
+    return float(kept.mean()), spread, int(kept.size), med
 
 
 def _median(values: np.ndarray) -> float:

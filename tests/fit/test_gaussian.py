@@ -146,6 +146,40 @@ def test_windowed_moments_recognise_limit_cycles_longer_than_two():
     np.testing.assert_allclose(np.sqrt(np.diag(cov)), min(h, w) / 4 / math.sqrt(2), rtol=0.03)
 
 
+@pytest.mark.parametrize(("noise", "tolerance"), [(0.01, 0.02), (0.05, 0.06)])
+def test_noise_clipped_at_zero_is_noise_not_a_clean_map(noise, tolerance):
+    # A ReLU of the gradient (reduction="replknet" on few samples) leaves noise clipped at
+    # zero: half of the far pixels are exactly 0, which passed the clean-map test (plain
+    # moments with the noise in: 84% and 205% too wide), and the MAD of the far pixels
+    # collapsed to 0, so the floor came out as the zeros' level (the model was then dropped
+    # for windowed moments on that floor).
+    y, x = np.mgrid[:128, :128]
+    erf = np.exp(-0.5 * (((y - 60) / 8.0) ** 2 + ((x - 70) / 10.0) ** 2))
+    for seed in range(4):
+        noisy = np.maximum(erf + np.random.default_rng(seed).normal(0, noise, erf.shape), 0)
+        fit = fit_gaussian(noisy)
+        np.testing.assert_allclose(fit.sigma, [8.0, 10.0], rtol=tolerance)
+        # The floor is the clipped noise's mean, noise / sqrt(2 pi).
+        assert fit.floor == pytest.approx(noise / math.sqrt(2 * math.pi), rel=0.2)
+
+
+def test_floor_statistics_keep_the_scale_of_zero_inflated_noise():
+    from erf_callback.fit.gaussian import _clipped_stats
+
+    clipped = np.maximum(np.random.default_rng(0).normal(0, 1, 20000), 0)
+    level, spread, kept, median = _clipped_stats(clipped)
+    assert median == 0.0
+    # The mean of clipped N(0, 1) is 1 / sqrt(2 pi); the clip at 5 spreads (2.5 sigma here)
+    # drops the top 1.2% of the values, which holds it 2.4% below.
+    assert level == pytest.approx(1 / math.sqrt(2 * math.pi), rel=0.04)
+    assert spread == pytest.approx(0.6745 / 1.349, rel=0.05)  # upper quartile of N(0, 1)
+    assert kept > 0.99 * clipped.size
+    # Normal noise: the spread is its standard deviation, as 1.4826 MAD was.
+    assert _clipped_stats(np.random.default_rng(1).normal(3, 2, 20000))[1] == pytest.approx(
+        2.0, rel=0.03
+    )
+
+
 def test_least_squares_lacks_moment_semantics_on_a_box():
     # Documented trade-off: why least squares is not the default.
     box = torch.zeros(32, 32, dtype=torch.float64)
