@@ -307,7 +307,9 @@ def _far_is_quiet(
     them are at most ``level``, the clean level).
 
     Far means beyond the window, where the test is that the median of ``|far|`` is at most
-    the level (counted rather than sorted) over at least ``_MIN_FLOOR_PIXELS`` pixels. When
+    the level (counted rather than sorted) over at least ``_MIN_FLOOR_PIXELS`` pixels and,
+    when more than a tenth of them are above it, that the zeros form regions
+    (:func:`_zeros_form_regions`). When
     fewer lie that far (an ERF that nearly fills the map, such as a conv stack whose field is
     a few pixels smaller than the input), the map's outer frame (its first and last row or
     column along every axis) must be zero to rounding: noise, a pedestal or an ERF cut by
