@@ -81,10 +81,10 @@ _MAX_OUTSIDE = 0.9
 # over axes) fitted a peak, not the map: a Gaussian plus floor or noise, even cut by the edge,
 # keeps the ratio near 1 (a cut narrows the moments, never widens them 2x).
 _SPIKE_VARIANCE_RATIO = 0.5
-# A model floor more than this share of the map's range below its minimum is not a floor
-# (a flat top bent into a broad Gaussian). Flat-topped ERFs that fill a small input get
-# floors 5-15% below; their model fit stands.
-_FLOOR_BELOW_MIN = 0.25
+# A model floor more than this share of the map's range below its minimum is not a floor:
+# the model has bent a flat top into a broad Gaussian (a box against an edge, the ERF of
+# a deep net filling a small input), and its sigma is far too large.
+_FLOOR_BELOW_MIN = 0.05
 # Relative change per iteration below which a noise-driven limit cycle is accepted.
 _STALL_TOL = 1e-3
 # Longest limit cycle of the windowed moments that is recognised as one (in states).

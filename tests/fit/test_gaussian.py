@@ -4,6 +4,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from erf_callback import ERFWarning, compute_erf, fit_gaussian
 from tests.helpers.maps import gaussian_map, half_normal_floor, rotated_cov
@@ -450,3 +451,56 @@ def test_the_message_names_the_iteration_that_did_not_converge(monkeypatch) -> N
     assert fit.message == (
         "robust fit: the floor + Gaussian model fit did not converge in 1 iterations"
     )
+
+
+def _conv_net(spec: list[tuple[int, int, int, int, str, bool]]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    channels = 3
+    for out, k, stride, dilation, act, norm in spec:
+        pad = dilation * (k - 1) // 2
+        layers.append(nn.Conv2d(channels, out, k, stride=stride, dilation=dilation, padding=pad))
+        layers.append({"relu": nn.ReLU(), "gelu": nn.GELU(), "id": nn.Identity()}[act])
+        if norm:
+            layers.append(nn.BatchNorm2d(out))
+        channels = out
+    return nn.Sequential(*layers).eval()
+
+
+@pytest.mark.parametrize(
+    ("spec", "size"),
+    [
+        ([(4, 7, 1, 1, "gelu", False), (4, 5, 2, 1, "relu", False), (4, 5, 1, 2, "id", False)], 24),
+        (
+            [
+                (8, 5, 1, 1, "relu", False),
+                (8, 5, 2, 2, "relu", False),
+                (8, 1, 1, 1, "id", True),
+                (4, 7, 1, 1, "id", True),
+            ],
+            24,
+        ),
+        (
+            [
+                (8, 3, 1, 1, "id", False),
+                (8, 3, 2, 1, "id", False),
+                (4, 1, 1, 2, "gelu", False),
+                (4, 3, 2, 1, "gelu", False),
+                (4, 7, 2, 1, "id", True),
+            ],
+            32,
+        ),
+        ([(8, 7, 2, 1, "id", False), (4, 7, 1, 2, "gelu", True), (8, 3, 1, 2, "id", False)], 48),
+    ],
+)
+def test_small_inputs_give_the_erf_size_that_a_large_input_shows(spec, size):
+    # Random conv nets whose field is about the size of a 24-48 px input: their ERFs are
+    # flat-topped there, and the floor + Gaussian model bent that top into a broad Gaussian on
+    # a floor far below every pixel: sigma 40-330% larger than the same net's on a 256 px
+    # input, where the whole ERF is inside. Those floors are refused (the windowed moments
+    # stand), and maps with a zero frame are clean.
+    torch.manual_seed(0)
+    net = _conv_net(spec)
+    generator = torch.Generator().manual_seed(1)
+    small = compute_erf(net, torch.randn(8, 3, size, size, generator=generator))["output"]
+    large = compute_erf(net, torch.randn(8, 3, 256, 256, generator=generator))["output"]
+    np.testing.assert_allclose(small.gaussian.sigma, large.gaussian.sigma, rtol=0.1)
