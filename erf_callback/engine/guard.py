@@ -50,7 +50,8 @@ def preserved_rng(devices: Sequence[torch.device | str] | None = None) -> Iterat
 
 @contextmanager
 def probe_context(model: nn.Module, devices: Sequence[torch.device] = ()) -> Iterator[None]:
-    """Eval mode, no weight gradients, no autocast, restored state and RNG afterwards.
+    """Eval mode, no weight gradients, no autocast, gradients on (also inside ``no_grad`` or
+    ``inference_mode``), restored state and RNG afterwards.
 
     Args:
         model: the module to probe (already unwrapped from DDP / ``torch.compile``).
