@@ -569,25 +569,31 @@ def _far_floor(
 
 
 def _clipped_stats(values: np.ndarray) -> tuple[float, float, int, float]:
-    """Mean, robust spread (interquartile range / 1.349) and count after dropping values more
-    than 5 spreads from the median; and the median.
+    """Mean, robust spread and count after dropping values more than 5 spreads from the
+    median; and the median.
 
     The mean, not the median, is the pedestal to remove: |gradient| noise is skewed
     (half-normal), and its median sits 15% below its mean. The clip keeps unrelated bright
-    structures far from the ERF out of the estimate. The spread is the standard deviation for
-    normal noise (as 1.4826 MAD is), and unlike the MAD it stays the noise's scale when about
-    half of the values are exactly zero (noise clipped at zero, as a ReLU of the gradient
-    leaves it), where the MAD collapses and the clip would keep only the zeros.
+    structures far from the ERF out of the estimate. The spread is 1.4826 MAD (the standard
+    deviation for normal noise), or, when at least a quarter of the values are the lowest
+    one and the MAD is below half of it, the interquartile range / 1.349 (the same for normal
+    noise): the MAD collapses on such a point mass (noise clipped at zero, as a ReLU of the
+    gradient leaves it, is zero on about half of the pixels), and the clip would then keep
+    little more than the point mass.
     """
     n = values.size
     # Lower quartile, median and upper quartile from one partition.
     q1, k, q3 = (n - 1) // 4, n // 2, (3 * (n - 1)) // 4
     part = np.partition(values, sorted({q1, max(k - 1, 0), k, q3}))
     med = float(part[k]) if n % 2 else 0.5 * (float(part[k - 1]) + float(part[k]))
-    spread = (float(part[q3]) - float(part[q1])) / 1.349
+    deviation = np.abs(values - med)
+    spread = 1.4826 * _median(deviation)
+    quartiles = (float(part[q3]) - float(part[q1])) / 1.349
+    if spread < 0.5 * quartiles and 4 * np.count_nonzero(values == values.min()) >= n:
+        spread = quartiles
     if spread == 0.0:
         return med, 0.0, int(n), med
-    kept = values[np.abs(values - med) <= 5.0 * spread]
+    kept = values[deviation <= 5.0 * spread]
     return float(kept.mean()), spread, int(kept.size), med
 
 
