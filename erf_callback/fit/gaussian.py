@@ -310,7 +310,7 @@ def _far_is_quiet(
 
     Far means beyond the window, where the test is that the median of ``|far|`` is at most
     the level (counted rather than sorted) over at least ``_MIN_FLOOR_PIXELS`` pixels and,
-    when more than a tenth of them are above it, that the zeros form regions
+    when more than a quarter of them are above it, that the zeros form regions
     (:func:`_zeros_form_regions`). When
     fewer lie that far (an ERF that nearly fills the map, such as a conv stack whose field is
     a few pixels smaller than the input), the map's outer frame (its first and last row or
@@ -323,9 +323,10 @@ def _far_is_quiet(
         noisy = n_far - np.count_nonzero(quiet & far)
         if 2 * noisy > n_far:
             return False
-        # Far pixels nearly all zero are a clean map's surroundings; between that and half,
-        # they may be noise clipped at zero.
-        return 10 * noisy <= n_far or _zeros_form_regions(quiet, far)
+        # Far pixels three quarters zero or more are a clean map's surroundings (a clean
+        # Gaussian's tail above the level fills a tenth of them); about half zero may be noise
+        # clipped at zero.
+        return 4 * noisy <= n_far or _zeros_form_regions(quiet, far)
     return all(
         a.shape[axis] > 2 and float(np.abs(a.take([0, -1], axis=axis)).max()) <= level
         for axis in range(a.ndim)
@@ -582,15 +583,15 @@ def _clipped_stats(values: np.ndarray) -> tuple[float, float, int, float]:
     little more than the point mass.
     """
     n = values.size
-    # Lower quartile, median and upper quartile from one partition.
-    q1, k, q3 = (n - 1) // 4, n // 2, (3 * (n - 1)) // 4
-    part = np.partition(values, sorted({q1, max(k - 1, 0), k, q3}))
-    med = float(part[k]) if n % 2 else 0.5 * (float(part[k - 1]) + float(part[k]))
+    med = _median(values)
     deviation = np.abs(values - med)
     spread = 1.4826 * _median(deviation)
-    quartiles = (float(part[q3]) - float(part[q1])) / 1.349
-    if spread < 0.5 * quartiles and 4 * np.count_nonzero(values == values.min()) >= n:
-        spread = quartiles
+    if 4 * np.count_nonzero(values == values.min()) >= n:
+        q1, q3 = (n - 1) // 4, (3 * (n - 1)) // 4
+        part = np.partition(values, (q1, q3))
+        quartiles = (float(part[q3]) - float(part[q1])) / 1.349
+        if spread < 0.5 * quartiles:
+            spread = quartiles
     if spread == 0.0:
         return med, 0.0, int(n), med
     kept = values[deviation <= 5.0 * spread]
