@@ -266,7 +266,7 @@ class ERFMonitorBase:
         self.tag_prefix = tag_prefix
         self._history_filename_arg = history_filename
         self.history_filename = history_filename or DEFAULT_BASENAME
-        self.history = ERFHistory(history_map_size)
+        self._history_map_size = history_map_size
         self._enabled = True
         self._dry_run = False  # fast_dev_run: the fit-start check only, nothing logged
         self._group: ProbeGroup | None = None  # the ranks sharing each probe (None: alone)
@@ -278,7 +278,7 @@ class ERFMonitorBase:
     def _start_run(self) -> None:
         """The state of one training run: what a checkpoint holds, and the run's bookkeeping."""
         self.layers = None if self._layers_arg is None else list(self._layers_arg)
-        self.history = ERFHistory(self.history.map_size)
+        self.history = ERFHistory(self._history_map_size)
         self.schedule.auto_interval = self.schedule.next_auto_step = None
         self._inputs: torch.Tensor | None = None  # CPU copy; part of the checkpoint
         self._history_dir: str | None = None
