@@ -26,27 +26,19 @@ import torch
 from torch import nn
 
 from erf_callback import compute_erf
+from tests.helpers.nets import ConvSpec, conv_net
 
 LARGE = 320
 
 
 def random_net(rng: random.Random) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    channels = 3
+    spec: list[ConvSpec] = []
     for _ in range(rng.randint(2, 8)):
-        k, stride, dilation = (
-            rng.choice([1, 3, 3, 5, 7]),
-            rng.choice([1, 1, 1, 2]),
-            rng.choice([1, 1, 2]),
-        )
-        out = rng.choice([4, 8])
-        pad = dilation * (k - 1) // 2
-        layers.append(nn.Conv2d(channels, out, k, stride=stride, dilation=dilation, padding=pad))
-        layers.append(rng.choice([nn.ReLU(), nn.GELU(), nn.Identity()]))
-        if rng.random() < 0.3:
-            layers.append(nn.BatchNorm2d(out))
-        channels = out
-    return nn.Sequential(*layers).eval()
+        k, stride = rng.choice([1, 3, 3, 5, 7]), rng.choice([1, 1, 1, 2])
+        dilation, out = rng.choice([1, 1, 2]), rng.choice([4, 8])
+        act = rng.choice(["relu", "gelu", "id"])
+        spec.append((out, k, stride, dilation, act, rng.random() < 0.3))
+    return conv_net(spec)
 
 
 def main() -> int:

@@ -4,11 +4,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from erf_callback import ERFWarning, compute_erf, fit_gaussian
 from tests.helpers.maps import gaussian_map, half_normal_floor, rotated_cov
-from tests.helpers.nets import stack_closed_form, uniform_stack
+from tests.helpers.nets import conv_net, stack_closed_form, uniform_stack
 
 
 @pytest.mark.parametrize(
@@ -462,19 +461,6 @@ def test_the_message_names_the_iteration_that_did_not_converge(monkeypatch) -> N
     )
 
 
-def _conv_net(spec: list[tuple[int, int, int, int, str, bool]]) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    channels = 3
-    for out, k, stride, dilation, act, norm in spec:
-        pad = dilation * (k - 1) // 2
-        layers.append(nn.Conv2d(channels, out, k, stride=stride, dilation=dilation, padding=pad))
-        layers.append({"relu": nn.ReLU(), "gelu": nn.GELU(), "id": nn.Identity()}[act])
-        if norm:
-            layers.append(nn.BatchNorm2d(out))
-        channels = out
-    return nn.Sequential(*layers).eval()
-
-
 @pytest.mark.parametrize(
     ("spec", "size"),
     [
@@ -508,7 +494,7 @@ def test_small_inputs_give_the_erf_size_that_a_large_input_shows(spec, size):
     # input, where the whole ERF is inside. Those floors are refused (the windowed moments
     # stand), and maps with a zero frame are clean.
     torch.manual_seed(0)
-    net = _conv_net(spec)
+    net = conv_net(spec)
     generator = torch.Generator().manual_seed(1)
     small = compute_erf(net, torch.randn(8, 3, size, size, generator=generator))["output"]
     large = compute_erf(net, torch.randn(8, 3, 256, 256, generator=generator))["output"]

@@ -161,6 +161,26 @@ def relu_stack(depth: int, channels: int = 8, kernel: int = 3) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+# One layer of conv_net: (out channels, kernel, stride, dilation, activation, BatchNorm after).
+ConvSpec = tuple[int, int, int, int, str, bool]
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "id": nn.Identity}
+
+
+def conv_net(spec: Sequence[ConvSpec], in_channels: int = 3) -> nn.Sequential:
+    """A plain 2-D conv stack in eval mode, layer by layer as ``spec`` says ('same'-style
+    padding; activation "relu", "gelu" or "id"; default init from torch's current RNG)."""
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for out, k, stride, dilation, act, norm in spec:
+        pad = dilation * (k - 1) // 2
+        layers.append(nn.Conv2d(channels, out, k, stride=stride, dilation=dilation, padding=pad))
+        layers.append(_ACTIVATIONS[act]())
+        if norm:
+            layers.append(nn.BatchNorm2d(out))
+        channels = out
+    return nn.Sequential(*layers).eval()
+
+
 def randomize_bn_stats(net: nn.Module, seed: int = 0) -> nn.Module:
     """Non-trivial BatchNorm running statistics and affine terms, as a trained net has."""
     g = torch.Generator().manual_seed(seed)
