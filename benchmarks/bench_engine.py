@@ -420,8 +420,6 @@ def run_main(args: argparse.Namespace, device: torch.device, size: int, repeats:
         "BN-folded": (trunc_bn, False),
         "BN-folded + channels_last": (trunc_bn_cl, True),
     }
-    if device.type == "cuda":
-        hand = {k: v for k, v in hand.items() if "channels_last" not in k}
     funcs: dict[str, object] = {
         "OpenERF: per image, full model": lambda: reference(model, x, LAYER),
         "RepLKNet script: per image, stops at layer3": lambda: reference_truncated(trunc, x),

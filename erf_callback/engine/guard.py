@@ -49,13 +49,18 @@ def preserved_rng(devices: Sequence[torch.device | str] | None = None) -> Iterat
 
 
 @contextmanager
-def probe_context(model: nn.Module, devices: Sequence[torch.device] = ()) -> Iterator[None]:
+def probe_context(
+    model: nn.Module,
+    devices: Sequence[torch.device] = (),
+    modules: Sequence[nn.Module] | None = None,
+) -> Iterator[None]:
     """Eval mode, no weight gradients, no autocast, gradients on (also inside ``no_grad`` or
     ``inference_mode``), restored state and RNG afterwards.
 
     Args:
         model: the module to probe (already unwrapped from DDP / ``torch.compile``).
         devices: devices the probe runs on; CUDA ones get their RNG state saved too.
+        modules: ``list(model.modules())``, where the caller has it already.
 
     Example:
         >>> import torch
@@ -66,14 +71,14 @@ def probe_context(model: nn.Module, devices: Sequence[torch.device] = ()) -> Ite
         >>> net.training, net[0].weight.requires_grad
         (True, True)
     """
-    modules = list(model.modules())
+    modules = list(model.modules()) if modules is None else list(modules)
     modes = [(m, m.training) for m in modules]
     grads = [(p, p.requires_grad) for p in _unique(m._parameters for m in modules)]
     buffers = _BufferSnapshot(modules)
     device_type = torch.device(next(iter(devices), torch.device("cpu"))).type
     try:
         with preserved_rng(devices), torch.autocast(device_type, enabled=False):
-            model.eval()
+            _set_eval(model, modules)
             for p, _ in grads:
                 p.requires_grad_(False)
             # A caller inside torch.inference_mode (a notebook cell, a validation hook) would
@@ -81,11 +86,44 @@ def probe_context(model: nn.Module, devices: Sequence[torch.device] = ()) -> Ite
             with torch.inference_mode(False), torch.enable_grad():
                 yield
     finally:
-        for m, mode in modes:
-            m.training = mode
+        _restore_modes(modes)
         for p, flag in grads:
-            p.requires_grad_(flag)
+            if p.requires_grad is not flag:
+                p.requires_grad_(flag)
         buffers.restore()
+
+
+_TRAIN = nn.Module.train
+_SETATTR = nn.Module.__setattr__
+
+
+def _plain_type(cls: type) -> bool:
+    """Whether ``cls`` keeps ``nn.Module``'s own ``train`` and ``__setattr__``: then its
+    ``training`` flag is a plain instance attribute that ``.eval()`` just sets."""
+    return cls.train is _TRAIN and cls.__setattr__ is _SETATTR
+
+
+def _set_eval(model: nn.Module, modules: list[nn.Module]) -> None:
+    """``model.eval()``, by writing the flags directly when no module overrides ``train`` or
+    ``__setattr__`` (``Module.__setattr__`` and the recursion cost ~0.4 ms per probe of a
+    ResNet); a model that overrides either gets its own ``.eval()``."""
+    if not all(_plain_type(cls) for cls in {type(m) for m in modules}):
+        model.eval()
+        return
+    for m in modules:
+        if m.training:
+            m.__dict__["training"] = False
+
+
+def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
+    """Each module's own ``training`` flag back (never a blanket ``.train()``, which would
+    unfreeze frozen parts); only changed flags are written."""
+    for m, mode in modes:
+        if m.training is not mode:
+            if _plain_type(type(m)):
+                m.__dict__["training"] = mode
+            else:
+                m.training = mode
 
 
 def _unique(tables: Iterable[Mapping[str, torch.Tensor | None]]) -> list[torch.Tensor]:
@@ -124,7 +162,13 @@ class _BufferSnapshot:
     """
 
     def __init__(self, modules: list[nn.Module]) -> None:
-        self._tables = [(m, dict(m._buffers), set(m._non_persistent_buffers_set)) for m in modules]
+        # Most modules hold no buffers: theirs is checked for emptiness only.
+        self._empty = [m for m in modules if not m._buffers and not m._non_persistent_buffers_set]
+        self._tables = [
+            (m, dict(m._buffers), set(m._non_persistent_buffers_set))
+            for m in modules
+            if m._buffers or m._non_persistent_buffers_set
+        ]
         self._groups: list[tuple[list[torch.Tensor], list[torch.Size], torch.Tensor]] = []
         self._others: list[tuple[torch.Tensor, int, torch.Tensor]] = []
         groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
@@ -141,6 +185,10 @@ class _BufferSnapshot:
     def restore(self) -> None:
         """Each module's buffer table, then the saved values of every buffer whose bytes
         changed."""
+        for m in self._empty:
+            if m._buffers or m._non_persistent_buffers_set:
+                m._buffers.clear()
+                m._non_persistent_buffers_set.clear()
         for m, table, non_persistent in self._tables:
             now = m._buffers
             if (

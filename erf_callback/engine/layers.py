@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -59,6 +59,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def resolve_layers(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module | None]:
     """Map layer names to modules (``"output"`` to None); a bad name gets a helpful KeyError."""
+    found = {name: _walk(model, name) for name in names}
+    if all(m is not None or name == OUTPUT for name, m in found.items()):
+        return found
     table = {_strip_wrappers(n): m for n, m in model.named_modules()}
     out: dict[str, nn.Module | None] = {}
     for name in names:
@@ -70,6 +73,23 @@ def resolve_layers(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Modul
         else:
             raise KeyError(_unknown_layer_message(name, [k for k in table if k]))
     return out
+
+
+def _walk(model: nn.Module, name: str) -> nn.Module | None:
+    """The submodule at the dotted path ``name`` (``torch.compile`` / DDP wrapper segments
+    optional, as in :func:`resolve_layers`' table), or None; no walk of the whole model."""
+    if not name:
+        return None
+    module = model
+    for part in _strip_wrappers(name).split("."):
+        child = module._modules.get(part)
+        while child is None and isinstance(module._modules.get("_orig_mod"), nn.Module):
+            module = module._modules["_orig_mod"]  # type: ignore[assignment]
+            child = module._modules.get(part)
+        if child is None:
+            return None
+        module = child
+    return module
 
 
 def deepest_spatial_layer(
@@ -130,7 +150,9 @@ def _strip_wrappers(name: str) -> str:
 
 
 @contextmanager
-def original_forwards(model: nn.Module) -> Iterator[None]:
+def original_forwards(
+    model: nn.Module, modules: Iterable[nn.Module] | None = None
+) -> Iterator[None]:
     """Route compiled modules to their original forward for the duration of a probe.
 
     Eval mode and inputs that require grad would make a compiled module recompile (and a
@@ -139,7 +161,7 @@ def original_forwards(model: nn.Module) -> Iterator[None]:
     Lightning (``_compiler_ctx``) gets its ``original_forward`` back.
     """
     saved: list[tuple[nn.Module, bool, Any]] = []
-    for m in model.modules():
+    for m in model.modules() if modules is None else modules:
         # Read from the instance's dicts: getattr with a default goes through
         # Module.__getattr__ and a caught AttributeError per module (~0.3 ms per probe of a
         # ResNet). torch.compile registers _orig_mod as a submodule; Lightning's context is a

@@ -63,6 +63,8 @@ _SUMMARISED = frozenset({"training", "_parameters", "_buffers", "_modules"})
 _SCALARS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
 _SCALAR_TYPES = frozenset(_SCALARS)
 _PLAIN = _SCALAR_TYPES - {int, float}
+_SKIPPED = frozenset({int, float})
+_CONTAINERS = frozenset({OrderedDict, dict, set, list})
 _MAX_ITEMS = 256
 _MAX_DEPTH = 4
 
@@ -158,26 +160,25 @@ def model_fingerprint(model: nn.Module) -> Hashable:
     # hook dictionaries as (), only the rest goes through _freeze.
     mm = nn.modules.module
     parts: list[Hashable] = [(tuple(mm._global_forward_hooks), tuple(mm._global_forward_pre_hooks))]
-    plain, summarised = _PLAIN, _SUMMARISED
+    plain, summarised, skipped, containers = _PLAIN, _SUMMARISED, _SKIPPED, _CONTAINERS
     for name, m in model.named_modules():
         attrs: list[Hashable] = []
         for k, v in m.__dict__.items():
             t = type(v)
             if t in plain:
                 attrs.append((k, v))
-            elif t is int or t is float:
-                continue  # step counters and the like; see the module docstring
-            elif k in summarised:
-                continue
-            elif (t is OrderedDict or t is dict) and not v:
-                attrs.append((k, ()))
+            elif t in skipped or k in summarised:
+                continue  # int / float: step counters and the like; see the module docstring
+            elif t in containers and not v:
+                attrs.append((k, t))  # the many empty hook dictionaries
             elif t is tuple and all(type(x) in _SCALAR_TYPES for x in v):
                 attrs.append((k, v))  # kernel_size, stride, ...: tuples of ints
             else:
                 attrs.append((k, _freeze(v)))
-        params = tuple((k, _tensor_summary(p)) for k, p in m._parameters.items())
-        buffers = tuple((k, _tensor_summary(b)) for k, b in m._buffers.items())
-        children = tuple((k, id(c)) for k, c in m._modules.items())
+        p, b, c = m._parameters, m._buffers, m._modules
+        params = tuple([(k, _tensor_summary(x)) for k, x in p.items()]) if p else ()
+        buffers = tuple([(k, _tensor_summary(x)) for k, x in b.items()]) if b else ()
+        children = tuple([(k, id(x)) for k, x in c.items()]) if c else ()
         cls = type(m)
         parts.append((name, id(m), cls, cls.forward, tuple(attrs), params, buffers, children))
     return tuple(parts)

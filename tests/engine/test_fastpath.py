@@ -217,3 +217,29 @@ def test_all_folds_at_once_equal_each_pair_folded_alone_bitwise(dtype):
             memory_format=torch.channels_last if channels_last else torch.contiguous_format
         )
     assert bool(_fold_one_pair(*pairs[3][:2])[1][0].signbit())  # the -0.0 case is exercised
+
+
+@pytest.mark.parametrize(
+    ("capability", "dtype", "tf32", "expected"),
+    [
+        ((9, 0), torch.float32, True, True),  # Hopper, PyTorch's default TF32 convolutions
+        ((8, 0), torch.bfloat16, False, True),
+        ((8, 0), torch.float32, False, False),  # full float32: NCHW stays
+        ((8, 0), torch.float64, True, False),
+        ((7, 5), torch.float16, True, False),  # before Ampere: NCHW stays
+    ],
+)
+def test_channels_last_on_cuda_only_where_tensor_cores_run_the_dtype(
+    monkeypatch, capability, dtype, tf32, expected
+):
+    from erf_callback.engine import compute
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3))
+    x = torch.zeros(1, 3, 8, 8, dtype=dtype)
+    assert compute._wants_channels_last(net, x, torch.device("cuda", 0)) is expected
+    # CPU: always for 2-D convolutions; never for 1-D ones or nets without Conv2d.
+    assert compute._wants_channels_last(net, x, torch.device("cpu")) is True
+    conv1d = nn.Sequential(nn.Conv1d(3, 4, 3))
+    assert compute._wants_channels_last(conv1d, x[..., 0], torch.device("cuda", 0)) is False

@@ -80,3 +80,40 @@ def test_tensor_subclasses_and_sparse_buffers_are_copied_one_by_one() -> None:
     assert type(tagged) is Tagged and torch.equal(tagged, torch.zeros(3).as_subclass(Tagged))
     assert torch.equal(sparse.to_dense(), torch.eye(3))
     assert torch.equal(plain, torch.ones(2))
+
+
+class _FrozenNormNet(torch.nn.Module):
+    """Overrides ``train`` the way detection code does: its BatchNorm never leaves eval mode,
+    and each call is counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, 3)
+        self.bn = torch.nn.BatchNorm2d(2)
+        self.calls: list[bool] = []
+
+    def train(self, mode: bool = True) -> _FrozenNormNet:
+        self.calls.append(mode)
+        super().train(mode)
+        self.bn.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+def test_eval_mode_and_flags_are_restored_with_and_without_a_train_override() -> None:
+    from erf_callback.engine.guard import probe_context
+
+    plain = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Dropout(), torch.nn.ReLU())
+    plain[1].eval()  # one submodule frozen in eval mode: must stay so, others back to train
+    overriding = _FrozenNormNet()
+    for net in (plain, overriding):
+        before = [m.training for m in net.modules()]
+        with probe_context(net):
+            assert not any(m.training for m in net.modules())
+            assert "training" in vars(net)  # a plain attribute, as Module.train writes it
+        assert [m.training for m in net.modules()] == before
+    # The override was honoured: the probe called its eval() (train(False)) once.
+    assert overriding.calls == [False]
+    assert plain[1].training is False and plain[0].training is True
