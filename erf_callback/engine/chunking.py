@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,13 +46,21 @@ def default_budget(device: torch.device) -> int:
     """
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        # One query of the allocator: memory_reserved() and memory_allocated() each flatten
+        # its whole statistics tree in Python (~0.15 ms apiece, at every probe).
+        stats = torch.cuda.memory_stats_as_nested_dict(device)
+        cached = _current(stats, "reserved_bytes") - _current(stats, "allocated_bytes")
         return max(1, int(CUDA_BUDGET_FRACTION * (free + cached)))
     try:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # not on Linux: no cap
         return CPU_BUDGET
     return max(1, min(CPU_BUDGET, available // 4))
+
+
+def _current(stats: dict[str, Any], key: str) -> int:
+    """``stats[key]["all"]["current"]`` of the caching allocator's statistics (0 if absent)."""
+    return int(stats.get(key, {}).get("all", {}).get("current", 0))
 
 
 @dataclass

@@ -237,7 +237,7 @@ def _accumulate_chunks(
     if cfg.optimize:
         try:
             key = probe_key(x_all, names, probe.transforms, device, dtype)
-            fingerprint = model_fingerprint(net)
+            fingerprint = model_fingerprint(net, everything)
         except Exception:  # an odd attribute must never cost the probe: it just traces
             key = fingerprint = None
     known = TRACES.get(net, key, fingerprint) if key is not None and recall else None
