@@ -107,8 +107,7 @@ def check_model(model: Any, modules: Sequence[nn.Module] | None = None) -> None:
             "a module whose layers are submodules (their names are what layers= selects)."
         )
     # The names are built only when there is something to report (every probe runs this).
-    walk = modules or model.modules()
-    if not any(_unusable(m._parameters) or _unusable(m._buffers) for m in walk):
+    if not any(_unusable(m) for m in modules or model.modules()):
         return
     named = [*model.named_parameters(), *model.named_buffers()]
     lazy = [n for n, t in named if is_lazy(t)]
@@ -128,9 +127,13 @@ def check_model(model: Any, modules: Sequence[nn.Module] | None = None) -> None:
         )
 
 
-def _unusable(table: Mapping[str, torch.Tensor | None]) -> bool:
-    """Whether a parameter or buffer table holds a meta or an uninitialised (lazy) tensor."""
-    return any(t is not None and (t.is_meta or is_lazy(t)) for t in table.values())
+def _unusable(module: nn.Module) -> bool:
+    """Whether the module's own parameters or buffers hold a meta or an uninitialised (lazy)
+    tensor (most modules have neither table filled: those are skipped at once)."""
+    for table in (module._parameters, module._buffers):
+        if table and any(t is not None and (t.is_meta or is_lazy(t)) for t in table.values()):
+            return True
+    return False
 
 
 @contextmanager
