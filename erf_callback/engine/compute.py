@@ -250,10 +250,12 @@ def _accumulate_chunks(
             traced = known is None and start == 0
             # The first sample goes alone (traced, measured) unless all go at once.
             size = 1 if traced and cfg.chunk_size is not None else plan.size(start)
-            x = x_all[start : start + size].to(device=device, dtype=dtype).detach()
-            if x.is_inference():  # made under torch.inference_mode: autograd cannot use it
-                x = x.clone()
+            x: torch.Tensor | None = None
             try:
+                # Inside the try: moving the chunk to the device can be what runs out.
+                x = x_all[start : start + size].to(device=device, dtype=dtype).detach()
+                if x.is_inference():  # made under torch.inference_mode: autograd cannot use it
+                    x = x.clone()
                 if traced:
                     parts, fast = probe.first(x, positions)
                     plan.measured(probe.per_sample_bytes, start=size)
@@ -264,7 +266,7 @@ def _accumulate_chunks(
                 traceback.clear_frames(err.__traceback__)
                 parts = None
             if parts is None:
-                del x  # the error below must not keep the chunk alive through this frame
+                x = None  # the error below must not keep the chunk alive through this frame
                 if not plan.shrink(size):
                     raise out_of_memory_error(plan, size, device) from None
                 continue

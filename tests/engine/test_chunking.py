@@ -85,6 +85,32 @@ def test_out_of_memory_halves_the_chunk_and_the_map_is_unchanged():
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)  # float64: same values
 
 
+class _OutOfMemoryOnCopy(torch.Tensor):
+    """Inputs whose copy to the device runs out of memory for chunks of more than 3 samples
+    (as a large chunk's host-to-GPU copy does on a nearly full GPU)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.to and args[0].shape[0] > 3:
+            raise torch.OutOfMemoryError("fake: CUDA out of memory. Tried to allocate 4.48 GiB")
+        out = super().__torch_function__(func, types, args, kwargs)
+        if func is torch.Tensor.to:  # on the device: a plain tensor, as a real copy is
+            return out.as_subclass(torch.Tensor)
+        return out
+
+
+def test_out_of_memory_while_copying_a_chunk_to_the_device_halves_it_too():
+    net = relu_stack(3).double()
+    x = torch.randn(20, 1, 16, 16, dtype=torch.float64)
+    want = compute_erf(net, x, chunk_size=1)["output"].grad
+    sizes = []
+    net[0].register_forward_pre_hook(lambda _m, a: sizes.append(a[0].shape[0]))
+    got = compute_erf(net, x.as_subclass(_OutOfMemoryOnCopy), memory_budget=2**40)
+    assert sizes[0] == 1 and max(sizes[1:]) <= 3 and sum(sizes) == 20
+    torch.testing.assert_close(got["output"].grad, want, rtol=1e-12, atol=0)
+
+
 def test_out_of_memory_frees_the_failed_chunks():
     net = Recorder(relu_stack(3), oom_above=2)
     compute_erf(net, torch.randn(12, 1, 16, 16), memory_budget=2**40)
