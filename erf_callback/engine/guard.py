@@ -97,10 +97,10 @@ _TRAIN = nn.Module.train
 _SETATTR = nn.Module.__setattr__
 
 
-def _plain_type(cls: type) -> bool:
+def _plain_type(cls: type[nn.Module]) -> bool:
     """Whether ``cls`` keeps ``nn.Module``'s own ``train`` and ``__setattr__``: then its
     ``training`` flag is a plain instance attribute that ``.eval()`` just sets."""
-    return cls.train is _TRAIN and cls.__setattr__ is _SETATTR
+    return cls.train is _TRAIN and getattr(cls, "__setattr__", None) is _SETATTR
 
 
 def _set_eval(model: nn.Module, modules: list[nn.Module]) -> None:
