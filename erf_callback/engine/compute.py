@@ -16,6 +16,7 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from contextlib import nullcontext
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -451,7 +452,8 @@ def map_status(grad: torch.Tensor, name: str, cancelled: bool = False) -> Status
     ``cancelled``: the probe found the unit's sum over channels constant up to rounding, so
     the map is rounding noise: ``"zero"``, as an exactly zero map.
     """
-    if not bool(torch.isfinite(grad).all()):
+    finite, nonzero = _finite_and_nonzero(grad)
+    if not finite:
         warnings.warn(
             f"compute_erf: the gradient of {name!r} contains NaN/Inf; its metrics are NaN. "
             "Check the model for overflow (or probe in float32).",
@@ -459,7 +461,7 @@ def map_status(grad: torch.Tensor, name: str, cancelled: bool = False) -> Status
             stacklevel=3,
         )
         return "nonfinite"
-    if cancelled or not bool(grad.any()):
+    if cancelled or not nonzero:
         warnings.warn(
             f"compute_erf: the gradient of {name!r} is zero everywhere; its metrics are NaN. "
             "Causes: dead ReLUs, a unit that does not depend on the input, or a sum over "
@@ -470,6 +472,15 @@ def map_status(grad: torch.Tensor, name: str, cancelled: bool = False) -> Status
         )
         return "zero"
     return "ok"
+
+
+def _finite_and_nonzero(grad: torch.Tensor) -> tuple[bool, bool]:
+    """Whether every value is finite, and whether any is non-zero: in NumPy for a CPU map
+    (~15 us for 224x224 against ~200 us for the two torch reductions, which spin up threads)."""
+    if grad.device.type == "cpu" and grad.dtype in (torch.float32, torch.float64):
+        a = grad.detach().numpy()
+        return bool(np.isfinite(a).all()), bool(a.any())
+    return bool(torch.isfinite(grad).all()), bool(grad.any())
 
 
 # --------------------------------------------------------------------------------------------
