@@ -78,7 +78,8 @@ class ProbeConfig:
             free device memory on CUDA. See docs/engine.md, "Memory".
         optimize: let the probe run the model faster without changing any result: inputs in
             ``channels_last`` with ``channels_last`` copies of the conv weights (2-D conv nets
-            on CPU) and eval-mode BatchNorm folded into a copy of the preceding convolution.
+            on CPU, and on CUDA GPUs whose tensor cores run the dtype) and eval-mode BatchNorm
+            folded into a copy of the preceding convolution.
             The model is never modified; ``False`` runs its modules exactly as written.
         metrics: metric choices (radius factor, energy fraction, fit method, ...).
 

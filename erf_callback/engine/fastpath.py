@@ -8,8 +8,9 @@ Two rewrites that change no result and leave no trace on the model:
   convolution's output (same autograd node, no in-place change between them), that nothing
   else consumes that output on the way to the probed layers, that neither module was called
   twice or carries hooks, and that the convolution's own output is not probed.
-* **channels_last** (2-D convolutions on CPU): the input and ``channels_last`` copies of the
-  conv weights make oneDNN's faster kernels run end to end.
+* **channels_last** (2-D convolutions on CPU, and on CUDA where tensor cores run the dtype):
+  the input and ``channels_last`` copies of the conv weights make oneDNN's and cuDNN's faster
+  kernels run end to end.
 
 The model is never modified. For the duration of a chunk the reached convolutions get an
 instance ``forward`` that calls ``conv._conv_forward`` with the shadow weights, and folded
