@@ -15,6 +15,15 @@ DEFAULT_MAX_OVERHEAD = 0.02
 AUTO_WARMUP_STEPS = 10
 
 
+def _whole(value: object) -> bool:
+    """A whole number that is not a bool: an int, a NumPy integer or an integral float such
+    as ``1e3``; a string, NaN, infinity or a list is not (and gets the rule's own error
+    rather than ``int()``'s)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    return math.isfinite(value) and int(value) == value
+
+
 @dataclass
 class ProbeSchedule:
     """Decides at which ``global_step`` (optimiser steps) and epoch ends a probe runs.
@@ -51,7 +60,7 @@ class ProbeSchedule:
     def __post_init__(self) -> None:
         for name in ("every_n_steps", "every_n_epochs", "log_spaced"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+            if value is not None and not (_whole(value) and value >= 1):
                 raise ValueError(f"{name} must be a positive int or None; got {value!r}")
         overhead: object = self.max_overhead  # checked whatever the annotation says
         if isinstance(overhead, bool) or not isinstance(overhead, numbers.Real):
@@ -66,7 +75,7 @@ class ProbeSchedule:
                 f"{self.at_steps!r}"
             )
         steps = list(self.at_steps or [])
-        if any(isinstance(s, bool) or int(s) != s or s < 0 for s in steps):
+        if not all(_whole(s) and s >= 0 for s in steps):
             raise ValueError(f"at_steps must be non-negative ints; got {steps}")
         self._at = frozenset(int(s) for s in steps)
 

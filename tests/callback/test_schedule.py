@@ -79,8 +79,25 @@ def test_explicit_rules_ignore_an_automatic_interval() -> None:
         ({"at_steps": [3, -1]}, "at_steps must be non-negative ints"),
         ({"at_steps": [2.5]}, "at_steps must be non-negative ints"),
         ({"at_steps": [False]}, "at_steps must be non-negative ints"),
+        # Values int() cannot take, or takes wrongly: the rule's own message, not int()'s.
+        ({"every_n_steps": "abc"}, "every_n_steps must be a positive int"),
+        ({"every_n_steps": "100"}, "every_n_steps must be a positive int"),
+        ({"every_n_steps": float("nan")}, "every_n_steps must be a positive int"),
+        ({"every_n_epochs": float("inf")}, "every_n_epochs must be a positive int"),
+        ({"log_spaced": [4]}, "log_spaced must be a positive int"),
+        ({"at_steps": [0, None]}, "at_steps must be non-negative ints"),
+        ({"at_steps": ["10"]}, "at_steps must be non-negative ints"),
+        ({"at_steps": [float("nan")]}, "at_steps must be non-negative ints"),
     ],
 )
 def test_bad_rules_are_rejected_with_the_rule_named(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         ProbeSchedule(**kwargs)
+
+
+def test_integral_numbers_of_any_type_are_rules() -> None:
+    import numpy as np
+
+    assert due_steps(ProbeSchedule(every_n_steps=np.int64(5)), 12) == [0, 5, 10]
+    assert due_steps(ProbeSchedule(every_n_steps=5.0), 12) == [0, 5, 10]  # e.g. 1e3
+    assert due_steps(ProbeSchedule(at_steps=[np.int32(3), 7.0]), 10) == [3, 7]
