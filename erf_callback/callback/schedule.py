@@ -21,7 +21,7 @@ def _whole(value: object) -> bool:
     rather than ``int()``'s)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return False
-    return math.isfinite(value) and int(value) == value
+    return math.isfinite(value) and float(value).is_integer()
 
 
 @dataclass
