@@ -21,6 +21,8 @@ def _whole(value: object) -> bool:
     rather than ``int()``'s)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return False
+    if isinstance(value, numbers.Integral):
+        return True
     return math.isfinite(value) and float(value).is_integer()
 
 
