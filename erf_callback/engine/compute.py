@@ -274,10 +274,12 @@ def _accumulate_chunks(
             for name, part in zip(names, parts, strict=True):
                 sums[name] = part if name not in sums else sums[name] + part
             start += size
-    # A model whose channel sum cancels is checked again at every probe (only a traced first
-    # chunk checks): its trace is not remembered.
-    if key is not None and not probe.cancelled:
-        TRACES.put(net, key, fingerprint, probe.remembered(fast))
+        # Remembered before the guard's exit, which waits for the device: on a GPU this
+        # bookkeeping overlaps the last chunk's kernels. A model whose channel sum cancels is
+        # checked again at every probe (only a traced first chunk checks): its trace is not
+        # remembered.
+        if key is not None and not probe.cancelled:
+            TRACES.put(net, key, fingerprint, probe.remembered(fast))
     return sums, probe.meta, probe.cancelled
 
 
