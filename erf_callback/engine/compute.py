@@ -50,9 +50,11 @@ from erf_callback.engine.layers import (
 from erf_callback.engine.trace_cache import TRACES, TracedProbe, model_fingerprint, probe_key
 from erf_callback.engine.transforms import OutputTransform, apply_transform
 from erf_callback.engine.validate import (
+    check_finite,
     check_inputs,
     check_model,
     check_output,
+    nonfinite_samples,
     normalize_layers,
     per_layer,
     unbatched_guard,
@@ -167,8 +169,23 @@ def compute_erf(
     check_model(net, everything)
     names = normalize_layers(layers)
     modules = resolve_layers(net, names)
-    x_all = check_inputs(inputs)
-    sums, meta, cancelled = _accumulate(net, everything, x_all, names, modules, cfg)
+    # On a GPU, reading the NaN/Inf check back waits for the device: its kernel is queued now
+    # and read once the probe has waited anyway. Inputs with NaN or Inf still raise, and an
+    # error they cause inside the model becomes that ValueError.
+    deferred = _defers_finite_check(inputs)
+    x_all = check_inputs(inputs, finite=not deferred)
+    bad = nonfinite_samples(x_all) if deferred else None
+    try:
+        sums, meta, cancelled = _accumulate(net, everything, x_all, names, modules, cfg)
+    except Exception as err:
+        if bad is not None:
+            try:
+                check_finite(x_all, bad)
+            except ValueError as nonfinite:
+                raise nonfinite from err
+        raise
+    if bad is not None:
+        check_finite(x_all, bad)
     count = float(x_all.shape[0])
     if reduce is not None:  # distributed: every rank's sums and counts are added up
         from erf_callback.engine.shard import pack_sums, unpack_sums
@@ -602,6 +619,12 @@ def _plain_parameters(net: nn.Module) -> bool:
     gather them in hooks around each forward, and copies taken between forwards would be wrong.
     """
     return all(type(p.data) is torch.Tensor for p in net.parameters())
+
+
+def _defers_finite_check(inputs: Any) -> bool:
+    """Whether the inputs' NaN/Inf check is read after the probe: on a GPU, where reading it
+    first would make the probe wait for the device before its first kernel."""
+    return isinstance(inputs, torch.Tensor) and inputs.device.type == "cuda"
 
 
 def _mixes_batch_in_eval(model: nn.Module, modules: Iterable[nn.Module] | None = None) -> bool:

@@ -17,9 +17,11 @@ from torch.nn.parameter import is_lazy
 from erf_callback.engine.config import OUTPUT
 
 __all__ = [
+    "check_finite",
     "check_inputs",
     "check_model",
     "check_output",
+    "nonfinite_samples",
     "normalize_layers",
     "per_layer",
     "unbatched_guard",
@@ -57,7 +59,11 @@ def normalize_layers(
     return names
 
 
-def check_inputs(inputs: Any) -> torch.Tensor:
+def check_inputs(inputs: Any, finite: bool = True) -> torch.Tensor:
+    """``inputs`` if they are a dense floating ``(N, C, *spatial)`` tensor with data; else a
+    clear error. ``finite=False`` leaves the NaN/Inf check to the caller
+    (:func:`nonfinite_samples` and :func:`check_finite`: on a GPU, reading its result waits
+    for the device, so ``compute_erf`` reads it after the probe)."""
     if not isinstance(inputs, torch.Tensor):
         raise TypeError(f"inputs must be a torch.Tensor (N, C, *spatial); got {type(inputs)}")
     if inputs.layout != torch.strided:
@@ -84,7 +90,21 @@ def check_inputs(inputs: Any) -> torch.Tensor:
         )
     if inputs.device.type == "meta":
         raise ValueError("inputs are on the meta device (no data); pass real tensors.")
-    bad = ~torch.isfinite(inputs.detach()).flatten(1).all(dim=1)
+    if finite:
+        check_finite(inputs)
+    return inputs
+
+
+def nonfinite_samples(inputs: torch.Tensor) -> torch.Tensor:
+    """Per sample, whether it holds a NaN or an Inf (a bool tensor on the inputs' device;
+    nothing is read back, so nothing waits for a GPU)."""
+    return ~torch.isfinite(inputs.detach()).flatten(1).all(dim=1)
+
+
+def check_finite(inputs: torch.Tensor, bad: torch.Tensor | None = None) -> None:
+    """Raise a ``ValueError`` naming the samples of ``inputs`` with NaN or Inf, if any
+    (``bad``: their :func:`nonfinite_samples`, where already computed)."""
+    bad = nonfinite_samples(inputs) if bad is None else bad
     count = int(bad.sum())
     if count:
         first = bad.nonzero()[:5, 0].tolist()
@@ -93,7 +113,6 @@ def check_inputs(inputs: Any) -> torch.Tensor:
             f"{first}{', ...' if count > 5 else ''}); an ERF of such inputs is meaningless. Pass "
             "finite inputs: drop or repair those samples (e.g. torch.nan_to_num)."
         )
-    return inputs
 
 
 def check_model(model: Any, modules: Sequence[nn.Module] | None = None) -> None:

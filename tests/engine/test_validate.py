@@ -41,6 +41,39 @@ def test_non_finite_inputs_name_how_many_samples(bad):
         compute_erf(nn.Conv2d(1, 1, 3), x)
 
 
+class _RefusesNaN(nn.Module):
+    """A model that checks its activations, as some training code does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3)
+
+    def forward(self, x):
+        h = self.conv(x)
+        if not bool(torch.isfinite(h).all()):
+            raise RuntimeError("activations are not finite")
+        return h
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_non_finite_inputs_raise_whether_checked_before_or_after_the_probe(monkeypatch, deferred):
+    # On a GPU the check is read after the probe (reading it first waits for the device): the
+    # same error, also when the NaN made the model itself fail first, and the same maps.
+    from erf_callback.engine import compute
+
+    monkeypatch.setattr(compute, "_defers_finite_check", lambda inputs: deferred)
+    x = torch.randn(6, 1, 8, 8)
+    x[2, 0, 1, 1] = float("nan")
+    for net in (nn.Conv2d(1, 1, 3), _RefusesNaN()):
+        with pytest.raises(ValueError, match=r"NaN or Inf in 1 of 6 samples \(indices \[2\]\)"):
+            compute_erf(net, x)
+    finite = x[[0, 1, 3, 4, 5]].double()
+    net = nn.Conv2d(1, 1, 3).double()
+    got = compute_erf(net, finite)["output"]
+    monkeypatch.setattr(compute, "_defers_finite_check", lambda inputs: not deferred)
+    assert got.status == "ok" and torch.equal(got.grad, compute_erf(net, finite)["output"].grad)
+
+
 @pytest.mark.parametrize(
     "position", [(3.5, 2), (3.0, 2), ("3", 2), 3, np.array([1.5, 2.0]), {"output": (1, 2.2)}]
 )
