@@ -97,22 +97,29 @@ _TRAIN = nn.Module.train
 _SETATTR = nn.Module.__setattr__
 
 
-def _plain_type(cls: type[nn.Module]) -> bool:
-    """Whether ``cls`` keeps ``nn.Module``'s own ``train`` and ``__setattr__``: then its
-    ``training`` flag is a plain instance attribute that ``.eval()`` just sets."""
-    return cls.train is _TRAIN and getattr(cls, "__setattr__", None) is _SETATTR
+def _plain_setattr(cls: type[nn.Module]) -> bool:
+    """Whether ``cls`` keeps ``nn.Module``'s own ``__setattr__``: then its ``training`` flag is
+    a plain instance attribute, and writing the ``__dict__`` entry is all a set does."""
+    return getattr(cls, "__setattr__", None) is _SETATTR
+
+
+def _set_flag(module: nn.Module, mode: bool) -> None:
+    if _plain_setattr(type(module)):
+        module.__dict__["training"] = mode
+    else:  # e.g. torchmetrics' Metric: its own __setattr__ sees the write
+        module.training = mode
 
 
 def _set_eval(model: nn.Module, modules: list[nn.Module]) -> None:
-    """``model.eval()``, by writing the flags directly when no module overrides ``train`` or
-    ``__setattr__`` (``Module.__setattr__`` and the recursion cost ~0.4 ms per probe of a
-    ResNet); a model that overrides either gets its own ``.eval()``."""
-    if not all(_plain_type(cls) for cls in {type(m) for m in modules}):
+    """``model.eval()``, by setting each module's flag directly when no class overrides
+    ``train`` (``Module.__setattr__`` and the recursion cost ~0.4 ms per probe of a ResNet); a
+    model where one does gets its own ``.eval()``, so the override runs."""
+    if any(cls.train is not _TRAIN for cls in {type(m) for m in modules}):
         model.eval()
         return
     for m in modules:
         if m.training:
-            m.__dict__["training"] = False
+            _set_flag(m, False)
 
 
 def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
@@ -120,10 +127,7 @@ def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
     unfreeze frozen parts); only changed flags are written."""
     for m, mode in modes:
         if m.training is not mode:
-            if _plain_type(type(m)):
-                m.__dict__["training"] = mode
-            else:
-                m.training = mode
+            _set_flag(m, mode)
 
 
 def _unique(tables: Iterable[Mapping[str, torch.Tensor | None]]) -> list[torch.Tensor]:

@@ -117,3 +117,30 @@ def test_eval_mode_and_flags_are_restored_with_and_without_a_train_override() ->
     # The override was honoured: the probe called its eval() (train(False)) once.
     assert overriding.calls == [False]
     assert plain[1].training is False and plain[0].training is True
+
+
+class _WatchesItsAttributes(torch.nn.Module):
+    """Overrides ``__setattr__`` only, as torchmetrics' ``Metric`` does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[tuple[str, object]] = []
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "training" and "writes" in self.__dict__:
+            self.writes.append((name, value))
+        super().__setattr__(name, value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_a_module_with_its_own_setattr_sees_the_flag_writes() -> None:
+    from erf_callback.engine.guard import probe_context
+
+    watcher = _WatchesItsAttributes()
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), watcher)
+    with probe_context(net):
+        assert not watcher.training and not net[0].training
+    assert watcher.training and net[0].training
+    assert watcher.writes == [("training", False), ("training", True)]
