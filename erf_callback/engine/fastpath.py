@@ -15,7 +15,8 @@ Two rewrites that change no result and leave no trace on the model:
 The model is never modified. For the duration of a chunk the reached convolutions get an
 instance ``forward`` that calls ``conv._conv_forward`` with the shadow weights, and folded
 BatchNorms an identity ``forward``; both are removed afterwards (the instance ``__dict__`` is
-left as found). Extra memory: one copy of the weights of the reached convolutions.
+left as found). Extra memory: one copy of the weights of the reached convolutions; when
+that copy does not fit (an out-of-memory error), the probe runs the model as written.
 """
 
 from __future__ import annotations
@@ -190,10 +191,14 @@ class FastPath:
             if norm is not None and not isinstance(norm, _NORMS):
                 continue
             shadowed.append((conv, norm, layout))
+        try:
+            weights = _shadow_weights(shadowed)
+        except torch.OutOfMemoryError:
+            # No room for the copies of the weights (a nearly full GPU): this probe runs the
+            # model as written, and the recipe stays for the next one.
+            return cls({}, False, 0, recipe)
         forwards: dict[nn.Module, Callable[..., Any]] = {}
-        for (conv, norm, _), (weight, bias) in zip(
-            shadowed, _shadow_weights(shadowed), strict=True
-        ):
+        for (conv, norm, _), (weight, bias) in zip(shadowed, weights, strict=True):
             forwards[conv] = functools.partial(_shadow_conv_forward, conv, weight, bias)
             if norm is not None:
                 forwards[norm] = _identity

@@ -243,3 +243,32 @@ def test_channels_last_on_cuda_only_where_tensor_cores_run_the_dtype(
     assert compute._wants_channels_last(net, x, torch.device("cpu")) is True
     conv1d = nn.Sequential(nn.Conv1d(3, 4, 3))
     assert compute._wants_channels_last(conv1d, x[..., 0], torch.device("cuda", 0)) is False
+
+
+def test_no_room_for_the_weight_copies_runs_the_model_as_written(monkeypatch):
+    # A nearly full GPU: copying the weights for the fold raises an out-of-memory error. The
+    # probe (its first, traced, and a later one that reuses the trace) runs the model as
+    # written with the same map; once memory is back, the fast path returns.
+    net = randomize_bn_stats(ResNet(width=4)).double().eval()
+    x = torch.randn(6, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    want = compute_erf(net, x, ["layer2"], optimize=False)["layer2"].grad
+
+    def no_room(shadowed):
+        raise torch.OutOfMemoryError("fake: CUDA out of memory. Tried to allocate 350.00 MiB")
+
+    monkeypatch.setattr(fastpath, "_shadow_weights", no_room)
+    for _ in range(2):
+        got = compute_erf(net, x, ["layer2"])["layer2"].grad
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    monkeypatch.undo()
+    built = []
+    original = fastpath.FastPath.build.__func__
+
+    def spy(cls, *args, **kwargs):
+        built.append(original(cls, *args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(fastpath.FastPath, "build", classmethod(spy))
+    got = compute_erf(net, x, ["layer2"])["layer2"].grad
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    assert built and built[-1].folded > 0  # the remembered recipe folds again
