@@ -41,6 +41,15 @@ def test_non_finite_inputs_name_how_many_samples(bad):
         compute_erf(nn.Conv2d(1, 1, 3), x)
 
 
+def test_finite_inputs_whose_sums_overflow_are_finite():
+    # The per-sample sums that find NaN/Inf overflow here although every value is finite.
+    x = torch.full((3, 1, 8, 8), 3e38)
+    assert compute_erf(nn.Conv2d(1, 1, 3), x)["output"].status == "ok"  # no ValueError
+    x[1, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"NaN or Inf in 1 of 3 samples \(indices \[1\]\)"):
+        compute_erf(nn.Conv2d(1, 1, 3), x)
+
+
 class _RefusesNaN(nn.Module):
     """A model that checks its activations, as some training code does."""
 
