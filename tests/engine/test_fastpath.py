@@ -27,18 +27,23 @@ def per_image_reference(net: nn.Module, x: torch.Tensor, layer: str) -> torch.Te
     return acc / len(x)
 
 
+def _record(monkeypatch, method: str) -> list:
+    """The FastPath objects that ``FastPath.<method>`` returns from now on."""
+    made = []
+    original = getattr(fastpath.FastPath, method).__func__
+
+    def spy(cls, *args, **kwargs):
+        made.append(original(cls, *args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(fastpath.FastPath, method, classmethod(spy))
+    return made
+
+
 @pytest.fixture
 def planned(monkeypatch):
     """The FastPath objects that compute_erf planned, to see what it folded."""
-    plans = []
-    original = fastpath.FastPath.plan.__func__
-
-    def spy(cls, *args, **kwargs):
-        plans.append(original(cls, *args, **kwargs))
-        return plans[-1]
-
-    monkeypatch.setattr(fastpath.FastPath, "plan", classmethod(spy))
-    return plans
+    return _record(monkeypatch, "plan")
 
 
 def test_float64_maps_equal_the_reference_with_every_bn_folded(planned):
@@ -261,14 +266,7 @@ def test_no_room_for_the_weight_copies_runs_the_model_as_written(monkeypatch):
         got = compute_erf(net, x, ["layer2"])["layer2"].grad
         torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
     monkeypatch.undo()
-    built = []
-    original = fastpath.FastPath.build.__func__
-
-    def spy(cls, *args, **kwargs):
-        built.append(original(cls, *args, **kwargs))
-        return built[-1]
-
-    monkeypatch.setattr(fastpath.FastPath, "build", classmethod(spy))
+    built = _record(monkeypatch, "build")
     got = compute_erf(net, x, ["layer2"])["layer2"].grad
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
     assert built and built[-1].folded > 0  # the remembered recipe folds again
