@@ -602,12 +602,17 @@ def _wants_channels_last(net: nn.Module, x: torch.Tensor, device: torch.device) 
     CUDA devices with tensor cores that the dtype uses (compute capability 8.0 or later, in
     float16/bfloat16, or float32 with cuDNN's TF32 on, PyTorch's default). On an H100 the
     batched ResNet-18 probe of 64 images at 224x224 took 9.8 ms instead of 11.4 ms;
-    elsewhere (older GPUs, full float32) NCHW stays."""
+    elsewhere (older GPUs, full float32, ROCm) NCHW stays."""
     if x.dim() != 4 or not any(isinstance(m, nn.Conv2d) for m in net.modules()):
         return False
     if device.type == "cpu":
         return True
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
+    # ROCm also reports its GPUs as "cuda": MIOpen's channels_last kernels were not measured.
+    if (
+        device.type != "cuda"
+        or torch.version.hip
+        or torch.cuda.get_device_capability(device) < (8, 0)
+    ):
         return False
     return x.dtype in (torch.float16, torch.bfloat16) or (
         x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32

@@ -240,6 +240,7 @@ def test_channels_last_on_cuda_only_where_tensor_cores_run_the_dtype(
     from erf_callback.engine import compute
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
     net = nn.Sequential(nn.Conv2d(3, 4, 3))
     x = torch.zeros(1, 3, 8, 8, dtype=dtype)
@@ -270,3 +271,12 @@ def test_no_room_for_the_weight_copies_runs_the_model_as_written(monkeypatch):
     got = compute_erf(net, x, ["layer2"])["layer2"].grad
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
     assert built and built[-1].folded > 0  # the remembered recipe folds again
+
+
+def test_channels_last_stays_off_on_rocm(monkeypatch):
+    from erf_callback.engine import compute
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    net, x = nn.Sequential(nn.Conv2d(3, 4, 3)), torch.zeros(1, 3, 8, 8, dtype=torch.bfloat16)
+    assert compute._wants_channels_last(net, x, torch.device("cuda", 0)) is False
