@@ -225,35 +225,34 @@ def _fit_robust(
     d = a.ndim
     sample_idx, sample_vals = _subsample(a, _CHECK_SAMPLE)
     peak, low = float(a.max()), float(a.min())
-    # Fast exact path: when the pixels far outside the plain-moment window are zero to
-    # rounding (no pedestal, no noise), the plain moments are the answer (exact for Gaussians
-    # and compact maps alike). A map whose every pixel is above that level (a positive floor,
-    # |gradient| noise) cannot take it: its check is skipped.
-    plain: tuple[float, np.ndarray, np.ndarray] | None = None
-    level = _CLEAN_FLOOR * peak
-    # The clean path needs pixels at most ``level``: half of at least _MIN_FLOOR_PIXELS far
-    # ones, or a whole outer frame (the two ends of a line; at least 8 pixels of a map). A
-    # sample with fewer such pixels in all (zero-mean noise has almost none) cannot take it,
-    # whatever its moments, so they are not computed for the check.
-    quiet = None if low > level else np.abs(sample_vals) <= level
-    if quiet is not None and np.count_nonzero(quiet) >= (2 if d == 1 else 4):
-        plain = m0, mean, cov = _moments(a, coords)
-    if plain is not None and quiet is not None and m0 > 0 and np.all(np.isfinite(cov)):
-        d2 = mahalanobis_sq(sample_idx, mean, _inverse(cov, _MIN_WINDOW_VARIANCE))
-        if _far_is_quiet(a, d2, quiet, window, level):
-            mean, cov = restore_edge_cut(a, m0, mean, cov)
-            # The edge correction is per axis: exact for axis-aligned Gaussians down to a
-            # deeper cut than for rotated ones.
-            rotated = abs(cov[0, 1]) > 1e-9 * math.sqrt(cov[0, 0] * cov[1, 1]) if d > 1 else False
-            cut = 1.0 - float(np.prod(axis_mass(mean, cov, a.shape)))
-            if cut > (_EDGE_CUT if rotated else _EDGE_CUT_ALIGNED):
-                # The edge cuts the map. If it is a Gaussian (the model fits to rounding), the
-                # model fit on the visible pixels recovers it whole, however deep the cut;
-                # anything else keeps its (edge-corrected) moments.
-                model = fit_floor_gaussian(a, mean, cov, 0.0, peak)
-                if model is not None and model.residual <= _EXACT_RESIDUAL:
-                    return _from_model(model)
-            return mean, cov, 0.0, True, None, _PLAIN
+    # A clean map (no pedestal, no noise): the plain moments, exact.
+    clean, plain = _clean_fit(a, coords, sample_idx, sample_vals, window, low, peak)
+    if clean is not None:
+        return clean
+    if low > _CLEAN_FLOOR * peak:
+        # Every pixel is above zero. If the lowest value is the whole surround, exactly, the
+        # map is a clean one on a constant pedestal (a conv stack's field plus one gradient
+        # value that a global path adds to every pixel): without the pedestal it takes the
+        # clean path, so the pedestal changes no moment (the best Gaussian through a 9-px box
+        # would say 10.35, not 6.67). Exactly, not to rounding: a Gaussian's tails never
+        # reach one value, and the floor + Gaussian model below is exact for those. A
+        # symmetric Gaussian's corners (or a line's two ends) do share its lowest value: the
+        # surround must be more pixels than those.
+        shifted, _ = _clean_fit(
+            a,
+            coords,
+            sample_idx,
+            sample_vals,
+            window,
+            low,
+            peak,
+            clean_floor=0.0,
+            shift=low,
+            min_quiet=4 if a.ndim == 1 else _MIN_FLOOR_PIXELS + 1,
+        )
+        if shifted is not None:
+            mean, cov, _, converged, unit, stage = shifted
+            return mean, cov, low, converged, unit, stage
 
     init = _half_max_init(a, coords, low, peak)
     if init is None:
@@ -299,6 +298,65 @@ def _fit_robust(
     if moments is not None and _narrower(model.cov, moments[1], _SPIKE_VARIANCE_RATIO):
         return (*moments, None, _WINDOWED)
     return _from_model(model)
+
+
+def _clean_fit(
+    a: np.ndarray,
+    coords: list[np.ndarray],
+    sample_idx: list[np.ndarray],
+    sample_vals: np.ndarray,
+    window: float,
+    low: float,
+    peak: float,
+    clean_floor: float = _CLEAN_FLOOR,
+    shift: float = 0.0,
+    min_quiet: int | None = None,
+) -> tuple[_Robust | None, tuple[float, np.ndarray, np.ndarray] | None]:
+    """The fast exact path: when the pixels far outside the plain-moment window are zero to
+    rounding (no pedestal, no noise), the plain moments are the answer (exact for Gaussians
+    and compact maps alike). Returns ``(result or None, plain moments (m0, mean, cov) or
+    None)``: the moments where they were computed, for the caller to reuse.
+
+    ``sample_idx`` / ``sample_vals``: the pixels the clean test looks at (see
+    :func:`_subsample`); ``low`` and ``peak``: the map's minimum and maximum; ``clean_floor``:
+    the fraction of the peak that counts as zero; ``shift``: a constant taken off the map
+    first (after the quick test, which costs nothing when it fails); ``min_quiet``: sampled
+    pixels at most that level the quick test needs (default: 2 on a line, else 4).
+    """
+    d = a.ndim
+    if shift:
+        sample_vals, low, peak = sample_vals - shift, low - shift, peak - shift
+    level = clean_floor * peak
+    # A map whose every pixel is above the level (a positive floor, |gradient| noise) cannot
+    # take the path. It needs pixels at most ``level``: half of at least _MIN_FLOOR_PIXELS far
+    # ones, or a whole outer frame (the two ends of a line; at least 8 pixels of a map). A
+    # sample with fewer such pixels in all (zero-mean noise has almost none) cannot take it,
+    # whatever its moments, so they are not computed for the check.
+    quiet = None if low > level else np.abs(sample_vals) <= level
+    needed = (2 if d == 1 else 4) if min_quiet is None else min_quiet
+    if quiet is None or np.count_nonzero(quiet) < needed:
+        return None, None
+    if shift:
+        a = a - shift
+    plain = m0, mean, cov = _moments(a, coords)
+    if not (m0 > 0 and np.all(np.isfinite(cov))):
+        return None, plain
+    d2 = mahalanobis_sq(sample_idx, mean, _inverse(cov, _MIN_WINDOW_VARIANCE))
+    if not _far_is_quiet(a, d2, quiet, window, level):
+        return None, plain
+    mean, cov = restore_edge_cut(a, m0, mean, cov)
+    # The edge correction is per axis: exact for axis-aligned Gaussians down to a deeper cut
+    # than for rotated ones.
+    rotated = abs(cov[0, 1]) > 1e-9 * math.sqrt(cov[0, 0] * cov[1, 1]) if d > 1 else False
+    cut = 1.0 - float(np.prod(axis_mass(mean, cov, a.shape)))
+    if cut > (_EDGE_CUT if rotated else _EDGE_CUT_ALIGNED):
+        # The edge cuts the map. If it is a Gaussian (the model fits to rounding), the model
+        # fit on the visible pixels recovers it whole, however deep the cut; anything else
+        # keeps its (edge-corrected) moments.
+        model = fit_floor_gaussian(a, mean, cov, 0.0, peak)
+        if model is not None and model.residual <= _EXACT_RESIDUAL:
+            return _from_model(model), plain
+    return (mean, cov, 0.0, True, None, _PLAIN), plain
 
 
 def _far_is_quiet(

@@ -120,6 +120,27 @@ def test_stacks_that_nearly_fill_lines_and_volumes_keep_the_closed_form(dims, de
     np.testing.assert_allclose(np.diag(fit_gaussian(erf).cov), [var] * dims, rtol=1e-9)
 
 
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize(("depth", "k", "margin"), [(1, 9, 6), (2, 5, 9), (3, 3, 4), (6, 3, 3)])
+@pytest.mark.parametrize("pedestal", [2e-3, 0.05, 1.0])
+def test_a_constant_pedestal_keeps_a_stack_s_closed_form(dims, depth, k, margin, pedestal):
+    # A conv stack's field on a constant pedestal (a unit that also sees the whole input
+    # through a global path adds one gradient value to every pixel): the pedestal is the
+    # floor, and the field keeps the moments it has without it, not the variance of the best
+    # Gaussian through its shape (a 9-px box: 10.35 instead of 6.67). Off-centre by one.
+    size = depth * (k - 1) + 1 + 2 * margin
+    x = torch.zeros((1, 1) + (size,) * dims, dtype=torch.float64)
+    x[(0, 0) + (size // 2 + 1,) * dims] = 1.0
+    with torch.no_grad():
+        erf = uniform_stack([k] * depth, dims=dims).double()(x)[0, 0].numpy()
+    erf = erf / erf.max()
+    var = stack_closed_form([k] * depth)[0].variance
+    fit = fit_gaussian(erf + pedestal)
+    np.testing.assert_allclose(np.diag(fit.cov), [var] * dims, rtol=1e-9)
+    np.testing.assert_allclose(fit.mean, [size // 2 + 1] * dims, rtol=0, atol=1e-9)
+    assert fit.floor == pytest.approx(pedestal, rel=1e-12)
+
+
 @pytest.mark.parametrize(
     ("sigma", "mean"), [((4.0, 5.0, 4.5), (12.0, 12.0, 21.0)), ((5.0, 4.0, 4.0), (3.0, 12.0, 12.0))]
 )
