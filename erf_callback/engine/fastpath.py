@@ -29,6 +29,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from erf_callback.engine.guard import plain_attributes
+
 __all__ = ["FastPath", "ForwardRecorder", "Recipe"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -211,9 +213,8 @@ class FastPath:
         installed = []
         try:
             for module, forward in self._forwards.items():
-                # build() shadows only modules without an instance forward: the __dict__
-                # entry is all Module.__setattr__ would write (~3 us less per module, twice).
-                if _plain_setattr(module):
+                # build() shadows only modules without an instance forward.
+                if plain_attributes(module):
                     module.__dict__["forward"] = forward
                 else:
                     module.forward = forward
@@ -221,17 +222,10 @@ class FastPath:
             yield
         finally:
             for module in installed:
-                if _plain_setattr(module):
+                if plain_attributes(module):
                     module.__dict__.pop("forward", None)
                 else:
                     del module.forward
-
-
-def _plain_setattr(module: nn.Module) -> bool:
-    """Whether setting an attribute of ``module`` is a plain ``__dict__`` write (its class keeps
-    ``nn.Module``'s ``__setattr__`` and ``__delattr__``)."""
-    cls = type(module)
-    return cls.__setattr__ is nn.Module.__setattr__ and cls.__delattr__ is nn.Module.__delattr__
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module:

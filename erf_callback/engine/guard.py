@@ -94,17 +94,22 @@ def probe_context(
 
 
 _TRAIN = nn.Module.train
-_SETATTR = nn.Module.__setattr__
 
 
-def _plain_setattr(cls: type[nn.Module]) -> bool:
-    """Whether ``cls`` keeps ``nn.Module``'s own ``__setattr__``: then its ``training`` flag is
-    a plain instance attribute, and writing the ``__dict__`` entry is all a set does."""
-    return getattr(cls, "__setattr__", None) is _SETATTR
+def plain_attributes(module: nn.Module) -> bool:
+    """Whether ``module``'s class keeps ``nn.Module``'s own ``__setattr__`` and
+    ``__delattr__``: then setting or deleting a plain attribute (``training``, an instance
+    ``forward``) is all a write to or removal from its ``__dict__`` does, ~3 us less each.
+    Shared by the guard's flags and the fast path's shadow forwards."""
+    cls = type(module)
+    return (
+        getattr(cls, "__setattr__", None) is nn.Module.__setattr__
+        and getattr(cls, "__delattr__", None) is nn.Module.__delattr__
+    )
 
 
 def _set_flag(module: nn.Module, mode: bool) -> None:
-    if _plain_setattr(type(module)):
+    if plain_attributes(module):
         module.__dict__["training"] = mode
     else:  # e.g. torchmetrics' Metric: its own __setattr__ sees the write
         module.training = mode

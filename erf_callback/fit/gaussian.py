@@ -248,7 +248,7 @@ def _fit_robust(
             peak,
             clean_floor=0.0,
             shift=low,
-            min_quiet=4 if a.ndim == 1 else _MIN_FLOOR_PIXELS + 1,
+            min_quiet=4 if d == 1 else _MIN_FLOOR_PIXELS + 1,
         )
         if shifted is not None:
             mean, cov, _, converged, unit, stage = shifted
