@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["preserved_rng", "probe_context"]
+__all__ = ["plain_attributes", "preserved_rng", "probe_context"]
 
 
 @contextmanager
