@@ -372,12 +372,16 @@ class _Probe:
             xf = x.contiguous(memory_format=torch.channels_last) if fast.channels_last else x
             try:
                 with fast.active():
-                    return self._run(xf)
+                    parts = self._run(xf)
+                    fast.check_settled()
+                return parts
             except (torch.OutOfMemoryError, _StaleTrace):
                 raise
             except Exception:
                 # The model's code did not accept a rewrite (e.g. .view() of a channels_last
-                # tensor): this chunk and the rest run the model as written.
+                # tensor), or took another path than the traced chunk, where a fold does not
+                # hold (FoldDivergedError): this chunk and the rest run the model as written, and
+                # the remembered trace of this probe keeps no fast path.
                 fast.disable()
         return self._run(x)
 

@@ -7,7 +7,9 @@ Two rewrites that change no result and leave no trace on the model:
   pair is folded only when the first chunk's forward showed that the BatchNorm's input *is* the
   convolution's output (same autograd node, no in-place change between them), that nothing
   else consumes that output on the way to the probed layers, that neither module was called
-  twice or carries hooks, and that the convolution's own output is not probed.
+  twice or carries hooks, and that the convolution's own output is not probed. The later
+  chunks check that their forward calls each folded pair the same way (see
+  :class:`FoldDivergedError`): a model that branches on the data may not.
 * **channels_last** (2-D convolutions on CPU, and on CUDA where tensor cores run the dtype):
   the input and ``channels_last`` copies of the conv weights make oneDNN's and cuDNN's faster
   kernels run end to end.
@@ -31,7 +33,7 @@ from torch import nn
 
 from erf_callback.engine.guard import plain_attributes
 
-__all__ = ["FastPath", "ForwardRecorder", "Recipe"]
+__all__ = ["FastPath", "FoldDivergedError", "ForwardRecorder", "Recipe"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -117,6 +119,7 @@ class FastPath:
         channels_last: bool,
         folded: int,
         recipe: Recipe | None = None,
+        pending: dict[nn.Module, tuple[torch.Tensor, Any]] | None = None,
     ) -> None:
         self._forwards = forwards
         self.channels_last = channels_last
@@ -124,6 +127,9 @@ class FastPath:
         #: What :meth:`build` needs to make this fast path again for the same model (module
         #: names, so a remembered recipe holds no module alive); None once disabled.
         self.recipe = recipe
+        #: Folded convs whose output this chunk has not yet reached their BatchNorm (see
+        #: :func:`_folded_conv_forward`); shared with the shadow forwards.
+        self._pending = pending if pending is not None else {}
 
     @classmethod
     def disabled(cls) -> FastPath:
@@ -200,17 +206,22 @@ class FastPath:
             # model as written, and the recipe stays for the next one.
             return cls({}, False, 0, recipe)
         forwards: dict[nn.Module, Callable[..., Any]] = {}
+        pending: dict[nn.Module, tuple[torch.Tensor, Any]] = {}
+        folded = 0
         for (conv, norm, _), (weight, bias) in zip(shadowed, weights, strict=True):
-            forwards[conv] = functools.partial(_shadow_conv_forward, conv, weight, bias)
-            if norm is not None:
-                forwards[norm] = _identity
-        folded = sum(1 for f in forwards.values() if f is _identity)
-        return cls(forwards, recipe.channels_last, folded, recipe)
+            if norm is None:
+                forwards[conv] = functools.partial(_shadow_conv_forward, conv, weight, bias)
+                continue
+            forwards[conv] = functools.partial(_folded_conv_forward, pending, conv, weight, bias)
+            forwards[norm] = functools.partial(_folded_norm_forward, pending, conv)
+            folded += 1
+        return cls(forwards, recipe.channels_last, folded, recipe, pending)
 
     @contextmanager
     def active(self) -> Iterator[None]:
         """Install the shadow forwards; the modules' ``__dict__`` is restored afterwards."""
         installed = []
+        self._pending.clear()
         try:
             for module, forward in self._forwards.items():
                 # build() shadows only modules without an instance forward.
@@ -221,11 +232,18 @@ class FastPath:
                 installed.append(module)
             yield
         finally:
+            self._pending.clear()  # a chunk that failed half-way must not keep its outputs
             for module in installed:
                 if plain_attributes(module):
                     module.__dict__.pop("forward", None)
                 else:
                     del module.forward
+
+    def check_settled(self) -> None:
+        """Raise :class:`FoldDivergedError` when a folded convolution's output never reached its
+        BatchNorm in the forward just run (call inside :meth:`active`, after the forward)."""
+        if self._pending:
+            raise FoldDivergedError("a folded convolution's output did not reach its BatchNorm")
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module:
@@ -389,11 +407,45 @@ def _concat(
     return torch.cat(parts).to(torch.float64)
 
 
+class FoldDivergedError(RuntimeError):
+    """A chunk's forward did not call a folded (conv, BatchNorm) pair as the traced one did.
+
+    The folds are planned from the first chunk's forward. A model whose code branches on the
+    data (``if x.mean() > 0: y = self.bn(y)``) can take another path in a later chunk, where the
+    folded conv's output would be used without its BatchNorm, or the BatchNorm applied to
+    something else. The shadow forwards check each call against the plan (the BatchNorm gets
+    exactly the output of its conv's latest call, with no in-place change in between, and every
+    such output reaches its BatchNorm) and raise this; the caller runs the chunk as written.
+    """
+
+
 def _shadow_conv_forward(
     conv: _Conv, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor
 ) -> torch.Tensor:
     return conv._conv_forward(x, weight, bias)
 
 
-def _identity(x: torch.Tensor) -> torch.Tensor:
+def _folded_conv_forward(
+    pending: dict[nn.Module, tuple[torch.Tensor, Any]],
+    conv: _Conv,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    x: torch.Tensor,
+) -> torch.Tensor:
+    if conv in pending:  # called again before its BatchNorm: not the traced path
+        raise FoldDivergedError(f"folded convolution {type(conv).__name__} called twice")
+    out = conv._conv_forward(x, weight, bias)
+    # The autograd node stands for "this output, unchanged": an in-place op replaces it.
+    pending[conv] = (out, out.grad_fn)
+    return out
+
+
+def _folded_norm_forward(
+    pending: dict[nn.Module, tuple[torch.Tensor, Any]], conv: _Conv, x: torch.Tensor
+) -> torch.Tensor:
+    out, node = pending.pop(conv, (None, None))
+    # As the plan asked of the traced forward: the input is the conv's output (its autograd
+    # node; the object itself where there is none), not changed in place since.
+    if out is None or (x.grad_fn is not node if node is not None else x is not out):
+        raise FoldDivergedError("a folded BatchNorm's input is not its convolution's output")
     return x
