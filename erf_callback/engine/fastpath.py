@@ -6,7 +6,8 @@ Two rewrites that change no result and leave no trace on the model:
   convolution followed by it equals one convolution with scaled weights and a new bias. A
   pair is folded only when the first chunk's forward showed that the BatchNorm's input *is* the
   convolution's output (same autograd node, no in-place change between them), that nothing
-  else consumes that output on the way to the probed layers, that neither module was called
+  else consumes that output on the way to the probed layers (nor reads its values outside
+  autograd, see :class:`ForwardRecorder`), that neither module was called
   twice or carries hooks, and that the convolution's own output is not probed. The later
   chunks check that their forward calls each folded pair the same way (see
   :class:`FoldDivergedError`): a model that branches on the data may not.
@@ -24,12 +25,14 @@ that copy does not fit (an out-of-memory error), the probe runs the model as wri
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from erf_callback.engine.guard import plain_attributes
 
@@ -41,8 +44,15 @@ _Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 _Norm = nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d
 
 
-class ForwardRecorder:
-    """Hooks on convolutions and BatchNorms that record, during one forward, who feeds whom.
+class ForwardRecorder(TorchFunctionMode):
+    """Records, during one forward, who feeds whom among convolutions and BatchNorms.
+
+    Module hooks see each conv's output and each BatchNorm's input; as a
+    :class:`~torch.overrides.TorchFunctionMode` it also sees every torch call that reads a
+    conv's output. A use that autograd does not record (a mask ``y > 0``, ``y.detach()``, a
+    computation under ``no_grad``) would see the folded values if the pair were folded, so a
+    conv whose output is read anywhere but inside its BatchNorm (shape and dtype queries
+    aside) is not a candidate.
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)).eval()
@@ -54,35 +64,68 @@ class ForwardRecorder:
     """
 
     def __init__(self, model: nn.Module) -> None:
+        super().__init__()
         self._model = model
         self.calls: dict[nn.Module, int] = {}
         self._conv_out: dict[nn.Module, Any] = {}  # conv -> grad_fn of its output
         self._norm_in: dict[nn.Module, Any] = {}  # norm -> grad_fn of its input
         self._handles: list[Any] = []
+        # id(conv output) -> (weak reference, conv): the outputs whose readers are watched
+        self._outputs: dict[int, tuple[weakref.ref[torch.Tensor], nn.Module]] = {}
+        self._readers: dict[nn.Module, set[nn.Module | None]] = {}  # None: outside any norm
+        self._norms: list[nn.Module] = []  # the BatchNorms whose forward is running
 
     def __enter__(self) -> ForwardRecorder:
         for m in self._model.modules():
             if type(m) in _CONVS or type(m) in _NORMS:
                 self._handles.append(m.register_forward_pre_hook(self._pre))
                 self._handles.append(m.register_forward_hook(self._post))
+        super().__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._outputs.clear()  # holds no activation past the forward
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        if kwargs is None:
+            kwargs = {}
+        if self._outputs and not _reads_metadata_only(func):
+            reader = self._norms[-1] if self._norms else None
+            for a in (*args, *kwargs.values()) if kwargs else args:
+                for t in a if isinstance(a, (list, tuple)) else (a,):
+                    e = self._outputs.get(id(t))
+                    if e is not None and e[0]() is t:
+                        self._readers.setdefault(e[1], set()).add(reader)
+        return func(*args, **kwargs)
 
     def _pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         self.calls[module] = self.calls.get(module, 0) + 1
-        if type(module) in _NORMS and args and isinstance(args[0], torch.Tensor):
-            self._norm_in[module] = args[0].grad_fn
+        if type(module) in _NORMS:
+            self._norms.append(module)
+            if args and isinstance(args[0], torch.Tensor):
+                self._norm_in[module] = args[0].grad_fn
 
     def _post(self, module: nn.Module, _args: tuple[Any, ...], out: Any) -> None:
-        if type(module) in _CONVS and isinstance(out, torch.Tensor):
+        if type(module) in _NORMS:
+            if self._norms and self._norms[-1] is module:
+                self._norms.pop()
+        elif isinstance(out, torch.Tensor):
             self._conv_out[module] = out.grad_fn
+            self._outputs[id(out)] = (weakref.ref(out), module)
 
     def candidate_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        """(conv, norm) pairs, each called once, where the norm's input is the conv's output."""
+        """(conv, norm) pairs, each called once, where the norm's input is the conv's output
+        and nothing but that norm read the output."""
         by_node = {
             node: conv
             for conv, node in self._conv_out.items()
@@ -91,12 +134,35 @@ class ForwardRecorder:
         pairs = []
         for norm, node in self._norm_in.items():
             conv = by_node.get(node)
-            if conv is not None and self.calls.get(norm) == 1:
+            if (
+                conv is not None
+                and self.calls.get(norm) == 1
+                and self._readers.get(conv, {norm}) == {norm}
+            ):
                 pairs.append((conv, norm))
         return pairs
 
     def conv_nodes(self) -> dict[nn.Module, Any]:
         return dict(self._conv_out)
+
+
+# Tensor attributes and methods that read no values (a fold changes values, not these).
+_METADATA = frozenset(
+    {
+        "shape", "dtype", "device", "requires_grad", "grad_fn", "ndim", "layout", "is_cuda",
+        "is_leaf", "names", "is_sparse", "is_quantized", "is_meta", "is_mkldnn", "output_nr",
+        "_version", "dim", "ndimension", "size", "stride", "numel", "nelement", "__len__",
+        "is_contiguous", "is_floating_point", "is_complex", "element_size", "storage_offset",
+        "get_device", "data_ptr", "has_names", "__hash__",
+    }
+)  # fmt: skip
+
+
+def _reads_metadata_only(func: Callable[..., Any]) -> bool:
+    name = getattr(func, "__name__", None)
+    if name == "__get__":  # a property: its name is the descriptor's
+        name = getattr(getattr(func, "__self__", None), "__name__", None)
+    return name in _METADATA
 
 
 class Recipe(NamedTuple):
