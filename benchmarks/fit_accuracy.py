@@ -8,7 +8,9 @@ Every map is a sampled Gaussian ``exp(-(x - m)^T C^-1 (x - m) / 2)`` (peak 1) on
 grid, plus a constant floor and additive noise, each up to 5% of the peak. Noise is either
 zero-mean Gaussian ``N(0, s)`` or the non-negative pedestal ``|N(0, s)|`` that |gradient| maps
 have. Placements: centred, off-centre, cut on one side and cut at a corner, with the share of
-the Gaussian's mass inside the map at 89%, 64% and 50%; axis-aligned and rotated (30 deg).
+the Gaussian's mass inside the map at 89%, 64% and 50%; and, centred, wider than the map (the
+sigmas scaled up until 64% of the mass is inside: cut on every side); axis-aligned and
+rotated (30 deg).
 
 Error of a fit: the largest of the relative errors of the per-axis sigmas and of the
 covariance (``max |C_fit - C| / max diag C``). The table gives, per category, the worst and
@@ -42,6 +44,7 @@ class Placement:
     category: str
     inside: float | None  # target share of the mass inside (None: not cut)
     corner: bool = False
+    wider: bool = False  # centred, the sigmas scaled up until the map cuts it on every side
 
 
 PLACEMENTS = (
@@ -53,6 +56,7 @@ PLACEMENTS = (
     Placement("corner 89%", 0.89, corner=True),
     Placement("corner 64%", 0.64, corner=True),
     Placement("corner 50%", 0.50, corner=True),
+    Placement("wider than the map 64%", 0.64, wider=True),
 )
 
 
@@ -88,10 +92,23 @@ def outside_mass(mean: np.ndarray, cov: np.ndarray, shape: tuple[int, int]) -> f
     return float(1.0 - dens[np.ix_(inside_y, inside_x)].sum())
 
 
+def widened(cov: np.ndarray, inside: float, shape: tuple[int, int]) -> np.ndarray:
+    """``cov`` scaled so that a centred Gaussian leaves ``inside`` of its mass in the map."""
+    centre = np.array([(shape[0] - 1) / 2, (shape[1] - 1) / 2])
+    lo, hi = 1.0, 100.0
+    for _ in range(60):
+        mid = math.sqrt(lo * hi)
+        if 1.0 - border_mass(centre, cov * mid * mid, shape) > inside:
+            lo = mid
+        else:
+            hi = mid
+    return cov * lo * lo
+
+
 def place(p: Placement, cov: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """A mean that leaves ``p.inside`` of the mass inside (bisection on the offset)."""
     centre = np.array([(shape[0] - 1) / 2, (shape[1] - 1) / 2])
-    if p.inside is None:
+    if p.inside is None or p.wider:
         return centre + (np.array([6.3, -9.7]) if p.category == "off-centre" else 0.0)
     direction = np.array([-1.0, -1.0]) if p.corner else np.array([0.0, 1.0])
     lo, hi = 0.0, 2.0 * max(shape)
@@ -156,6 +173,8 @@ def main() -> int:
         for rotated in (False, True):
             for sy, sx in sigmas:
                 cov = rotated_cov(sy, sx, math.radians(30.0) if rotated else 0.0)
+                if p.wider and p.inside is not None:
+                    cov = widened(cov, p.inside, shape)
                 mean = place(p, cov, shape)
                 truth_out = outside_mass(mean, cov, shape)
                 clean = gaussian(shape, mean, cov)

@@ -81,9 +81,10 @@ _MAX_OUTSIDE = 0.9
 # over axes) fitted a peak, not the map: a Gaussian plus floor or noise, even cut by the edge,
 # keeps the ratio near 1 (a cut narrows the moments, never widens them 2x).
 _SPIKE_VARIANCE_RATIO = 0.5
-# A model floor more than this share of the map's range below its minimum is not a floor:
-# the model has bent a flat top into a broad Gaussian (a box against an edge, the ERF of
-# a deep net filling a small input), and its sigma is far too large.
+# A model floor more than this share of the map's range below both its minimum and zero is
+# not a floor: the model has bent a flat top into a broad Gaussian on a negative pedestal (a
+# box against an edge, the ERF of a deep net filling a small input), and its sigma is far
+# too large.
 _FLOOR_BELOW_MIN = 0.05
 # Relative change per iteration below which a noise-driven limit cycle is accepted.
 _STALL_TOL = 1e-3
@@ -447,12 +448,13 @@ def _narrower(cov: np.ndarray, reference: np.ndarray, ratio: float) -> bool:
 
 def _plausible(model: GaussianModelFit, shape: tuple[int, ...], low: float, peak: float) -> bool:
     """A model fit that describes the map: mostly inside it, no wider than a few maps, and on
-    a floor that is not far below the map's minimum ``low`` (``peak``: its maximum).
+    a floor that is not far below both the map's minimum ``low`` and zero (``peak``: its
+    maximum).
 
-    A floor, fitted or not, is never much below the lowest pixel: zero-mean noise puts a few
-    pixels below it, not the other way round. A floor far below them is the model bending
-    a flat-topped map (one convolution's box against the edge of a small map) into the top
-    of a broad Gaussian on a negative pedestal.
+    A floor far below every pixel *and* below zero (ERF maps are never negative) is the model
+    bending a flat-topped map (one convolution's box against the edge of a small map) into
+    the top of a broad Gaussian on a negative pedestal. A floor far below every pixel but not
+    below zero is what a Gaussian that fills the map has: its own tails lift every pixel.
     """
     cov = model.cov
     widest = 4.0 * max(shape)
@@ -460,7 +462,7 @@ def _plausible(model: GaussianModelFit, shape: tuple[int, ...], low: float, peak
         math.isfinite(sum(cov.ravel().tolist()))
         and max(cov.diagonal().tolist()) <= widest * widest
         and math.prod(axis_mass(model.mean, cov, shape).tolist()) >= 1.0 - _MAX_OUTSIDE
-        and model.floor >= low - _FLOOR_BELOW_MIN * (peak - low)
+        and model.floor >= min(low, 0.0) - _FLOOR_BELOW_MIN * (peak - low)
     )
 
 

@@ -120,6 +120,42 @@ def test_fit_recovers_cut_floored_noisy_gaussians(name, inside, corner, sy, sx, 
     assert max(errors.values()) < TOL, errors
 
 
+@pytest.mark.parametrize(
+    ("shape", "offset", "sy", "sx", "theta"),
+    [
+        ((40, 40), (0.0, 0.0), 16.0, 12.8, 0.0),  # 68% inside, cut on all four sides
+        ((40, 40), (0.0, 0.0), 24.0, 19.2, 0.0),  # 40% inside: beyond the target, still exact
+        ((48, 64), (3.5, -6.0), 18.0, 26.0, 0.6),  # rotated, off-centre
+        ((36, 90), (0.0, 10.0), 15.0, 9.0, 0.0),  # cut on both sides along y only
+    ],
+)
+def test_a_gaussian_wider_than_the_map_is_recovered(shape, offset, sy, sx, theta):
+    # A Gaussian cut on opposite sides lifts every pixel (the lowest 15-43% of the peak), so
+    # a fitted floor sits far below every pixel: that used to reject the exact model fit as
+    # "a flat top bent into a broad Gaussian", and the windowed moments came back 35-54% too
+    # narrow, clean or noisy.
+    cov = rotated_cov(sy, sx, theta)
+    mean = np.array([(shape[0] - 1) / 2 + offset[0], (shape[1] - 1) / 2 + offset[1]])
+    clean = gaussian_map(shape, mean, cov)
+    fit = fit_gaussian(clean)
+    np.testing.assert_allclose(fit.cov, cov, rtol=1e-6, atol=1e-6 * cov.max())
+    floored = fit_gaussian(clean + 0.03)
+    np.testing.assert_allclose(floored.cov, cov, rtol=1e-6, atol=1e-6 * cov.max())
+    rng = np.random.default_rng(3)
+    for s in (0.01, 0.03):
+        noisy = fit_gaussian(clean + np.abs(rng.normal(0.0, s, shape)))
+        assert fit_error(noisy.cov, cov) < TOL, (s, noisy.cov)
+
+
+@pytest.mark.parametrize(("n", "mean", "sigma"), [(170, 77.8, 37.41), (54, 20.76, 13.24)])
+@pytest.mark.parametrize("floor", [0.0, 0.04])
+def test_a_line_cut_at_both_ends_is_recovered(n, mean, sigma, floor):
+    x = np.arange(n, dtype=np.float64)
+    fit = fit_gaussian(np.exp(-0.5 * ((x - mean) / sigma) ** 2) + floor)
+    assert fit.cov[0, 0] == pytest.approx(sigma**2, rel=1e-9)  # was 8-15% off
+    assert fit.mean[0] == pytest.approx(mean, abs=1e-9)
+
+
 def test_the_cut_was_a_problem_for_plain_windowed_moments():
     # The failure this guards against: plain moments of the visible part are ~30% narrow.
     cov = rotated_cov(16.0, 24.0, 0.0)
