@@ -89,6 +89,10 @@ def tensorboard_writer(logger: Any) -> Any | None:
         exp = logger.experiment
     except Exception:  # some loggers build their experiment lazily and may fail offline
         return None
+    if hasattr(exp, "_erf_callback_no_such_attribute"):
+        # An object that answers every attribute: Lightning's DummyExperiment, the experiment
+        # of the DummyLogger that fast_dev_run puts in place of the user's loggers.
+        return None
     return exp if hasattr(exp, "add_image") and hasattr(exp, "add_scalar") else None
 
 

@@ -277,6 +277,17 @@ def test_fast_dev_run_probes_dry_and_logs_nothing(tmp_path):
     assert glob.glob(os.path.join(str(tmp_path), "**", "erf_history*"), recursive=True) == []
 
 
+@pytest.mark.parametrize("logger", [None, True])
+def test_fast_dev_run_with_named_layers_warns_nothing(tmp_path, logger):
+    monitor = ERFMonitor(layers=["net.7"], num_samples=4, every_n_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path, monitor, fast_dev_run=2, logger=logger)
+    # fast_dev_run's DummyLogger answers every attribute: it is no SummaryWriter (taken for
+    # one, the HParams declaration warned "TypeError: 'function' object is not iterable").
+    assert [str(w.message) for w in caught if issubclass(w.category, ERFWarning)] == []
+
+
 # ---- 5. label-first batches --------------------------------------------------------------------
 
 
