@@ -225,7 +225,7 @@ def _least_squares_from_truth(a: np.ndarray, mean: np.ndarray, cov: np.ndarray) 
 def test_a_long_thin_noisy_erf_on_few_pixels_is_the_least_squares_fit(seed):
     # 19 x 1.7 px at the right edge of a 38 x 42 map under 4% noise: noise pixels above a
     # tenth of the peak widened the log-linear start, the iteration ended on a quadratic that
-    # is no bump, and the windowed moments gave sigma_y 10.2 for 19 (71% off on these draws).
+    # is no bump, and the windowed moments gave sigma_y 10.2 for 19 on these draws.
     # From the given start the iteration finds the maximum-likelihood fit itself.
     mean, cov = np.array([21.0, 38.7]), np.diag([19.0**2, 1.7**2])
     rng = np.random.default_rng(seed)
