@@ -86,6 +86,9 @@ _SPIKE_VARIANCE_RATIO = 0.5
 # box against an edge, the ERF of a deep net filling a small input), and its sigma is far
 # too large.
 _FLOOR_BELOW_MIN = 0.05
+# A map whose spread (sum of squared deviations) is at most this share of its sum of squares
+# is constant to rounding: its R² is NaN, not the ratio of two rounding errors.
+_CONSTANT_SPREAD = 1e-12
 # Relative change per iteration below which a noise-driven limit cycle is accepted.
 _STALL_TOL = 1e-3
 # Longest limit cycle of the windowed moments that is recognised as one (in states).
@@ -226,6 +229,11 @@ def _fit_robust(
     d = a.ndim
     sample_idx, sample_vals = _subsample(a, _CHECK_SAMPLE)
     peak, low = float(a.max()), float(a.min())
+    if low == peak:
+        # A constant map (a unit behind a global pooling sees every pixel alike): the whole
+        # map is the distribution, a box; no floor can be told from it.
+        _, mean, cov = _moments(a, coords)
+        return mean, cov, 0.0, True, None, _PLAIN
     # A clean map (no pedestal, no noise): the plain moments, exact.
     clean, plain = _clean_fit(a, coords, sample_idx, sample_vals, window, low, peak)
     if clean is not None:
@@ -826,7 +834,9 @@ def _finish(
     outside_ss = all_ss - rr_in
     inside_ss = rr_in - 2.0 * amplitude * rg + amplitude * amplitude * gg if gg > 0 else 0.0
     residual_ss = max(inside_ss + outside_ss, 0.0)
-    r2 = 1.0 - residual_ss / total_ss if total_ss > 0 else float("nan")
+    # Below this share of the sum of squares the spread is the subtraction's rounding: a
+    # constant map (a unit behind a global pooling sees every pixel alike) has no R².
+    r2 = 1.0 - residual_ss / total_ss if total_ss > _CONSTANT_SPREAD * total_sq else float("nan")
     return GaussianFit(
         mean=np.asarray(mean, dtype=np.float64),
         cov=cov,

@@ -520,3 +520,22 @@ def test_small_inputs_give_the_erf_size_that_a_large_input_shows(spec, size):
     small = compute_erf(net, torch.randn(8, 3, size, size, generator=generator))["output"]
     large = compute_erf(net, torch.randn(8, 3, 256, 256, generator=generator))["output"]
     np.testing.assert_allclose(small.gaussian.sigma, large.gaussian.sigma, rtol=0.1)
+
+
+@pytest.mark.parametrize(
+    "erf",
+    [
+        np.full((20, 30), 0.3),
+        np.full((7, 11, 5), 1.0 / 3.0),
+        np.full(13, 1e-20),
+        np.full((9, 9), 7.0),
+    ],
+    ids=["0.3", "1/3 in 3-D", "1e-20 on a line", "7.0"],
+)
+def test_a_constant_map_has_no_r2(erf):
+    # Every pixel alike (a unit behind a global pooling sees the whole input alike): the box's
+    # moments, and R² undefined. 0.3 on 20 x 30 gave -4.5e14, a ratio of rounding errors.
+    fit = fit_gaussian(erf)
+    assert math.isnan(fit.r2)
+    sides = np.array(erf.shape, dtype=float)
+    np.testing.assert_allclose(np.diag(fit.cov), (sides**2 - 1) / 12, rtol=1e-12)
