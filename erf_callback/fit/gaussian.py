@@ -73,7 +73,8 @@ _EXACT_RESIDUAL = 1e-12
 # A binned model fit this close to the map (residual / total sum of squares) is refitted on
 # point samples, which are exact (and kept if it fits better). Per number of axes: the block
 # mean's own misfit to a Gaussian is below 1e-10 in 1-D and 2-D (at least 40 blocks per axis
-# of the box, so blocks are at most a quarter sigma) but up to ~3e-6 in 3-D (12 per axis).
+# of the box, so blocks are at most a quarter sigma) but up to ~3e-6 in 3-D (12 per axis
+# before 3-D got 8000 blocks, 20 per axis; the threshold stays, it is only a bound).
 _NOISELESS = {1: 1e-8, 2: 1e-8, 3: 1e-5}
 # A model fit that puts more than this share of its Gaussian outside the map is not trusted.
 _MAX_OUTSIDE = 0.9

@@ -539,3 +539,28 @@ def test_a_constant_map_has_no_r2(erf):
     assert math.isnan(fit.r2)
     sides = np.array(erf.shape, dtype=float)
     np.testing.assert_allclose(np.diag(fit.cov), (sides**2 - 1) / 12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [3, 5])
+def test_a_noisy_3d_map_fitted_in_blocks_is_the_least_squares_fit(seed):
+    # 26 x 17 x 19 voxels (above the pixel-by-pixel limit), a rotated Gaussian, 2% noise: with
+    # 1600 blocks (12 per axis, about one sigma) the block fit was up to 3.4% of the largest
+    # variance away from the maximum-likelihood fit; with 8000 (20 per axis) within 0.25%.
+    from scipy.optimize import least_squares
+
+    cov = np.array([[15.1, 4.6, -2.1], [4.6, 10.0, 5.8], [-2.1, 5.8, 22.4]])
+    mean, shape = np.array([15.4, 4.8, 17.3]), (26, 17, 19)
+    erf = gaussian_map(shape, mean, cov) + np.random.default_rng(seed).normal(0, 0.02, shape)
+    tri = np.tril_indices(3)
+
+    def residual(p: np.ndarray) -> np.ndarray:
+        low = np.zeros((3, 3))
+        low[tri] = p[4:10]
+        return (p[10] + p[0] * gaussian_map(shape, p[1:4], low @ low.T) - erf).ravel()
+
+    start = np.concatenate([[1.0], mean, np.linalg.cholesky(cov)[tri], [0.0]])
+    low = np.zeros((3, 3))
+    low[tri] = least_squares(residual, start).x[4:10]
+    best = low @ low.T
+    fit = fit_gaussian(erf)
+    assert np.max(np.abs(fit.cov - best)) < 5e-3 * np.max(np.diag(best))
