@@ -561,10 +561,8 @@ def _half_max_init(
     close even when a floor dominates the total mass (where plain moments are off by 10x).
     """
     base = max(low, 0.0)
-    if not peak > base:
-        if not peak > 0:
-            return None
-        base = 0.0  # a constant map: the whole map is the distribution
+    if not peak > base:  # no positive mass above the floor (constant maps never get here)
+        return None
     above = a >= base + 0.5 * (peak - base)
     # The moments of the region on its bounding box only (a small part of the map).
     box = bounding_box(above)
