@@ -45,7 +45,8 @@ class MetricConfig:
         area_center: where the squares of ``area_ratio@t`` are centred. ``"unit"`` (default):
             on the probed unit's receptive-field centre (``ERFMap.location``, rounded half
             up). ``"replknet"``: at ``(H // 2, W // 2)`` whatever the unit, computed exactly
-            as RepLKNet's erf/analyze_erf.py does (same sums, same ratio arithmetic).
+            as RepLKNet's erf/analyze_erf.py does (same sums, same ratio arithmetic; see
+            :func:`area_ratio` for the non-square maps where their script goes wrong).
 
     Example:
         >>> from erf_callback import MetricConfig
@@ -122,7 +123,10 @@ def area_ratio(
     ``t`` of the total gives ``ratio = (2i + 1)^d / (H * W * ...)`` (capped at 1; squares are
     clipped at the map's edge). ``center=None`` is RepLKNet's convention, ``(H // 2, W // 2)``,
     and then the result is their script's bit for bit: the deciding squares are summed with
-    ``np.sum`` as they do and a 2-D ratio is ``(2i + 1) / H * (2i + 1) / W``.
+    ``np.sum`` as they do and a 2-D ratio is ``(2i + 1) / H * (2i + 1) / W``. (Their script
+    stops at ``i < H // 2``, and on a map taller than wide its squares can outgrow the width,
+    where its slicing wraps around and its ratio can exceed 1; here such squares are clipped
+    and the ratio capped at 1. Square maps, which they use, never get there.)
 
     Example:
         >>> import numpy as np

@@ -100,3 +100,33 @@ def test_the_deciding_square_is_rechecked_with_replknet_sums(seed):
         want = (min(side) - 1) // 2 - 1  # index into i of RepLKNet's first hit
         for proposed in (want - 1, want + 1, want + 3):
             assert _replknet_first_hit(a, (20, 20), i, max(proposed, 0), total, t) == want
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_replknet_convention_equals_the_script_wherever_its_squares_fit(seed):
+    # Their script tries i < H // 2 only (and fails past it), slices data[h // 2 - i : ...,
+    # w // 2 - i : ...], whose start goes negative on a map narrower than the square (H > W)
+    # and is then counted from the end, and its (2i + 1)^2 / (H W) can exceed 1. There the
+    # squares are clipped to the map and the ratio capped at 1 (what the squares mean);
+    # everywhere else, their bits.
+    rng = np.random.default_rng(seed)
+    inside = outside = 0
+    for _ in range(40):
+        h, w = (int(v) for v in rng.integers(5, 60, 2))
+        erf = rng.random((h, w)) ** rng.uniform(1, 10) * 50
+        ours = area_ratio(erf, (0.2, 0.3, 0.5, 0.99))
+        data = np.log10(erf + 1)
+        data = data / np.max(data)
+        for t, v in ours.items():
+            found = replknet_get_rectangle(data, t)
+            clipped = replknet_get_rectangle(data, t, center=(h // 2, w // 2))
+            assert clipped is not None
+            side = clipped[0]
+            i = (side - 1) // 2
+            if i < h // 2 and i <= w // 2 and side * side <= h * w:  # their loop, inside
+                inside += 1
+                assert found is not None and v == found[1]
+            else:
+                outside += 1
+                assert v == min(side / h * side / w, 1.0)
+    assert inside > 20 and outside > 20

@@ -13,15 +13,20 @@ def replknet_get_rectangle(
     data: np.ndarray, thresh: float, center: Sequence[int] | None = None
 ) -> tuple[int, float] | None:
     """RepLKNet's ``get_rectangle``, verbatim logic, with the square's centre as a parameter
-    (the published script always uses ``(h // 2, w // 2)``) and squares clipped to the map.
+    (the published script always uses ``(h // 2, w // 2)``).
 
-    Without ``center`` it is the published script exactly, which tries sides up to ``h``
-    only and returns None past them."""
+    Without ``center`` it is the published script exactly: it tries sides up to ``h`` only
+    (returning None past them) and slices ``data[h // 2 - i : ..., w // 2 - i : ...]`` as
+    written, so on a map taller than wide a square wider than the map gets a negative start
+    that Python counts from the end. With ``center`` the squares are clipped to the map."""
     h, w = data.shape
     cy, cx = (h // 2, w // 2) if center is None else center
     all_sum = np.sum(data)
     for i in range(1, h // 2 if center is None else max(h, w)):
-        selected_area = data[max(cy - i, 0) : cy + 1 + i, max(cx - i, 0) : cx + 1 + i]
+        if center is None:
+            selected_area = data[h // 2 - i : h // 2 + 1 + i, w // 2 - i : w // 2 + 1 + i]
+        else:
+            selected_area = data[max(cy - i, 0) : cy + 1 + i, max(cx - i, 0) : cx + 1 + i]
         area_sum = np.sum(selected_area)
         if area_sum / all_sum > thresh:
             return i * 2 + 1, (i * 2 + 1) / h * (i * 2 + 1) / w
