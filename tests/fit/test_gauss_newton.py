@@ -198,7 +198,7 @@ def test_a_settled_step_ends_the_iteration_without_confirming_normal_equations(m
                 return original(self, w, fit_floor)
 
             monkeypatch.setattr(gn._Grid, "normal_equations", counted)
-            b, coef, converged, _, _ = gn._levenberg_marquardt(grid, a, floor, start, True, 1e-12)
+            converged = gn._levenberg_marquardt(grid, a, floor, start, True, 1e-12)[2]
             monkeypatch.setattr(gn._Grid, "normal_equations", original)
             assert converged
             counts.append(len(calls))
