@@ -49,12 +49,6 @@ MODEL_MAX_ITER = 60
 _TOL = 1e-12
 # ... or when its next step would move the parameters by less than this many standard errors.
 _STEP_SE = 1e-2
-# An accepted step this many times smaller (in standard errors) whose drop the linear model
-# predicted to within _SETTLED_RHO ends the iteration without another evaluation of the
-# normal equations: Gauss-Newton contracts such steps by orders of magnitude (on the
-# benchmark's noisy maps the step after one of 0.01-0.03 standard errors was below 1e-4).
-_SETTLED_SE = 1e-1
-_SETTLED_RHO = 0.1
 
 
 @dataclass(frozen=True)
@@ -621,9 +615,7 @@ def _levenberg_marquardt(
     # relative cost change of 1.6e-8 to 6e-8 on these 1600-6400 points, like scipy's
     # least_squares default ftol=1e-8). On a noiseless map sigma is rounding, so the fit
     # still converges to rounding.
-    dof = max(grid.size - len(coef) - int(fit_floor), 1)
-    still = max(_STEP_SE**2 / dof, tol)
-    settled_drop = max(_SETTLED_SE**2 / dof, tol)
+    still = max(_STEP_SE**2 / max(grid.size - len(coef) - int(fit_floor), 1), tol)
     nu = 2.0
     for _ in range(MODEL_MAX_ITER):
         normal, grad = grid.normal_equations(w, fit_floor)
@@ -652,11 +644,6 @@ def _levenberg_marquardt(
         else:
             # No step lowers the cost: a minimum to within rounding.
             return b, coef, True, cost, w[_G]
-        settled = (
-            lam <= 1e-2
-            and predicted <= settled_drop * cost
-            and abs(cost - trial[1] - predicted) <= _SETTLED_RHO * predicted
-        )
         params = [b, *coef.tolist()] if fit_floor else coef.tolist()
         small = max(abs(s) / (abs(p) + 1e-3) for s, p in zip(step.tolist(), params, strict=True))
         drop = cost - trial[1]
@@ -666,6 +653,6 @@ def _levenberg_marquardt(
         # (gain ratio rho), without the 10x up / 10x down oscillation in curved valleys.
         rho = drop / predicted if predicted > 0 else 0.0
         lam, nu = max(lam * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3), 1e-12), 2.0
-        if drop <= tol * max(cost, 1e-300) or small < 100 * tol or settled:
+        if drop <= tol * max(cost, 1e-300) or small < 100 * tol:
             return b, coef, True, cost, w[_G]
     return b, coef, False, cost, w[_G]
