@@ -54,6 +54,10 @@ _MIN_EVAL_VARIANCE = 1e-6
 _MIN_WINDOW_VARIANCE = 0.25
 # Enough far-away pixels to take a median from; fewer and the floor is assumed to be zero.
 _MIN_FLOOR_PIXELS = 8
+# ... on a line, whose far pixels are its two ends: 8 of them beyond 3 sigma need 14 px more
+# than the ERF's +-3 sigma (a 0.8 px ERF on a 10 px line had 4, took the ERF to fill the line
+# and came out as the windowed moments with the floor in them, 1.4 px).
+_MIN_LINE_PIXELS = 4
 # Share of neighbouring far pixels of which one is quiet and the other not, above which the
 # quiet ones are clipped noise rather than the zero surroundings of a clean map.
 _MAX_MIXED_PAIRS = 0.25
@@ -87,6 +91,11 @@ _SPIKE_VARIANCE_RATIO = 0.5
 # box against an edge, the ERF of a deep net filling a small input), and its sigma is far
 # too large.
 _FLOOR_BELOW_MIN = 0.05
+# A residual variance above this many times the pixels' own noise variance is a misfit of
+# the model, not noise. The median of a few dozen second differences estimates the noise to
+# within a factor of 2-3 in variance (an 18 px line under 1.75% noise gave a ratio of 6.2);
+# a noiseless flat top has ratio infinity.
+_MISFIT_RATIO = 16.0
 # A map whose spread (sum of squared deviations) is at most this share of its sum of squares
 # is constant to rounding: its R² is NaN, not the ratio of two rounding errors.
 _CONSTANT_SPREAD = 1e-12
@@ -286,6 +295,8 @@ def _fit_robust(
         exact = fit_floor_gaussian(a, model.mean, model.cov, model.floor, model.amplitude)
         if exact is not None and exact.residual <= model.residual:
             model = exact
+    if model is not None and not _plausible(model, a.shape, low, peak):
+        model = _floor_held_at_zero(a, coords, model, low, peak, binned=not noiseless)
     if model is None or not _plausible(model, a.shape, low, peak):
         moments = _windowed_moments(a, coords, low, peak, window, max_iter, tol)
         return None if moments is None else (*moments, None, _WINDOWED)
@@ -455,6 +466,92 @@ def _narrower(cov: np.ndarray, reference: np.ndarray, ratio: float) -> bool:
     return bool(det ** (1.0 / d) < ratio * ref ** (1.0 / d))
 
 
+def _floor_held_at_zero(
+    a: np.ndarray,
+    coords: list[np.ndarray],
+    model: GaussianModelFit,
+    low: float,
+    peak: float,
+    binned: bool,
+) -> GaussianModelFit | None:
+    """The fit again with its floor held at zero, where only its floor made it implausible
+    and the map is consistent with a zero floor (``low``, ``peak``: the map's minimum and
+    maximum); else None.
+
+    A Gaussian wider than the map, seen on few pixels (a line of a few dozen), trades its
+    floor against its width (the top of a broad Gaussian is nearly a parabola), and noise
+    can carry the free floor far below zero: a 12.2 px Gaussian on 25 px under 0.6% noise
+    came out with floor -0.12 and sigma 13.2, and the windowed moments that stood in for it
+    with 6.7. ERF maps have no negative pedestal, so the least-squares fit under that bound
+    (the floor at zero) is the fit, if the data allow it. Two tests: the free fit's residual
+    variance is noise (at most ``_MISFIT_RATIO`` times the pixels' own noise variance,
+    :func:`_pixel_noise_variance`), which a flat top bent into a broad Gaussian on a negative
+    pedestal fails (its misfit is no noise; a noiseless box has none); and holding the floor
+    raises the sum of squares by at most the 99% point of F(1, dof) residual variances (the
+    F-test of the bound).
+    """
+    if not _floor_below(model, low, peak) or not _plausible_shape(model, a.shape):
+        return None
+    d = a.ndim
+    dof = a.size - (2 + d + d * (d + 1) // 2)
+    if dof <= 0:
+        return None
+    free_ss = _sum_of_squares(a, coords, model)
+    free_var = free_ss / dof
+    if not free_var <= _MISFIT_RATIO * _pixel_noise_variance(a):
+        return None
+    held = fit_floor_gaussian(
+        a, model.mean, model.cov, 0.0, model.floor + model.amplitude, fit_floor=False, binned=binned
+    )
+    if held is None or not _sum_of_squares(a, coords, held) - free_ss <= (
+        _f1_quantile_99(dof) * free_var
+    ):
+        return None
+    return held
+
+
+def _f1_quantile_99(dof: int) -> float:
+    """99% point of the F(1, dof) distribution: the square of Student's t at 0.995, from its
+    Cornish-Fisher expansion in 1 / dof (below the exact value: 6% at 5 dof, under 0.5% from
+    13 up, so the test errs towards refusing)."""
+    z = 2.5758293035489
+    t = z + (z**3 + z) / (4 * dof) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * dof * dof)
+    return t * t
+
+
+def _pixel_noise_variance(a: np.ndarray) -> float:
+    """Variance of independent pixel noise, from the median absolute second difference along
+    every axis (``x[i-1] - 2 x[i] + x[i+1]`` has variance ``6 sigma^2``; the median of its
+    absolute value is ``0.6745 sqrt(6) sigma`` for normal noise). A smooth map's own
+    curvature and its edges barely move the median of all of them (on a 4 x 5 map holding a
+    3 x 3 box, the edges are most second differences along one axis, not along both); a
+    noiseless flat map gives 0."""
+    parts = []
+    for axis, n in enumerate(a.shape):
+        if n >= 3:
+            second = (
+                a.take(range(2, n), axis=axis)
+                - 2.0 * a.take(range(1, n - 1), axis=axis)
+                + a.take(range(n - 2), axis=axis)
+            )
+            parts.append(np.abs(second).ravel())
+    if not parts:
+        return 0.0
+    return (_median(np.concatenate(parts)) / (0.6745 * math.sqrt(6.0))) ** 2
+
+
+def _sum_of_squares(a: np.ndarray, coords: list[np.ndarray], model: GaussianModelFit) -> float:
+    """Residual sum of squares of ``floor + amplitude * Gaussian`` over the whole map."""
+    g = unit_gaussian(coords, model.mean, _inverse(model.cov, _MIN_EVAL_VARIANCE))
+    r = np.broadcast_to(a - model.floor - model.amplitude * g, a.shape)
+    return sum_of_products(r, r)
+
+
+def _floor_below(model: GaussianModelFit, low: float, peak: float) -> bool:
+    """Whether the model's floor is far below both the map's minimum ``low`` and zero."""
+    return model.floor < min(low, 0.0) - _FLOOR_BELOW_MIN * (peak - low)
+
+
 def _plausible(model: GaussianModelFit, shape: tuple[int, ...], low: float, peak: float) -> bool:
     """A model fit that describes the map: mostly inside it, no wider than a few maps, and on
     a floor that is not far below both the map's minimum ``low`` and zero (``peak``: its
@@ -465,13 +562,17 @@ def _plausible(model: GaussianModelFit, shape: tuple[int, ...], low: float, peak
     the top of a broad Gaussian on a negative pedestal. A floor far below every pixel but not
     below zero is what a Gaussian that fills the map has: its own tails lift every pixel.
     """
+    return _plausible_shape(model, shape) and not _floor_below(model, low, peak)
+
+
+def _plausible_shape(model: GaussianModelFit, shape: tuple[int, ...]) -> bool:
+    """A model Gaussian that is finite, mostly inside the map and no wider than a few maps."""
     cov = model.cov
     widest = 4.0 * max(shape)
     return (
         math.isfinite(sum(cov.ravel().tolist()))
         and max(cov.diagonal().tolist()) <= widest * widest
         and math.prod(axis_mass(model.mean, cov, shape).tolist()) >= 1.0 - _MAX_OUTSIDE
-        and model.floor >= min(low, 0.0) - _FLOOR_BELOW_MIN * (peak - low)
     )
 
 
@@ -627,7 +728,7 @@ def _far_floor(
         if radius > window:
             continue
         outside = d2 > radius * radius
-        if np.count_nonzero(outside) >= _MIN_FLOOR_PIXELS:
+        if np.count_nonzero(outside) >= (_MIN_FLOOR_PIXELS if len(idx) > 1 else _MIN_LINE_PIXELS):
             far = vals[outside]
             if radius < window:
                 far = far - amplitude * np.exp(-0.5 * d2[outside])

@@ -564,3 +564,32 @@ def test_a_noisy_3d_map_fitted_in_blocks_is_the_least_squares_fit(seed):
     best = low @ low.T
     fit = fit_gaussian(erf)
     assert np.max(np.abs(fit.cov - best)) < 5e-3 * np.max(np.diag(best))
+
+
+@pytest.mark.parametrize("shape", [(400,), (64, 64), (16, 20, 24)])
+def test_pixel_noise_variance_reads_the_noise_not_the_map(shape):
+    # Independent normal noise on a smooth map: the median absolute second difference gives
+    # its variance (within 20% on these 400-7680 pixels); a noiseless box gives 0, its edges
+    # being a minority of the second differences along every axis taken together.
+    from erf_callback.fit import gaussian as fg
+
+    grids = np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij")
+    smooth = np.exp(
+        -sum((g - n / 2) ** 2 / (2 * (n / 4) ** 2) for g, n in zip(grids, shape, strict=True))
+    )
+    noise = np.random.default_rng(0).normal(0.0, 0.03, shape)
+    assert fg._pixel_noise_variance(smooth + noise) == pytest.approx(0.03**2, rel=0.2)
+    side = 9 if len(shape) == 1 else 3  # a line's box needs more inside than edge
+    box = np.pad(np.ones([side] * len(shape)), [(1, 0)] + [(1, 1)] * (len(shape) - 1))
+    assert fg._pixel_noise_variance(box) == 0.0
+
+
+def test_the_f_quantile_is_student_t_squared_and_errs_low():
+    from scipy.stats import f
+
+    from erf_callback.fit import gaussian as fg
+
+    for dof in (5, 8, 13, 30, 100, 10_000):
+        exact = f.ppf(0.99, 1, dof)
+        assert fg._f1_quantile_99(dof) <= exact
+        assert fg._f1_quantile_99(dof) == pytest.approx(exact, rel=0.06 if dof < 13 else 0.005)
