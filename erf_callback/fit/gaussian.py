@@ -371,8 +371,8 @@ def _clean_fit(
     if not _far_is_quiet(a, d2, quiet, window, level):
         return None, plain
     mean, cov = restore_edge_cut(a, m0, mean, cov)
-    # The edge correction is per axis and continuous: to 1e-7 for axis-aligned Gaussians of a
-    # few pixels and more down to a deeper cut than for rotated or narrower ones.
+    # The edge correction is per axis and continuous: good to 1e-7 of the variance down to a
+    # deeper cut for axis-aligned Gaussians of 3 px and more than for rotated or narrower ones.
     rotated = abs(cov[0, 1]) > 1e-9 * math.sqrt(cov[0, 0] * cov[1, 1]) if d > 1 else False
     narrow = min(cov.diagonal().tolist()) < _EDGE_CUT_WIDE**2
     cut = 1.0 - float(np.prod(axis_mass(mean, cov, a.shape)))
