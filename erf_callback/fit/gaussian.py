@@ -187,9 +187,14 @@ def fit_gaussian(
         tol: convergence tolerance (relative change of mean and covariance).
 
     Returns:
-        The fit. Degenerate maps never raise: an all-zero or non-finite map gives NaN fields, a
-        message and an :class:`ERFWarning`; a single pixel or a line gives zero variance along
-        the degenerate directions.
+        The fit. Degenerate maps never raise: an empty, all-zero or non-finite map gives NaN
+        fields, a message and an :class:`ERFWarning`; a single pixel or a line gives zero
+        variance along the degenerate directions.
+
+    Raises:
+        ValueError: the map has other than 1-3 axes, is a tensor on the meta device, or the
+            method is unknown.
+        TypeError: the map is complex.
 
     Example:
         >>> import torch
@@ -207,6 +212,8 @@ def fit_gaussian(
     if method not in ("robust", "moments", "least_squares"):
         raise ValueError(f"unknown method {method!r}; use 'robust', 'moments' or 'least_squares'.")
     d = a.ndim
+    if a.size == 0:
+        return _failed(d, method, f"the map is empty (shape {tuple(a.shape)})")
     # One pass for the common case: a finite, non-zero sum settles both checks.
     total = float(a.sum())
     if not math.isfinite(total) and not np.all(np.isfinite(a)):
@@ -863,7 +870,16 @@ def _fit_least_squares(
 
 def _as_float64(erf: torch.Tensor | np.ndarray) -> np.ndarray:
     if isinstance(erf, torch.Tensor):
+        if erf.is_meta:
+            raise ValueError(
+                "fit_gaussian got a tensor on the meta device, which holds no values; pass the "
+                "map itself (e.g. ERFMap.grad of a probe of a materialised model)."
+            )
+        if erf.is_complex():
+            raise TypeError(f"fit_gaussian takes a real-valued map; got {erf.dtype}.")
         return erf.detach().to("cpu", torch.float64).numpy()
+    if np.iscomplexobj(erf):
+        raise TypeError("fit_gaussian takes a real-valued map; got complex values.")
     return np.asarray(erf, dtype=np.float64)
 
 

@@ -239,6 +239,29 @@ def test_least_squares_lacks_moment_semantics_on_a_box():
     assert abs(fit_gaussian(box, "least_squares").sigma[0] / math.sqrt(2.0) - 1) > 0.1
 
 
+@pytest.mark.parametrize("shape", [(0,), (0, 5), (3, 0, 4)])
+def test_an_empty_map_is_named_empty(shape):
+    with pytest.warns(ERFWarning, match="the map is empty"):
+        fit = fit_gaussian(np.zeros(shape))
+    assert not fit.ok and fit.mean.shape == (len(shape),)
+
+
+@pytest.mark.parametrize(
+    ("erf", "error", "match"),
+    [
+        (torch.empty(8, 8, device="meta"), ValueError, "meta device"),
+        (torch.ones(8, 8, dtype=torch.complex64), TypeError, "real-valued"),
+        (np.ones((8, 8), dtype=np.complex128), TypeError, "real-valued"),
+    ],
+    ids=["meta", "complex-tensor", "complex-array"],
+)
+def test_maps_without_real_values_get_a_clear_error(erf, error, match):
+    # Before: "Cannot copy out of meta tensor; no data!" from deep in torch, and complex maps
+    # silently lost their imaginary part.
+    with pytest.raises(error, match=match):
+        fit_gaussian(erf)
+
+
 def test_degenerate_maps_do_not_crash():
     with pytest.warns(ERFWarning, match="all zeros"):
         zero = fit_gaussian(torch.zeros(16, 16))
