@@ -394,6 +394,29 @@ def test_tuple_outputs_and_transformer_tokens():
     assert maps["block"].metrics()["erf_trf_ratio"] == 0.0
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_prefix_tokens": -1}, "must be >= 0"),
+        ({"num_prefix_tokens": 1.0}, "must be an int"),
+        ({"grid_size": (0, 4)}, "positive ints"),
+        ({"grid_size": (4, 4.0)}, "positive ints"),
+        ({"grid_size": (1, 2, 2, 4)}, "1-3 positive ints"),
+    ],
+)
+def test_tokens_to_grid_refuses_bad_arguments_at_once(kwargs, match):
+    # -1 prefix tokens took the last token alone as a 1 x 1 "grid"; a 0-sized grid passed
+    # every token count of 0.
+    with pytest.raises(ValueError, match=match):
+        tokens_to_grid(**kwargs)
+
+
+def test_tokens_to_grid_refuses_a_prefix_that_leaves_no_patch_tokens():
+    # 20 prefix tokens of 17 gave an empty (2, 8, 0, 0) grid.
+    with pytest.raises(ValueError, match="no patch tokens are left"):
+        tokens_to_grid(num_prefix_tokens=20)(torch.zeros(2, 17, 8))
+
+
 def test_bn_without_running_stats_is_probed_per_sample():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False))
