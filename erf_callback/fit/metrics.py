@@ -64,13 +64,37 @@ class MetricConfig:
     def __post_init__(self) -> None:
         if self.area_center not in ("unit", "replknet"):
             raise ValueError(f"area_center must be 'unit' or 'replknet'; got {self.area_center!r}")
-        if not self.radius_factor > 0:
-            raise ValueError(f"radius_factor must be > 0; got {self.radius_factor}")
-        if not 0 < self.energy_fraction <= 1:
-            raise ValueError(f"energy_fraction must be in (0, 1]; got {self.energy_fraction}")
-        for t in self.area_thresholds:
-            if not 0 < t < 1:
-                raise ValueError(f"area thresholds must be in (0, 1); got {t}")
+        if self.fit_method not in ("robust", "moments", "least_squares"):
+            raise ValueError(
+                "fit_method must be 'robust', 'moments' or 'least_squares'; got "
+                f"{self.fit_method!r}"
+            )
+        if not (_is_real(self.radius_factor) and 0 < self.radius_factor < math.inf):
+            raise ValueError(
+                f"radius_factor must be a finite number > 0; got {self.radius_factor!r}"
+            )
+        if not (_is_real(self.energy_fraction) and 0 < self.energy_fraction <= 1):
+            raise ValueError(f"energy_fraction must be in (0, 1]; got {self.energy_fraction!r}")
+        if not (_is_real(self.border_warning) and 0 <= self.border_warning <= 1):
+            raise ValueError(
+                f"border_warning must be a mass fraction in [0, 1]; got {self.border_warning!r}"
+            )
+        thresholds: object = self.area_thresholds
+        if isinstance(thresholds, (str, bytes)) or not isinstance(thresholds, Sequence):
+            raise ValueError(
+                f"area_thresholds must be a sequence of numbers in (0, 1), e.g. (0.2, 0.5); got "
+                f"{thresholds!r}"
+            )
+        for t in thresholds:
+            if not (_is_real(t) and 0 < t < 1):
+                raise ValueError(f"area thresholds must be numbers in (0, 1); got {t!r}")
+        if len({float(t) for t in thresholds}) != len(thresholds):
+            raise ValueError(f"area_thresholds has duplicates: {tuple(thresholds)!r}")
+
+
+def _is_real(value: object) -> bool:
+    """A real number that is not a bool (``True > 0`` would pass every range check)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def energy_radius(

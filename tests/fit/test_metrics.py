@@ -229,13 +229,22 @@ def test_metric_config_accepts_the_edges_of_the_valid_ranges():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"radius_factor": 0}, r"radius_factor must be > 0; got 0"),
-        ({"radius_factor": -1.0}, r"radius_factor must be > 0; got -1.0"),
-        ({"radius_factor": math.nan}, r"radius_factor must be > 0; got nan"),
+        ({"radius_factor": 0}, r"radius_factor must be a finite number > 0; got 0"),
+        ({"radius_factor": -1.0}, r"radius_factor must be a finite number > 0; got -1.0"),
+        ({"radius_factor": math.nan}, r"radius_factor must be a finite number > 0; got nan"),
+        ({"radius_factor": math.inf}, r"radius_factor must be a finite number > 0; got inf"),
+        ({"radius_factor": "2"}, r"radius_factor must be a finite number > 0; got '2'"),
+        ({"radius_factor": True}, r"radius_factor must be a finite number > 0; got True"),
         ({"energy_fraction": 0.0}, r"energy_fraction must be in \(0, 1\]; got 0.0"),
         ({"energy_fraction": 1.5}, r"energy_fraction must be in \(0, 1\]; got 1.5"),
-        ({"area_thresholds": (0.5, 1.0)}, r"area thresholds must be in \(0, 1\); got 1.0"),
-        ({"area_thresholds": (0.0,)}, r"area thresholds must be in \(0, 1\); got 0.0"),
+        ({"area_thresholds": (0.5, 1.0)}, r"area thresholds must be numbers in \(0, 1\); got 1.0"),
+        ({"area_thresholds": (0.0,)}, r"area thresholds must be numbers in \(0, 1\); got 0.0"),
+        ({"area_thresholds": ("0.5",)}, r"area thresholds must be numbers in \(0, 1\); got '0.5'"),
+        ({"area_thresholds": 0.5}, r"area_thresholds must be a sequence of numbers"),
+        ({"area_thresholds": (0.5, 0.5)}, r"area_thresholds has duplicates"),
+        ({"border_warning": -0.1}, r"border_warning must be a mass fraction in \[0, 1\]"),
+        ({"border_warning": math.nan}, r"border_warning must be a mass fraction in \[0, 1\]"),
+        ({"fit_method": "gauss"}, r"fit_method must be 'robust', 'moments' or 'least_squares'"),
     ],
 )
 def test_metric_config_rejects_values_outside_the_ranges(kwargs, match):
