@@ -96,6 +96,12 @@ _SPIKE_VARIANCE_RATIO = 0.5
 # box against an edge, the ERF of a deep net filling a small input), and its sigma is far
 # too large.
 _FLOOR_BELOW_MIN = 0.05
+# A floor held at zero needs a map that the free fit explains to at least this share of its
+# variance (R²): Gaussians wider than a line under up to 5% noise had 0.87-1.0; the cut ERFs
+# of random 1-D conv nets on short inputs (irregular, striped by strides) 0.05-0.58, and
+# held at zero their sigma came out further from the whole ERF's than the windowed
+# moments' (up to 2.6x too wide).
+_HELD_MIN_R2 = 0.8
 # A residual variance above this many times the pixels' own noise variance is a misfit of
 # the model, not noise. The median of a few dozen second differences estimates the noise to
 # within a factor of 2-3 in variance (an 18 px line under 1.75% noise gave a ratio of 6.2);
@@ -488,20 +494,23 @@ def _floor_held_at_zero(
     binned: bool,
 ) -> GaussianModelFit | None:
     """The fit again with its floor held at zero, where only its floor made it implausible
-    and the map is consistent with a zero floor (``low``, ``peak``: the map's minimum and
-    maximum); else None.
+    and the map is a Gaussian that allows a zero floor (``low``, ``peak``: the map's minimum
+    and maximum); else None.
 
     A Gaussian wider than the map, seen on few pixels (a line of a few dozen), trades its
     floor against its width (the top of a broad Gaussian is nearly a parabola), and noise
     can carry the free floor far below zero: a 12.2 px Gaussian on 25 px under 0.6% noise
     came out with floor -0.12 and sigma 13.2, and the windowed moments that stood in for it
     with 6.7. ERF maps have no negative pedestal, so the least-squares fit under that bound
-    (the floor at zero) is the fit, if the data allow it. Two tests: the free fit's residual
-    variance is noise (at most ``_MISFIT_RATIO`` times the pixels' own noise variance,
-    :func:`_pixel_noise_variance`), which a flat top bent into a broad Gaussian on a negative
-    pedestal fails (its misfit is no noise; a noiseless box has none); and holding the floor
-    raises the sum of squares by at most the 99% point of F(1, dof) residual variances (the
-    F-test of the bound).
+    (the floor at zero) is the fit, if the map allows it. Three tests:
+
+    * the free fit explains at least ``_HELD_MIN_R2`` of the map's variance: held at zero,
+      the fit extrapolates the Gaussian past the map, which only a map that is one supports;
+    * its residual variance is noise, at most ``_MISFIT_RATIO`` times the pixels' own noise
+      variance (:func:`_pixel_noise_variance`): a flat top bent into a broad Gaussian on a
+      negative pedestal fails (its misfit is no noise; a noiseless box has none);
+    * holding the floor raises the sum of squares by at most the 99% point of F(1, dof)
+      residual variances (the F-test of the bound).
     """
     if not _floor_below(model, low, peak) or not _plausible_shape(model, a.shape):
         return None
@@ -510,6 +519,9 @@ def _floor_held_at_zero(
     if dof <= 0:
         return None
     free_ss = _sum_of_squares(a, coords, model)
+    total = float(a.sum())
+    if not free_ss <= (1.0 - _HELD_MIN_R2) * (sum_of_products(a, a) - total * total / a.size):
+        return None
     free_var = free_ss / dof
     if not free_var <= _MISFIT_RATIO * _pixel_noise_variance(a):
         return None
