@@ -85,8 +85,10 @@ def check_inputs(inputs: Any, finite: bool = True) -> torch.Tensor:
         )
     if not inputs.is_floating_point():
         raise ValueError(
-            f"inputs must be floating point to take gradients; got {inputs.dtype}. "
-            "Convert them, e.g. inputs.float() / 255."
+            f"inputs must be floating point to take gradients; got {inputs.dtype}. Convert "
+            "them as the model's training data reaches it: inputs.float() if the model scales "
+            "integer images itself, else as the data pipeline does (e.g. inputs.float() / 255, "
+            "then its normalisation)."
         )
     if inputs.device.type == "meta":
         raise ValueError("inputs are on the meta device (no data); pass real tensors.")

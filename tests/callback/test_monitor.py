@@ -286,6 +286,33 @@ def test_nan_probe_warns_skips_and_training_goes_on(tmp_path):
     assert statuses[:2] == ["ok", "ok"] and set(statuses[2:]) == {"nonfinite"}
 
 
+def test_integer_image_batches_are_probed_as_the_model_sees_them(tmp_path):
+    # uint8 images that the model scales itself: the probe takes the batch as floats (0-255),
+    # as the training step's forward does, so the map is the model's own ERF (an explicit
+    # inputs= tensor must be float; the error says how to convert it).
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Uint8Images(module_class()):
+        def forward(self, x):
+            return self.net(x.float() / 255)
+
+        def training_step(self, batch, batch_idx):
+            return super().training_step((batch[0].float() / 255, batch[1]), batch_idx)
+
+        def train_dataloader(self):
+            g = torch.Generator().manual_seed(0)
+            x = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8, generator=g)
+            return DataLoader(TensorDataset(x, torch.randint(0, 4, (16,), generator=g)), 8)
+
+    monitor = ERFMonitor(layers=["net.7"], num_samples=8, every_n_steps=100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ERFWarning)
+        fit(tmp_path, monitor, model=Uint8Images(), max_steps=2)
+    assert monitor.probe_inputs.dtype == torch.float32
+    assert float(monitor.probe_inputs.max()) > 1.0  # the raw 0-255 values, not rescaled
+    assert [r["status"] for r in monitor.history.records] == ["ok", "ok"]
+
+
 def test_default_layer_noise_inputs_and_input_key(tmp_path):
     monitor = ERFMonitor(num_samples=4, inputs="noise", seed=7, every_n_steps=100)
     fit(tmp_path, monitor)
