@@ -18,7 +18,7 @@ from torch import nn
 from erf_callback.engine.config import OUTPUT
 from erf_callback.engine.guard import probe_context
 from erf_callback.engine.transforms import OutputTransform, apply_transform
-from erf_callback.engine.validate import check_inputs
+from erf_callback.engine.validate import check_inputs, check_model
 
 __all__ = [
     "OUTPUT",
@@ -108,6 +108,7 @@ def deepest_spatial_layer(
         '1'
     """
     net = unwrap_model(model)
+    check_model(net)
     x = check_inputs(inputs)[:1]
     finished: list[str] = []
 

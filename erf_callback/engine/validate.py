@@ -6,6 +6,7 @@ the fix.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -140,6 +141,7 @@ def check_model(model: Any, modules: Sequence[nn.Module] | None = None) -> None:
             f"model must be a torch.nn.Module; got {type(model).__name__}. Wrap a function in "
             "a module whose layers are submodules (their names are what layers= selects)."
         )
+    _check_forward_takes_the_input(model)
     # The names are built only when there is something to report (every probe runs this).
     if not any(_unusable(m) for m in modules or model.modules()):
         return
@@ -159,6 +161,26 @@ def check_model(model: Any, modules: Sequence[nn.Module] | None = None) -> None:
             "they hold no values, so there is no gradient to measure. Materialise the model "
             "first, e.g. model.to_empty(device='cpu') followed by load_state_dict(...)."
         )
+
+
+def _check_forward_takes_the_input(model: nn.Module) -> None:
+    """Refuse a model whose ``forward`` cannot be called with the input tensor alone (a probe
+    calls ``model(inputs)``), naming the way out, instead of the forward's own TypeError."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # a forward without a Python signature: let it speak
+        return
+    try:
+        signature.bind(None)
+    except TypeError:
+        children = [name for name, _ in model.named_children()][:5]
+        hint = f" (its submodules: {', '.join(map(repr, children))})" if children else ""
+        raise TypeError(
+            f"{type(model).__name__}.forward{signature} cannot be called with the input tensor "
+            "alone, and a probe calls model(inputs). Probe a submodule that takes the image "
+            f"alone{hint}: compute_erf(model.<name>, ...) or ERFMonitor(module='<name>'); or "
+            "wrap the model in an nn.Module whose forward(x) supplies the other arguments."
+        ) from None
 
 
 def _unusable(module: nn.Module) -> bool:

@@ -137,3 +137,36 @@ def test_metrics_none_means_the_default_metric_config():
     custom = ProbeConfig(metrics=MetricConfig(radius_factor=1.0))
     assert custom.replace(metrics=None).metrics == MetricConfig()
     assert custom.replace().metrics.radius_factor == 1.0  # nothing given: kept
+
+
+class _NeedsTwoArguments(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x, scale):
+        return self.backbone(x * scale)
+
+
+class _OptionalArgument(_NeedsTwoArguments):
+    def forward(self, x, scale=2.0):  # type: ignore[override]
+        return super().forward(x, scale)
+
+
+def test_a_forward_that_needs_more_than_the_input_names_the_way_out():
+    # Before: the forward's own "missing 1 required positional argument: 'scale'", from the
+    # middle of the probe (and from the callback's search for the deepest layer).
+    from erf_callback.engine.layers import deepest_spatial_layer
+
+    x = torch.randn(2, 3, 8, 8)
+    for probe in (
+        lambda: compute_erf(_NeedsTwoArguments(), x),
+        lambda: deepest_spatial_layer(_NeedsTwoArguments(), x),
+    ):
+        with pytest.raises(TypeError, match=r"forward\(x, scale\) cannot be called with the input"):
+            probe()
+    with pytest.raises(TypeError, match=r"its submodules: 'backbone'.*module='<name>'"):
+        compute_erf(_NeedsTwoArguments(), x)
+    # The way out works, and defaults are no obstacle.
+    assert compute_erf(_NeedsTwoArguments().backbone, x)["output"].status == "ok"
+    assert compute_erf(_OptionalArgument(), x)["output"].status == "ok"
