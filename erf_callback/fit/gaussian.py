@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -220,6 +220,24 @@ def fit_gaussian(
     d = a.ndim
     if a.size == 0:
         return _failed(d, method, f"the map is empty (shape {tuple(a.shape)})")
+    kept = [axis for axis, n in enumerate(a.shape) if n > 1]
+    if 0 < len(kept) < d:
+        # An axis of one pixel says nothing of the ERF's extent along it: the map is a line
+        # (or a plane) there, variance 0, as its moments say. Fitted as it is, the model kept
+        # its start's width along it (sigma 0.5), and a 1 x 5 bump got the 5-pixel line's
+        # moments only once the axis was gone.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            inner = fit_gaussian(
+                a.reshape([a.shape[axis] for axis in kept]),
+                method,
+                window=window,
+                max_iter=max_iter,
+                tol=tol,
+            )
+        for w in caught:  # from the caller's line, as the map's own warnings would be
+            warnings.warn(w.message, w.category, stacklevel=2)
+        return _with_single_pixel_axes(inner, kept, d)
     # One pass for the common case: a finite, non-zero sum settles both checks.
     total = float(a.sum())
     if not math.isfinite(total) and not np.all(np.isfinite(a)):
@@ -392,8 +410,10 @@ def _clean_fit(
     if cut > (_EDGE_CUT if rotated or narrow else _EDGE_CUT_ALIGNED):
         # The edge cuts the map. If it is a Gaussian (the model fits to rounding), the model
         # fit on the visible pixels recovers it whole, however deep the cut; anything else
-        # keeps its (edge-corrected) moments.
-        model = fit_floor_gaussian(a, mean, cov, 0.0, peak)
+        # keeps its (edge-corrected) moments. The floor is held at zero, which a clean map's
+        # is: free, it let a Gaussian on a negative floor pass through a 5-pixel bump
+        # [0, 1, 3, 1, 0] exactly (variance 0.467 for the moments' 0.4).
+        model = fit_floor_gaussian(a, mean, cov, 0.0, peak, fit_floor=False)
         if model is not None and model.residual <= _EXACT_RESIDUAL:
             return _from_model(model), plain
     return (mean, cov, 0.0, True, None, _PLAIN), plain
@@ -987,6 +1007,17 @@ def _finish(
         converged=converged,
         message=message,
     )
+
+
+def _with_single_pixel_axes(fit: GaussianFit, kept: list[int], d: int) -> GaussianFit:
+    """``fit`` of the map without its one-pixel axes, back on all ``d`` axes: mean 0 (the
+    only index) and no variance along the others."""
+    if not fit.ok:
+        return replace(fit, mean=np.full(d, np.nan), cov=np.full((d, d), np.nan))
+    mean, cov = np.zeros(d), np.zeros((d, d))
+    mean[kept] = fit.mean
+    cov[np.ix_(kept, kept)] = fit.cov
+    return replace(fit, mean=mean, cov=cov)
 
 
 def _failed(d: int, method: str, why: str) -> GaussianFit:

@@ -629,3 +629,32 @@ def test_a_narrow_clean_gaussian_grazing_the_edge_is_exact(sigma, depth):
     a = np.exp(-0.5 * ((y - 40.0) ** 2 / 4.0 + (x - mx) ** 2 / sigma**2))
     fit = fit_gaussian(a)
     np.testing.assert_allclose(np.diag(fit.cov), [4.0, sigma**2], rtol=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(1, 25), (25, 1), (1, 1, 25), (1, 25, 1)])
+def test_one_pixel_axes_are_lines_not_unknown_widths(shape):
+    # An axis of one pixel carries no extent: variance 0 there and the fit of the map without
+    # it. Before, a noisy line given as 1 x 25 kept the start's width along the first axis
+    # (sigma 0.5), and a clean 1 x 5 bump was fitted as a Gaussian on a negative floor.
+    line = np.exp(-0.5 * (np.arange(25) - 11.2) ** 2 / 12.2**2)
+    line = line + np.random.default_rng(0).normal(0.0, 0.006, 25)
+    along = shape.index(25)
+    one_d = fit_gaussian(line)
+    fit = fit_gaussian(line.reshape(shape))
+    want_cov = np.zeros((len(shape), len(shape)))
+    want_cov[along, along] = one_d.cov[0, 0]
+    want_mean = np.zeros(len(shape))
+    want_mean[along] = one_d.mean[0]
+    np.testing.assert_array_equal(fit.cov, want_cov)
+    np.testing.assert_array_equal(fit.mean, want_mean)
+    assert (fit.floor, fit.r2) == (one_d.floor, one_d.r2)
+    bump = fit_gaussian(np.array([[0.0, 1.0, 3.0, 1.0, 0.0]]))
+    np.testing.assert_allclose(np.diag(bump.cov), [0.0, 0.4], atol=1e-12)  # the moments
+    assert bump.floor == 0.0
+
+
+def test_a_failed_fit_of_a_one_pixel_axis_map_warns_from_the_callers_line():
+    with pytest.warns(ERFWarning, match="all zeros") as caught:
+        fit = fit_gaussian(np.zeros((1, 5)))
+    assert caught[0].filename == __file__
+    assert fit.mean.shape == (2,) and not fit.ok
