@@ -59,7 +59,7 @@ def tokens_to_grid(
             )
         tokens = tokens[:, num_prefix_tokens:]
         count = tokens.shape[1]
-        size = tuple(grid_size) if grid_size is not None else (math.isqrt(count),) * 2
+        size = grid_size if grid_size is not None else (math.isqrt(count),) * 2
         if math.prod(size) != count:
             raise ValueError(
                 f"{count} tokens (after dropping {num_prefix_tokens}) do not form a grid of "
