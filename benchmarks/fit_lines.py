@@ -32,21 +32,7 @@ import numpy as np
 
 from erf_callback import fit_gaussian
 from erf_callback.fit.metrics import border_mass
-
-
-def line(n: int, mean: float, sigma: float) -> np.ndarray:
-    return np.exp(-0.5 * (np.arange(n) - mean) ** 2 / sigma**2)
-
-
-def least_squares_sigma(a: np.ndarray, mean: float, sigma: float, floor_min: float) -> float:
-    from scipy.optimize import least_squares
-
-    def residual(p: np.ndarray) -> np.ndarray:
-        return p[3] + p[0] * line(len(a), p[1], abs(p[2])) - a
-
-    low = [-np.inf, -np.inf, -np.inf, floor_min]
-    start = [1.0, mean, sigma, max(0.0, floor_min)]
-    return abs(float(least_squares(residual, start, bounds=(low, np.inf)).x[2]))
+from tests.helpers.maps import gaussian_map, least_squares_line_sigma
 
 
 def kind(n: int, sigma: float) -> str:
@@ -80,10 +66,14 @@ def main() -> int:
         noise_sd = rng.uniform(0.005, 0.05)
         noise = rng.normal(0.0, noise_sd, n)
         absolute = rng.random() < 0.5
-        a = line(n, mean, sigma) + floor + (np.abs(noise) if absolute else noise)
+        a = (
+            gaussian_map((n,), [mean], [[sigma**2]])
+            + floor
+            + (np.abs(noise) if absolute else noise)
+        )
         try:
             best = min(
-                abs(least_squares_sigma(a, mean, sigma, f) / sigma - 1) for f in (-np.inf, 0.0)
+                abs(least_squares_line_sigma(a, mean, sigma, f) / sigma - 1) for f in (-np.inf, 0.0)
             )
         except (ValueError, np.linalg.LinAlgError):
             continue

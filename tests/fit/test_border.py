@@ -22,7 +22,7 @@ import pytest
 
 from erf_callback import fit_gaussian
 from erf_callback.fit.metrics import border_mass
-from tests.helpers.maps import gaussian_map
+from tests.helpers.maps import gaussian_map, least_squares_line_sigma
 
 SHAPE = (200, 240)
 FLOORS = (0.0, 0.05)
@@ -278,22 +278,7 @@ def test_random_cut_noisy_gaussians_get_the_maximum_likelihood_fit():
 
 
 def _line(n: int, mean: float, sigma: float) -> np.ndarray:
-    return np.exp(-0.5 * (np.arange(n) - mean) ** 2 / sigma**2)
-
-
-def _least_squares_line_sigma(
-    a: np.ndarray, mean: float, sigma: float, floor_at_least: float = -np.inf
-) -> float:
-    """Sigma of the floor + amplitude * Gaussian least-squares fit of a line, from the truth
-    (with the floor bounded below by ``floor_at_least``)."""
-    from scipy.optimize import least_squares
-
-    def residual(p: np.ndarray) -> np.ndarray:
-        return p[3] + p[0] * _line(len(a), p[1], abs(p[2])) - a
-
-    low = [-np.inf, -np.inf, -np.inf, floor_at_least]
-    start = [1.0, mean, sigma, max(0.0, floor_at_least)]
-    return abs(float(least_squares(residual, start, bounds=(low, np.inf)).x[2]))
+    return gaussian_map((n,), [mean], [[sigma**2]])
 
 
 @pytest.mark.parametrize(
@@ -309,7 +294,7 @@ def test_a_gaussian_wider_than_a_noisy_line_is_recovered(n, mean, sigma, floor, 
     for seed in range(8):
         a = _line(n, mean, sigma) + floor + np.random.default_rng(seed).normal(0.0, noise, n)
         ours = abs(float(fit_gaussian(a).sigma[0]) / sigma - 1)
-        best = abs(_least_squares_line_sigma(a, mean, sigma) / sigma - 1)
+        best = abs(least_squares_line_sigma(a, mean, sigma) / sigma - 1)
         assert ours <= best + 0.005, (seed, ours, best)
 
 
@@ -325,7 +310,7 @@ def test_a_sub_pixel_erf_on_a_short_floored_line_is_the_least_squares_fit(
     # moments then carried the floor's mass, 1.4-1.6 px for 0.74-0.97.
     for seed in range(6):
         a = _line(n, mean, sigma) + floor + np.random.default_rng(seed).normal(0.0, noise, n)
-        want = _least_squares_line_sigma(a, mean, sigma)
+        want = least_squares_line_sigma(a, mean, sigma)
         assert float(fit_gaussian(a).sigma[0]) == pytest.approx(want, rel=2e-3)
 
 
@@ -348,8 +333,8 @@ def test_random_noisy_lines_get_a_maximum_likelihood_fit():
         a = _line(n, mean, sigma) + rng.choice([0.0, 0.05]) * rng.random()
         a += np.abs(noise) if rng.random() < 0.5 else noise
         ours = float(fit_gaussian(a).sigma[0])
-        free = _least_squares_line_sigma(a, mean, sigma)
-        held = _least_squares_line_sigma(a, mean, sigma, floor_at_least=0.0)
+        free = least_squares_line_sigma(a, mean, sigma)
+        held = least_squares_line_sigma(a, mean, sigma, floor_at_least=0.0)
         gaps.append(min(abs(ours - free), abs(ours - held)) / sigma)
     # 1%: on a 1 px Gaussian centred off the end of an 18 px line (three pixels of signal) the
     # two solvers stop 0.6% apart on a flat valley; every other line agrees to 1e-4.

@@ -1,4 +1,5 @@
-"""Synthetic ERF maps with known answers (numpy float64, pixel index = coordinate)."""
+"""Synthetic ERF maps with known answers (numpy float64, pixel index = coordinate), and the
+least-squares fits they are held against."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["gaussian_map", "half_normal_floor", "rotated_cov"]
+__all__ = ["gaussian_map", "half_normal_floor", "least_squares_line_sigma", "rotated_cov"]
 
 
 def gaussian_map(
@@ -41,3 +42,21 @@ def half_normal_floor(shape: Sequence[int], mean: float, seed: int = 0) -> np.nd
     """
     scale = mean * math.sqrt(math.pi / 2)
     return np.abs(np.random.default_rng(seed).normal(0.0, scale, tuple(shape)))
+
+
+def least_squares_line_sigma(
+    line: np.ndarray, mean: float, sigma: float, floor_at_least: float = -math.inf
+) -> float:
+    """Sigma of scipy's least-squares fit of ``floor + amplitude * Gaussian`` to a 1-D map,
+    started at the truth ``(mean, sigma)``, with the floor bounded below by ``floor_at_least``:
+    the maximum-likelihood fit under Gaussian noise, free or under that bound."""
+    from scipy.optimize import least_squares
+
+    n = len(line)
+
+    def residual(p: np.ndarray) -> np.ndarray:
+        return p[3] + p[0] * gaussian_map((n,), [p[1]], [[p[2] ** 2]]) - line
+
+    low = [-np.inf, -np.inf, -np.inf, floor_at_least]
+    start = [1.0, mean, sigma, max(0.0, floor_at_least)]
+    return abs(float(least_squares(residual, start, bounds=(low, np.inf)).x[2]))
