@@ -12,7 +12,7 @@ from __future__ import annotations
 import numbers
 import traceback
 import warnings
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
 from contextlib import nullcontext
 from typing import Any, NamedTuple
 
@@ -47,7 +47,13 @@ from erf_callback.engine.layers import (
     resolve_layers,
     unwrap_model,
 )
-from erf_callback.engine.trace_cache import TRACES, TracedProbe, model_fingerprint, probe_key
+from erf_callback.engine.trace_cache import (
+    TRACES,
+    TracedProbe,
+    hooks_key,
+    model_fingerprint,
+    probe_key,
+)
 from erf_callback.engine.transforms import OutputTransform, apply_transform
 from erf_callback.engine.validate import (
     check_finite,
@@ -227,7 +233,8 @@ def _accumulate_chunks(
     which rewrites of :mod:`.fastpath` are safe; the later chunks run with them. With
     ``recall``, a trace remembered from an earlier probe of the unchanged model
     (:mod:`.trace_cache`) stands in for that chunk and every chunk runs the fast path; a
-    probed output whose shape differs from the remembered one raises :class:`_StaleTrace`.
+    probed output whose shape differs from the remembered one raises :class:`_StaleTrace`, as
+    does a fingerprint that turns out changed after a speculative record was used.
     """
     device, dtype = model_device_dtype(net, x_all)
     n = x_all.shape[0]
@@ -245,59 +252,172 @@ def _accumulate_chunks(
         cfg,
         x_all.dim() - 2,
     )
-    fast = FastPath.disabled()
-    sums: dict[str, torch.Tensor] = {}
     positions = per_layer(cfg.position, names, "position")
     # The optimize=False path is the reference the fast path is checked against: it always
     # traces. Otherwise a probe of a model whose fingerprint is unchanged since an earlier
     # probe of the same input shape reuses that probe's trace (see .trace_cache).
-    key = fingerprint = None
+    key: Hashable | None = None
     if cfg.optimize:
         try:
             key = probe_key(x_all, names, probe.transforms, device, dtype)
-            fingerprint = model_fingerprint(net, everything)
-        except Exception:  # an odd attribute must never cost the probe: it just traces
-            key = fingerprint = None
-    known = TRACES.get(net, key, fingerprint) if key is not None and recall else None
-    with probe_context(net, [device], everything), original_forwards(net, everything):
-        if known is not None:
-            fast = probe.recall(known, positions)
-            plan.measured(known.per_sample_bytes, start=0)
-        start = 0
-        while start < n:
-            traced = known is None and start == 0
-            # The first sample goes alone (traced, measured) unless all go at once.
-            size = 1 if traced and cfg.chunk_size is not None else plan.size(start)
-            x: torch.Tensor | None = None
-            try:
-                # Inside the try: moving the chunk to the device can be what runs out.
-                x = x_all[start : start + size].to(device=device, dtype=dtype).detach()
-                if x.is_inference():  # made under torch.inference_mode: autograd cannot use it
-                    x = x.clone()
-                if traced:
-                    parts, fast = probe.first(x, positions)
-                    plan.measured(probe.per_sample_bytes, start=size)
-                else:
-                    parts = probe.later(x, fast)
-            except torch.OutOfMemoryError as err:
-                # The traceback's frames hold the failed chunk's tensors: free them now.
-                traceback.clear_frames(err.__traceback__)
-                parts = None
-            if parts is None:
-                x = None  # the error below must not keep the chunk alive through this frame
-                if not plan.shrink(size):
-                    raise out_of_memory_error(plan, size, device) from None
-                continue
-            for name, part in zip(names, parts, strict=True):
-                sums[name] = part if name not in sums else sums[name] + part
-            start += size
-        # Remembered before the guard's exit, which waits for the device: on a GPU this
-        # bookkeeping overlaps the last chunk's kernels. A model whose channel sum cancels is
-        # checked again at every probe (only a traced first chunk checks): its trace is not
-        # remembered.
-        if key is not None and not probe.cancelled:
-            TRACES.put(net, key, fingerprint, probe.remembered(fast))
+        except Exception:  # an odd transform must never cost the probe: it just traces
+            key = None
+    use = _TraceUse(net, everything, key, recall, device)
+    with probe_context(net, [device], everything):
+        known = use.lookup()
+        try:
+            with original_forwards(net, everything):
+                sums, fast = _run_chunks(probe, plan, known, x_all, positions, device, dtype)
+        except _StaleTrace:
+            raise
+        except Exception as err:
+            # A record used before its check may have caused the error (a layer path that
+            # moved): only an unchanged model gets it; a changed one is probed again.
+            if use.stale():
+                raise _StaleTrace from err
+            raise
+        # A model whose channel sum cancels is checked again at every probe (only a traced
+        # first chunk checks): its trace is not remembered. Before the guard's exit, which
+        # waits for the device: on a GPU this overlaps the last chunk's kernels.
+        if not probe.cancelled:
+            use.remember(fast, probe)
     return sums, probe.meta, probe.cancelled
+
+
+class _TraceUse:
+    """One probe's use of the trace cache (:mod:`.trace_cache`).
+
+    On a GPU a speculative record is used before the model's fingerprint is checked: the check
+    runs once the chunks' kernels are queued, while the device works, and a changed model makes
+    the probe start again, traced (:class:`_StaleTrace`). On a CPU nothing would overlap the
+    check: it runs first. Fingerprints are taken inside the probe's guard, in eval mode and
+    with compiled modules not yet routed (their forward is then an instance attribute, new at
+    every probe).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        everything: list[nn.Module],
+        key: Hashable | None,
+        recall: bool,
+        device: torch.device,
+    ) -> None:
+        self.net, self.everything, self.key, self.recall = net, everything, key, recall
+        self.entry = TRACES.entry(net, key) if key is not None and recall else None
+        self.overlap = key is not None and _checks_while_device_works(device)
+        self.hooks: Hashable = None
+        self.speculative = False
+        self.known: TracedProbe | None = None
+        self.before: Hashable | None = None
+
+    def lookup(self) -> TracedProbe | None:
+        """The record this probe may use (call inside the guard, before the chunks)."""
+        entry = self.entry
+        if self.overlap:
+            self.hooks = hooks_key(self.everything)
+            self.speculative = entry is not None and entry.speculative and entry.hooks == self.hooks
+        if self.speculative:
+            self.known = entry.record  # type: ignore[union-attr]
+        elif self.key is not None:
+            self.before = _fingerprint(self.net, self.everything)
+            if entry is not None and self.before is not None and self.before == entry.fingerprint:
+                self.known = entry.record
+        return self.known
+
+    def stale(self) -> bool:
+        """Whether the record was used unchecked and the model has changed since."""
+        if not self.speculative:
+            return False
+        return _fingerprint(self.net, self.everything) != self.entry.fingerprint  # type: ignore[union-attr]
+
+    def remember(self, fast: FastPath, probe: _Probe) -> None:
+        """Check a record used unchecked, and remember this probe's trace for the next one.
+
+        Raises:
+            _StaleTrace: the record was used unchecked and the model's fingerprint changed.
+        """
+        if self.key is None:
+            return
+        known, entry = self.known, self.entry
+        reused = known is not None and fast.recipe is known.recipe
+        if not self.overlap:
+            if self.before is not None and not reused:  # a reused record is kept already
+                TRACES.put(self.net, self.key, self.before, probe.remembered(fast))
+            return
+        after = _fingerprint(self.net, self.everything)
+        if self.speculative and after != entry.fingerprint:  # type: ignore[union-attr]
+            raise _StaleTrace
+        if after is None or (self.speculative and reused):
+            return
+        # Unchecked next time only if nothing suggests that the model changes: not a probe
+        # that started again after a stale record (recall=False), not a record that failed
+        # its check, and not a forward that changed the fingerprint itself (a module that
+        # keeps a list of its inputs).
+        trusted = self.speculative or entry is None or known is not None
+        again = self.recall and trusted and (self.speculative or self.before == after)
+        TRACES.put(self.net, self.key, after, probe.remembered(fast), again, self.hooks)
+
+
+def _checks_while_device_works(device: torch.device) -> bool:
+    """Whether a probe on ``device`` checks a remembered trace's fingerprint after queueing
+    its kernels: on CUDA, whose kernels run while the host goes on."""
+    return device.type == "cuda"
+
+
+def _fingerprint(net: nn.Module, everything: list[nn.Module]) -> Hashable | None:
+    """The model's fingerprint, or None where an odd attribute cannot be read (that probe
+    traces and is not remembered: nothing in the fingerprint may cost the user a probe)."""
+    try:
+        return model_fingerprint(net, everything)
+    except Exception:
+        return None
+
+
+def _run_chunks(
+    probe: _Probe,
+    plan: ChunkPlan,
+    known: TracedProbe | None,
+    x_all: torch.Tensor,
+    positions: dict[str, Any],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[dict[str, torch.Tensor], FastPath]:
+    """Every chunk of the probe: the first traced unless ``known`` stands in for its trace."""
+    fast = FastPath.disabled()
+    sums: dict[str, torch.Tensor] = {}
+    if known is not None:
+        fast = probe.recall(known, positions)
+        plan.measured(known.per_sample_bytes, start=0)
+    n, start = x_all.shape[0], 0
+    while start < n:
+        traced = known is None and start == 0
+        # The first sample goes alone (traced, measured) unless all go at once.
+        size = 1 if traced and probe.cfg.chunk_size is not None else plan.size(start)
+        x: torch.Tensor | None = None
+        try:
+            # Inside the try: moving the chunk to the device can be what runs out.
+            x = x_all[start : start + size].to(device=device, dtype=dtype).detach()
+            if x.is_inference():  # made under torch.inference_mode: autograd cannot use it
+                x = x.clone()
+            if traced:
+                parts, fast = probe.first(x, positions)
+                plan.measured(probe.per_sample_bytes, start=size)
+            else:
+                parts = probe.later(x, fast)
+        except torch.OutOfMemoryError as err:
+            # The traceback's frames hold the failed chunk's tensors: free them now.
+            traceback.clear_frames(err.__traceback__)
+            parts = None
+        if parts is None:
+            x = None  # the error below must not keep the chunk alive through this frame
+            if not plan.shrink(size):
+                raise out_of_memory_error(plan, size, device) from None
+            continue
+        for name, part in zip(probe.names, parts, strict=True):
+            sums[name] = part if name not in sums else sums[name] + part
+        start += size
+    return sums, fast
 
 
 class _Probe:

@@ -372,10 +372,9 @@ def _shadow_weights(
             memory_format = torch.channels_last if channels_last else torch.contiguous_format
             weight = conv.weight
             if norm is not None:  # the product under no_grad tracks no gradient: no detach
-                scale, bias = affines[conv]
-                shape = (-1,) + (1,) * (weight.dim() - 1)
+                scale, bias = affines[conv]  # shaped (C, 1, ...) by _fold_affines
                 folded = torch.empty_like(weight, memory_format=memory_format)
-                torch.mul(weight, scale.view(shape), out=folded)
+                torch.mul(weight, scale, out=folded)
                 out.append((folded, bias))
                 continue
             weight = weight.detach()
@@ -388,7 +387,8 @@ def _shadow_weights(
 def _fold_affines(
     pairs: Sequence[tuple[_Conv, _Norm]],
 ) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
-    """Per conv: the folded weight scale and bias, in the conv weight's dtype.
+    """Per conv: the folded weight scale (shaped ``(C, 1, ...)`` to broadcast over the
+    weight) and bias, in the conv weight's dtype.
 
     For a BatchNorm ``y = (x - mean) / sqrt(var + eps) * gamma + beta`` after a conv with bias
     ``b``: ``scale = gamma / sqrt(var + eps)``, ``bias = b * scale + beta - mean * scale``.
@@ -396,12 +396,13 @@ def _fold_affines(
     elementwise, so each channel's value is bitwise what one pair alone gives. A missing
     ``gamma`` multiplies by 1 and a missing ``beta`` adds -0.0, both exact identities.
     """
-    groups: dict[tuple[torch.device, torch.dtype], list[tuple[_Conv, _Norm]]] = {}
+    groups: dict[tuple[torch.device, torch.dtype, int], list[tuple[_Conv, _Norm]]] = {}
     for conv, norm in pairs:
-        groups.setdefault((conv.weight.device, conv.weight.dtype), []).append((conv, norm))
+        w = conv.weight
+        groups.setdefault((w.device, w.dtype, w.dim()), []).append((conv, norm))
     out: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
     with torch.no_grad():
-        for (device, dtype), group in groups.items():
+        for (device, dtype, dims), group in groups.items():
             norms = [norm for _, norm in group]
             sizes = [norm.num_features for norm in norms]
             # The four statistics of every BatchNorm in one concatenation (one kernel, not
@@ -424,7 +425,10 @@ def _fold_affines(
             if any(conv.bias is not None for conv, _ in group):
                 conv_bias = _concat([_or(conv.bias, 0.0) for conv, _ in group], sizes, device)
                 with_bias = conv_bias * scale + shift
-            scales, shifts = scale.to(dtype).split(sizes), shift.to(dtype).split(sizes)
+            # Each conv's scale shaped to broadcast over its weight, (C, 1, 1, 1): one view of
+            # the whole instead of one per conv.
+            shaped = scale.to(dtype).view((-1,) + (1,) * (dims - 1))
+            scales, shifts = shaped.split(sizes), shift.to(dtype).split(sizes)
             biased = shifts if with_bias is shift else with_bias.to(dtype).split(sizes)
             for i, (conv, _) in enumerate(group):
                 out[conv] = (scales[i], shifts[i] if conv.bias is None else biased[i])

@@ -229,8 +229,11 @@ class _BufferSnapshot:
 
 
 def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The tensors' values, concatenated (most buffers are 1-D: no view op for them)."""
+    """The tensors' values, concatenated: one op, no view per tensor where they are all 1-D
+    (running statistics) or all 0-D (BatchNorm's ``num_batches_tracked``, stacked)."""
     with torch.no_grad():
+        if all(t.dim() == 0 for t in tensors):
+            return torch.stack(tensors)
         return torch.cat([t if t.dim() == 1 else t.reshape(-1) for t in tensors])
 
 

@@ -23,6 +23,14 @@ keeps every probed output shape and lives outside the fingerprint: state outside
 ``dilation`` given as an int, with its ``padding`` changed to keep the shape).
 :func:`clear_trace_cache` is the way out there; ``optimize=False`` never uses the cache.
 
+When the check runs: on a CPU before the probe's chunks. On a GPU the fingerprint (~0.3 ms
+of Python for a ResNet-18, more when it runs cold) would delay the probe's first kernel, so a
+record may be used *speculatively* (see :class:`TraceCache`): the chunks' kernels are queued
+first and the fingerprint is compared while the device works; a changed model's result is
+thrown away and the probe starts again, traced. Only a model whose modules and hooks are
+those of the record's probe (:func:`hooks_key`) is probed that way, so no hook registered
+since sees a forward whose result is thrown away.
+
 Memory: a handful of small records per model, held weakly (a model that is garbage collected
 takes its records with it), at most :data:`MAX_ENTRIES` per model.
 """
@@ -34,7 +42,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -46,15 +54,17 @@ from erf_callback.trf import RFGeometry
 __all__ = [
     "MAX_ENTRIES",
     "TRACES",
+    "CacheEntry",
     "TraceCache",
     "TracedProbe",
     "clear_trace_cache",
+    "hooks_key",
     "model_fingerprint",
     "probe_key",
 ]
 
-#: Records kept per model; the least recently used is dropped first (every probe puts its
-#: record back, so configurations probed in turn stay cached).
+#: Records kept per model; the least recently used is dropped first (every probe that finds a
+#: record makes it the most recent, so configurations probed in turn stay cached).
 MAX_ENTRIES = 8
 
 # Module attributes the fingerprint leaves out: the probe forces eval mode itself, and the
@@ -85,6 +95,17 @@ class TracedProbe:
     geometries: dict[str, RFGeometry | None]
     per_sample_bytes: float
     recipe: Recipe | None
+
+
+class CacheEntry(NamedTuple):
+    """One remembered trace: the fingerprint of the model it was made on, the record, whether
+    the next probe may use it before checking the fingerprint, and the :func:`hooks_key` it
+    must then still match (see :class:`TraceCache`)."""
+
+    fingerprint: Hashable
+    record: TracedProbe
+    speculative: bool
+    hooks: Hashable = None
 
 
 class _Identity:
@@ -189,8 +210,61 @@ def model_fingerprint(model: nn.Module, modules: Sequence[nn.Module] | None = No
     return tuple(parts)
 
 
+def hooks_key(modules: Sequence[nn.Module]) -> Hashable:
+    """The modules (by identity, in order) and every hook and instance ``forward`` on them,
+    global hooks included: what decides which code beside the modules' own a forward runs.
+
+    Hook dictionaries are keyed by their handle's id, which is never reused, so a hook removed
+    and registered again changes the key.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 1, 3))
+        >>> before = hooks_key(list(net.modules()))
+        >>> _ = net[0].register_forward_hook(lambda *args: None)
+        >>> before == hooks_key(list(net.modules()))
+        False
+    """
+    mm = nn.modules.module
+    hooked = []
+    for m in modules:
+        if (
+            m._forward_hooks
+            or m._forward_pre_hooks
+            or m._backward_hooks
+            or m._backward_pre_hooks
+            or "forward" in m.__dict__
+        ):
+            hooked.append(
+                (
+                    id(m),
+                    tuple(m._forward_hooks),
+                    tuple(m._forward_pre_hooks),
+                    tuple(m._backward_hooks),
+                    tuple(m._backward_pre_hooks),
+                    id(m.__dict__.get("forward")),
+                )
+            )
+    return (
+        tuple(map(id, modules)),
+        tuple(hooked),
+        tuple(mm._global_forward_hooks),
+        tuple(mm._global_forward_pre_hooks),
+        tuple(mm._global_backward_hooks),
+        tuple(mm._global_backward_pre_hooks),
+    )
+
+
 class TraceCache:
-    """Per model (held weakly): probe key -> (fingerprint, :class:`TracedProbe`).
+    """Per model (held weakly): probe key -> (fingerprint, :class:`TracedProbe`, speculative).
+
+    A record is *speculative* when the next probe on a GPU may use it before the model's
+    fingerprint is checked: the check then runs while the device works on the probe's
+    kernels, and a mismatch throws the probe's result away and probes again, traced. Only a
+    model with the same modules and hooks as then (:func:`hooks_key`, ~20 us) is probed
+    unchecked, so a hook registered since never sees a forward whose result is thrown away. A
+    record made after a mismatch is not speculative (the model changes: the next probe checks
+    first), nor one whose model's forward changed the fingerprint (a module that keeps a list
+    of its inputs).
 
     Example:
         >>> cache = TraceCache()
@@ -205,23 +279,38 @@ class TraceCache:
     """
 
     def __init__(self) -> None:
-        self._models: weakref.WeakKeyDictionary[
-            nn.Module, dict[Hashable, tuple[Hashable, TracedProbe]]
-        ]
+        self._models: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, CacheEntry]]
         self._models = weakref.WeakKeyDictionary()
 
-    def get(self, model: nn.Module, key: Hashable, fingerprint: Hashable) -> TracedProbe | None:
-        entry = self._models.get(model, {}).get(key)
-        if entry is None or entry[0] != fingerprint:
-            return None
-        return entry[1]
+    def entry(self, model: nn.Module, key: Hashable) -> CacheEntry | None:
+        """The record of ``key`` whatever its fingerprint, made the most recently used."""
+        entries = self._models.get(model)
+        found = None if entries is None else entries.pop(key, None)
+        if found is not None:
+            entries[key] = found  # type: ignore[index]
+        return found
 
-    def put(self, model: nn.Module, key: Hashable, fingerprint: Hashable, rec: TracedProbe) -> None:
+    def get(self, model: nn.Module, key: Hashable, fingerprint: Hashable) -> TracedProbe | None:
+        """The record of ``key`` if it was made with ``fingerprint``."""
+        found = self.entry(model, key)
+        if found is None or found.fingerprint != fingerprint:
+            return None
+        return found.record
+
+    def put(
+        self,
+        model: nn.Module,
+        key: Hashable,
+        fingerprint: Hashable,
+        rec: TracedProbe,
+        speculative: bool = False,
+        hooks: Hashable = None,
+    ) -> None:
         entries = self._models.setdefault(model, {})
         entries.pop(key, None)
         while len(entries) >= MAX_ENTRIES:
             entries.pop(next(iter(entries)))
-        entries[key] = (fingerprint, rec)
+        entries[key] = CacheEntry(fingerprint, rec, speculative, hooks)
 
     def clear(self, model: nn.Module | None = None) -> None:
         if model is None:

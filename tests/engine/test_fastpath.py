@@ -377,3 +377,23 @@ def test_a_conv_output_read_outside_autograd_is_not_folded(read, folds, planned)
     # 3.4x off.
     torch.testing.assert_close(got.grad, want.grad, rtol=1e-12, atol=0)
     assert planned[0].folded == folds
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_convs_of_every_rank_fold_with_their_batchnorm(monkeypatch, dims):
+    conv, norm = {1: (nn.Conv1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.BatchNorm2d)}.get(
+        dims, (nn.Conv3d, nn.BatchNorm3d)
+    )
+    net = nn.Sequential(
+        conv(2, 4, 3, padding=1), norm(4), nn.ReLU(), conv(4, 3, 3, bias=False), norm(3)
+    ).double()
+    randomize_bn_stats(net)
+    net.eval()
+    size = {1: (40,), 2: (20, 20), 3: (9, 9, 9)}[dims]
+    x = torch.randn(5, 2, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    for layer, folds in (("3", 1), ("4", 2)):  # conv "3" probed: only (0, 1) folds
+        want = compute_erf(net, x, [layer], optimize=False)[layer].grad
+        built = _record(monkeypatch, "build")
+        got = compute_erf(net, x, [layer], chunk_size=2)[layer].grad
+        assert built and built[-1].folded == folds
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)

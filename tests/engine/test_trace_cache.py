@@ -58,7 +58,7 @@ def assert_same(got, want) -> None:
         assert m[key] == pytest.approx(w[key], rel=1e-9), key
 
 
-def test_a_repeated_probe_traces_once_and_gives_the_same_maps(traces):
+def test_a_repeated_probe_traces_once_and_gives_the_same_maps(traces, check_order):
     net, x = resnet(), torch.randn(6, 3, 32, 32, dtype=torch.float64)
     first = compute_erf(net, x, ["layer2"])["layer2"]
     again = compute_erf(net, x, ["layer2"])["layer2"]
@@ -111,11 +111,26 @@ def _stride(net):
     net[1].stride = (2, 2)  # a smaller output: a new position, a new TRF
 
 
+@pytest.fixture(params=["checked first", "checked while the device works"])
+def check_order(request, monkeypatch):
+    """Both ways a remembered trace is checked: before the chunks (CPU), and after their
+    kernels are queued (CUDA, where the record may be used unchecked: see TraceCache)."""
+    overlap = request.param != "checked first"
+    monkeypatch.setattr(compute, "_checks_while_device_works", lambda device: overlap)
+    return overlap
+
+
+@pytest.fixture
+def checked_after(monkeypatch):
+    """The GPU's order on the CPU: records are used before their fingerprint is checked."""
+    monkeypatch.setattr(compute, "_checks_while_device_works", lambda device: True)
+
+
 @pytest.mark.parametrize(
     "change",
     [_dilate, _replace, _hook, _pre_hook_removed_and_re_added, _patch_forward, _weights, _stride],
 )
-def test_a_change_of_the_model_is_seen_by_the_next_probe(traces, change):
+def test_a_change_of_the_model_is_seen_by_the_next_probe(traces, check_order, change):
     net = uniform_stack([3, 3, 3]).double()
     x = torch.randn(3, 1, 40, 40, dtype=torch.float64)
     before = compute_erf(net, x)["output"]
@@ -242,3 +257,111 @@ def test_a_model_the_fingerprint_cannot_read_is_probed_and_traced_every_time(tra
     maps = [compute_erf(net, x)["output"] for _ in range(2)]
     assert len(traces) == 2 and all(m.status == "ok" for m in maps)
     assert maps[0].metrics()["trf_x"] == 5
+
+
+class _Calls(nn.Module):
+    """Counts its forwards; ``keep`` also keeps each input's shape, as some models keep
+    activations (a list that changes the fingerprint at every forward)."""
+
+    def __init__(self, keep: bool = False) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 1, 3)
+        ).double()
+        randomize_bn_stats(self.body)
+        self.keep = keep
+        self.calls = 0  # an int: not part of the fingerprint
+        self.kept: list[tuple[int, ...]] = []
+
+    def forward(self, x):
+        self.calls += 1
+        if self.keep:
+            self.kept.append(tuple(x.shape))
+        return self.body(x)
+
+
+def _undilated(net: nn.Module) -> nn.Module:
+    out = copy.deepcopy(net)
+    out.body[3].dilation = (1, 1)
+    return out
+
+
+def test_a_record_used_unchecked_is_checked_once_the_kernels_are_queued(traces, checked_after):
+    net, x = _Calls().eval(), torch.randn(3, 1, 24, 24, dtype=torch.float64)
+    maps = [compute_erf(net, x, chunk_size=None)["output"] for _ in range(3)]
+    assert len(traces) == 1 and net.calls == 3  # one forward per probe: nothing thrown away
+    for m in maps[1:]:
+        assert_same(m, maps[0])
+    # A change the fingerprint sees: the unchecked record's result is thrown away, once.
+    net.body[3].dilation = (2, 2)
+    net.calls = 0
+    after = [compute_erf(net, x, chunk_size=None)["output"] for _ in range(3)]
+    assert net.calls == 4 and len(traces) == 2
+    assert_same(maps[-1], reference(_undilated(net), x, "output", chunk_size=None))
+    for m in after:
+        assert_same(m, reference(net, x, "output", chunk_size=None))
+
+
+def test_a_hook_registered_since_never_sees_a_forward_that_is_thrown_away(checked_after):
+    net, x = _Calls().eval(), torch.randn(3, 1, 24, 24, dtype=torch.float64)
+    for _ in range(2):
+        compute_erf(net, x, chunk_size=None)
+    seen = []
+    net.body[0].register_forward_hook(lambda _m, _i, out: seen.append(out.detach().clone()))
+    got = compute_erf(net, x, chunk_size=None)["output"]
+    # One forward, of the model as written (the traced chunk): the hook's output is the
+    # conv's own, not a folded copy's.
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], net.body[0](x), rtol=0, atol=0)
+    assert_same(got, reference(net, x, "output", chunk_size=None))
+
+
+def test_a_forward_that_changes_the_fingerprint_is_never_run_unchecked(traces, checked_after):
+    net, x = _Calls(keep=True).eval(), torch.randn(3, 1, 24, 24, dtype=torch.float64)
+    for _ in range(4):
+        compute_erf(net, x, chunk_size=None)
+    assert net.calls == 4  # no probe ran twice
+
+
+def test_a_model_that_changes_before_every_probe_runs_one_forward_more_in_all(
+    traces, checked_after
+):
+    net, x = _Calls().eval(), torch.randn(3, 1, 24, 24, dtype=torch.float64)
+    for step in range(5):
+        net.tag = f"step {step}"  # a string: part of the fingerprint
+        compute_erf(net, x, chunk_size=None)
+    # The second probe used the first one's record unchecked and threw its result away; from
+    # then on records are checked first, as on a CPU.
+    assert net.calls == 6 and len(traces) == 5
+
+
+def test_an_error_from_a_stale_record_used_unchecked_is_not_the_users(traces, checked_after):
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(2, 1, 3))
+    net = net.double()
+    x = torch.randn(2, 1, 40, 40, dtype=torch.float64)
+    for _ in range(2):
+        compute_erf(net, x)  # output 18x18, remembered
+    net[0].stride = (1, 1)  # output 38x38: the module tree and its hooks are unchanged
+    # (30, 30) is outside the remembered 18x18 output: the unchecked record raises, the
+    # changed fingerprint shows it stale, and the probe starts again, traced.
+    got = compute_erf(net, x, position=(30, 30))["output"]
+    assert len(traces) == 2 and got.output_shape == (1, 38, 38)
+    assert_same(got, reference(net, x, "output", position=(30, 30)))
+    with pytest.raises(ValueError, match="position"):  # a real error stays the user's
+        compute_erf(net, x, position=(40, 40))
+
+
+def test_hooks_key_sees_hooks_modules_and_instance_forwards():
+    net = uniform_stack([3, 3])
+    base = trace_cache.hooks_key(list(net.modules()))
+    assert trace_cache.hooks_key(list(net.modules())) == base
+    net[0].register_forward_pre_hook(lambda _m, a: None).remove()
+    assert trace_cache.hooks_key(list(net.modules())) == base  # removed again
+    handle = net[1].register_full_backward_hook(lambda *a: None)
+    assert trace_cache.hooks_key(list(net.modules())) != base
+    handle.remove()
+    net[1].forward = net[1].forward
+    assert trace_cache.hooks_key(list(net.modules())) != base
+    del net[1].forward
+    net[1] = nn.Conv2d(1, 1, 3)
+    assert trace_cache.hooks_key(list(net.modules())) != base

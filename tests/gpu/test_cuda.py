@@ -144,3 +144,44 @@ def test_training_on_gpu_is_bitwise_identical_with_and_without_the_monitor(tmp_p
     steps = [r["step"] for r in monitor.history.records if r["layer"] == "net.7"]
     assert steps == [0, 2, 4, 6]
     assert all(r["status"] == "ok" for r in monitor.history.records)
+
+
+def test_repeated_probes_on_cuda_use_the_trace_unchecked_and_still_see_a_change(monkeypatch):
+    # On CUDA a remembered trace is used before the model's fingerprint is checked (engine.md):
+    # float64, so the maps must equal the always-traced reference to rounding.
+    from erf_callback.engine import compute
+    from erf_callback.engine.trace_cache import TRACES, clear_trace_cache
+
+    traced = []
+    tracer = compute.ReceptiveFieldTracer
+    monkeypatch.setattr(compute, "ReceptiveFieldTracer", lambda x: traced.append(1) or tracer(x))
+    net = _resnet().double().to(CUDA)
+    x = torch.randn(8, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    clear_trace_cache(net)
+
+    def reference(model):
+        copy = ResNet(width=8).double().to(CUDA)
+        copy.load_state_dict(model.state_dict())
+        copy.layer1[0].conv2.dilation = model.layer1[0].conv2.dilation
+        copy.layer1[0].conv2.padding = model.layer1[0].conv2.padding
+        return compute_erf(copy.eval(), x, ["layer2"], optimize=False)["layer2"].grad
+
+    maps = [compute_erf(net, x, ["layer2"])["layer2"].grad for _ in range(3)]
+    assert len(traced) == 1
+    (entry,) = TRACES._models[net].values()
+    assert entry.speculative
+    want = reference(net)
+    for m in maps:
+        torch.testing.assert_close(m, want, rtol=1e-12, atol=0)
+    gc.collect()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    compute_erf(net, x, ["layer2"])  # an unchecked record: nothing of the probe stays
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
+    traced.clear()
+    net.layer1[0].conv2.dilation, net.layer1[0].conv2.padding = (2, 2), (2, 2)
+    changed = compute_erf(net, x, ["layer2"])["layer2"].grad
+    assert len(traced) == 1  # the unchecked record's result was thrown away, then traced
+    torch.testing.assert_close(changed, reference(net), rtol=1e-12, atol=0)
+    assert not torch.allclose(changed, want)
