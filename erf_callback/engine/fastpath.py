@@ -255,8 +255,12 @@ class FastPath:
         modules = {name: _submodule(model, name) for name in recipe.convs}
         folds = {_submodule(model, c): _submodule(model, n) for c, n in recipe.folds}
         shadowed: list[tuple[_Conv, _Norm | None, bool]] = []
+        pre_hooked_globally = bool(nn.modules.module._global_forward_pre_hooks)
         for conv in (modules[c] for c in recipe.convs):
-            if "forward" in vars(conv) or not isinstance(conv, _CONVS):
+            # A hooked conv runs as written: a forward pre-hook may make its weight at each
+            # call (pruning's weight_orig * mask, the old weight_norm and spectral_norm), and a
+            # copy taken before the forward would be the previous call's weight.
+            if _has_hooks(conv) or pre_hooked_globally or not isinstance(conv, _CONVS):
                 continue
             norm = folds.get(conv)
             layout = recipe.channels_last and type(conv) is nn.Conv2d
