@@ -14,13 +14,15 @@ such as ``stride``, ``dilation`` and ``padding``, strings, flags, an instance ``
 every hook dictionary), and the type, shape, dtype and device of its parameters and buffers.
 Values are left out on purpose: weights change every step (the shadow weights of
 :mod:`.fastpath` are rebuilt from them at every probe), and training code keeps step counters
-and loss scales as ``int`` / ``float`` attributes of its modules. Replacing a module, changing
-a conv's stride or dilation, registering a hook or patching ``forward`` all change the
-fingerprint, and the next probe traces again; a probed layer whose output shape differs from
-the remembered one makes the probe start again, traced. What neither can see is a change that
-keeps every probed output shape and lives outside the fingerprint: state outside the modules
-(a global flag, a class attribute), an ``int`` hyper-parameter changed in place (a pooling's
-``dilation`` given as an int, with its ``padding`` changed to keep the shape).
+and loss scales as ``int`` / ``float`` attributes of its modules. So are the ``training`` flag
+(the probe sets eval mode) and Lightning's ``_current_fx_name`` (the hook it is running).
+Replacing a module, changing a conv's stride or dilation, registering a hook or patching
+``forward`` all change the fingerprint, and the next probe traces again; a probed layer whose
+output shape differs from the remembered one makes the probe start again, traced. What neither
+can see is a change that keeps every probed output shape and lives outside the fingerprint:
+state outside the modules (a global flag, a class attribute), an ``int`` hyper-parameter
+changed in place (a pooling's ``dilation`` given as an int, with its ``padding`` changed to
+keep the shape).
 :func:`clear_trace_cache` is the way out there; ``optimize=False`` never uses the cache.
 
 When the check runs: on a CPU before the probe's chunks. On a GPU the fingerprint (~0.3 ms
@@ -67,9 +69,11 @@ __all__ = [
 #: record makes it the most recent, so configurations probed in turn stay cached).
 MAX_ENTRIES = 8
 
-# Module attributes the fingerprint leaves out: the probe forces eval mode itself, and the
-# parameter/buffer/child dictionaries are summarised separately (shapes, not values).
-_SUMMARISED = frozenset({"training", "_parameters", "_buffers", "_modules"})
+# Module attributes the fingerprint leaves out: the probe forces eval mode itself, the
+# parameter/buffer/child dictionaries are summarised separately (shapes, not values), and
+# Lightning keeps the name of the hook it is running on a LightningModule (the callback's
+# first probe runs in another hook than its training-step probes).
+_SUMMARISED = frozenset({"training", "_parameters", "_buffers", "_modules", "_current_fx_name"})
 _SCALARS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
 _SCALAR_TYPES = frozenset(_SCALARS)
 _PLAIN = _SCALAR_TYPES - {int, float}
@@ -192,7 +196,8 @@ def model_fingerprint(model: nn.Module, modules: Sequence[nn.Module] | None = No
         for k, v in m.__dict__.items():
             t = type(v)
             if t in plain:
-                attrs.append((k, v))
+                if k not in summarised:  # "training", Lightning's "_current_fx_name"
+                    attrs.append((k, v))
             elif t in skipped or k in summarised:
                 continue  # int / float: step counters and the like; see the module docstring
             elif t in containers and not v:

@@ -356,8 +356,9 @@ def test_later_probes_reuse_the_first_trace(tmp_path, monkeypatch):
     monitor = ERFMonitor(layers=LAYERS, every_n_steps=1, num_samples=4, log_images=False)
     _, model = fit(tmp_path, monitor)  # the test module counts its steps on itself
     assert len(monitor.history.records) == 6 * len(LAYERS)
-    # the init probe runs in another hook (Lightning's _current_fx_name differs): two traces
-    assert len(traced) <= 2
+    # One trace for the run, though the first probe runs in another hook than the later ones
+    # (Lightning keeps the hook's name on the module, outside the fingerprint).
+    assert len(traced) == 1
     expected = compute_erf(model, monitor.probe_inputs, LAYERS, optimize=False)
     for record in monitor.history.records[-len(LAYERS) :]:
         want = expected[record["layer"]].metrics()

@@ -220,6 +220,10 @@ def test_the_fingerprint_sees_attributes_hooks_and_shapes_not_values():
         net.conv1.weight.add_(1.0)
     net.layer1[0].bn1.running_mean.fill_(3.0)
     assert model_fingerprint(net) == base  # values change every step: never part of it
+    net.train()  # the probe sets eval mode itself
+    net._current_fx_name = "on_train_batch_end"  # Lightning's name of the running hook
+    assert model_fingerprint(net) == base
+    net.eval()
     net.layer1[0].conv1.padding_mode = "circular"
     assert model_fingerprint(net) != base
     net.layer1[0].conv1.padding_mode = "zeros"
