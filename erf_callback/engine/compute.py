@@ -12,6 +12,7 @@ from __future__ import annotations
 import numbers
 import traceback
 import warnings
+import weakref
 from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
 from contextlib import nullcontext
 from typing import Any, NamedTuple
@@ -210,11 +211,55 @@ def _accumulate(
 ) -> tuple[dict[str, torch.Tensor], dict[str, _LayerMeta], set[str]]:
     """Sum every probed unit's reduced input gradient over all samples, chunk by chunk; also
     the layers whose unit turned out constant up to rounding (see ``_Probe.first``)."""
-    try:
-        return _accumulate_chunks(net, everything, x_all, names, modules, cfg, recall=True)
-    except _StaleTrace:
-        TRACES.clear(net)
-        return _accumulate_chunks(net, everything, x_all, names, modules, cfg, recall=False)
+    recall, by_backward = True, net in _BY_BACKWARD
+    while True:  # each retry turns a flag that never turns back: at most three attempts
+        try:
+            return _accumulate_chunks(
+                net, everything, x_all, names, modules, cfg, recall, by_backward
+            )
+        except _StaleTrace:
+            if not recall:
+                raise
+            TRACES.clear(net)
+            recall = False
+        except RuntimeError as err:
+            if by_backward or not _is_reentrant_checkpoint_error(err):
+                raise
+            _BY_BACKWARD.add(net)
+            by_backward = True
+
+
+#: Models whose forward uses ``torch.utils.checkpoint`` with ``use_reentrant=True``, which
+#: refuses ``torch.autograd.grad``: their input gradients come from ``.backward()`` (held
+#: weakly; found at a model's first probe that needs it).
+_BY_BACKWARD: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def _is_reentrant_checkpoint_error(err: RuntimeError) -> bool:
+    return "torch.utils.checkpoint is incompatible with .grad()" in str(err)
+
+
+def _input_grad(
+    output: torch.Tensor, x: torch.Tensor, retain_graph: bool, by_backward: bool
+) -> torch.Tensor | None:
+    """The gradient of the scalar ``output`` w.r.t. ``x`` (None where it does not depend on it).
+
+    ``by_backward``: through ``.backward()`` into ``x.grad`` (taken and cleared), for a model
+    with reentrant checkpoints. The probe's guard has every parameter's ``requires_grad`` off,
+    so no ``.grad`` of the model changes; a tensor that is not a registered parameter but
+    requires grad (a plain attribute) would get one, which ``torch.autograd.grad`` avoids: it
+    is the default.
+    """
+    if not by_backward:
+        # allow_unused: an output that ignores the input gets None, typed as a Tensor.
+        grad: torch.Tensor | None = torch.autograd.grad(
+            output, x, retain_graph=retain_graph, allow_unused=True
+        )[0]
+        return grad
+    x.grad = None
+    output.backward(retain_graph=retain_graph)
+    grad, x.grad = x.grad, None
+    return grad
 
 
 def _accumulate_chunks(
@@ -225,6 +270,7 @@ def _accumulate_chunks(
     modules: dict[str, nn.Module | None],
     cfg: ProbeConfig,
     recall: bool,
+    by_backward: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, _LayerMeta], set[str]]:
     """Sum every probed unit's reduced input gradient over all samples, chunk by chunk.
 
@@ -252,6 +298,7 @@ def _accumulate_chunks(
         cfg,
         x_all.dim() - 2,
     )
+    probe.by_backward = by_backward
     positions = per_layer(cfg.position, names, "position")
     # The optimize=False path is the reference the fast path is checked against: it always
     # traces. Otherwise a probe of a model whose fingerprint is unchanged since an earlier
@@ -438,6 +485,7 @@ class _Probe:
         self.per_sample_bytes = 0.0
         self.recalled = False  # meta comes from an earlier probe's trace
         self.cancelled: set[str] = set()  # layers whose channel sum is constant (see first)
+        self.by_backward = False  # input gradients through .backward() (see _input_grad)
 
     def first(
         self, x: torch.Tensor, positions: dict[str, Any]
@@ -532,15 +580,15 @@ class _Probe:
             if not unit.requires_grad:
                 raise ValueError(
                     f"layer {name!r}'s output is not connected to the input by autograd "
-                    "(computed under no_grad, detached, or by a fused inference kernel); "
-                    "probe a layer whose output is differentiable w.r.t. the input."
+                    "(computed under no_grad, detached, by a fused inference kernel, or inside "
+                    "a torch.utils.checkpoint segment with use_reentrant=True, whose forward "
+                    "runs without autograd); probe a layer whose output is differentiable "
+                    "w.r.t. the input (for a checkpointed segment: its output)."
                 )
             check = check_cancellation and self.cfg.reduction == "abs" and unit.shape[1] > 1
-            # allow_unused: a layer that ignores the input gets None, typed as a Tensor.
-            g: torch.Tensor | None = torch.autograd.grad(
-                unit.sum(), x, retain_graph=i < last or check, allow_unused=True
-            )[0]
-            if check and g is not None and _cancels(unit, x, g, retain_graph=i < last):
+            by_backward = self.by_backward
+            g = _input_grad(unit.sum(), x, i < last or check, by_backward)
+            if check and g is not None and _cancels(unit, x, g, i < last, by_backward):
                 self.cancelled.add(name)
             if g is None:
                 parts.append(torch.zeros(x.shape[2:], dtype=torch.float64, device=x.device))
@@ -685,7 +733,13 @@ def _select_unit(
     return unit[:, idx]
 
 
-def _cancels(unit: torch.Tensor, x: torch.Tensor, g: torch.Tensor, retain_graph: bool) -> bool:
+def _cancels(
+    unit: torch.Tensor,
+    x: torch.Tensor,
+    g: torch.Tensor,
+    retain_graph: bool,
+    by_backward: bool = False,
+) -> bool:
     """Whether the sum over the unit's channels is constant up to rounding (``g`` its gradient).
 
     After a LayerNorm or GroupNorm over channels with equal weights (every such layer at
@@ -697,9 +751,7 @@ def _cancels(unit: torch.Tensor, x: torch.Tensor, g: torch.Tensor, retain_graph:
     """
     signs = torch.randint(0, 2, (unit.shape[1],), generator=torch.Generator().manual_seed(0))
     signs = (2 * signs - 1).to(device=unit.device, dtype=unit.dtype)
-    ref: torch.Tensor | None = torch.autograd.grad(  # unit: (N, C), from _select_unit
-        (unit * signs).sum(), x, retain_graph=retain_graph, allow_unused=True
-    )[0]
+    ref = _input_grad((unit * signs).sum(), x, retain_graph, by_backward)  # unit: (N, C)
     if ref is None:  # allow_unused: typed as a Tensor, None at run time
         return False
     big, small = float(ref.abs().max()), float(g.abs().max())

@@ -601,3 +601,56 @@ def test_compute_erf_inside_inference_mode_gives_the_same_maps(made_inside):
     assert torch.equal(got.grad, expected)
     for key, value in net.state_dict().items():
         assert torch.equal(value, state[key]), key
+
+
+class _Checkpointed(nn.Module):
+    """Three conv blocks, each run through torch.utils.checkpoint (``reentrant``: the variant
+    that refuses torch.autograd.grad; None: not checkpointed)."""
+
+    def __init__(self, reentrant: bool | None) -> None:
+        super().__init__()
+        self.reentrant = reentrant
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+            for c in (3, 6, 6)
+        )
+        self.head = nn.Conv2d(6, 4, 3)
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        for block in self.blocks:
+            if self.reentrant is None:
+                x = block(x)
+            else:
+                x = checkpoint(block, x, use_reentrant=self.reentrant)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_models_with_gradient_checkpointing_are_probed(reentrant):
+    # Reentrant checkpoints (PyTorch's default when use_reentrant is not given) refuse
+    # torch.autograd.grad: such a model's input gradients come from .backward(), with no
+    # .grad of the model touched.
+    torch.manual_seed(0)
+    plain = _Checkpointed(None).double()
+    for m in plain.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    net = copy.deepcopy(plain).train()
+    net.reentrant = reentrant
+    net.head.weight.grad = torch.ones_like(net.head.weight)  # a gradient the probe must keep
+    x = torch.randn(5, 3, 24, 24, dtype=torch.float64)
+    for layers in (["head"], ["blocks.2", "head", "output"]):
+        want = compute_erf(plain, x, layers, optimize=False)
+        for _ in range(2):  # the first probe finds the mode, the second starts in it
+            got = compute_erf(net, x, layers, chunk_size=2)
+            for name in layers:
+                torch.testing.assert_close(got[name].grad, want[name].grad, rtol=1e-12, atol=0)
+    assert torch.equal(net.head.weight.grad, torch.ones_like(net.head.weight))
+    assert all(p.grad is None for n, p in net.named_parameters() if not n.startswith("head"))
+    assert net.training and all(p.requires_grad for p in net.parameters())
+    if reentrant:  # inside a reentrant segment the forward runs without autograd
+        with pytest.raises(ValueError, match="use_reentrant=True"):
+            compute_erf(net, x, ["blocks.1.0"])
