@@ -66,7 +66,15 @@ def check_inputs(inputs: Any, finite: bool = True) -> torch.Tensor:
     (:func:`nonfinite_samples` and :func:`check_finite`: on a GPU, reading its result waits
     for the device, so ``compute_erf`` reads it after the probe)."""
     if not isinstance(inputs, torch.Tensor):
-        raise TypeError(f"inputs must be a torch.Tensor (N, C, *spatial); got {type(inputs)}")
+        if isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], torch.Tensor):
+            hint = " Stack the images into one batch: torch.stack(images)."
+        elif type(inputs).__module__ == "numpy":
+            hint = " Convert it: torch.from_numpy(inputs) (images as (N, C, H, W))."
+        else:
+            hint = ""
+        raise TypeError(
+            f"inputs must be a torch.Tensor (N, C, *spatial); got {type(inputs).__name__}.{hint}"
+        )
     if inputs.layout != torch.strided:
         raise ValueError(
             f"inputs must be a dense tensor; got layout {inputs.layout}. Pass inputs.to_dense()."

@@ -170,3 +170,17 @@ def test_a_forward_that_needs_more_than_the_input_names_the_way_out():
     # The way out works, and defaults are no obstacle.
     assert compute_erf(_NeedsTwoArguments().backbone, x)["output"].status == "ok"
     assert compute_erf(_OptionalArgument(), x)["output"].status == "ok"
+
+
+@pytest.mark.parametrize(
+    ("inputs", "hint"),
+    [
+        ([torch.randn(3, 16, 16), torch.randn(3, 16, 16)], r"torch\.stack\(images\)"),
+        (np.zeros((2, 3, 16, 16), dtype=np.float32), r"torch\.from_numpy\(inputs\)"),
+        ("images/", r"got str\.$"),
+    ],
+)
+def test_inputs_that_are_not_a_tensor_say_how_to_make_one(inputs, hint):
+    net = nn.Sequential(nn.Conv2d(3, 2, 3))
+    with pytest.raises(TypeError, match=r"inputs must be a torch\.Tensor .*" + hint):
+        compute_erf(net, inputs)
