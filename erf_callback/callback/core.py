@@ -113,7 +113,8 @@ class ERFMonitorBase:
         inputs: ``"train"`` (default: a fixed batch captured once from the training data, so
             every probe sees the same images), ``"noise"`` (standard Gaussian noise from the
             callback's own generator seeded by ``seed``), a tensor ``(N, C, *spatial)``, or an
-            iterable of batches (e.g. a DataLoader).
+            iterable of batches (e.g. a DataLoader; a list of single images is not one:
+            ``torch.stack(images)``).
         input_key: which element of a batch is the input: an index (tuple/list), a key (dict)
             or a callable ``batch -> tensor``. Default: the first tensor found.
         seed: seed of the noise generator.
@@ -185,6 +186,11 @@ class ERFMonitorBase:
             raise ValueError(
                 f"inputs must be 'train', 'noise', a tensor or an iterable of batches; got "
                 f"{inputs!r}"
+            )
+        if type(inputs).__module__ == "numpy":  # iterated, its rows would pass for batches
+            raise TypeError(
+                f"ERFMonitor(inputs=...) got a NumPy {type(inputs).__name__}; pass a tensor: "
+                "inputs=torch.from_numpy(images) (N, C, *spatial)."
             )
         if isinstance(inputs, torch.Tensor):
             check_inputs(inputs)  # rank, dtype, NaN/Inf, layout: now rather than at fit start
@@ -501,6 +507,12 @@ class ERFMonitorBase:
         except Exception as err:
             oom = is_out_of_memory(err)
             if strict and not oom:  # configuration errors: loud, at fit start
+                if "unbatched input" in str(err) and isinstance(self.input_source, (list, tuple)):
+                    raise ValueError(
+                        f"{err} ERFMonitor(inputs=[...]) takes a tensor or an iterable of "
+                        "batches: a list of single images must be stacked into one batch "
+                        "first, inputs=torch.stack(images)."
+                    ) from err
                 if isinstance(err, NotImplementedError):
                     raise ValueError(
                         "ERFMonitor calls the LightningModule's forward(x), which is not "

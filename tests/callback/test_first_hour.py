@@ -84,3 +84,22 @@ def test_a_dataset_smaller_than_num_samples_is_probed_whole(tmp_path, n, batch) 
     assert monitor.probe_inputs.shape[0] == n
     statuses = [r["status"] for r in monitor.history.records]
     assert statuses and set(statuses) == {"ok"}
+
+
+def test_probe_images_given_as_numpy_or_a_list_of_images_say_how_to_pass_them(tmp_path) -> None:
+    # Two first tries: a NumPy array (refused at construction), and a list of single images,
+    # which ERFMonitor reads as an iterable of batches (refused at fit start, with the fix).
+    import numpy as np
+
+    from tests.helpers.lit import make_trainer, module_class
+
+    with pytest.raises(TypeError, match=r"torch\.from_numpy"):
+        ERFMonitor(layers=["net.7"], inputs=np.zeros((4, 3, 16, 16), dtype=np.float32))
+    images = [torch.randn(3, 16, 16) for _ in range(4)]
+    monitor = ERFMonitor(layers=["net.7"], inputs=images)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=2)
+    with pytest.raises(ValueError, match=r"inputs=torch\.stack\(images\)"):
+        trainer.fit(module_class()())
+    stacked = ERFMonitor(layers=["net.7"], inputs=torch.stack(images), every_n_steps=1)
+    make_trainer(tmp_path / "ok", [stacked], max_steps=2).fit(module_class()())
+    assert {r["status"] for r in stacked.history.records} == {"ok"}
