@@ -70,7 +70,7 @@ from erf_callback.engine.config import (
 from erf_callback.engine.erf_map import ERFMap
 from erf_callback.engine.layers import deepest_spatial_layer, model_device_dtype, resolve_layers
 from erf_callback.engine.transforms import OutputTransform
-from erf_callback.engine.validate import check_inputs, normalize_layers
+from erf_callback.engine.validate import UnbatchedInputError, check_inputs, normalize_layers
 from erf_callback.fit.metrics import MetricConfig
 from erf_callback.warnings import ERFWarning
 
@@ -187,12 +187,8 @@ class ERFMonitorBase:
                 f"inputs must be 'train', 'noise', a tensor or an iterable of batches; got "
                 f"{inputs!r}"
             )
-        if type(inputs).__module__ == "numpy":  # iterated, its rows would pass for batches
-            raise TypeError(
-                f"ERFMonitor(inputs=...) got a NumPy {type(inputs).__name__}; pass a tensor: "
-                "inputs=torch.from_numpy(images) (N, C, *spatial)."
-            )
-        if isinstance(inputs, torch.Tensor):
+        # A NumPy array is refused here too (iterated, its rows would pass for batches).
+        if isinstance(inputs, torch.Tensor) or type(inputs).__module__ == "numpy":
             check_inputs(inputs)  # rank, dtype, NaN/Inf, layout: now rather than at fit start
         for name, value in (
             ("images_every_n_probes", images_every_n_probes),
@@ -507,7 +503,9 @@ class ERFMonitorBase:
         except Exception as err:
             oom = is_out_of_memory(err)
             if strict and not oom:  # configuration errors: loud, at fit start
-                if "unbatched input" in str(err) and isinstance(self.input_source, (list, tuple)):
+                if isinstance(err, UnbatchedInputError) and isinstance(
+                    self.input_source, (list, tuple)
+                ):
                     raise ValueError(
                         f"{err} ERFMonitor(inputs=[...]) takes a tensor or an iterable of "
                         "batches: a list of single images must be stacked into one batch "

@@ -270,7 +270,7 @@ def _accumulate_chunks(
     modules: dict[str, nn.Module | None],
     cfg: ProbeConfig,
     recall: bool,
-    by_backward: bool = False,
+    by_backward: bool,
 ) -> tuple[dict[str, torch.Tensor], dict[str, _LayerMeta], set[str]]:
     """Sum every probed unit's reduced input gradient over all samples, chunk by chunk.
 
@@ -297,8 +297,8 @@ def _accumulate_chunks(
         per_layer(cfg.output_transform, names, "output_transform"),
         cfg,
         x_all.dim() - 2,
+        by_backward,
     )
-    probe.by_backward = by_backward
     positions = per_layer(cfg.position, names, "position")
     # The optimize=False path is the reference the fast path is checked against: it always
     # traces. Otherwise a probe of a model whose fingerprint is unchanged since an earlier
@@ -478,6 +478,7 @@ class _Probe:
         transforms: dict[str, OutputTransform | None],
         cfg: ProbeConfig,
         spatial_dims: int,
+        by_backward: bool = False,
     ) -> None:
         self.net, self.names, self.modules, self.transforms = net, names, modules, transforms
         self.cfg, self.spatial_dims = cfg, spatial_dims
@@ -485,7 +486,7 @@ class _Probe:
         self.per_sample_bytes = 0.0
         self.recalled = False  # meta comes from an earlier probe's trace
         self.cancelled: set[str] = set()  # layers whose channel sum is constant (see first)
-        self.by_backward = False  # input gradients through .backward() (see _input_grad)
+        self.by_backward = by_backward  # input gradients through .backward() (_input_grad)
 
     def first(
         self, x: torch.Tensor, positions: dict[str, Any]

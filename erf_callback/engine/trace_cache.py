@@ -276,11 +276,12 @@ class TraceCache:
         >>> net = nn.Conv2d(1, 1, 3)
         >>> rec = TracedProbe({"output": (1, 6, 6)}, {"output": None}, 400.0, None)
         >>> cache.put(net, ("k",), model_fingerprint(net), rec)
-        >>> cache.get(net, ("k",), model_fingerprint(net)) is rec
-        True
+        >>> entry = cache.entry(net, ("k",))
+        >>> entry.record is rec, entry.fingerprint == model_fingerprint(net)
+        (True, True)
         >>> net.stride = (2, 2)
-        >>> cache.get(net, ("k",), model_fingerprint(net)) is None
-        True
+        >>> entry.fingerprint == model_fingerprint(net)
+        False
     """
 
     def __init__(self) -> None:
@@ -294,13 +295,6 @@ class TraceCache:
         if found is not None:
             entries[key] = found  # type: ignore[index]
         return found
-
-    def get(self, model: nn.Module, key: Hashable, fingerprint: Hashable) -> TracedProbe | None:
-        """The record of ``key`` if it was made with ``fingerprint``."""
-        found = self.entry(model, key)
-        if found is None or found.fingerprint != fingerprint:
-            return None
-        return found.record
 
     def put(
         self,

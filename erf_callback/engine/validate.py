@@ -18,6 +18,7 @@ from torch.nn.parameter import is_lazy
 from erf_callback.engine.config import OUTPUT
 
 __all__ = [
+    "UnbatchedInputError",
     "check_finite",
     "check_inputs",
     "check_model",
@@ -27,6 +28,12 @@ __all__ = [
     "per_layer",
     "unbatched_guard",
 ]
+
+
+class UnbatchedInputError(ValueError):
+    """The inputs look like an image without its batch dimension (a model layer received its
+    unbatched form, or a probed layer has one more axis than the inputs)."""
+
 
 _UNBATCHED_HINT = (
     "If inputs is one unbatched image, add the batch dimension: inputs.unsqueeze(0) "
@@ -216,7 +223,7 @@ def unbatched_guard(model: nn.Module, spatial_dims: int) -> Iterator[None]:
             if not isinstance(x, torch.Tensor):
                 return
             if x.dim() == dims + 1:
-                raise ValueError(
+                raise UnbatchedInputError(
                     f"layer {name!r} ({type(module).__name__}) received an unbatched input of "
                     f"shape {tuple(x.shape)}: compute_erf read the inputs as {spatial_dims}-D "
                     f"signals but the model works on {dims}-D ones. {_UNBATCHED_HINT}"
@@ -276,12 +283,12 @@ def check_output(
 ) -> tuple[int, ...]:
     """The probed unit's position in a layer output of ``shape`` (N, C, *spatial)."""
     if len(shape) != spatial_dims + 2:
-        hint = f" {_UNBATCHED_HINT}" if len(shape) > spatial_dims + 2 else ""
-        raise ValueError(
+        unbatched = len(shape) > spatial_dims + 2
+        raise (UnbatchedInputError if unbatched else ValueError)(
             f"layer {name!r} outputs shape {tuple(shape)}, but an ERF needs "
             f"(N, C, *spatial) with {spatial_dims} spatial dims like the input. Probe a layer "
             "with a spatial output (a conv/pool/block), or pass output_transform (e.g. "
-            f"tokens_to_grid() for transformer tokens).{hint}"
+            f"tokens_to_grid() for transformer tokens).{' ' + _UNBATCHED_HINT if unbatched else ''}"
         )
     spatial = tuple(shape[2:])
     if position is None:

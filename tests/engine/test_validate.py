@@ -6,13 +6,14 @@ import torch
 from torch import nn
 
 from erf_callback import ProbeConfig, compute_erf
+from erf_callback.engine.validate import UnbatchedInputError
 from tests.helpers.nets import ResNet
 
 
 def test_unbatched_image_asks_for_the_batch_dimension():
     net = ResNet(width=4)
     image = torch.randn(3, 32, 32)  # one image without its batch dim: read as 3 1-D signals
-    with pytest.raises(ValueError, match=r"'conv1' \(Conv2d\).*unbatched.*unsqueeze\(0\)"):
+    with pytest.raises(UnbatchedInputError, match=r"'conv1' \(Conv2d\).*unbatched.*unsqueeze\(0\)"):
         compute_erf(net, image, ["layer2"])
     compute_erf(net, image.unsqueeze(0), ["layer2"])  # the fix it names works
 
@@ -22,7 +23,7 @@ def test_layer_with_more_spatial_dims_than_the_input_hints_at_the_batch_dimensio
         def forward(self, x):
             return x.unsqueeze(0) * 2
 
-    with pytest.raises(ValueError, match="add the batch dimension"):
+    with pytest.raises(UnbatchedInputError, match="add the batch dimension"):
         compute_erf(Lift(), torch.randn(3, 8, 8))
 
 
