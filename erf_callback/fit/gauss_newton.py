@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -47,6 +47,9 @@ _LOG_LEVEL = 0.1
 MODEL_MAX_ITER = 60
 # Relative cost change and step size below which the iteration has converged.
 _TOL = 1e-12
+# A root-mean-square residual at most this (the values scaled to a peak of 1) is an exact fit:
+# a few hundred units of rounding, parameters right to ~1e-13.
+_EXACT_RMS = 1e-13
 # ... or when its next step would move the parameters by less than this many standard errors.
 _STEP_SE = 1e-2
 
@@ -62,9 +65,10 @@ class GaussianModelFit:
     converged: bool
     residual: float  # residual sum of squares over total sum of squares, on the fitted pixels
     point_samples: bool = True  # fitted on single pixels (exact model), not block means
-    # exp(-(x - mean)^T cov^-1 (x - mean) / 2) on every pixel of the map, when the fit
-    # evaluated it there anyway (its box was the whole map, pixel by pixel); else None.
-    unit: np.ndarray | None = field(default=None, repr=False, compare=False)
+    # Fitted on every pixel of the map, one by one: the amplitude that is least squares given
+    # the floor and the Gaussian's shape, and the R^2 of the model with it, on the whole map
+    # (what GaussianFit reports, from the fit's last evaluation); else None.
+    on_map: tuple[float, float] | None = None
 
 
 def fit_floor_gaussian(
@@ -144,7 +148,7 @@ def fit_floor_gaussian(
                 break
         if fitted is None:
             return result
-        (b, _, converged, rss, g), gauss = fitted
+        (b, _, converged, rss, rg, gg), gauss = fitted
         mu_n, cov_n, amp_n = gauss
         mean = centre + half * mu_n
         cov_w = cov_n * np.outer(half, half)
@@ -170,7 +174,11 @@ def fit_floor_gaussian(
             converged,
             rss / tss if tss > 0 else 0.0,
             not blocked,
-            g / amp_n if whole else None,
+            # At the amplitude that is least squares given the rest, the sum of squares is
+            # lower by (sum r g)^2 / sum g^2 (r: the residual, g: the fitted Gaussian).
+            (amplitude * (1.0 + rg / gg), 1.0 - (rss - rg * rg / gg) / tss)
+            if whole and gg > 0 and tss > 0
+            else None,
         )
     return result
 
@@ -579,9 +587,10 @@ def _levenberg_marquardt(
     coef: np.ndarray,
     fit_floor: bool,
     tol: float,
-) -> tuple[float, np.ndarray, bool, float, np.ndarray] | None:
-    """``(floor, coefficients, converged, residual sum of squares, g)`` from the start
-    ``(b, coef)``; None when the start cannot be evaluated."""
+) -> tuple[float, np.ndarray, bool, float, float, float] | None:
+    """``(floor, coefficients, converged, residual sum of squares, sum r g, sum g^2)`` from
+    the start ``(b, coef)`` (``r``, ``g``: the residual and the model's Gaussian there); None
+    when the start cannot be evaluated."""
 
     # Two weight buffers: the accepted state's and the trial's (swapped on acceptance).
     spare = grid.weights()
@@ -603,6 +612,15 @@ def _levenberg_marquardt(
     if state is None:
         return None
     w, cost = state
+    # A fit whose residuals are at the rounding of the (peak-scaled) values is exact: a
+    # noiseless Gaussian on a floor, one step from the log-linear start, would otherwise take
+    # one more step and evaluation to get from 1e-14 of the peak to 1e-17.
+    exact = grid.size * _EXACT_RMS**2
+
+    def done(converged: bool) -> tuple[float, np.ndarray, bool, float, float, float]:
+        g = w[_G]
+        return b, coef, converged, cost, sum_of_products(w[_R], g), sum_of_products(g, g)
+
     # Damping starts small (Madsen and Nielsen's choice for a start believed good; the
     # log-linear start is exact on clean Gaussians). The monomials' normal matrix is badly
     # conditioned, so Marquardt's classic 1e-3 times its diagonal holds back its weak
@@ -618,6 +636,8 @@ def _levenberg_marquardt(
     still = max(_STEP_SE**2 / max(grid.size - len(coef) - int(fit_floor), 1), tol)
     nu = 2.0
     for _ in range(MODEL_MAX_ITER):
+        if cost <= exact:
+            return done(True)
         normal, grad = grid.normal_equations(w, fit_floor)
         diagonal = normal.diagonal()
         scale = np.where(diagonal > 0, diagonal, 1.0)
@@ -631,7 +651,7 @@ def _levenberg_marquardt(
                 # The model's own prediction of the step's gain says the step would not move
                 # the fit by a hundredth of its standard error: the minimum is reached, and
                 # the step that would only confirm it is not evaluated.
-                return b, coef, True, cost, w[_G]
+                return done(True)
             nb, nc = (b + float(step[0]), coef + step[1:]) if fit_floor else (b, coef + step)
             trial = evaluate(nb, nc, spare)
             if trial is not None and trial[1] <= cost:
@@ -639,11 +659,11 @@ def _levenberg_marquardt(
             if trial is not None and trial[1] <= cost * (1.0 + 1e-9) and lam <= 1e-2:
                 # A nearly undamped step that cannot lower the cost: at the minimum to
                 # rounding (the usual way a fit on noisy data ends; no need to damp further).
-                return b, coef, True, cost, w[_G]
+                return done(True)
             lam, nu = lam * nu, 2.0 * nu
         else:
             # No step lowers the cost: a minimum to within rounding.
-            return b, coef, True, cost, w[_G]
+            return done(True)
         params = [b, *coef.tolist()] if fit_floor else coef.tolist()
         small = max(abs(s) / (abs(p) + 1e-3) for s, p in zip(step.tolist(), params, strict=True))
         drop = cost - trial[1]
@@ -654,5 +674,5 @@ def _levenberg_marquardt(
         rho = drop / predicted if predicted > 0 else 0.0
         lam, nu = max(lam * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3), 1e-12), 2.0
         if drop <= tol * max(cost, 1e-300) or small < 100 * tol:
-            return b, coef, True, cost, w[_G]
-    return b, coef, False, cost, w[_G]
+            return done(True)
+    return done(False)

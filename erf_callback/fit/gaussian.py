@@ -255,13 +255,13 @@ def fit_gaussian(
     robust = _fit_robust(a, coords, window, max_iter, tol)
     if robust is None:
         return _failed(d, method, "the map has no positive mass above its floor")
-    mean, cov, floor, converged, unit, stage = robust
+    mean, cov, floor, converged, on_map, stage = robust
     msg = ""
     if not converged:
         cap = max_iter if stage == _WINDOWED else MODEL_MAX_ITER
         msg = f"robust fit: the {stage} did not converge in {cap} iterations"
     if method == "robust":
-        return _finish(a, coords, mean, cov, floor, method, converged, msg, unit)
+        return _finish(a, coords, mean, cov, floor, method, converged, msg, on_map)
     return _fit_least_squares(a, coords, mean, cov, floor)
 
 
@@ -306,8 +306,8 @@ def _fit_robust(
             min_quiet=4 if d == 1 else _MIN_FLOOR_PIXELS + 1,
         )
         if shifted is not None:
-            mean, cov, _, converged, unit, stage = shifted
-            return mean, cov, low, converged, unit, stage
+            mean, cov, _, converged, on_map, stage = shifted
+            return mean, cov, low, converged, on_map, stage
 
     init = _half_max_init(a, coords, low, peak)
     if init is None:
@@ -342,7 +342,7 @@ def _fit_robust(
     # zero floor and a window wider than the map, so the plain moments bound their variance
     # from above. A model not far narrower than those is not a peak on a base.
     if pedestal[2] == 0:
-        plain_cov = (plain or _moments(a, coords))[2]
+        plain_cov = _plain_cov(a, coords) if plain is None else plain[2]
         if np.all(np.isfinite(plain_cov)) and not _narrower(
             model.cov, plain_cov, _SPIKE_VARIANCE_RATIO
         ):
@@ -465,16 +465,17 @@ def _zeros_form_regions(quiet: np.ndarray, far: np.ndarray) -> bool:
     return bool(mixed <= _MAX_MIXED_PAIRS * np.count_nonzero(both))
 
 
-# mean, cov, floor, converged, the unit Gaussian on the map if the fit has it, and the stage
-# that produced the result (named in the message when it did not converge).
-_Robust = tuple[np.ndarray, np.ndarray, float, bool, np.ndarray | None, str]
+# mean, cov, floor, converged, the amplitude and R^2 on the map when the model fit has them
+# (see GaussianModelFit.on_map), and the stage that produced the result (named in the
+# message when it did not converge).
+_Robust = tuple[np.ndarray, np.ndarray, float, bool, tuple[float, float] | None, str]
 _PLAIN = "plain moments"
 _MODEL = "floor + Gaussian model fit"
 _WINDOWED = "windowed moments"
 
 
 def _from_model(model: GaussianModelFit) -> _Robust:
-    return model.mean, model.cov, model.floor, model.converged, model.unit, _MODEL
+    return model.mean, model.cov, model.floor, model.converged, model.on_map, _MODEL
 
 
 def _floors_agree(
@@ -494,6 +495,26 @@ def _floors_agree(
         return False
     stderr = spread * math.sqrt(1.0 / n_far + 2.0 / n_fit)
     return abs(model.floor - level) <= 4.0 * stderr + 1e-3 * abs(model.amplitude)
+
+
+def _plain_cov(a: np.ndarray, coords: list[np.ndarray]) -> np.ndarray:
+    """The map's plain covariance for a comparison by a factor of 2 (:func:`_narrower`);
+    NaN when the map's sum is not positive.
+
+    In 2-D from one product of raw power sums ``[1, i, i^2]^T a [1, j, j^2]``: taking the
+    squared mean off the second moment costs ~(mean / sigma)^2 units of rounding, nothing to
+    such a comparison, where :func:`_moments` centres first at five times the cost.
+    """
+    if a.ndim != 2:
+        return _moments(a, coords)[2]
+    h, w = a.shape
+    m = (_quadratic_powers(h).T @ a @ _quadratic_powers(w)).tolist()
+    n = m[0][0]
+    if not n > 0:
+        return np.full((2, 2), np.nan)
+    my, mx = m[1][0] / n, m[0][1] / n
+    vyy, vxx, vxy = m[2][0] / n - my * my, m[0][2] / n - mx * mx, m[1][1] / n - my * mx
+    return np.array([[vyy, vxy], [vxy, vxx]])
 
 
 def _narrower(cov: np.ndarray, reference: np.ndarray, ratio: float) -> bool:
@@ -963,23 +984,31 @@ def _finish(
     method: str,
     converged: bool,
     message: str,
-    unit: np.ndarray | None = None,
+    on_map: tuple[float, float] | None = None,
 ) -> GaussianFit:
     """Amplitude and R^2 of ``floor + amplitude * exp(-d^2 / 2)`` against the map.
 
     The Gaussian is evaluated only inside 8 sigma (exp(-32) ~ 1e-14 beyond); outside it the
-    model is the floor alone. ``unit``, when given, is that Gaussian on the whole map already
-    (the model fit's last evaluation, which agrees with it to rounding).
+    model is the floor alone. ``on_map``, when given, is ``(amplitude, R^2)`` from the model
+    fit's last evaluation on every pixel of the map (the same sums), so nothing is evaluated
+    again.
     """
     cov = (cov + cov.T) / 2
-    if unit is not None:
-        box: tuple[slice, ...] = tuple(slice(None) for _ in a.shape)
-        g = unit
-    else:
-        prec = _inverse(cov, _MIN_EVAL_VARIANCE)
-        box = _window_box(a.shape, mean, cov, 8.0)
-        box_coords = [c[s] for c, s in zip(coords, box, strict=True)]
-        g = unit_gaussian(box_coords, mean, prec)
+    if on_map is not None:
+        return GaussianFit(
+            mean=np.asarray(mean, dtype=np.float64),
+            cov=cov,
+            floor=float(floor),
+            amplitude=on_map[0],
+            r2=on_map[1],
+            method=method,
+            converged=converged,
+            message=message,
+        )
+    prec = _inverse(cov, _MIN_EVAL_VARIANCE)
+    box = _window_box(a.shape, mean, cov, 8.0)
+    box_coords = [c[s] for c, s in zip(coords, box, strict=True)]
+    g = unit_gaussian(box_coords, mean, prec)
     resid_in = a[box] - floor
     # Sums of squares from a few dot products (no full-size temporaries):
     # sum (r - A g)^2 = sum r^2 - 2 A sum r g + A^2 sum g^2 inside the box; outside it the
