@@ -178,3 +178,37 @@ def test_the_damping_does_not_oscillate_on_maps_that_are_no_gaussian() -> None:
         if not fit.converged:
             failed.append((seed, fit.message))
     assert failed == []
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_noiseless_gaussian_on_a_floor_stops_once_exact(seed, monkeypatch) -> None:
+    # From a floor a little off (what the far pixels' median gives: their Gaussian tails), the
+    # log-linear start is one step from the optimum, and that step leaves residuals ~1e-14 of
+    # the peak: the fit stops there, exact to ~1e-13, without a confirming step.
+    rng = np.random.default_rng(seed)
+    shape = (64, 64)
+    cov = rotated_cov(rng.uniform(3, 7), rng.uniform(3, 7), rng.uniform(0, math.pi))
+    mean = rng.uniform(24, 40, 2)
+    floor = rng.uniform(0.001, 0.2)
+    a = gaussian_map(shape, mean, cov) + floor
+    solves = []
+    normal_equations = gn._Grid.normal_equations
+
+    def counted(self: gn._Grid, w: np.ndarray, fit_floor: bool):
+        solves.append(fit_floor)
+        return normal_equations(self, w, fit_floor)
+
+    monkeypatch.setattr(gn._Grid, "normal_equations", counted)
+    start_floor = floor + 1e-9
+    fit = gn.fit_floor_gaussian(a, mean + 0.3, cov * 1.2, start_floor, 1.0 - floor)
+    assert fit is not None and fit.converged
+    assert len(solves) == 1
+    np.testing.assert_allclose(fit.cov, cov, rtol=1e-12, atol=1e-12 * float(np.max(cov)))
+    np.testing.assert_allclose(fit.mean, mean, rtol=1e-13)
+    assert fit.floor == pytest.approx(floor, abs=1e-13)
+    # ... and the same map with noise far below the peak still iterates to its optimum.
+    monkeypatch.setattr(gn._Grid, "normal_equations", normal_equations)
+    noisy = a + rng.normal(0.0, 1e-9, shape)
+    fit = gn.fit_floor_gaussian(noisy, mean + 0.3, cov * 1.2, start_floor, 1.0 - floor)
+    assert fit is not None and fit.converged
+    np.testing.assert_allclose(fit.cov, cov, rtol=1e-7)
