@@ -700,7 +700,11 @@ def _forward_capture(
 
     handles = [modules[n].register_forward_hook(make_hook(n)) for n in hooked]  # type: ignore[union-attr]
     try:
-        output = model(x)
+        # The model gets a copy: a forward that writes into its input (an in-place ReLU or
+        # normalisation first, or a clamp_ under no_grad) then neither fails on the leaf that
+        # gradients are taken for nor changes the caller's inputs, which a chunk is a view of.
+        # One copy of the chunk's input, small beside its activations.
+        output = model(x.clone())
     except _StopForward:
         output = None
     finally:

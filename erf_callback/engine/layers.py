@@ -130,7 +130,7 @@ def deepest_spatial_layer(
     device, dtype = model_device_dtype(net, x)
     try:
         with probe_context(net), original_forwards(net), torch.no_grad():
-            net(x.to(device, dtype))
+            net(x.to(device, dtype, copy=True))  # the forward may write into its input
     finally:
         for h in handles:
             h.remove()

@@ -303,6 +303,56 @@ def test_buffers_replaced_or_added_by_the_forward_are_put_back():
     assert [n for n, _ in net.named_buffers()] == ["table"]
 
 
+class _WritesItsInput(nn.Module):
+    """Writes into its input first: in place with autograd (``inplace=True``), or under
+    ``no_grad`` (a clamp of the pixel range), then a conv stack with a ReLU."""
+
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.inplace = inplace
+        self.first = nn.ReLU(inplace=inplace)
+        self.body = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.body.append(nn.Conv2d(4, 4, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inplace:
+            with torch.no_grad():
+                x.clamp_(-1.5, 1.5)
+        else:  # the same values, and the gradient passes the clamp as under no_grad
+            x = x + (x.clamp(-1.5, 1.5) - x).detach()
+        x = x * 2 if not self.inplace else x.mul_(2)
+        return self.body(self.first(x))
+
+
+@pytest.mark.parametrize("optimize", [True, False])
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_a_model_that_writes_into_its_input_is_probed_and_the_inputs_are_kept(
+    optimize, chunk_size
+):
+    # An in-place ReLU or mul_ on the input with autograd on would fail on the leaf the
+    # gradients are taken for; a clamp_ under no_grad would change the caller's inputs (the
+    # callback's fixed probe batch, clamped and doubled again at every probe). The model gets a
+    # copy of each chunk: the maps equal those of the same model written out of place.
+    torch.manual_seed(0)
+    writes = _WritesItsInput(inplace=True).eval()
+    plain = copy.deepcopy(writes)
+    plain.inplace = False
+    plain.first = nn.ReLU()
+    x = torch.randn(7, 2, 12, 12, dtype=torch.float64)
+    writes.double(), plain.double()
+    kept = x.clone()
+    for layer in ("body.1", "body.3"):
+        got = compute_erf(writes, x, layer, chunk_size=chunk_size, optimize=optimize)[layer]
+        want = compute_erf(plain, x, layer, chunk_size=chunk_size, optimize=optimize)[layer]
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-12, atol=0)
+        assert torch.equal(x, kept)
+    # The default layer of ERFMonitor is found by a forward of the inputs too.
+    from erf_callback.engine.layers import deepest_spatial_layer
+
+    assert deepest_spatial_layer(writes, x) == "body"
+    assert torch.equal(x, kept)
+
+
 def test_autocast_and_channels_last_and_low_precision():
     torch.manual_seed(0)
     net = ResNet(width=4).eval()
