@@ -326,9 +326,7 @@ class _WritesItsInput(nn.Module):
 
 @pytest.mark.parametrize("optimize", [True, False])
 @pytest.mark.parametrize("chunk_size", [None, 3])
-def test_a_model_that_writes_into_its_input_is_probed_and_the_inputs_are_kept(
-    optimize, chunk_size
-):
+def test_a_model_that_writes_into_its_input_is_probed_and_the_inputs_are_kept(optimize, chunk_size):
     # An in-place ReLU or mul_ on the input with autograd on would fail on the leaf the
     # gradients are taken for; a clamp_ under no_grad would change the caller's inputs (the
     # callback's fixed probe batch, clamped and doubled again at every probe). The model gets a
