@@ -62,30 +62,47 @@ def test_history_files_survive_sigkill_at_random_moments(tmp_path):
     rng = random.Random(8)
     delays = [0.0] + [rng.uniform(0.2, 3.0) for _ in range(3)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    lags = 0
-    for i, delay in enumerate(delays):
-        run_dir, marker = tmp_path / f"run{i}", tmp_path / f"started{i}"
-        script = tmp_path / f"train{i}.py"
-        script.write_text(SCRIPT.format(root=root, run_dir=str(run_dir), marker=str(marker)))
-        proc = subprocess.Popen(
-            [sys.executable, str(script)],
-            env=env,
-            cwd=str(tmp_path),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        try:
-            deadline = time.monotonic() + 120
-            while not marker.exists():
+    # The runs are independent: they start together and each is killed its delay after its
+    # own first batch started (the suite's longest test otherwise, most of it Python imports).
+    runs = []
+    try:
+        for i, delay in enumerate(delays):
+            run_dir, marker = tmp_path / f"run{i}", tmp_path / f"started{i}"
+            script = tmp_path / f"train{i}.py"
+            script.write_text(SCRIPT.format(root=root, run_dir=str(run_dir), marker=str(marker)))
+            proc = subprocess.Popen(
+                [sys.executable, str(script)],
+                env=env,
+                cwd=str(tmp_path),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            runs.append([proc, marker, delay, None])  # None: kill time, once it started
+        deadline = time.monotonic() + 120
+        while any(proc.returncode is None for proc, *_ in runs):
+            now = time.monotonic()
+            for run in runs:
+                proc, marker, delay, kill_at = run
+                if proc.returncode is not None:
+                    continue
+                if kill_at is None and marker.exists():
+                    run[3] = kill_at = now + delay
+                if kill_at is not None and now >= kill_at:
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait(timeout=30)
+                    continue
                 assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-                assert time.monotonic() < deadline, "training did not start"
-                time.sleep(0.01)
-            time.sleep(delay)
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
+                assert now < deadline, "training did not start"
+            time.sleep(0.01)
+    finally:
+        for proc, *_ in runs:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(timeout=30)
             proc.stderr.close()
-        from_csv, from_json = _records(run_dir)
+    lags = 0
+    for i in range(len(delays)):
+        from_csv, from_json = _records(tmp_path / f"run{i}")
         if from_csv != from_json:
             # Killed between the two renames (a window of microseconds): the CSV is then
             # exactly one probe ahead of the JSON.

@@ -27,6 +27,10 @@ from tests.helpers.tensorboard import (
     wait_for_tags,
 )
 
+# One worker runs all of them, so the run and the server below are set up once (make test
+# distributes with --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("tensorboard_server")
+
 LAYER = "net.7"
 STEPS = 12  # 13 probes (0..12): more than the server keeps per tag
 
