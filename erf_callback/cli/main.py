@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--seed", type=int, default=0, help="seed of the noise inputs")
     probe.add_argument("--device", default="cpu", help="torch device (default cpu)")
     probe.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    probe.add_argument(
+        "--heatmap-style",
+        choices=("annotated", "raw"),
+        default="annotated",
+        help="annotated (title, colour bar, legend; default) or raw (the bare map)",
+    )
 
     report = sub.add_parser(
         "report",
@@ -165,7 +171,7 @@ def _probe(args: argparse.Namespace) -> None:
         model, args.layers, inputs, batch_size=args.batch_size, reduction=args.reduction,
         progress=progress,
     )  # fmt: skip
-    written = write_probe_outputs(maps, out)
+    written = write_probe_outputs(maps, out, heatmap_style=args.heatmap_style)
     print(f"{'layer':24s} {'radius':>8s} {'TRF':>12s} {'ERF/TRF':>8s}")
     for name, m in maps.items():
         metrics = m.metrics() if m.status == "ok" else {}

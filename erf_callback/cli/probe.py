@@ -96,11 +96,22 @@ def metrics_json(maps: dict[str, ERFMap]) -> dict[str, dict[str, float | None]]:
     return result
 
 
-def write_probe_outputs(maps: dict[str, ERFMap], out_dir: Path, cmap: str = "inferno") -> list[str]:
-    """Write ``metrics.json``, ``<layer>_heatmap.png`` and ``<layer>_radial_profile.png``."""
+def write_probe_outputs(
+    maps: dict[str, ERFMap],
+    out_dir: Path,
+    cmap: str = "inferno",
+    heatmap_style: str = "annotated",
+) -> list[str]:
+    """Write ``metrics.json``, ``<layer>_heatmap.png`` and ``<layer>_radial_profile.png``.
+
+    The heatmap is the callback's TensorBoard picture (``heatmap_style="annotated"``: title
+    with the layer, radius, ERF/TRF and R², colour bar, legend of the overlays) or the bare
+    map with its overlays (``"raw"``).
+    """
     from PIL import Image
 
     from erf_callback.render import render_heatmap, render_radial_profile
+    from erf_callback.render.annotated import MapPanel, render_heatmap_figure
 
     written = [str(out_dir / "metrics.json")]
     metrics = metrics_json(maps)
@@ -111,16 +122,26 @@ def write_probe_outputs(maps: dict[str, ERFMap], out_dir: Path, cmap: str = "inf
             continue
         fit = m.gaussian
         box = m.geometry.box(m.position) if m.geometry is not None else None
-        heat = render_heatmap(
-            m.numpy(), mean=fit.mean, cov=fit.cov, trf_box=box, location=m.location, cmap=cmap
-        )
+        mx = metrics[name]
+        if heatmap_style == "raw":
+            heat = render_heatmap(
+                m.numpy(), mean=fit.mean, cov=fit.cov, trf_box=box, location=m.location, cmap=cmap
+            )
+        else:
+            title = (
+                f"{name} \u00b7 radius {_text(mx['radius'], '.1f')} px\n"
+                f"ERF/TRF {_text(mx['erf_trf_ratio'], '.2f')} \u00b7 "
+                f"Gaussian R\u00b2 {_text(mx['gaussian_r2'], '.2f')}"
+            )
+            panel = MapPanel(m.numpy(), fit.mean, fit.cov, box, m.location, title=title)
+            heat = render_heatmap_figure(panel, cmap=cmap)
         profile = render_radial_profile(
             m.numpy(),
             mean=fit.mean,
             cov=fit.cov,
             floor=max(fit.floor, 0.0),
-            radius=_finite(metrics[name]["radius"]),
-            energy_radius=_finite(metrics[name]["energy_radius"]),
+            radius=_finite(mx["radius"]),
+            energy_radius=_finite(mx["energy_radius"]),
             title=name,
         )
         for suffix, img in (("heatmap", heat), ("radial_profile", profile)):
@@ -128,6 +149,11 @@ def write_probe_outputs(maps: dict[str, ERFMap], out_dir: Path, cmap: str = "inf
             Image.fromarray(img).save(path)
             written.append(str(path))
     return written
+
+
+def _text(value: Any, spec: str) -> str:
+    """A metric for a title: ``format(value, spec)``, or "n/a" where it is missing."""
+    return "n/a" if value is None else format(value, spec)
 
 
 def _finite(v: Any) -> float | None:

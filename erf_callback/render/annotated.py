@@ -81,7 +81,77 @@ def _relative(values: np.ndarray, log_scale: bool) -> tuple[np.ndarray, float]:
     return rel, min(0.0, low)
 
 
-def _draw_panel(ax: Axes, panel: MapPanel, log_scale: bool, cmap: str) -> None:
+# A map whose theoretical RF (with the fitted Gaussian's 3 sigma ellipse) spans less than this
+# share of the input's smaller side is drawn zoomed in on that region: an early layer's ERF
+# on a 224 px input is otherwise a dot under its overlays. The TRF bounds every pixel with a
+# gradient, so nothing of the map is left out of the view.
+_ZOOM_BELOW = 0.4
+_ZOOM_MIN_PX = 16.0
+
+View = tuple[float, float, float, float]  # (y0, y1, x0, x1) in input pixels
+
+
+def _zoom_view(panel: MapPanel) -> View | None:
+    """The square region around the probed unit's theoretical RF and fitted Gaussian (3
+    sigma), padded, that the panel shows; None: the whole map (no finite TRF, a 1-D map, or a
+    region not much smaller than the map)."""
+    if panel.erf.ndim < 2 or panel.trf_box is None:
+        return None
+    erf2, mean2, cov2, box2, loc2 = to_display_2d(
+        panel.erf, panel.mean, panel.cov, panel.trf_box, panel.location
+    )
+    if box2 is None:
+        return None
+    (ty0, ty1), (tx0, tx1) = box2[-2], box2[-1]
+    if not all(math.isfinite(v) for v in (ty0, ty1, tx0, tx1)):
+        return None  # a global TRF (pooling, attention): the map may be anywhere
+    ys, xs = [ty0 - 0.5, ty1 + 0.5], [tx0 - 0.5, tx1 + 0.5]
+    if mean2 is not None and cov2 is not None:
+        sd = np.sqrt(np.clip(np.diagonal(cov2), 0.0, None))
+        if np.isfinite(mean2).all() and np.isfinite(sd).all():
+            ys += [mean2[0] - 3 * sd[0], mean2[0] + 3 * sd[0]]
+            xs += [mean2[1] - 3 * sd[1], mean2[1] + 3 * sd[1]]
+    if loc2 is not None and all(math.isfinite(v) for v in loc2[-2:]):
+        ys.append(loc2[-2])
+        xs.append(loc2[-1])
+    h, w = (n * panel.scale for n in erf2.shape)
+    # Only the part inside the map counts: a cut TRF is centred on what is visible.
+    lo_y, hi_y = max(min(ys), -0.5), min(max(ys), h - 0.5)
+    lo_x, hi_x = max(min(xs), -0.5), min(max(xs), w - 0.5)
+    span = max(1.3 * max(hi_y - lo_y, hi_x - lo_x) + 4.0, _ZOOM_MIN_PX)
+    if span >= _ZOOM_BELOW * min(h, w):
+        return None
+    return _square(lo_y, hi_y, lo_x, hi_x, span, h, w)
+
+
+def _square(
+    lo_y: float, hi_y: float, lo_x: float, hi_x: float, span: float, h: float, w: float
+) -> View:
+    """A ``span`` square centred on the given region, moved inside the ``h x w`` map."""
+    y0 = min(max((lo_y + hi_y - span) / 2, -0.5), h - 0.5 - span)
+    x0 = min(max((lo_x + hi_x - span) / 2, -0.5), w - 0.5 - span)
+    return (y0, y0 + span, x0, x0 + span)
+
+
+def _common_view(panels: Sequence[MapPanel]) -> View | None:
+    """One view for panels drawn side by side (the same scale, so they compare): the square
+    that holds every panel's own view; None when one of them shows its whole map."""
+    views = [_zoom_view(p) for p in panels]
+    if any(v is None for v in views):
+        return None
+    found = [v for v in views if v is not None]
+    lo_y, hi_y = min(v[0] for v in found), max(v[1] for v in found)
+    lo_x, hi_x = min(v[2] for v in found), max(v[3] for v in found)
+    h, w = (n * panels[0].scale for n in to_display_2d(panels[0].erf)[0].shape)
+    span = max(hi_y - lo_y, hi_x - lo_x)
+    if span >= _ZOOM_BELOW * min(h, w):
+        return None
+    return _square(lo_y, hi_y, lo_x, hi_x, span, h, w)
+
+
+def _draw_panel(
+    ax: Axes, panel: MapPanel, log_scale: bool, cmap: str, view: View | None = None
+) -> None:
     erf2, mean2, cov2, box2, loc2 = to_display_2d(
         panel.erf, panel.mean, panel.cov, panel.trf_box, panel.location
     )
@@ -131,13 +201,20 @@ def _draw_panel(ax: Axes, panel: MapPanel, log_scale: bool, cmap: str) -> None:
                 )
     if loc2 is not None:
         ax.plot(loc2[1], loc2[0], marker="+", ms=14, mew=2.5, color=_MARKER, ls="none")
-    ax.set_xlim(extent[0], extent[1])
-    ax.set_ylim(extent[2], extent[3])
+    label = f"input {w * s:g} \u00d7 {h * s:g} px"
+    if view is None:
+        ax.set_xlim(extent[0], extent[1])
+        ax.set_ylim(extent[2], extent[3])
+    else:
+        ax.set_xlim(view[2], view[3])
+        ax.set_ylim(view[1], view[0])
+        span = view[1] - view[0]
+        label = f"{span:.0f} \u00d7 {span:.0f} of {w * s:g} \u00d7 {h * s:g} px"
     # No ticks: drawing tick labels is most of a figure's cost, and the size in input pixels
     # (below) plus the legend say what a reader needs.
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_xlabel(f"input {w * s:g} \u00d7 {h * s:g} px", fontsize=_FONT - 2)
+    ax.set_xlabel(label, fontsize=_FONT - 2)
     if panel.title:
         ax.set_title(panel.title, fontsize=_FONT - 1, y=1.0, pad=6.0)
 
@@ -211,12 +288,13 @@ def _layout(
     height = top + panel_px + bottom
     fig, canvas = _figure(width, height)
     lows = []
+    view = _common_view(panels)
     for i, panel in enumerate(panels):
         x0 = left + i * (panel_px + gap)
         ax = fig.add_axes(
             (x0 / width, bottom / height, panel_px / width, panel_px / height),
         )
-        _draw_panel(ax, panel, log_scale, cmap)
+        _draw_panel(ax, panel, log_scale, cmap, view)
         lows.append(_relative(to_display_2d(panel.erf)[0], log_scale)[1])
     bar_x = left + n * panel_px + (n - 1) * gap + bar_gap
     _colorbar(

@@ -119,6 +119,21 @@ def test_probe_writes_metrics_json_and_pngs_matching_the_closed_form(workdir, ca
     assert "wrote 5 files" in capsys.readouterr().out
 
 
+def test_probe_heatmap_is_the_annotated_figure_or_the_raw_map(workdir):
+    # The default picture is TensorBoard's (title, colour bar, legend: wider than tall, with
+    # white margins); --heatmap-style raw is the bare map, square, upscaled from 33 x 33.
+    annotated, raw = workdir / "annotated", workdir / "raw"
+    assert run_cli(*probe_args(annotated, "--layers", "2")) == 0
+    assert run_cli(*probe_args(raw, "--layers", "2", "--heatmap-style", "raw")) == 0
+    with Image.open(annotated / "2_heatmap.png") as img:
+        fig = np.asarray(img.convert("RGB"))
+    with Image.open(raw / "2_heatmap.png") as img:
+        bare = np.asarray(img.convert("RGB"))
+    assert bare.shape[0] == bare.shape[1] and (bare[0, 0] != 255).any()  # the map to its edge
+    assert fig.shape[1] > fig.shape[0] * 0.9 and (fig[0, 0] == 255).all()  # a white margin
+    assert fig.shape != bare.shape
+
+
 def test_probe_in_batches_equals_one_compute_erf_call(workdir):
     out = workdir / "out"
     argv = probe_args(out, "--layers", "2", "--batch-size", "2", factory="mymodels:build_relu")

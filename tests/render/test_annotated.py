@@ -65,6 +65,76 @@ def test_legend_names_the_trf_box_only_when_it_is_drawn() -> None:
     assert not green_in_legend(((-20.0, 51.0), (-20.0, 51.0)))  # TRF larger than the input
 
 
+def _shifted_gauss(side: int, centre: tuple[float, float], sigma: float) -> np.ndarray:
+    yy, xx = np.mgrid[:side, :side]
+    return np.exp(-((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) / (2 * sigma**2))
+
+
+@pytest.mark.parametrize("centre", [(64.0, 64.0), (3.0, 120.0), (100.0, 20.0)])
+def test_a_small_erf_is_drawn_zoomed_in_on_its_trf(centre) -> None:
+    # A 2 px Gaussian in a 9 x 9 TRF on a 128 px input: the panel shows a square around the
+    # TRF and the 3 sigma ellipse (all of the map's gradient lies inside the TRF), inside the
+    # map even where the TRF is cut by the border, not the whole input.
+    from erf_callback.render.annotated import _zoom_view
+
+    cy, cx = centre
+    box = ((cy - 4, cy + 4), (cx - 4, cx + 4))
+    panel = MapPanel(_shifted_gauss(128, centre, 2.0), np.array(centre), 4 * np.eye(2), box, centre)
+    view = _zoom_view(panel)
+    assert view is not None
+    y0, y1, x0, x1 = view
+    assert y1 - y0 == pytest.approx(x1 - x0) and y1 - y0 < 0.4 * 128
+    assert y0 >= -0.5 and x0 >= -0.5 and y1 <= 127.5 and x1 <= 127.5
+    for lo, hi, (t0, t1), c in ((y0, y1, box[0], cy), (x0, x1, box[1], cx)):
+        assert lo <= max(t0 - 0.5, -0.5) and min(t1 + 0.5, 127.5) <= hi
+        assert lo <= max(c - 6, -0.5) and min(c + 6, 127.5) <= hi  # 3 sigma
+    # What the reader sees: the bright part of the map covers many times more of the panel.
+    zoomed = render_heatmap_figure(panel)
+    whole = render_heatmap_figure(
+        MapPanel(panel.erf, panel.mean, panel.cov, None, centre)  # no TRF: no zoom
+    )
+    rows, cols = slice(50, 310), slice(30, 290)  # the map's axes
+
+    def bright(img: np.ndarray) -> int:
+        return int((img[rows, cols].astype(int).sum(-1) > 300).sum())
+
+    assert bright(zoomed) > 10 * bright(whole)
+
+
+def test_large_or_global_fields_show_the_whole_input() -> None:
+    from erf_callback.render.annotated import _zoom_view
+
+    c = np.array([63.5, 63.5])
+    wide = MapPanel(
+        gauss(128, 20), c, 400 * np.eye(2), ((10.0, 117.0), (10.0, 117.0)), (63.5, 63.5)
+    )
+    inf = float("inf")
+    pooled = MapPanel(gauss(128, 2), c, 4 * np.eye(2), ((-inf, inf), (-inf, inf)), (63.5, 63.5))
+    line = MapPanel(gauss(128, 2)[64], c[:1], 4 * np.eye(1), ((60.0, 68.0),), (63.5,))
+    assert _zoom_view(wide) is None
+    assert _zoom_view(pooled) is None  # a global TRF: the map may be anywhere
+    assert _zoom_view(line) is None  # 1-D maps are drawn as a strip
+
+
+def test_init_and_now_share_one_zoomed_view() -> None:
+    # Side by side they compare only at one scale: the view holds both panels' own views.
+    from erf_callback.render.annotated import _common_view, _zoom_view
+
+    box = ((56.0, 72.0), (56.0, 72.0))
+    init = MapPanel(
+        _shifted_gauss(128, (64, 64), 1.5), np.array([64.0, 64.0]), 2.25 * np.eye(2), box
+    )
+    now = MapPanel(_shifted_gauss(128, (64, 64), 3.0), np.array([64.0, 64.0]), 9 * np.eye(2), box)
+    view, own = _common_view([init, now]), [_zoom_view(init), _zoom_view(now)]
+    assert view is not None and all(v is not None for v in own)
+    for v in own:
+        assert view[0] <= v[0] and v[1] <= view[1] and view[2] <= v[2] and v[3] <= view[3]
+    img = render_init_vs_now(init, now)
+    left, right = img[:, :210], img[:, 210:]
+    rows = slice(50, 230)
+    assert ring_radius(right, rows) == pytest.approx(2 * ring_radius(left, rows), rel=0.1)
+
+
 def test_radius_chart_gives_each_layer_its_own_colour() -> None:
     series = {
         f"layer{i}": ([0, 10, 20], [1.0 + i, 1.5 + i, 2.0 + i], float("inf")) for i in range(3)
