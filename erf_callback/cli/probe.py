@@ -9,7 +9,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -100,7 +100,7 @@ def write_probe_outputs(
     maps: dict[str, ERFMap],
     out_dir: Path,
     cmap: str = "inferno",
-    heatmap_style: str = "annotated",
+    heatmap_style: Literal["annotated", "raw"] = "annotated",
 ) -> list[str]:
     """Write ``metrics.json``, ``<layer>_heatmap.png`` and ``<layer>_radial_profile.png``.
 
