@@ -285,7 +285,7 @@ def check_output(
     if len(shape) != spatial_dims + 2:
         unbatched = len(shape) > spatial_dims + 2
         raise (UnbatchedInputError if unbatched else ValueError)(
-            f"layer {name!r} outputs shape {tuple(shape)}, but an ERF needs "
+            f"layer {name!r} outputs shape {_batched(shape)}, but an ERF needs "
             f"(N, C, *spatial) with {spatial_dims} spatial dims like the input. Probe a layer "
             "with a spatial output (a conv/pool/block), or pass output_transform (e.g. "
             f"tokens_to_grid() for transformer tokens).{' ' + _UNBATCHED_HINT if unbatched else ''}"
@@ -307,3 +307,10 @@ def check_output(
             f"use indices 0 <= p < size per axis (the centre is {tuple(s // 2 for s in spatial)})."
         )
     return pos
+
+
+def _batched(shape: Sequence[int]) -> str:
+    """A layer's output shape with its batch axis as ``N`` (the probe's first chunk may hold
+    fewer samples than the caller passed): ``(N, 10)``."""
+    dims = ["N", *(str(int(n)) for n in shape[1:])] if len(shape) else []
+    return f"({', '.join(dims)})"

@@ -483,7 +483,7 @@ def test_unknown_layer_lists_the_closest_names():
 
 
 def test_non_spatial_layer_is_rejected_with_a_fix():
-    with pytest.raises(ValueError, match=r"'fc' outputs shape \(1, 10\).*output_transform"):
+    with pytest.raises(ValueError, match=r"'fc' outputs shape \(N, 10\).*output_transform"):
         compute_erf(ResNet(width=4), torch.randn(1, 3, 32, 32), ["fc"])
 
 
