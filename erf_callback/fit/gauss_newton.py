@@ -148,7 +148,7 @@ def fit_floor_gaussian(
                 break
         if fitted is None:
             return result
-        (b, _, converged, rss, rg, gg), gauss = fitted
+        (b, _, converged, rss, w), gauss = fitted
         mu_n, cov_n, amp_n = gauss
         mean = centre + half * mu_n
         cov_w = cov_n * np.outer(half, half)
@@ -174,13 +174,21 @@ def fit_floor_gaussian(
             converged,
             rss / tss if tss > 0 else 0.0,
             not blocked,
-            # At the amplitude that is least squares given the rest, the sum of squares is
-            # lower by (sum r g)^2 / sum g^2 (r: the residual, g: the fitted Gaussian).
-            (amplitude * (1.0 + rg / gg), 1.0 - (rss - rg * rg / gg) / tss)
-            if whole and gg > 0 and tss > 0
-            else None,
+            _on_map(w, amplitude, rss, tss) if whole else None,
         )
     return result
+
+
+def _on_map(w: np.ndarray, amplitude: float, rss: float, tss: float) -> tuple[float, float] | None:
+    """``(amplitude, R^2)`` with the amplitude that is least squares given the floor and the
+    Gaussian's shape, from the last evaluation's weights ``w`` (``amplitude``, ``rss``,
+    ``tss``: the fit's own, the latter two in its scaled units). At that amplitude the sum
+    of squares is lower by ``(sum r g)^2 / sum g^2`` (r: the residual, g: the Gaussian)."""
+    g = w[_G]
+    rg, gg = sum_of_products(w[_R], g), sum_of_products(g, g)
+    if not (gg > 0 and tss > 0):
+        return None
+    return amplitude * (1.0 + rg / gg), 1.0 - (rss - rg * rg / gg) / tss
 
 
 def _starts(
@@ -587,10 +595,11 @@ def _levenberg_marquardt(
     coef: np.ndarray,
     fit_floor: bool,
     tol: float,
-) -> tuple[float, np.ndarray, bool, float, float, float] | None:
-    """``(floor, coefficients, converged, residual sum of squares, sum r g, sum g^2)`` from
-    the start ``(b, coef)`` (``r``, ``g``: the residual and the model's Gaussian there); None
-    when the start cannot be evaluated."""
+) -> tuple[float, np.ndarray, bool, float, np.ndarray] | None:
+    """``(floor, coefficients, converged, residual sum of squares, weights)`` from the start
+    ``(b, coef)``, the weights a :meth:`_Grid.weights` buffer whose slots ``_G`` and ``_R``
+    hold the model's Gaussian and the residual there; None when the start cannot be
+    evaluated."""
 
     # Two weight buffers: the accepted state's and the trial's (swapped on acceptance).
     spare = grid.weights()
@@ -617,10 +626,6 @@ def _levenberg_marquardt(
     # one more step and evaluation to get from 1e-14 of the peak to 1e-17.
     exact = grid.size * _EXACT_RMS**2
 
-    def done(converged: bool) -> tuple[float, np.ndarray, bool, float, float, float]:
-        g = w[_G]
-        return b, coef, converged, cost, sum_of_products(w[_R], g), sum_of_products(g, g)
-
     # Damping starts small (Madsen and Nielsen's choice for a start believed good; the
     # log-linear start is exact on clean Gaussians). The monomials' normal matrix is badly
     # conditioned, so Marquardt's classic 1e-3 times its diagonal holds back its weak
@@ -637,7 +642,7 @@ def _levenberg_marquardt(
     nu = 2.0
     for _ in range(MODEL_MAX_ITER):
         if cost <= exact:
-            return done(True)
+            return b, coef, True, cost, w
         normal, grad = grid.normal_equations(w, fit_floor)
         diagonal = normal.diagonal()
         scale = np.where(diagonal > 0, diagonal, 1.0)
@@ -651,7 +656,7 @@ def _levenberg_marquardt(
                 # The model's own prediction of the step's gain says the step would not move
                 # the fit by a hundredth of its standard error: the minimum is reached, and
                 # the step that would only confirm it is not evaluated.
-                return done(True)
+                return b, coef, True, cost, w
             nb, nc = (b + float(step[0]), coef + step[1:]) if fit_floor else (b, coef + step)
             trial = evaluate(nb, nc, spare)
             if trial is not None and trial[1] <= cost:
@@ -659,11 +664,11 @@ def _levenberg_marquardt(
             if trial is not None and trial[1] <= cost * (1.0 + 1e-9) and lam <= 1e-2:
                 # A nearly undamped step that cannot lower the cost: at the minimum to
                 # rounding (the usual way a fit on noisy data ends; no need to damp further).
-                return done(True)
+                return b, coef, True, cost, w
             lam, nu = lam * nu, 2.0 * nu
         else:
             # No step lowers the cost: a minimum to within rounding.
-            return done(True)
+            return b, coef, True, cost, w
         params = [b, *coef.tolist()] if fit_floor else coef.tolist()
         small = max(abs(s) / (abs(p) + 1e-3) for s, p in zip(step.tolist(), params, strict=True))
         drop = cost - trial[1]
@@ -674,5 +679,5 @@ def _levenberg_marquardt(
         rho = drop / predicted if predicted > 0 else 0.0
         lam, nu = max(lam * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3), 1e-12), 2.0
         if drop <= tol * max(cost, 1e-300) or small < 100 * tol:
-            return done(True)
-    return done(False)
+            return b, coef, True, cost, w
+    return b, coef, False, cost, w

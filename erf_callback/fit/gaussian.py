@@ -499,22 +499,12 @@ def _floors_agree(
 
 def _plain_cov(a: np.ndarray, coords: list[np.ndarray]) -> np.ndarray:
     """The map's plain covariance for a comparison by a factor of 2 (:func:`_narrower`);
-    NaN when the map's sum is not positive.
-
-    In 2-D from one product of raw power sums ``[1, i, i^2]^T a [1, j, j^2]``: taking the
-    squared mean off the second moment costs ~(mean / sigma)^2 units of rounding, nothing to
-    such a comparison, where :func:`_moments` centres first at five times the cost.
-    """
+    NaN when the map's sum is not positive. In 2-D from one product of power sums
+    (:func:`_region_moments_2d`): its rounding is nothing to such a comparison, where
+    :func:`_moments` centres first at five times the cost."""
     if a.ndim != 2:
         return _moments(a, coords)[2]
-    h, w = a.shape
-    m = (_quadratic_powers(h).T @ a @ _quadratic_powers(w)).tolist()
-    n = m[0][0]
-    if not n > 0:
-        return np.full((2, 2), np.nan)
-    my, mx = m[1][0] / n, m[0][1] / n
-    vyy, vxx, vxy = m[2][0] / n - my * my, m[0][2] / n - mx * mx, m[1][1] / n - my * mx
-    return np.array([[vyy, vxy], [vxy, vxx]])
+    return _region_moments_2d(a, 0, 0)[1]
 
 
 def _narrower(cov: np.ndarray, reference: np.ndarray, ratio: float) -> bool:
@@ -748,16 +738,20 @@ def _half_max_init(
     return mean, cov + np.eye(a.ndim) * _MIN_WINDOW_VARIANCE
 
 
-def _region_moments_2d(region: np.ndarray, row: int, col: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and covariance of a non-empty 0/1 ``region`` whose first pixel is ``(row, col)``.
+def _region_moments_2d(w: np.ndarray, row: int, col: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of the weights ``w`` (a 0/1 region, or a whole map) whose first
+    pixel is ``(row, col)``; NaN when their sum is not positive.
 
-    All six raw moments come from one product ``[1, i, i^2]^T region [1, j, j^2]`` in the
-    region's own coordinates (at most its size, so taking the squared mean off the second
-    moment loses nothing that matters to a starting point).
+    All six raw moments come from one product ``[1, i, i^2]^T w [1, j, j^2]`` in the
+    weights' own coordinates: taking the squared mean off the second moment costs
+    ~(mean / sigma)^2 units of rounding, nothing that matters to a starting point or to a
+    comparison by a factor of 2.
     """
-    h, w = region.shape
-    m = (_quadratic_powers(h).T @ region @ _quadratic_powers(w)).tolist()
+    h, width = w.shape
+    m = (_quadratic_powers(h).T @ w @ _quadratic_powers(width)).tolist()
     n = m[0][0]
+    if not n > 0:
+        return np.full(2, np.nan), np.full((2, 2), np.nan)
     my, mx = m[1][0] / n, m[0][1] / n
     vyy, vxx, vxy = m[2][0] / n - my * my, m[0][2] / n - mx * mx, m[1][1] / n - my * mx
     return np.array([row + my, col + mx]), np.array([[vyy, vxy], [vxy, vxx]])

@@ -124,12 +124,10 @@ def _lm_case(seed: int) -> tuple[gn._Grid, np.ndarray, float, np.ndarray]:
 def test_the_iteration_stops_within_a_hundredth_of_a_standard_error(seed, monkeypatch) -> None:
     grid, a, floor, start = _lm_case(seed)
     eps = gn._STEP_SE
-    b, coef, converged, cost, _, _ = gn._levenberg_marquardt(grid, a, floor, start, True, gn._TOL)
+    b, coef, converged, cost, _ = gn._levenberg_marquardt(grid, a, floor, start, True, gn._TOL)
     assert converged
     monkeypatch.setattr(gn, "_STEP_SE", 1e-9)  # converge to rounding instead
-    b_opt, coef_opt, _, cost_opt, _, _ = gn._levenberg_marquardt(
-        grid, a, floor, start, True, gn._TOL
-    )
+    b_opt, coef_opt, _, cost_opt, _ = gn._levenberg_marquardt(grid, a, floor, start, True, gn._TOL)
     assert cost >= cost_opt * (1 - 1e-12)
     # Distance in standard errors: parameter covariance sigma^2 (J^T J)^-1 at the optimum.
     w = grid.weights()
