@@ -118,6 +118,7 @@ class ProbeImages:
         from erf_callback.render import render_evolution, render_heatmap, render_radial_profile
         from erf_callback.render.annotated import (
             MapPanel,
+            heatmap_title,
             render_heatmap_figure,
             render_init_vs_now,
         )
@@ -143,8 +144,9 @@ class ProbeImages:
                 fit.cov,
                 box,
                 m.location,
-                title=f"{layer}{_DOT}{step_text}radius {mx['radius']:.1f} px\n"
-                f"ERF/TRF {mx['erf_trf_ratio']:.2f}{_DOT}Gaussian R\u00b2 {mx['gaussian_r2']:.2f}",
+                title=heatmap_title(
+                    layer, mx["radius"], mx["erf_trf_ratio"], mx["gaussian_r2"], step
+                ),
             )
             first = history.first(layer)
             is_first = first is None or first["step"] == step

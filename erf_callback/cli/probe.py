@@ -111,7 +111,7 @@ def write_probe_outputs(
     from PIL import Image
 
     from erf_callback.render import render_heatmap, render_radial_profile
-    from erf_callback.render.annotated import MapPanel, render_heatmap_figure
+    from erf_callback.render.annotated import MapPanel, heatmap_title, render_heatmap_figure
 
     written = [str(out_dir / "metrics.json")]
     metrics = metrics_json(maps)
@@ -128,11 +128,7 @@ def write_probe_outputs(
                 m.numpy(), mean=fit.mean, cov=fit.cov, trf_box=box, location=m.location, cmap=cmap
             )
         else:
-            title = (
-                f"{name} \u00b7 radius {_text(mx['radius'], '.1f')} px\n"
-                f"ERF/TRF {_text(mx['erf_trf_ratio'], '.2f')} \u00b7 "
-                f"Gaussian R\u00b2 {_text(mx['gaussian_r2'], '.2f')}"
-            )
+            title = heatmap_title(name, mx["radius"], mx["erf_trf_ratio"], mx["gaussian_r2"])
             panel = MapPanel(m.numpy(), fit.mean, fit.cov, box, m.location, title=title)
             heat = render_heatmap_figure(panel, cmap=cmap)
         profile = render_radial_profile(
@@ -149,11 +145,6 @@ def write_probe_outputs(
             Image.fromarray(img).save(path)
             written.append(str(path))
     return written
-
-
-def _text(value: Any, spec: str) -> str:
-    """A metric for a title: ``format(value, spec)``, or "n/a" where it is missing."""
-    return "n/a" if value is None else format(value, spec)
 
 
 def _finite(v: Any) -> float | None:

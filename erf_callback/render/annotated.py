@@ -32,7 +32,7 @@ from matplotlib.patches import Ellipse, Rectangle
 from erf_callback.render.figures import _figure, _figure_to_array
 from erf_callback.render.raster import _LOG_EPS, _log_scale, to_display_2d
 
-__all__ = ["MapPanel", "render_heatmap_figure", "render_init_vs_now"]
+__all__ = ["MapPanel", "heatmap_title", "render_heatmap_figure", "render_init_vs_now"]
 
 # The raw raster's overlay colours, as matplotlib colours.
 _SIGMA1 = "#00ffff"
@@ -41,6 +41,7 @@ _TRF = "#00e600"
 _MARKER = "#1e6eff"
 _LEGEND_BG = "#2b2b2b"
 
+_DOT = " \u00b7 "  # a middle dot between the parts of a title
 _FONT = 12.0  # points at 100 dpi: ~17 px text, still ~13 px in a shrunk TensorBoard card
 
 
@@ -142,7 +143,7 @@ def _common_view(panels: Sequence[MapPanel]) -> View | None:
     found = [v for v in views if v is not None]
     lo_y, hi_y = min(v[0] for v in found), max(v[1] for v in found)
     lo_x, hi_x = min(v[2] for v in found), max(v[3] for v in found)
-    h, w = (n * panels[0].scale for n in to_display_2d(panels[0].erf)[0].shape)
+    h, w = (n * panels[0].scale for n in panels[0].erf.shape[-2:])  # 2-D or 3-D: (y, x)
     span = max(hi_y - lo_y, hi_x - lo_x)
     if span >= _ZOOM_BELOW * min(h, w):
         return None
@@ -308,6 +309,32 @@ def _layout(
         fig.text(0.5, 1 - 8 / height, suptitle, ha="center", va="top", fontsize=_FONT)
     _legend(fig, any(_box_visible(p) for p in panels), 6 / height)
     return _figure_to_array(canvas, width, height)
+
+
+def heatmap_title(
+    layer: str,
+    radius: float | None,
+    erf_trf_ratio: float | None,
+    r2: float | None,
+    step: int | None = None,
+) -> str:
+    """The two-line title of a layer's heatmap (TensorBoard and the CLI); a value that is
+    missing (None) reads "n/a".
+
+    Example:
+        >>> print(heatmap_title("stage1", 3.31, 0.6, 0.96, step=500))
+        stage1 \u00b7 step 500 \u00b7 radius 3.3 px
+        ERF/TRF 0.60 \u00b7 Gaussian R\u00b2 0.96
+    """
+
+    def text(value: float | None, spec: str) -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    step_text = "" if step is None else f"step {step}{_DOT}"
+    return (
+        f"{layer}{_DOT}{step_text}radius {text(radius, '.1f')} px\n"
+        f"ERF/TRF {text(erf_trf_ratio, '.2f')}{_DOT}Gaussian R\u00b2 {text(r2, '.2f')}"
+    )
 
 
 def render_heatmap_figure(
