@@ -70,7 +70,12 @@ from erf_callback.engine.config import (
 from erf_callback.engine.erf_map import ERFMap
 from erf_callback.engine.layers import deepest_spatial_layer, model_device_dtype, resolve_layers
 from erf_callback.engine.transforms import OutputTransform
-from erf_callback.engine.validate import UnbatchedInputError, check_inputs, normalize_layers
+from erf_callback.engine.validate import (
+    UnbatchedInputError,
+    check_eager,
+    check_inputs,
+    normalize_layers,
+)
 from erf_callback.fit.metrics import MetricConfig
 from erf_callback.warnings import ERFWarning
 
@@ -324,6 +329,7 @@ class ERFMonitorBase:
             )
         self._group = probe_group(trainer)  # an unsupported strategy fails here, not in a hang
         net = self._probed_module(pl_module)
+        check_eager(net)  # a TorchScript model fails here, before any data
         if self.layers is not None:
             resolve_layers(net, self.layers)  # unknown names fail here, before any data
 

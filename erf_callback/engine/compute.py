@@ -146,9 +146,12 @@ def compute_erf(
 
     Raises:
         KeyError: an unknown layer name (the message lists the closest real names).
+        TypeError: inputs that are not a tensor; a model that is not an ``nn.Module``, is or
+            holds a TorchScript module, or whose forward needs more than the inputs.
         ValueError: bad input rank or dtype, NaN/Inf inputs, an unbatched image, a model on the
-            meta device, non-integer positions or channels, a layer without spatial output, a
-            position outside the output, a layer the forward never reaches.
+            meta device or built under ``torch.inference_mode``, non-integer positions or
+            channels, a layer without spatial output, a position outside the output, a layer
+            the forward never reaches.
         torch.OutOfMemoryError: even the smallest chunk did not fit (the message says what
             to change); no memory of the probe is left allocated.
 
@@ -714,10 +717,17 @@ def _forward_capture(
         captured[OUTPUT] = apply_transform(OUTPUT, output, transforms[OUTPUT])
     missing = [n for n in names if n not in captured]
     if missing:
+        inlined = ""
+        if isinstance(model, torch.fx.GraphModule):
+            inlined = (
+                " This is a torch.fx GraphModule: one made by torch.export (ExportedProgram"
+                ".module()) runs its layers' operations inline, without calling the modules, "
+                "so probe the eager model it was exported from."
+            )
         raise ValueError(
             f"The model's forward never called {missing}: they exist but are not used on this "
             "path (e.g. a branch not taken, or a module only used in training_step). Probe "
-            "modules that forward() runs."
+            f"modules that forward() runs.{inlined}"
         )
     return captured
 

@@ -19,6 +19,7 @@ from erf_callback.engine.config import OUTPUT
 
 __all__ = [
     "UnbatchedInputError",
+    "check_eager",
     "check_finite",
     "check_inputs",
     "check_model",
@@ -156,9 +157,11 @@ def check_model(model: Any, modules: Sequence[nn.Module] | None = None) -> None:
             f"model must be a torch.nn.Module; got {type(model).__name__}. Wrap a function in "
             "a module whose layers are submodules (their names are what layers= selects)."
         )
+    everything = list(model.modules()) if modules is None else modules
+    check_eager(model, everything)
     _check_forward_takes_the_input(model)
     # The names are built only when there is something to report (every probe runs this).
-    if not any(_unusable(m) for m in modules or model.modules()):
+    if not any(_unusable(m) for m in everything):
         return
     named = [*model.named_parameters(), *model.named_buffers()]
     lazy = [n for n, t in named if is_lazy(t)]
@@ -169,6 +172,15 @@ def check_model(model: Any, modules: Sequence[nn.Module] | None = None) -> None:
             "(model(x)), as its first training step would, then probe; a probe does not "
             "initialise them, as that would change the model."
         )
+    frozen = [n for n, t in named if t.is_inference()]
+    if frozen:
+        raise ValueError(
+            f"the model has {len(frozen)} parameters/buffers made under torch.inference_mode "
+            f"(e.g. {frozen[0]!r}): autograd cannot take gradients through inference tensors. "
+            "Build or load the model outside inference_mode (torch.no_grad() is fine), or give "
+            "it ordinary copies outside inference_mode: model.load_state_dict({k: v.clone() "
+            "for k, v in model.state_dict().items()}, assign=True)."
+        )
     meta = [n for n, t in named if t.is_meta]
     if meta:
         raise ValueError(
@@ -176,6 +188,29 @@ def check_model(model: Any, modules: Sequence[nn.Module] | None = None) -> None:
             "they hold no values, so there is no gradient to measure. Materialise the model "
             "first, e.g. model.to_empty(device='cpu') followed by load_state_dict(...)."
         )
+
+
+def check_eager(model: nn.Module, modules: Sequence[nn.Module] | None = None) -> None:
+    """Raise a TypeError for a model that is, or holds, a TorchScript module: its compiled
+    graph calls no Python forward hooks (how a layer's output is caught) and keeps its
+    tensors in tables that the probe's guard cannot snapshot and restore.
+
+    The one check of :func:`check_model` that the callback also makes at setup, where lazy or
+    meta tensors may still be materialised before the first batch.
+
+    Example:
+        >>> check_eager(nn.Conv2d(1, 1, 3))  # an eager module passes
+    """
+    if not any(isinstance(m, torch.jit.ScriptModule) for m in modules or model.modules()):
+        return
+    where = next(name for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule))
+    what = "the model is" if where == "" else f"submodule {where!r} is"
+    raise TypeError(
+        f"{what} a TorchScript module (torch.jit.script / torch.jit.trace): its compiled graph "
+        "runs without the Python forward hooks a probe needs, so it cannot be probed. Probe "
+        "the eager nn.Module it was made from (for a file saved with torch.jit.save: build "
+        "the model's class and load its state_dict); torch.compile'd models can be probed."
+    )
 
 
 def _check_forward_takes_the_input(model: nn.Module) -> None:
@@ -199,10 +234,13 @@ def _check_forward_takes_the_input(model: nn.Module) -> None:
 
 
 def _unusable(module: nn.Module) -> bool:
-    """Whether the module's own parameters or buffers hold a meta or an uninitialised (lazy)
-    tensor (most modules have neither table filled: those are skipped at once)."""
+    """Whether the module's own parameters or buffers hold a meta, an inference-mode or an
+    uninitialised (lazy) tensor (most modules have neither table filled: those are skipped
+    at once)."""
     for table in (module._parameters, module._buffers):
-        if table and any(t is not None and (t.is_meta or is_lazy(t)) for t in table.values()):
+        if table and any(
+            t is not None and (is_lazy(t) or t.is_meta or t.is_inference()) for t in table.values()
+        ):
             return True
     return False
 

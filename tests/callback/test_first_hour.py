@@ -34,6 +34,19 @@ def test_wrong_layer_name_suggests_module() -> None:
     )
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")
+@pytest.mark.parametrize("layers", [None, ["3"]])
+def test_a_torchscript_network_fails_at_setup(layers) -> None:
+    # Before: with layers named, an AttributeError from the name lookup ("'OrderedModuleDict'
+    # object has no attribute 'get'"); without, a RuntimeError from the first batch's search
+    # for the deepest layer ("register_forward_hook is not supported on ScriptModules").
+    module = WithModel()
+    module.model = torch.jit.script(make_net())
+    monitor = ERFMonitor(layers=layers, module="model")
+    with pytest.raises(TypeError, match=r"the model is a TorchScript module.*eager nn\.Module"):
+        monitor.setup(types.SimpleNamespace(fast_dev_run=False), module, "fit")
+
+
 def test_no_module_hint_when_the_name_is_ambiguous_or_absent() -> None:
     twice = nn.ModuleDict({"a": nn.Sequential(nn.Conv2d(1, 1, 1)), "b": nn.Sequential(nn.ReLU())})
     with pytest.raises(KeyError) as err:

@@ -132,6 +132,40 @@ def test_model_on_the_meta_device_is_refused_up_front():
         compute_erf(net, torch.randn(1, 1, 8, 8))
 
 
+class _ScriptedBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = torch.jit.script(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1)))
+
+    def forward(self, x):
+        return self.block(self.stem(x))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")
+def test_a_torchscript_model_is_refused_with_the_way_out():
+    # Before: AttributeError "'OrderedModuleDict' object has no attribute 'get'" (scripted
+    # and traced models alike); past that, the guard could not restore its buffer tables.
+    from erf_callback.engine.layers import deepest_spatial_layer
+
+    x = torch.randn(2, 3, 8, 8)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+    for model, where in (
+        (torch.jit.script(net), "the model is"),
+        (torch.jit.trace(net.eval(), x), "the model is"),
+        (_ScriptedBlock(), "submodule 'block' is"),
+    ):
+        for probe in (
+            lambda m=model: compute_erf(m, x),
+            lambda m=model: compute_erf(m, x, layers=["output"]),
+            lambda m=model: deepest_spatial_layer(m, x),
+        ):
+            with pytest.raises(TypeError, match=rf"{where} a TorchScript module.*eager nn\.Module"):
+                probe()
+    # The eager model it was made from is probed as usual.
+    assert compute_erf(net, x)["output"].status == "ok"
+
+
 def test_metrics_none_means_the_default_metric_config():
     from erf_callback import MetricConfig, ProbeConfig
 
@@ -185,3 +219,31 @@ def test_inputs_that_are_not_a_tensor_say_how_to_make_one(inputs, hint):
     net = nn.Sequential(nn.Conv2d(3, 2, 3))
     with pytest.raises(TypeError, match=r"inputs must be a torch\.Tensor .*" + hint):
         compute_erf(net, inputs)
+
+
+def test_an_exported_module_probes_its_output_and_names_why_its_layers_cannot_be():
+    # torch.export's module runs the layers' operations inline: before, the "never called"
+    # error suggested a branch not taken.
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+    x = torch.randn(4, 3, 8, 8)
+    exported = torch.export.export(
+        net, (x[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},)
+    ).module()
+    with pytest.raises(ValueError, match=r"never called \['2'\].*torch\.export.*eager model"):
+        compute_erf(exported, x, layers=["2"])
+    got, want = compute_erf(exported, x)["output"], compute_erf(net, x)["output"]
+    assert torch.allclose(got.grad, want.grad, rtol=1e-5, atol=1e-9)
+
+
+def test_a_model_made_under_inference_mode_is_refused_and_left_as_it_was():
+    # Before: the guard's restore raised "Setting requires_grad=True on inference tensor
+    # outside InferenceMode" half-way, and left the parameters with requires_grad False.
+    with torch.inference_mode():
+        net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"7 parameters/buffers made under torch\.inference_mode"):
+        compute_erf(net, x)
+    assert all(p.requires_grad for p in net.parameters())
+    # The way out that the message gives works.
+    net.load_state_dict({k: v.clone() for k, v in net.state_dict().items()}, assign=True)
+    assert compute_erf(net, x)["output"].status == "ok"
