@@ -82,11 +82,12 @@ def _relative(values: np.ndarray, log_scale: bool) -> tuple[np.ndarray, float]:
     return rel, min(0.0, low)
 
 
-# A map whose theoretical RF (with the fitted Gaussian's 3 sigma ellipse) spans less than this
-# share of the input's smaller side is drawn zoomed in on that region: an early layer's ERF
-# on a 224 px input is otherwise a dot under its overlays. The TRF bounds every pixel with a
-# gradient, so nothing of the map is left out of the view.
-_ZOOM_BELOW = 0.4
+# A map whose theoretical RF (with the fitted Gaussian's 3 sigma ellipse), padded, spans less
+# than this share of the input's smaller side is drawn zoomed in on that region, at least
+# twice the scale: an early layer's ERF on a 224 px input is otherwise a dot under its
+# overlays (and a 9 px TRF on a 48 px input, padded to 22 px, a small blob at 40%). The TRF
+# bounds every pixel with a gradient, so nothing of the map is left out of the view.
+_ZOOM_BELOW = 0.5
 _ZOOM_MIN_PX = 16.0
 
 View = tuple[float, float, float, float]  # (y0, y1, x0, x1) in input pixels

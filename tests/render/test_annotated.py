@@ -83,7 +83,7 @@ def test_a_small_erf_is_drawn_zoomed_in_on_its_trf(centre) -> None:
     view = _zoom_view(panel)
     assert view is not None
     y0, y1, x0, x1 = view
-    assert y1 - y0 == pytest.approx(x1 - x0) and y1 - y0 < 0.4 * 128
+    assert y1 - y0 == pytest.approx(x1 - x0) and y1 - y0 < 0.5 * 128
     assert y0 >= -0.5 and x0 >= -0.5 and y1 <= 127.5 and x1 <= 127.5
     for lo, hi, (t0, t1), c in ((y0, y1, box[0], cy), (x0, x1, box[1], cx)):
         assert lo <= max(t0 - 0.5, -0.5) and min(t1 + 0.5, 127.5) <= hi
@@ -99,6 +99,22 @@ def test_a_small_erf_is_drawn_zoomed_in_on_its_trf(centre) -> None:
         return int((img[rows, cols].astype(int).sum(-1) > 300).sum())
 
     assert bright(zoomed) > 10 * bright(whole)
+
+
+@pytest.mark.parametrize(("side", "zoomed"), [(48, True), (40, False)])
+def test_a_zoom_at_least_doubles_the_scale(side, zoomed) -> None:
+    # A 9 x 9 TRF holding a 2.25 px Gaussian: its view (TRF and 3 sigma, padded) is ~22 px,
+    # under half of a 48 px input (shown at twice the scale and more; at 40% of it, the view
+    # was once left whole and the ERF a small blob) but over half of a 40 px one.
+    from erf_callback.render.annotated import _zoom_view
+
+    c = (side - 1) / 2
+    box = ((c - 4, c + 4), (c - 4, c + 4))
+    panel = MapPanel(_shifted_gauss(side, (c, c), 2.25), np.array([c, c]), 2.25**2 * np.eye(2), box)
+    view = _zoom_view(panel)
+    assert (view is not None) is zoomed
+    if view is not None:
+        assert side / (view[1] - view[0]) >= 2.0
 
 
 def test_large_or_global_fields_show_the_whole_input() -> None:
