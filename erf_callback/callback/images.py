@@ -121,8 +121,10 @@ class ProbeImages:
             heatmap_title,
             render_heatmap_figure,
             render_init_vs_now,
+            zoom_view,
         )
         from erf_callback.render.charts import render_radius_chart
+        from erf_callback.render.raster import to_display_2d
 
         if metrics is None:
             with warnings.catch_warnings():
@@ -210,11 +212,16 @@ class ProbeImages:
             jobs.append((f"{tag}/radial_profile", radial, ()))
             frames = history.maps.get(layer, [])
             if frames:
+                # The heatmap's zoom: every frame's gradient lies in the (fixed) TRF it holds.
+                view = zoom_view(panel)
+                shown = to_display_2d(arr)[0].shape
                 make_strip = partial(
                     render_evolution,
                     [f.numpy() for _, f in frames],
                     [f"step {s}" for s, _ in frames],
                     cmap=self.cmap,
+                    view=view,
+                    input_shape=None if view is None else (shown[0], shown[1]),
                 )
                 jobs.append((f"{tag}/evolution", make_strip, ()))
         if maps and not all(first_here):

@@ -29,10 +29,17 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Ellipse, Rectangle
 
-from erf_callback.render.figures import _figure, _figure_to_array
+from erf_callback.render.figures import _figure, _figure_to_array, zoom_caption
 from erf_callback.render.raster import _LOG_EPS, _log_scale, to_display_2d
 
-__all__ = ["MapPanel", "heatmap_title", "render_heatmap_figure", "render_init_vs_now"]
+__all__ = [
+    "MapPanel",
+    "View",
+    "heatmap_title",
+    "render_heatmap_figure",
+    "render_init_vs_now",
+    "zoom_view",
+]
 
 # The raw raster's overlay colours, as matplotlib colours.
 _SIGMA1 = "#00ffff"
@@ -93,7 +100,7 @@ _ZOOM_MIN_PX = 16.0
 View = tuple[float, float, float, float]  # (y0, y1, x0, x1) in input pixels
 
 
-def _zoom_view(panel: MapPanel) -> View | None:
+def zoom_view(panel: MapPanel) -> View | None:
     """The square region around the probed unit's theoretical RF and fitted Gaussian (3
     sigma), padded, that the panel shows; None: the whole map (no finite TRF, a 1-D map, or a
     region not much smaller than the map)."""
@@ -138,7 +145,7 @@ def _square(
 def _common_view(panels: Sequence[MapPanel]) -> View | None:
     """One view for panels drawn side by side (the same scale, so they compare): the square
     that holds every panel's own view; None when one of them shows its whole map."""
-    views = [_zoom_view(p) for p in panels]
+    views = [zoom_view(p) for p in panels]
     if any(v is None for v in views):
         return None
     found = [v for v in views if v is not None]
@@ -211,7 +218,7 @@ def _draw_panel(
         ax.set_xlim(view[2], view[3])
         ax.set_ylim(view[1], view[0])
         span = view[1] - view[0]
-        label = f"{span:.0f} \u00d7 {span:.0f} of {w * s:g} \u00d7 {h * s:g} px"
+        label = zoom_caption(span, h * s, w * s)
     # No ticks: drawing tick labels is most of a figure's cost, and the size in input pixels
     # (below) plus the legend say what a reader needs.
     ax.set_xticks([])

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from erf_callback.fit.grid import distance_sq, gaussian_on_grid, mass_within
 from erf_callback.render.raster import colorize_map, to_display_2d
 
-__all__ = ["render_evolution", "render_radial_profile"]
+__all__ = ["render_evolution", "render_radial_profile", "zoom_caption"]
 
 _DPI = 100.0  # figures are sized in pixels; at 100 dpi 1 inch = 100 px
 
@@ -194,6 +194,30 @@ def _fit_tile(img: np.ndarray, tile: int, background: int = 255) -> np.ndarray:
     return out
 
 
+def zoom_caption(span: float, height: float, width: float) -> str:
+    """The caption of a zoomed picture: the side of the square shown, of the input's size.
+
+    Example:
+        >>> zoom_caption(40.0, 224, 224)
+        '40 × 40 of 224 × 224 px'
+    """
+    return f"{span:.0f} \u00d7 {span:.0f} of {width:g} \u00d7 {height:g} px"
+
+
+def _crop(
+    img: np.ndarray, view: tuple[float, float, float, float], scale: tuple[float, float]
+) -> np.ndarray:
+    """The pixels of ``img`` under ``view`` (``(y0, y1, x0, x1)``, pixel edges in input
+    pixels; ``scale``: input pixels per ``img`` pixel along y and x)."""
+    h, w = img.shape[:2]
+    (y0, y1, x0, x1), (sy, sx) = view, scale
+    r0 = min(max(math.floor((y0 + 0.5) / sy + 1e-9), 0), h - 1)
+    c0 = min(max(math.floor((x0 + 0.5) / sx + 1e-9), 0), w - 1)
+    r1 = max(min(math.ceil((y1 + 0.5) / sy - 1e-9), h), r0 + 1)
+    c1 = max(min(math.ceil((x1 + 0.5) / sx - 1e-9), w), c0 + 1)
+    return img[r0:r1, c0:c1]
+
+
 def render_evolution(
     frames: Sequence[np.ndarray],
     labels: Sequence[str],
@@ -202,6 +226,8 @@ def render_evolution(
     cmap: str = "inferno",
     tile: int = 110,
     max_columns: int = 3,
+    view: tuple[float, float, float, float] | None = None,
+    input_shape: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Grid of ERF heatmaps over training (init -> now), each labelled.
 
@@ -223,6 +249,11 @@ def render_evolution(
         cmap: matplotlib colour-map name.
         tile: tile side in pixels.
         max_columns: maximum number of tiles per row.
+        view: show only this square of every frame, ``(y0, y1, x0, x1)`` in input pixels
+            (pixel edges; e.g. the heatmap's zoom around the theoretical RF), captioned
+            ``N × N of H × W px`` under the grid. Needs ``input_shape``.
+        input_shape: the input's ``(H, W)`` (after :func:`to_display_2d`): frames are
+            history maps, downsampled from it.
 
     Returns:
         ``uint8`` array ``(H, W, 3)``.
@@ -239,11 +270,20 @@ def render_evolution(
         raise ValueError("render_evolution needs at least one frame")
     if len(labels) != len(frames):
         raise ValueError(f"got {len(frames)} frames but {len(labels)} labels")
+    if (view is None) is not (input_shape is None):
+        raise ValueError("render_evolution: view and input_shape go together")
     keep = _select_frames(len(frames), 2 * max(1, max_columns))
     height, width, origins = _grid_layout(len(keep), tile, max_columns)
+    caption_px = 22 if view is not None else 0
+    height += caption_px
     canvas_img = np.full((height, width, 3), 255, dtype=np.uint8)
     for i, (r, c) in zip(keep, origins, strict=True):
-        small = colorize_map(to_display_2d(frames[i])[0], log_scale, cmap)
+        frame = to_display_2d(frames[i])[0]
+        # Colour first, so a tile keeps its frame's own normalisation, then crop.
+        small = colorize_map(frame, log_scale, cmap)
+        if view is not None and input_shape is not None:
+            scale = (input_shape[0] / frame.shape[0], input_shape[1] / frame.shape[1])
+            small = _crop(small, view, scale)
         canvas_img[r : r + tile, c : c + tile] = _fit_tile(small, tile)
 
     fig, canvas = _figure(width, height)
@@ -261,4 +301,7 @@ def render_evolution(
             va="center",
             fontsize=fontsize,
         )
+    if view is not None and input_shape is not None:
+        caption = "each tile: " + zoom_caption(view[1] - view[0], *input_shape)
+        fig.text(0.5, caption_px / 2 / height, caption, ha="center", va="center", fontsize=10)
     return _figure_to_array(canvas, width, height)

@@ -75,12 +75,12 @@ def test_a_small_erf_is_drawn_zoomed_in_on_its_trf(centre) -> None:
     # A 2 px Gaussian in a 9 x 9 TRF on a 128 px input: the panel shows a square around the
     # TRF and the 3 sigma ellipse (all of the map's gradient lies inside the TRF), inside the
     # map even where the TRF is cut by the border, not the whole input.
-    from erf_callback.render.annotated import _zoom_view
+    from erf_callback.render.annotated import zoom_view
 
     cy, cx = centre
     box = ((cy - 4, cy + 4), (cx - 4, cx + 4))
     panel = MapPanel(_shifted_gauss(128, centre, 2.0), np.array(centre), 4 * np.eye(2), box, centre)
-    view = _zoom_view(panel)
+    view = zoom_view(panel)
     assert view is not None
     y0, y1, x0, x1 = view
     assert y1 - y0 == pytest.approx(x1 - x0) and y1 - y0 < 0.5 * 128
@@ -106,19 +106,19 @@ def test_a_zoom_at_least_doubles_the_scale(side, zoomed) -> None:
     # A 9 x 9 TRF holding a 2.25 px Gaussian: its view (TRF and 3 sigma, padded) is ~22 px,
     # under half of a 48 px input (shown at twice the scale and more; at 40% of it, the view
     # was once left whole and the ERF a small blob) but over half of a 40 px one.
-    from erf_callback.render.annotated import _zoom_view
+    from erf_callback.render.annotated import zoom_view
 
     c = (side - 1) / 2
     box = ((c - 4, c + 4), (c - 4, c + 4))
     panel = MapPanel(_shifted_gauss(side, (c, c), 2.25), np.array([c, c]), 2.25**2 * np.eye(2), box)
-    view = _zoom_view(panel)
+    view = zoom_view(panel)
     assert (view is not None) is zoomed
     if view is not None:
         assert side / (view[1] - view[0]) >= 2.0
 
 
 def test_large_or_global_fields_show_the_whole_input() -> None:
-    from erf_callback.render.annotated import _zoom_view
+    from erf_callback.render.annotated import zoom_view
 
     c = np.array([63.5, 63.5])
     wide = MapPanel(
@@ -127,21 +127,21 @@ def test_large_or_global_fields_show_the_whole_input() -> None:
     inf = float("inf")
     pooled = MapPanel(gauss(128, 2), c, 4 * np.eye(2), ((-inf, inf), (-inf, inf)), (63.5, 63.5))
     line = MapPanel(gauss(128, 2)[64], c[:1], 4 * np.eye(1), ((60.0, 68.0),), (63.5,))
-    assert _zoom_view(wide) is None
-    assert _zoom_view(pooled) is None  # a global TRF: the map may be anywhere
-    assert _zoom_view(line) is None  # 1-D maps are drawn as a strip
+    assert zoom_view(wide) is None
+    assert zoom_view(pooled) is None  # a global TRF: the map may be anywhere
+    assert zoom_view(line) is None  # 1-D maps are drawn as a strip
 
 
 def test_init_and_now_share_one_zoomed_view() -> None:
     # Side by side they compare only at one scale: the view holds both panels' own views.
-    from erf_callback.render.annotated import _common_view, _zoom_view
+    from erf_callback.render.annotated import _common_view, zoom_view
 
     box = ((56.0, 72.0), (56.0, 72.0))
     init = MapPanel(
         _shifted_gauss(128, (64, 64), 1.5), np.array([64.0, 64.0]), 2.25 * np.eye(2), box
     )
     now = MapPanel(_shifted_gauss(128, (64, 64), 3.0), np.array([64.0, 64.0]), 9 * np.eye(2), box)
-    view, own = _common_view([init, now]), [_zoom_view(init), _zoom_view(now)]
+    view, own = _common_view([init, now]), [zoom_view(init), zoom_view(now)]
     assert view is not None and all(v is not None for v in own)
     for v in own:
         assert view[0] <= v[0] and v[1] <= view[1] and view[2] <= v[2] and v[3] <= view[3]

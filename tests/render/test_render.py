@@ -587,3 +587,59 @@ def test_figures_are_garbage_collected(erf: np.ndarray) -> None:
         render_radial_profile(erf, mean=MEAN, cov=COV)
         render_evolution([erf, erf], ["a", "b"])
     assert live_figures() == before
+
+
+def test_evolution_zoomed_shows_the_view_of_every_frame() -> None:
+    # Frames downsampled 2x from a 128 px input, one hot pixel each; the view is a 32 px
+    # square of the input (frame rows 16-31, columns 23-38): each tile is those 16 x 16 frame
+    # pixels at 2x, and the grid gets a caption saying what it shows.
+    frames = []
+    for k in range(3):
+        f = np.zeros((64, 64))
+        f[20 + k, 30] = 1.0
+        frames.append(f)
+    view = (31.5, 63.5, 45.5, 77.5)
+    labels = ["a", "b", "c"]
+    img = render_evolution(frames, labels, tile=32, view=view, input_shape=(128, 128))
+    height, width, origins = figures._grid_layout(3, 32, 3)
+    assert img.shape == (height + 22, width, 3)
+    top = np.array(matplotlib.colormaps["inferno"](1.0, bytes=True)[:3])
+    for k, origin in enumerate(origins):
+        hot = np.argwhere((tile_of(img, origin, 32) == top).all(-1))
+        rows, cols = (20 + k - 16) * 2, (30 - 23) * 2
+        assert hot.tolist() == [
+            [rows, cols],
+            [rows, cols + 1],
+            [rows + 1, cols],
+            [rows + 1, cols + 1],
+        ]
+    assert (img[height:].min(axis=-1) < 100).any()  # the caption's text
+    whole = render_evolution(frames, labels, tile=32)
+    assert whole.shape == (height, width, 3)
+    assert (tile_of(whole, origins[0], 32) == top).all(-1).sum() <= 1  # 64 px into 32: a dot
+    with pytest.raises(ValueError, match="view and input_shape go together"):
+        render_evolution(frames, labels, view=view)
+
+
+def test_the_callbacks_evolution_is_zoomed_like_its_heatmap() -> None:
+    # A 3 x 3 conv on a 64 px input: the heatmap zooms on its TRF, and the evolution grid
+    # shows the same square of every frame (its tiles are mostly ERF, not background).
+    import torch
+    from torch import nn
+
+    from erf_callback import compute_erf
+    from erf_callback.callback.history import ERFHistory
+    from erf_callback.callback.images import ProbeImages
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 1, 3, padding=1))
+    maps = compute_erf(net, torch.randn(2, 1, 64, 64), ["2"])
+    history = ERFHistory()
+    for step in (0, 5):
+        history.add(step, 0, "2", "ok", {**maps["2"].metrics(), "center_y": 31.5,
+                                         "center_x": 31.5}, maps["2"].grad)  # fmt: skip
+    strip = ProbeImages("erf").render(maps, history, step=5)["erf/2/evolution"]
+    height, width, origins = figures._grid_layout(2, 110, 3)
+    assert strip.shape == (height + 22, width, 3)
+    tile = tile_of(strip, origins[1], 110).astype(int)
+    assert (tile.sum(-1) > 100).mean() > 0.05  # lit pixels: 5x5 TRF in a ~16 px view
