@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Ellipse, Rectangle
 
+from erf_callback.fit.grid import bounding_box
 from erf_callback.render.figures import _figure, _figure_to_array, zoom_caption
 from erf_callback.render.raster import _LOG_EPS, _log_scale, to_display_2d
 
@@ -102,8 +103,8 @@ View = tuple[float, float, float, float]  # (y0, y1, x0, x1) in input pixels
 
 def zoom_view(panel: MapPanel) -> View | None:
     """The square region around the probed unit's theoretical RF and fitted Gaussian (3
-    sigma), padded, that the panel shows; None: the whole map (no finite TRF, a 1-D map, or a
-    region not much smaller than the map)."""
+    sigma), padded, and every pixel the picture shows, that the panel shows; None: the whole
+    map (no finite TRF, a 1-D map, or a region not much smaller than the map)."""
     if panel.erf.ndim < 2 or panel.trf_box is None:
         return None
     erf2, mean2, cov2, box2, loc2 = to_display_2d(
@@ -128,6 +129,17 @@ def zoom_view(panel: MapPanel) -> View | None:
     lo_y, hi_y = max(min(ys), -0.5), min(max(ys), h - 0.5)
     lo_x, hi_x = max(min(xs), -0.5), min(max(xs), w - 0.5)
     span = max(1.3 * max(hi_y - lo_y, hi_x - lo_x) + 4.0, _ZOOM_MIN_PX)
+    # And every pixel the picture shows (above the log scale's floor): the TRF ignores where
+    # border padding reads from, so a unit at the edge of a circularly (or reflection) padded
+    # net also sees pixels outside its TRF box, e.g. at the far side of the input.
+    magnitude = np.abs(np.nan_to_num(erf2))
+    seen = magnitude > _LOG_EPS * float(magnitude.max())
+    if seen.any():
+        s = float(panel.scale)
+        rows, cols = bounding_box(seen)
+        lo_y, hi_y = min(lo_y, rows.start * s - 0.5), max(hi_y, rows.stop * s - 0.5)
+        lo_x, hi_x = min(lo_x, cols.start * s - 0.5), max(hi_x, cols.stop * s - 0.5)
+        span = max(span, hi_y - lo_y, hi_x - lo_x)
     if span >= _ZOOM_BELOW * min(h, w):
         return None
     return _square(lo_y, hi_y, lo_x, hi_x, span, h, w)

@@ -225,3 +225,24 @@ def test_ranks_share_the_images_of_a_probe(world_size) -> None:
         assert union.keys() == whole.keys()
         for tag, img in whole.items():
             np.testing.assert_array_equal(union[tag], img, err_msg=tag)
+
+
+def test_the_zoom_keeps_every_pixel_the_picture_shows() -> None:
+    # A unit near the corner of a circularly padded net also sees the far side of the input,
+    # which its TRF box (the padding's geometry) does not hold, and a fit of the main blob
+    # does not reach: the view must still hold it (before, the far rows were cut off).
+    from erf_callback.render.annotated import zoom_view
+
+    a = _shifted_gauss(64, (3.0, 3.0), 1.5)
+    a[a < 1e-4] = 0.0
+    a[62:, :7] = 0.2  # wrapped round from the top edge
+    box = ((-1.0, 7.0), (-1.0, 7.0))
+    corner = MapPanel(a, np.array([3.0, 3.0]), 2.25 * np.eye(2), box, (3.0, 3.0))
+    assert zoom_view(corner) is None  # blob and far rows span the input: shown whole
+    a[62:] = 0.0  # without the wrap, zoomed as before
+    view = zoom_view(MapPanel(a, np.array([3.0, 3.0]), 2.25 * np.eye(2), box, (3.0, 3.0)))
+    assert view is not None and view[1] < 32
+    # Reflection padding reads a few pixels past the box: they are kept in a zoomed view.
+    a[8:10, 2:5] = 0.05
+    view = zoom_view(MapPanel(a, np.array([3.0, 3.0]), 2.25 * np.eye(2), box, (3.0, 3.0)))
+    assert view is not None and view[1] >= 9.5
