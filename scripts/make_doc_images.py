@@ -43,9 +43,15 @@ def load_example(name: str) -> ModuleType:
     return module
 
 
+def shown(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it (``--out`` may be anywhere)."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def save(img: np.ndarray, path: Path) -> None:
     Image.fromarray(img).save(path, optimize=True)
-    print(f"  {path.relative_to(ROOT)}")
+    print(f"  {shown(path)}")
 
 
 def demo_images(out: Path, steps: int) -> None:
@@ -111,7 +117,7 @@ def closed_form_image(out: Path) -> None:
     fig.tight_layout()
     path = out / "closed_form.png"
     fig.savefig(path)
-    print(f"  {path.relative_to(ROOT)}")
+    print(f"  {shown(path)}")
 
 
 def example_images(out: Path, quick: bool) -> None:

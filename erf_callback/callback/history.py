@@ -45,6 +45,9 @@ class ERFHistory:
         self.map_size = map_size
         self.records: list[dict[str, Any]] = []
         self.maps: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        # Each layer's map shape before downsampling (the input's spatial shape), so a
+        # reader of the history knows how many input pixels a stored pixel covers.
+        self.map_shapes: dict[str, tuple[int, ...]] = {}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -85,6 +88,7 @@ class ERFHistory:
         self.records.append(record)
         if status == "ok":
             self.maps.setdefault(layer, []).append((step, small))
+            self.map_shapes[layer] = tuple(int(n) for n in erf.shape)
         return record
 
     def _change(
@@ -110,12 +114,17 @@ class ERFHistory:
             "map_size": self.map_size,
             "records": [dict(r) for r in self.records],
             "maps": {k: [(s, m.clone()) for s, m in v] for k, v in self.maps.items()},
+            "map_shapes": {k: list(v) for k, v in self.map_shapes.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.map_size = int(state["map_size"])
         self.records = [dict(r) for r in state["records"]]
         self.maps = {k: [(int(s), m) for s, m in v] for k, v in state["maps"].items()}
+        # Absent from checkpoints written before the shapes were kept.
+        self.map_shapes = {
+            k: tuple(int(n) for n in v) for k, v in state.get("map_shapes", {}).items()
+        }
 
     def write(self, directory: str, basename: str = "erf_history") -> tuple[str, str]:
         """Write ``<basename>.csv`` (metrics, one row per probe and layer: ``pd.read_csv``) and
@@ -161,6 +170,7 @@ class ERFHistory:
                 layer: [{"step": s, "map": m.tolist()} for s, m in entries]
                 for layer, entries in self.maps.items()
             },
+            "map_shapes": {k: list(v) for k, v in self.map_shapes.items()},
         }
         return json.dumps(payload)
 

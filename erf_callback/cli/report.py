@@ -52,6 +52,8 @@ class Run:
     records: list[dict[str, Any]] = field(default_factory=list)
     maps: dict[str, list[tuple[int, np.ndarray]]] = field(default_factory=dict)
     evolution: dict[str, np.ndarray] = field(default_factory=dict)
+    # Per layer the maps' shape before downsampling (the input's), when the history has it.
+    map_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def layers(self) -> list[str]:
@@ -106,6 +108,8 @@ def read_history(path: Path) -> Run:
             run.records = [_numbers(r) for r in data["records"]]
             for layer, entries in data.get("maps", {}).items():
                 run.maps[layer] = [(int(e["step"]), np.asarray(e["map"])) for e in entries]
+            for layer, shape in (data.get("map_shapes") or {}).items():
+                run.map_shapes[layer] = tuple(int(n) for n in shape)
         else:
             with open(path, newline="") as f:
                 run.records = [_numbers(r) for r in csv.DictReader(f)]
@@ -180,8 +184,26 @@ def _evolution_image(run: Run, layer: str) -> np.ndarray | None:
     if not frames:
         return None
     from erf_callback.render import render_evolution
+    from erf_callback.render.annotated import frames_view
 
-    return render_evolution([m for _, m in frames], [f"step {s}" for s, _ in frames])
+    maps = [m for _, m in frames]
+    shape = run.map_shapes.get(layer, ())
+    # Zoomed like the callback's grid where the input's shape is known (the history keeps
+    # only downsampled maps): on the pixels any frame shows, the TRF not being stored.
+    view, shown = None, None
+    if len(shape) >= 2 and all(m.ndim == len(shape) for m in maps):
+        shown = (shape[-2], shape[-1])
+        view = frames_view(maps, shown)
+    # Up to 6 tiles a row (the page is wider than TensorBoard's image card), rows balanced:
+    # 7 frames as 4 + 3, not 6 + 1 (at most 12 frames are shown).
+    rows = math.ceil(min(len(maps), 12) / 6)
+    return render_evolution(
+        maps,
+        [f"step {s}" for s, _ in frames],
+        max_columns=math.ceil(min(len(maps), 12) / rows),
+        view=view,
+        input_shape=shown if view is not None else None,
+    )
 
 
 def _fmt(v: Any) -> str:
@@ -199,13 +221,21 @@ def render_report_png(run: Run) -> np.ndarray:
     images = [(layer, _evolution_image(run, layer)) for layer in layers]
     grids = [(layer, g) for layer, g in images if g is not None]
     width_px = 1000
-    heights = [320] + [g.shape[0] * width_px / max(g.shape[1], width_px) + 30 for _, g in grids]
+    heights = [320] + [g.shape[0] * width_px / max(g.shape[1], width_px) for _, g in grids]
     heights.append(40 + 24 * (len(layers) + 1))
-    fig = Figure(figsize=(width_px / 100, sum(heights) / 100), dpi=100)
+    # 80 px between rows (the curves' x label, each grid's title) and 30 above and below, so
+    # every row gets its own height in pixels: the grids are drawn 1:1.
+    gap, margin = 80.0, 30.0
+    total = sum(heights) + gap * (len(heights) - 1) + 2 * margin
+    fig = Figure(figsize=(width_px / 100, total / 100), dpi=100)
     FigureCanvasAgg(fig)
-    # hspace is in units of the mean row height: the curves' x label needs room below them
     spec = fig.add_gridspec(
-        len(heights), 1, height_ratios=heights, hspace=0.45, top=0.97, bottom=0.02
+        len(heights),
+        1,
+        height_ratios=heights,
+        hspace=gap / (sum(heights) / len(heights)),  # in units of the mean row height
+        top=1 - margin / total,
+        bottom=margin / total,
     )
     ax = fig.add_subplot(spec[0])
     for layer in layers:

@@ -36,6 +36,7 @@ from erf_callback.render.raster import _LOG_EPS, _log_scale, to_display_2d
 __all__ = [
     "MapPanel",
     "View",
+    "frames_view",
     "heatmap_title",
     "render_heatmap_figure",
     "render_init_vs_now",
@@ -96,7 +97,8 @@ def _relative(values: np.ndarray, log_scale: bool) -> tuple[np.ndarray, float]:
 # overlays (and a 9 px TRF on a 48 px input, padded to 22 px, a small blob at 40%). The TRF
 # bounds every pixel with a gradient, so nothing of the map is left out of the view.
 _ZOOM_BELOW = 0.5
-_ZOOM_MIN_PX = 16.0
+# The smallest view: 12 px, so a few-pixel ERF on a 32 px input (CIFAR) is zoomed too.
+_ZOOM_MIN_PX = 12.0
 
 View = tuple[float, float, float, float]  # (y0, y1, x0, x1) in input pixels
 
@@ -140,6 +142,43 @@ def zoom_view(panel: MapPanel) -> View | None:
         lo_y, hi_y = min(lo_y, rows.start * s - 0.5), max(hi_y, rows.stop * s - 0.5)
         lo_x, hi_x = min(lo_x, cols.start * s - 0.5), max(hi_x, cols.stop * s - 0.5)
         span = max(span, hi_y - lo_y, hi_x - lo_x)
+    if span >= _ZOOM_BELOW * min(h, w):
+        return None
+    return _square(lo_y, hi_y, lo_x, hi_x, span, h, w)
+
+
+def frames_view(frames: Sequence[np.ndarray], input_shape: tuple[int, int]) -> View | None:
+    """The square around every pixel that any of ``frames`` shows (above the log scale's
+    floor), padded like :func:`zoom_view`'s, in the pixels of the ``input_shape`` input the
+    frames were downsampled from (a history's maps); None: the whole input (a region not much
+    smaller than it, nothing shown, or 1-D frames).
+
+    For pictures of stored maps without their theoretical RF, e.g. the report's evolution
+    grid.
+
+    Example:
+        >>> dot = np.zeros((32, 32))
+        >>> dot[15:17, 15:17] = 1.0
+        >>> [float(v) for v in frames_view([dot], (64, 64))]
+        [25.5, 37.5, 25.5, 37.5]
+    """
+    h, w = input_shape
+    lo_y = lo_x = math.inf
+    hi_y = hi_x = -math.inf
+    for frame in frames:
+        if frame.ndim < 2:
+            return None
+        shown = np.abs(np.nan_to_num(to_display_2d(frame)[0]))
+        peak = float(shown.max()) if shown.size else 0.0
+        if not peak > 0:
+            continue
+        rows, cols = bounding_box(shown > _LOG_EPS * peak)
+        sy, sx = h / shown.shape[0], w / shown.shape[1]
+        lo_y, hi_y = min(lo_y, rows.start * sy - 0.5), max(hi_y, rows.stop * sy - 0.5)
+        lo_x, hi_x = min(lo_x, cols.start * sx - 0.5), max(hi_x, cols.stop * sx - 0.5)
+    if not math.isfinite(lo_y):
+        return None
+    span = max(1.3 * max(hi_y - lo_y, hi_x - lo_x) + 4.0, _ZOOM_MIN_PX)
     if span >= _ZOOM_BELOW * min(h, w):
         return None
     return _square(lo_y, hi_y, lo_x, hi_x, span, h, w)

@@ -369,6 +369,49 @@ def test_report_from_the_csv_file(tracked_run, tmp_path):
     assert (tmp_path / "r" / "report.png").is_file()
 
 
+def test_report_zooms_its_evolution_grids_where_the_history_has_the_input_shape(tmp_path):
+    # A 5 px blob growing to 9 px on a 128 px input, kept as 64 px history maps: the report's
+    # grid shows the square around what the frames show, in one row, captioned in input
+    # pixels. A history without map_shapes (older files) shows the whole maps.
+    from erf_callback.callback.history import ERFHistory
+    from erf_callback.cli.report import _evolution_image
+    from erf_callback.render import figures
+
+    history = ERFHistory()
+    yy, xx = np.mgrid[:128, :128]
+    for step, sigma in ((0, 1.5), (10, 2.0), (20, 3.0)):
+        erf = torch.from_numpy(np.exp(-((yy - 64) ** 2 + (xx - 64) ** 2) / (2 * sigma**2)))
+        erf[erf < 1e-3] = 0.0
+        history.add(step, 0, "conv", "ok", {"radius": 2 * sigma, "center_y": 64.0,
+                                            "center_x": 64.0}, erf)  # fmt: skip
+    assert history.map_shapes == {"conv": (128, 128)}
+    json_path = history.write(str(tmp_path))[1]
+    run = find_run(json_path)
+    assert run.map_shapes == {"conv": (128, 128)}
+    grid = _evolution_image(run, "conv")
+    height, width, origins = figures._grid_layout(3, 110, 6)
+    assert grid is not None and grid.shape == (height + 22, width, 3)  # one row, a caption
+
+    def lit(img: np.ndarray) -> float:
+        tile = img[origins[0][0] : origins[0][0] + 110, origins[0][1] : origins[0][1] + 110]
+        return float((tile.astype(int).sum(-1) > 100).mean())
+
+    with open(json_path) as f:
+        data = json.load(f)
+    del data["map_shapes"]
+    with open(json_path, "w") as f:
+        json.dump(data, f)
+    whole = _evolution_image(find_run(json_path), "conv")
+    assert whole is not None and whole.shape == (height, width, 3)
+    assert lit(grid) > 10 * lit(whole)
+    # Checkpoints written before the shapes were kept still load.
+    state = history.state_dict()
+    del state["map_shapes"]
+    again = ERFHistory()
+    again.load_state_dict(state)
+    assert again.map_shapes == {} and len(again.maps["conv"]) == 3
+
+
 @pytest.mark.parametrize(
     ("setup", "problem"),
     [
