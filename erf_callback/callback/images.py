@@ -118,7 +118,7 @@ class ProbeImages:
         from erf_callback.render import render_evolution, render_heatmap, render_radial_profile
         from erf_callback.render.annotated import (
             MapPanel,
-            heatmap_title,
+            erf_map_panel,
             render_heatmap_figure,
             render_init_vs_now,
             zoom_view,
@@ -140,16 +140,7 @@ class ProbeImages:
             box = m.geometry.box(m.position) if m.geometry is not None else None
             mx = metrics[layer]
             tag = f"{self.tag_prefix}/{layer}"
-            panel = MapPanel(
-                arr,
-                fit.mean,
-                fit.cov,
-                box,
-                m.location,
-                title=heatmap_title(
-                    layer, mx["radius"], mx["erf_trf_ratio"], mx["gaussian_r2"], step
-                ),
-            )
+            panel = erf_map_panel(m, step=step, metrics=mx, layer=layer)
             first = history.first(layer)
             is_first = first is None or first["step"] == step
             first_here.append(is_first)

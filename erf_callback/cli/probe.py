@@ -111,7 +111,7 @@ def write_probe_outputs(
     from PIL import Image
 
     from erf_callback.render import render_heatmap, render_radial_profile
-    from erf_callback.render.annotated import MapPanel, heatmap_title, render_heatmap_figure
+    from erf_callback.render.annotated import erf_map_panel, render_heatmap_figure
 
     written = [str(out_dir / "metrics.json")]
     metrics = metrics_json(maps)
@@ -128,9 +128,7 @@ def write_probe_outputs(
                 m.numpy(), mean=fit.mean, cov=fit.cov, trf_box=box, location=m.location, cmap=cmap
             )
         else:
-            title = heatmap_title(name, mx["radius"], mx["erf_trf_ratio"], mx["gaussian_r2"])
-            panel = MapPanel(m.numpy(), fit.mean, fit.cov, box, m.location, title=title)
-            heat = render_heatmap_figure(panel, cmap=cmap)
+            heat = render_heatmap_figure(erf_map_panel(m, metrics=mx, layer=name), cmap=cmap)
         profile = render_radial_profile(
             m.numpy(),
             mean=fit.mean,

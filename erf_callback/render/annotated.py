@@ -18,8 +18,10 @@ coordinates so they stay sharp at any size.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 from matplotlib import colormaps
@@ -32,12 +34,16 @@ from matplotlib.patches import Ellipse, Rectangle
 from erf_callback.fit.grid import bounding_box
 from erf_callback.render.figures import _figure, _figure_to_array, zoom_caption
 from erf_callback.render.raster import _LOG_EPS, _log_scale, to_display_2d
+from erf_callback.warnings import ERFWarning
 
 __all__ = [
     "MapPanel",
+    "ProbedMap",
     "View",
+    "erf_map_panel",
     "frames_view",
     "heatmap_title",
+    "render_erf_map",
     "render_heatmap_figure",
     "render_init_vs_now",
     "zoom_view",
@@ -394,6 +400,84 @@ def heatmap_title(
         f"{layer}{_DOT}{step_text}radius {text(radius, '.1f')} px\n"
         f"ERF/TRF {text(erf_trf_ratio, '.2f')}{_DOT}Gaussian R\u00b2 {text(r2, '.2f')}"
     )
+
+
+class ProbedMap(Protocol):
+    """What :func:`erf_map_panel` reads of an :class:`~erf_callback.ERFMap` (the render
+    layer does not import the engine)."""
+
+    layer: str
+    position: tuple[int, ...]
+    location: tuple[float, ...]
+
+    @property
+    def gaussian(self) -> Any: ...  # a GaussianFit: mean, cov
+
+    @property
+    def geometry(self) -> Any: ...  # an RFGeometry or None: box(position)
+
+    def numpy(self) -> np.ndarray: ...
+
+    def metrics(self) -> dict[str, float]: ...
+
+
+def erf_map_panel(
+    erf_map: ProbedMap,
+    *,
+    step: int | None = None,
+    metrics: Mapping[str, float | None] | None = None,
+    layer: str | None = None,
+) -> MapPanel:
+    """The panel of an ``ERFMap``: its map, fitted Gaussian, TRF box and unit, titled with
+    :func:`heatmap_title` (``metrics``: its ``metrics()`` where the caller has them;
+    ``layer``: the name shown, default ``erf_map.layer``)."""
+    mx: Mapping[str, float | None] = erf_map.metrics() if metrics is None else metrics
+    fit = erf_map.gaussian
+    geometry = erf_map.geometry
+    return MapPanel(
+        erf_map.numpy(),
+        fit.mean,
+        fit.cov,
+        geometry.box(erf_map.position) if geometry is not None else None,
+        erf_map.location,
+        title=heatmap_title(
+            erf_map.layer if layer is None else layer,
+            mx.get("radius"),
+            mx.get("erf_trf_ratio"),
+            mx.get("gaussian_r2"),
+            step,
+        ),
+    )
+
+
+def render_erf_map(
+    erf_map: ProbedMap, *, log_scale: bool = False, cmap: str = "inferno"
+) -> np.ndarray:
+    """The heatmap of an ``ERFMap`` as TensorBoard shows it: title (layer, radius, ERF/TRF,
+    R²), colour bar, the fitted Gaussian, the theoretical RF and the unit with a legend,
+    zoomed in on a small TRF.
+
+    Args:
+        erf_map: a map from :func:`~erf_callback.compute_erf`.
+        log_scale: log colour scale (faint tails visible).
+        cmap: matplotlib colour-map name.
+
+    Returns:
+        ``uint8`` array ``(H, W, 3)``: ``PIL.Image.fromarray(...)`` saves or shows it.
+
+    Example:
+        >>> import torch
+        >>> from erf_callback import compute_erf
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Conv2d(2, 1, 3))
+        >>> m = compute_erf(net, torch.randn(4, 1, 32, 32))["output"]
+        >>> render_erf_map(m).shape
+        (392, 370, 3)
+    """
+    with warnings.catch_warnings():
+        # The map's own status says why it has no fit; the picture says "n/a".
+        warnings.simplefilter("ignore", ERFWarning)
+        panel = erf_map_panel(erf_map)
+    return render_heatmap_figure(panel, log_scale=log_scale, cmap=cmap)
 
 
 def render_heatmap_figure(

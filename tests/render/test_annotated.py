@@ -246,3 +246,21 @@ def test_the_zoom_keeps_every_pixel_the_picture_shows() -> None:
     a[8:10, 2:5] = 0.05
     view = zoom_view(MapPanel(a, np.array([3.0, 3.0]), 2.25 * np.eye(2), box, (3.0, 3.0)))
     assert view is not None and view[1] >= 9.5
+
+
+def test_render_erf_map_is_the_tensorboard_heatmap() -> None:
+    # One call for notebook users: the picture the callback logs (without a step), in the
+    # linear and the log colour scale.
+    from erf_callback.render import render_erf_map
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 1, 3, padding=1))
+    maps = compute_erf(net, torch.randn(2, 1, 48, 48), ["2"])
+    history = ERFHistory()
+    history.add(0, 0, "2", "ok", {**maps["2"].metrics(), "center_y": 23.5, "center_x": 23.5},
+                maps["2"].grad)  # fmt: skip
+    logged = ProbeImages("erf").render(maps, history)
+    np.testing.assert_array_equal(render_erf_map(maps["2"]), logged["erf/2/heatmap"])
+    np.testing.assert_array_equal(
+        render_erf_map(maps["2"], log_scale=True), logged["erf/2/heatmap_log"]
+    )
