@@ -124,7 +124,6 @@ class ProbeImages:
             zoom_view,
         )
         from erf_callback.render.charts import render_radius_chart
-        from erf_callback.render.raster import to_display_2d
 
         if metrics is None:
             with warnings.catch_warnings():
@@ -204,15 +203,15 @@ class ProbeImages:
             frames = history.maps.get(layer, [])
             if frames:
                 # The heatmap's zoom: every frame's gradient lies in the (fixed) TRF it holds.
+                # A view exists for 2-D and 3-D maps only, drawn as their last two axes.
                 view = zoom_view(panel)
-                shown = to_display_2d(arr)[0].shape
                 make_strip = partial(
                     render_evolution,
                     [f.numpy() for _, f in frames],
                     [f"step {s}" for s, _ in frames],
                     cmap=self.cmap,
                     view=view,
-                    input_shape=None if view is None else (shown[0], shown[1]),
+                    input_shape=None if view is None else (arr.shape[-2], arr.shape[-1]),
                 )
                 jobs.append((f"{tag}/evolution", make_strip, ()))
         if maps and not all(first_here):

@@ -100,8 +100,8 @@ def _relative(values: np.ndarray, log_scale: bool) -> tuple[np.ndarray, float]:
 # A map whose theoretical RF (with the fitted Gaussian's 3 sigma ellipse), padded, spans less
 # than this share of the input's smaller side is drawn zoomed in on that region, at least
 # twice the scale: an early layer's ERF on a 224 px input is otherwise a dot under its
-# overlays (and a 9 px TRF on a 48 px input, padded to 22 px, a small blob at 40%). The TRF
-# bounds every pixel with a gradient, so nothing of the map is left out of the view.
+# overlays (and a 9 px TRF on a 48 px input, padded to 22 px, a small blob at 40%). The view
+# also holds every pixel the picture shows, so nothing of the map is left out of it.
 _ZOOM_BELOW = 0.5
 # The smallest view: 12 px, so a few-pixel ERF on a 32 px input (CIFAR) is zoomed too.
 _ZOOM_MIN_PX = 12.0
@@ -110,8 +110,8 @@ View = tuple[float, float, float, float]  # (y0, y1, x0, x1) in input pixels
 
 
 def zoom_view(panel: MapPanel) -> View | None:
-    """The square region around the probed unit's theoretical RF and fitted Gaussian (3
-    sigma), padded, and every pixel the picture shows, that the panel shows; None: the whole
+    """The square the panel shows: around the probed unit's theoretical RF and fitted
+    Gaussian (3 sigma), padded, and holding every pixel the picture shows; None: the whole
     map (no finite TRF, a 1-D map, or a region not much smaller than the map)."""
     if panel.erf.ndim < 2 or panel.trf_box is None:
         return None
@@ -137,16 +137,13 @@ def zoom_view(panel: MapPanel) -> View | None:
     lo_y, hi_y = max(min(ys), -0.5), min(max(ys), h - 0.5)
     lo_x, hi_x = max(min(xs), -0.5), min(max(xs), w - 0.5)
     span = max(1.3 * max(hi_y - lo_y, hi_x - lo_x) + 4.0, _ZOOM_MIN_PX)
-    # And every pixel the picture shows (above the log scale's floor): the TRF ignores where
-    # border padding reads from, so a unit at the edge of a circularly (or reflection) padded
-    # net also sees pixels outside its TRF box, e.g. at the far side of the input.
-    magnitude = np.abs(np.nan_to_num(erf2))
-    seen = magnitude > _LOG_EPS * float(magnitude.max())
-    if seen.any():
-        s = float(panel.scale)
-        rows, cols = bounding_box(seen)
-        lo_y, hi_y = min(lo_y, rows.start * s - 0.5), max(hi_y, rows.stop * s - 0.5)
-        lo_x, hi_x = min(lo_x, cols.start * s - 0.5), max(hi_x, cols.stop * s - 0.5)
+    # And every pixel the picture shows: the TRF ignores where border padding reads from, so
+    # a unit at the edge of a circularly (or reflection) padded net also sees pixels outside
+    # its TRF box, e.g. at the far side of the input.
+    shown = _shown_extent(erf2, (panel.scale, panel.scale))
+    if shown is not None:
+        lo_y, hi_y = min(lo_y, shown[0]), max(hi_y, shown[1])
+        lo_x, hi_x = min(lo_x, shown[2]), max(hi_x, shown[3])
         span = max(span, hi_y - lo_y, hi_x - lo_x)
     if span >= _ZOOM_BELOW * min(h, w):
         return None
@@ -174,20 +171,35 @@ def frames_view(frames: Sequence[np.ndarray], input_shape: tuple[int, int]) -> V
     for frame in frames:
         if frame.ndim < 2:
             return None
-        shown = np.abs(np.nan_to_num(to_display_2d(frame)[0]))
-        peak = float(shown.max()) if shown.size else 0.0
-        if not peak > 0:
-            continue
-        rows, cols = bounding_box(shown > _LOG_EPS * peak)
-        sy, sx = h / shown.shape[0], w / shown.shape[1]
-        lo_y, hi_y = min(lo_y, rows.start * sy - 0.5), max(hi_y, rows.stop * sy - 0.5)
-        lo_x, hi_x = min(lo_x, cols.start * sx - 0.5), max(hi_x, cols.stop * sx - 0.5)
+        frame2 = to_display_2d(frame)[0]
+        shown = _shown_extent(frame2, (h / frame2.shape[0], w / frame2.shape[1]))
+        if shown is not None:
+            lo_y, hi_y = min(lo_y, shown[0]), max(hi_y, shown[1])
+            lo_x, hi_x = min(lo_x, shown[2]), max(hi_x, shown[3])
     if not math.isfinite(lo_y):
         return None
     span = max(1.3 * max(hi_y - lo_y, hi_x - lo_x) + 4.0, _ZOOM_MIN_PX)
     if span >= _ZOOM_BELOW * min(h, w):
         return None
     return _square(lo_y, hi_y, lo_x, hi_x, span, h, w)
+
+
+def _shown_extent(erf2: np.ndarray, scale: tuple[float, float]) -> View | None:
+    """The pixel-edge extent ``(y0, y1, x0, x1)``, in input pixels, of the pixels of the 2-D
+    map ``erf2`` that a picture shows (above the log scale's floor of its peak magnitude);
+    ``scale``: input pixels per map pixel along y and x. None for a map with nothing on it."""
+    magnitude = np.abs(np.nan_to_num(erf2))
+    peak = float(magnitude.max()) if magnitude.size else 0.0
+    if not peak > 0:
+        return None
+    rows, cols = bounding_box(magnitude > _LOG_EPS * peak)
+    sy, sx = scale
+    return (
+        rows.start * sy - 0.5,
+        rows.stop * sy - 0.5,
+        cols.start * sx - 0.5,
+        cols.stop * sx - 0.5,
+    )
 
 
 def _square(
