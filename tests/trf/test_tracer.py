@@ -893,3 +893,50 @@ def test_output_is_bitwise_identical(make) -> None:
     with ReceptiveFieldTracer(xb):
         model(xb).sum().backward()
     assert torch.equal(xa.grad, xb.grad)
+
+
+class _UNet(nn.Module):
+    """Two levels down (3 x 3, stride 2), two up, skip connections: transposed 2 x 2 stride-2
+    convs, or bilinear up-sampling followed by a 3 x 3 conv."""
+
+    def __init__(self, bilinear: bool) -> None:
+        super().__init__()
+        self.bilinear = bilinear
+        self.e1, self.d1 = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 3, 2, 1)
+        self.e2, self.d2 = nn.Conv2d(2, 2, 3, padding=1), nn.Conv2d(2, 2, 3, 2, 1)
+        self.mid = nn.Conv2d(2, 2, 3, padding=1)
+        up = (lambda: nn.Conv2d(2, 2, 3, padding=1)) if bilinear else (
+            lambda: nn.ConvTranspose2d(2, 2, 2, stride=2)
+        )  # fmt: skip
+        self.u2, self.u1 = up(), up()
+        self.c2, self.c1 = nn.Conv2d(4, 2, 3, padding=1), nn.Conv2d(4, 2, 3, padding=1)
+
+    def up(self, conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.bilinear:
+            x = F.interpolate(x, scale_factor=2, mode="bilinear")
+        return conv(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.leaky_relu(self.e1(x))
+        b = F.leaky_relu(self.e2(self.d1(a)))
+        c = F.leaky_relu(self.mid(self.d2(b)))
+        u = F.leaky_relu(self.c2(torch.cat([self.up(self.u2, c), b], 1)))
+        return self.c1(torch.cat([self.up(self.u1, u), a], 1))
+
+
+@pytest.mark.parametrize(("bilinear", "trf", "support"), [(False, 30.0, 25), (True, 39.0, 41)])
+def test_unet_decoder_trf_against_its_measured_support(bilinear, trf, support) -> None:
+    # The figures docs/metrics.md quotes for the non-exact rules: a transposed-conv decoder's
+    # affine hull holds the centre unit's support (5 px to spare), a bilinear one misses at
+    # most the documented 2 px; both are marked non-exact.
+    torch.manual_seed(0)
+    net = positive_(_UNet(bilinear)).double()
+    geo = geometry_of(net, torch.rand(1, 1, 64, 64, dtype=torch.float64))
+    assert not geo.exact and geo.width == (trf, trf)
+    ((lo, hi),) = gradient_bbox(lambda x: net(x.double()), (1, 1, 64, 64), (32, 32))[1:]
+    assert hi - lo + 1 == support
+    box = geo.box((32, 32))[1]
+    if support <= trf:
+        assert box[0] <= lo and hi <= box[1]
+    else:
+        assert support - trf <= 2
