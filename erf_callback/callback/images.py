@@ -203,8 +203,8 @@ class ProbeImages:
             frames = history.maps.get(layer, [])
             if frames:
                 # The heatmap's zoom: every frame's gradient lies in the (fixed) TRF it holds.
-                # A view exists for 2-D and 3-D maps only, drawn as their last two axes.
-                view = zoom_view(panel)
+                # 2-D and 3-D maps (drawn as their last two axes); 1-D strips stay whole.
+                view = zoom_view(panel) if arr.ndim >= 2 else None
                 make_strip = partial(
                     render_evolution,
                     [f.numpy() for _, f in frames],

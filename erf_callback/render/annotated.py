@@ -112,9 +112,12 @@ View = tuple[float, float, float, float]  # (y0, y1, x0, x1) in input pixels
 def zoom_view(panel: MapPanel) -> View | None:
     """The square the panel shows: around the probed unit's theoretical RF and fitted
     Gaussian (3 sigma), padded, and holding every pixel the picture shows; None: the whole
-    map (no finite TRF, a 1-D map, or a region not much smaller than the map)."""
-    if panel.erf.ndim < 2 or panel.trf_box is None:
+    map (no finite TRF, or a region not much smaller than the map). A 1-D map's strip is
+    shown whole across and at least as wide as it is high."""
+    if panel.trf_box is None:
         return None
+    if panel.erf.ndim == 1:
+        return _strip_view(panel)
     erf2, mean2, cov2, box2, loc2 = to_display_2d(
         panel.erf, panel.mean, panel.cov, panel.trf_box, panel.location
     )
@@ -148,6 +151,35 @@ def zoom_view(panel: MapPanel) -> View | None:
     if span >= _ZOOM_BELOW * min(h, w):
         return None
     return _square(lo_y, hi_y, lo_x, hi_x, span, h, w)
+
+
+def _strip_view(panel: MapPanel) -> View | None:
+    """:func:`zoom_view` of a 1-D map: the strip's rows whole, the samples around the TRF,
+    the fit (3 sigma), the unit and every sample the picture shows, padded likewise."""
+    assert panel.trf_box is not None
+    (t0, t1) = panel.trf_box[-1]
+    if not (math.isfinite(t0) and math.isfinite(t1)):
+        return None
+    xs = [t0 - 0.5, t1 + 0.5]
+    if panel.mean is not None and panel.cov is not None:
+        m, var = float(np.ravel(panel.mean)[-1]), float(np.ravel(panel.cov)[-1])
+        if math.isfinite(m) and math.isfinite(var):
+            xs += [m - 3 * math.sqrt(max(var, 0.0)), m + 3 * math.sqrt(max(var, 0.0))]
+    if panel.location is not None and math.isfinite(panel.location[-1]):
+        xs.append(panel.location[-1])
+    strip = to_display_2d(panel.erf)[0]
+    s = float(panel.scale)
+    height, w = strip.shape[0] * s, strip.shape[1] * s
+    lo, hi = max(min(xs), -0.5), min(max(xs), w - 0.5)
+    span = max(1.3 * (hi - lo) + 4.0, _ZOOM_MIN_PX, height)
+    shown = _shown_extent(strip, (s, s))
+    if shown is not None:
+        lo, hi = min(lo, shown[2]), max(hi, shown[3])
+        span = max(span, hi - lo)
+    if span >= _ZOOM_BELOW * w:
+        return None
+    x0 = min(max((lo + hi - span) / 2, -0.5), w - 0.5 - span)
+    return (-0.5, height - 0.5, x0, x0 + span)
 
 
 def frames_view(frames: Sequence[np.ndarray], input_shape: tuple[int, int]) -> View | None:
@@ -220,6 +252,9 @@ def _common_view(panels: Sequence[MapPanel]) -> View | None:
     found = [v for v in views if v is not None]
     lo_y, hi_y = min(v[0] for v in found), max(v[1] for v in found)
     lo_x, hi_x = min(v[2] for v in found), max(v[3] for v in found)
+    if panels[0].erf.ndim == 1:  # strips: their rows whole, one range of samples
+        w = panels[0].erf.shape[0] * panels[0].scale
+        return None if hi_x - lo_x >= _ZOOM_BELOW * w else (lo_y, hi_y, lo_x, hi_x)
     h, w = (n * panels[0].scale for n in panels[0].erf.shape[-2:])  # 2-D or 3-D: (y, x)
     span = max(hi_y - lo_y, hi_x - lo_x)
     if span >= _ZOOM_BELOW * min(h, w):
@@ -279,15 +314,18 @@ def _draw_panel(
                 )
     if loc2 is not None:
         ax.plot(loc2[1], loc2[0], marker="+", ms=14, mew=2.5, color=_MARKER, ls="none")
-    label = f"input {w * s:g} \u00d7 {h * s:g} px"
+    line = panel.erf.ndim == 1  # a strip: its height says nothing of the input
+    label = f"input {w * s:g} samples" if line else f"input {w * s:g} \u00d7 {h * s:g} px"
     if view is None:
         ax.set_xlim(extent[0], extent[1])
         ax.set_ylim(extent[2], extent[3])
     else:
         ax.set_xlim(view[2], view[3])
         ax.set_ylim(view[1], view[0])
-        span = view[1] - view[0]
-        label = zoom_caption(span, h * s, w * s)
+        if line:
+            label = f"{view[3] - view[2]:.0f} of {w * s:g} samples"
+        else:
+            label = zoom_caption(view[1] - view[0], h * s, w * s)
     # No ticks: drawing tick labels is most of a figure's cost, and the size in input pixels
     # (below) plus the legend say what a reader needs.
     ax.set_xticks([])
@@ -345,8 +383,10 @@ def _box_visible(panel: MapPanel) -> bool:
     """Whether any edge of the TRF box falls inside the map (else the legend omits it)."""
     if panel.trf_box is None:
         return False
-    shape = to_display_2d(panel.erf)[0].shape
-    for (lo, hi), n in zip(panel.trf_box[-2:], shape[-2:], strict=False):
+    erf2, _, _, box2, _ = to_display_2d(panel.erf, box=panel.trf_box)
+    assert box2 is not None
+    # In display coordinates: a 1-D map's box is (infinite rows, its samples).
+    for (lo, hi), n in zip(box2[-2:], erf2.shape, strict=True):
         extent = n * panel.scale
         if (math.isfinite(lo) and 0 < lo < extent) or (math.isfinite(hi) and 0 <= hi < extent - 1):
             return True

@@ -126,10 +126,31 @@ def test_large_or_global_fields_show_the_whole_input() -> None:
     )
     inf = float("inf")
     pooled = MapPanel(gauss(128, 2), c, 4 * np.eye(2), ((-inf, inf), (-inf, inf)), (63.5, 63.5))
-    line = MapPanel(gauss(128, 2)[64], c[:1], 4 * np.eye(1), ((60.0, 68.0),), (63.5,))
     assert zoom_view(wide) is None
     assert zoom_view(pooled) is None  # a global TRF: the map may be anywhere
-    assert zoom_view(line) is None  # 1-D maps are drawn as a strip
+
+
+def test_a_1d_map_is_zoomed_along_its_samples_with_the_trf_in_the_legend() -> None:
+    # A 9-sample TRF on a 128-sample line was a sliver of a 128 x 16 strip captioned
+    # "input 128 x 16 px", and the legend left out the TRF it drew (its x edges were read
+    # against the strip's rows).
+    from erf_callback.render.annotated import zoom_view
+
+    line = gauss(128, 2)[64]
+    panel = MapPanel(line, np.array([63.5]), 4 * np.eye(1), ((59.0, 67.0),), (63.5,))
+    view = zoom_view(panel)
+    assert view is not None
+    y0, y1, x0, x1 = view
+    assert (y0, y1) == (-0.5, 15.5)  # the strip's 16 rows, whole
+    assert x0 <= 58.5 and x1 >= 67.5 and x1 - x0 >= y1 - y0  # the TRF, at least square
+    assert x1 - x0 < 0.5 * 128
+    img = render_heatmap_figure(panel)
+    green = np.array([0, 230, 0])
+    legend = img[-56:].astype(int)
+    assert (np.abs(legend - green).sum(-1) < 60).any()  # "theoretical RF" in the legend
+    # A TRF over most of the line leaves it whole.
+    wide = MapPanel(line, np.array([63.5]), 4 * np.eye(1), ((10.0, 117.0),), (63.5,))
+    assert zoom_view(wide) is None
 
 
 def test_init_and_now_share_one_zoomed_view() -> None:
