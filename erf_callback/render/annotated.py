@@ -326,6 +326,8 @@ def _draw_panel(
             label = f"{view[3] - view[2]:.0f} of {w * s:g} samples"
         else:
             label = zoom_caption(view[1] - view[0], h * s, w * s)
+    if panel.erf.ndim == 3:  # drawn as its sum over z
+        label += f", sum of {panel.erf.shape[0] * s:g} z-slices"
     # No ticks: drawing tick labels is most of a figure's cost, and the size in input pixels
     # (below) plus the legend say what a reader needs.
     ax.set_xticks([])
