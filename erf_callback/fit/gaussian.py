@@ -333,7 +333,9 @@ def _fit_robust(
             model = exact
     if model is not None and not _plausible(model, a.shape, low, peak):
         model = _floor_held_at_zero(a, coords, model, low, peak, binned=not noiseless)
-    if model is None or not _plausible(model, a.shape, low, peak):
+        if model is not None and not _plausible(model, a.shape, low, peak):
+            model = None
+    if model is None:
         moments = _windowed_moments(a, coords, low, peak, window, max_iter, tol)
         return None if moments is None else (*moments, None, _WINDOWED)
     if _floors_agree(model, pedestal, a.shape):
