@@ -244,6 +244,14 @@ def render_report_png(run: Run) -> np.ndarray:
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("ERF radius (input pixels)")
     ax.set_title(f"ERF radius per layer: {run.source}", fontsize=9)
+    # A size: from 0, so a 1% change does not fill the axis, with room above the top point.
+    top = max(
+        (r.get("radius", math.nan) for r in run.records if r.get("status", "ok") == "ok"),
+        key=lambda v: v if math.isfinite(v) else -math.inf,
+        default=math.nan,
+    )
+    if math.isfinite(top) and top > 0:
+        ax.set_ylim(0, 1.1 * top)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     for i, (layer, grid) in enumerate(grids, start=1):
@@ -256,7 +264,11 @@ def render_report_png(run: Run) -> np.ndarray:
     cells = [
         [_fmt((run.final(layer) or {}).get(k, math.nan)) for k in TABLE_METRICS] for layer in layers
     ]
-    table = tax.table(cellText=cells, rowLabels=layers, colLabels=list(TABLE_METRICS), loc="center")
+    # Padded layer names: matplotlib sizes the label column tight (a "3" touched its edge).
+    labels = [f" {layer} " for layer in layers]
+    table = tax.table(
+        cellText=cells, rowLabels=labels, colLabels=list(TABLE_METRICS), loc="upper center"
+    )
     table.auto_set_font_size(False)
     table.set_fontsize(8)
     tax.set_title("final metrics", fontsize=9)
