@@ -245,12 +245,9 @@ def render_report_png(run: Run) -> np.ndarray:
     ax.set_ylabel("ERF radius (input pixels)")
     ax.set_title(f"ERF radius per layer: {run.source}", fontsize=9)
     # A size: from 0, so a 1% change does not fill the axis, with room above the top point.
-    top = max(
-        (r.get("radius", math.nan) for r in run.records if r.get("status", "ok") == "ok"),
-        key=lambda v: v if math.isfinite(v) else -math.inf,
-        default=math.nan,
-    )
-    if math.isfinite(top) and top > 0:
+    radii = (r.get("radius", math.nan) for r in run.records if r.get("status", "ok") == "ok")
+    top = max((v for v in radii if math.isfinite(v)), default=0.0)
+    if top > 0:
         ax.set_ylim(0, 1.1 * top)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

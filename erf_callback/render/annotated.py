@@ -116,70 +116,53 @@ def zoom_view(panel: MapPanel) -> View | None:
     shown whole across and at least as wide as it is high."""
     if panel.trf_box is None:
         return None
-    if panel.erf.ndim == 1:
-        return _strip_view(panel)
     erf2, mean2, cov2, box2, loc2 = to_display_2d(
         panel.erf, panel.mean, panel.cov, panel.trf_box, panel.location
     )
     if box2 is None:
         return None
-    (ty0, ty1), (tx0, tx1) = box2[-2], box2[-1]
-    if not all(math.isfinite(v) for v in (ty0, ty1, tx0, tx1)):
-        return None  # a global TRF (pooling, attention): the map may be anywhere
-    ys, xs = [ty0 - 0.5, ty1 + 0.5], [tx0 - 0.5, tx1 + 0.5]
-    if mean2 is not None and cov2 is not None:
-        sd = np.sqrt(np.clip(np.diagonal(cov2), 0.0, None))
-        if np.isfinite(mean2).all() and np.isfinite(sd).all():
-            ys += [mean2[0] - 3 * sd[0], mean2[0] + 3 * sd[0]]
-            xs += [mean2[1] - 3 * sd[1], mean2[1] + 3 * sd[1]]
-    if loc2 is not None and all(math.isfinite(v) for v in loc2[-2:]):
-        ys.append(loc2[-2])
-        xs.append(loc2[-1])
-    h, w = (n * panel.scale for n in erf2.shape)
-    # Only the part inside the map counts: a cut TRF is centred on what is visible.
-    lo_y, hi_y = max(min(ys), -0.5), min(max(ys), h - 0.5)
-    lo_x, hi_x = max(min(xs), -0.5), min(max(xs), w - 0.5)
-    span = max(1.3 * max(hi_y - lo_y, hi_x - lo_x) + 4.0, _ZOOM_MIN_PX)
+    line = panel.erf.ndim == 1  # a strip: its rows stay whole, only the samples are zoomed
+    s = float(panel.scale)
+    h, w = erf2.shape[0] * s, erf2.shape[1] * s
+    # The TRF, the fit's 3 sigma and the unit along each zoomed axis (y, x), inside the map:
+    # a cut TRF is centred on what is visible.
+    regions: list[tuple[float, float]] = []
+    for k, n in ((1, w),) if line else ((0, h), (1, w)):
+        t0, t1 = box2[k]
+        if not (math.isfinite(t0) and math.isfinite(t1)):
+            return None  # a global TRF (pooling, attention): the map may be anywhere
+        edges = [t0 - 0.5, t1 + 0.5]
+        if mean2 is not None and cov2 is not None:
+            sd = math.sqrt(max(float(cov2[k, k]), 0.0))
+            if math.isfinite(float(mean2[k])) and math.isfinite(sd):
+                edges += [mean2[k] - 3 * sd, mean2[k] + 3 * sd]
+        if loc2 is not None and math.isfinite(loc2[k]):
+            edges.append(loc2[k])
+        regions.append((max(min(edges), -0.5), min(max(edges), n - 0.5)))
+    span = _padded(max(hi - lo for lo, hi in regions))
+    if line:
+        span = max(span, h)
     # And every pixel the picture shows: the TRF ignores where border padding reads from, so
     # a unit at the edge of a circularly (or reflection) padded net also sees pixels outside
     # its TRF box, e.g. at the far side of the input.
-    shown = _shown_extent(erf2, (panel.scale, panel.scale))
+    shown = _shown_extent(erf2, (s, s))
     if shown is not None:
-        lo_y, hi_y = min(lo_y, shown[0]), max(hi_y, shown[1])
-        lo_x, hi_x = min(lo_x, shown[2]), max(hi_x, shown[3])
-        span = max(span, hi_y - lo_y, hi_x - lo_x)
-    if span >= _ZOOM_BELOW * min(h, w):
+        axes = (shown[2:],) if line else (shown[:2], shown[2:])
+        regions = [(min(lo, a), max(hi, b)) for (lo, hi), (a, b) in zip(regions, axes, strict=True)]
+        span = max(span, *(hi - lo for lo, hi in regions))
+    if span >= _ZOOM_BELOW * (w if line else min(h, w)):
         return None
+    if line:
+        x0 = _place(*regions[0], span, w)
+        return (-0.5, h - 0.5, x0, x0 + span)
+    (lo_y, hi_y), (lo_x, hi_x) = regions
     return _square(lo_y, hi_y, lo_x, hi_x, span, h, w)
 
 
-def _strip_view(panel: MapPanel) -> View | None:
-    """:func:`zoom_view` of a 1-D map: the strip's rows whole, the samples around the TRF,
-    the fit (3 sigma), the unit and every sample the picture shows, padded likewise."""
-    assert panel.trf_box is not None
-    (t0, t1) = panel.trf_box[-1]
-    if not (math.isfinite(t0) and math.isfinite(t1)):
-        return None
-    xs = [t0 - 0.5, t1 + 0.5]
-    if panel.mean is not None and panel.cov is not None:
-        m, var = float(np.ravel(panel.mean)[-1]), float(np.ravel(panel.cov)[-1])
-        if math.isfinite(m) and math.isfinite(var):
-            xs += [m - 3 * math.sqrt(max(var, 0.0)), m + 3 * math.sqrt(max(var, 0.0))]
-    if panel.location is not None and math.isfinite(panel.location[-1]):
-        xs.append(panel.location[-1])
-    strip = to_display_2d(panel.erf)[0]
-    s = float(panel.scale)
-    height, w = strip.shape[0] * s, strip.shape[1] * s
-    lo, hi = max(min(xs), -0.5), min(max(xs), w - 0.5)
-    span = max(1.3 * (hi - lo) + 4.0, _ZOOM_MIN_PX, height)
-    shown = _shown_extent(strip, (s, s))
-    if shown is not None:
-        lo, hi = min(lo, shown[2]), max(hi, shown[3])
-        span = max(span, hi - lo)
-    if span >= _ZOOM_BELOW * w:
-        return None
-    x0 = min(max((lo + hi - span) / 2, -0.5), w - 0.5 - span)
-    return (-0.5, height - 0.5, x0, x0 + span)
+def _padded(extent: float) -> float:
+    """The side of a zoomed view around a region ``extent`` pixels wide: 30% and 4 px of
+    margin, at least ``_ZOOM_MIN_PX``."""
+    return max(1.3 * extent + 4.0, _ZOOM_MIN_PX)
 
 
 def frames_view(frames: Sequence[np.ndarray], input_shape: tuple[int, int]) -> View | None:
@@ -210,7 +193,7 @@ def frames_view(frames: Sequence[np.ndarray], input_shape: tuple[int, int]) -> V
             lo_x, hi_x = min(lo_x, shown[2]), max(hi_x, shown[3])
     if not math.isfinite(lo_y):
         return None
-    span = max(1.3 * max(hi_y - lo_y, hi_x - lo_x) + 4.0, _ZOOM_MIN_PX)
+    span = _padded(max(hi_y - lo_y, hi_x - lo_x))
     if span >= _ZOOM_BELOW * min(h, w):
         return None
     return _square(lo_y, hi_y, lo_x, hi_x, span, h, w)
@@ -238,9 +221,13 @@ def _square(
     lo_y: float, hi_y: float, lo_x: float, hi_x: float, span: float, h: float, w: float
 ) -> View:
     """A ``span`` square centred on the given region, moved inside the ``h x w`` map."""
-    y0 = min(max((lo_y + hi_y - span) / 2, -0.5), h - 0.5 - span)
-    x0 = min(max((lo_x + hi_x - span) / 2, -0.5), w - 0.5 - span)
+    y0, x0 = _place(lo_y, hi_y, span, h), _place(lo_x, hi_x, span, w)
     return (y0, y0 + span, x0, x0 + span)
+
+
+def _place(lo: float, hi: float, span: float, n: float) -> float:
+    """The start of a ``span`` range centred on ``[lo, hi]``, moved inside ``n`` pixels."""
+    return min(max((lo + hi - span) / 2, -0.5), n - 0.5 - span)
 
 
 def _common_view(panels: Sequence[MapPanel]) -> View | None:
