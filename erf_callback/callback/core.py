@@ -74,6 +74,7 @@ from erf_callback.engine.validate import (
     UnbatchedInputError,
     check_eager,
     check_inputs,
+    is_numpy,
     normalize_layers,
 )
 from erf_callback.fit.metrics import MetricConfig
@@ -193,7 +194,7 @@ class ERFMonitorBase:
                 f"{inputs!r}"
             )
         # A NumPy array is refused here too (iterated, its rows would pass for batches).
-        if isinstance(inputs, torch.Tensor) or type(inputs).__module__ == "numpy":
+        if isinstance(inputs, torch.Tensor) or is_numpy(inputs):
             check_inputs(inputs)  # rank, dtype, NaN/Inf, layout: now rather than at fit start
         for name, value in (
             ("images_every_n_probes", images_every_n_probes),

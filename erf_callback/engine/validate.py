@@ -24,6 +24,7 @@ __all__ = [
     "check_inputs",
     "check_model",
     "check_output",
+    "is_numpy",
     "nonfinite_samples",
     "normalize_layers",
     "per_layer",
@@ -68,6 +69,17 @@ def normalize_layers(
     return names
 
 
+def is_numpy(value: Any) -> bool:
+    """Whether ``value`` is a NumPy array (or scalar), without importing NumPy: a probe's
+    inputs must be a tensor, and an array passed instead deserves the conversion as a hint.
+
+    Example:
+        >>> is_numpy(torch.zeros(1)), is_numpy([1.0])
+        (False, False)
+    """
+    return type(value).__module__ == "numpy"
+
+
 def check_inputs(inputs: Any, finite: bool = True) -> torch.Tensor:
     """``inputs`` if they are a dense floating ``(N, C, *spatial)`` tensor with data; else a
     clear error. ``finite=False`` leaves the NaN/Inf check to the caller
@@ -76,7 +88,7 @@ def check_inputs(inputs: Any, finite: bool = True) -> torch.Tensor:
     if not isinstance(inputs, torch.Tensor):
         if isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], torch.Tensor):
             hint = " Stack the images into one batch: torch.stack(images)."
-        elif type(inputs).__module__ == "numpy":
+        elif is_numpy(inputs):
             hint = " Convert it: torch.from_numpy(inputs) (images as (N, C, H, W))."
         else:
             hint = ""
