@@ -990,17 +990,24 @@ def _finish(
     again.
     """
     cov = (cov + cov.T) / 2
-    if on_map is not None:
-        return GaussianFit(
-            mean=np.asarray(mean, dtype=np.float64),
-            cov=cov,
-            floor=float(floor),
-            amplitude=on_map[0],
-            r2=on_map[1],
-            method=method,
-            converged=converged,
-            message=message,
-        )
+    amplitude, r2 = _amplitude_r2(a, coords, mean, cov, floor) if on_map is None else on_map
+    return GaussianFit(
+        mean=np.asarray(mean, dtype=np.float64),
+        cov=cov,
+        floor=float(floor),
+        amplitude=amplitude,
+        r2=r2,
+        method=method,
+        converged=converged,
+        message=message,
+    )
+
+
+def _amplitude_r2(
+    a: np.ndarray, coords: list[np.ndarray], mean: np.ndarray, cov: np.ndarray, floor: float
+) -> tuple[float, float]:
+    """For :func:`_finish`: the least-squares amplitude of the Gaussian on ``floor`` and the
+    R^2 of that model, in one pass over the map and one over the Gaussian's 8 sigma box."""
     prec = _inverse(cov, _MIN_EVAL_VARIANCE)
     box = _window_box(a.shape, mean, cov, 8.0)
     box_coords = [c[s] for c, s in zip(coords, box, strict=True)]
@@ -1022,16 +1029,7 @@ def _finish(
     # Below this share of the sum of squares the spread is the subtraction's rounding: a
     # constant map (a unit behind a global pooling sees every pixel alike) has no R².
     r2 = 1.0 - residual_ss / total_ss if total_ss > _CONSTANT_SPREAD * total_sq else float("nan")
-    return GaussianFit(
-        mean=np.asarray(mean, dtype=np.float64),
-        cov=cov,
-        floor=float(floor),
-        amplitude=amplitude,
-        r2=r2,
-        method=method,
-        converged=converged,
-        message=message,
-    )
+    return amplitude, r2
 
 
 def _with_single_pixel_axes(fit: GaussianFit, kept: list[int], d: int) -> GaussianFit:
