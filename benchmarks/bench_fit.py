@@ -1,6 +1,7 @@
 """fit_gaussian against OpenERF's lmfit 2-D Gaussian fit: sigma accuracy and speed.
 
-Run: ``.venv/bin/python benchmarks/bench_fit.py`` (``--quick`` for a smoke run).
+Run: ``.venv/bin/python benchmarks/bench_fit.py`` (``--quick`` for a smoke run;
+``--fixed-cost`` to time our fit alone at 20x20 and 32x32 against 64x64).
 
 OpenERF (PyPI ``openerf`` 0.6.1, MIT) fits ``amp * N(xc, yc, sigma_x, sigma_y)`` (axis-aligned,
 no floor term) to the sum-normalised map with ``lmfit.Model``, starting from ``xc, yc = 0.8 *
@@ -32,6 +33,7 @@ map and the total-time ratio.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import subprocess
 import sys
@@ -207,6 +209,43 @@ def rel_err(got: tuple[float, float], truth: tuple[float, float]) -> tuple[float
     return abs(got[0] - truth[0]) / truth[0], abs(got[1] - truth[1]) / truth[1]
 
 
+def fixed_cost(repeats: int) -> None:
+    """Where the time of a small fit goes: each floored, noisy and border map of 64x64 timed
+    against the same map made at 32x32 and 20x20 (4x and 10x fewer pixels), interleaved.
+
+    A ratio near 1 means the call's time does not depend on the pixel count: numpy's and
+    Python's fixed cost per operation, not arithmetic, sets it.
+    """
+    bu.header("bench_fit --fixed-cost: our fit at 20x20 and 32x32 against 64x64")
+    made = {n: make_cases(((n, n),)) for n in (20, 32, 64)}
+    rows, shares = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, case in enumerate(made[64]):
+            if case.category not in ("floor", "noise", "border"):
+                continue
+            funcs: dict[str, Callable[[], object]] = {
+                str(n): functools.partial(ours, made[n][i].map) for n in made
+            }
+            times = bu.interleaved(funcs, repeats, warmup=1, min_round=0.05)
+            share = bu.ratio(times["20"], times["64"])
+            shares.append(share)
+            rows.append(
+                (
+                    case.category,
+                    case.name,
+                    f"{1e3 * bu.median(times['64']):.2f}",
+                    f"{bu.ratio(times['32'], times['64']):.2f}",
+                    f"{share:.2f}",
+                )
+            )
+    print(bu.table(("cat", "map (64x64)", "64x64 ms", "32x32 / 64x64", "20x20 / 64x64"), rows))
+    print(
+        f"   a 20x20 map (a tenth of the pixels) takes {np.median(shares):.2f} of the 64x64 time "
+        f"(median over {len(shares)} maps; {min(shares):.2f}..{max(shares):.2f})"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="64x64 and 224x224 only")
@@ -214,8 +253,16 @@ def main() -> int:
     parser.add_argument(
         "--sizes", default=None, help="comma-separated HxW list, e.g. 64x64,512x512"
     )
+    parser.add_argument(
+        "--fixed-cost",
+        action="store_true",
+        help="only time our fit at 20x20 and 32x32 against 64x64 (no OpenERF)",
+    )
     args = parser.parse_args()
     repeats = args.repeats or (2 if args.quick else 4)
+    if args.fixed_cost:
+        fixed_cost(args.repeats or 9)
+        return 0
     sizes = SIZES
     if args.sizes:
         sizes = tuple(
