@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from erf_callback.engine import ERFMap, ProbeConfig, compute_erf, tokens_to_grid
 from erf_callback.fit import GaussianFit, MetricConfig, fit_gaussian
+from erf_callback.notebook import register_notebook_display
 from erf_callback.tracker import ERFTracker
 from erf_callback.trf import AxisRF, RFGeometry
 from erf_callback.warnings import ERFWarning
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
     from erf_callback.pytorch_lightning import ERFMonitor
 
 __version__ = "0.1.0"
+
+# Inside IPython / Jupyter an ERFMap displays as its heatmap; elsewhere this does nothing.
+register_notebook_display()
 
 __all__ = [
     "AxisRF",
