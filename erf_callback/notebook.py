@@ -1,10 +1,18 @@
-"""Inline pictures in Jupyter and IPython: an ``ERFMap`` shows as its annotated heatmap.
+"""Inline pictures in Jupyter and IPython: an ``ERFMap`` shows as its annotated heatmap, a
+training run's history as its report.
 
 ``import erf_callback`` inside IPython (a Jupyter notebook, JupyterLab, the ``ipython`` shell)
-registers a PNG formatter for :class:`~erf_callback.ERFMap`, so a map that ends a cell is drawn
-as TensorBoard shows it (:func:`~erf_callback.render.render_erf_map`: the fitted Gaussian, the
-TRF, the probed unit, radius, ERF/TRF and R² in the title) instead of printed. Outside
-IPython nothing happens, and nothing is imported: matplotlib loads at the first picture.
+registers PNG formatters, so an object that ends a cell is drawn instead of printed:
+
+* an :class:`~erf_callback.ERFMap` as TensorBoard shows it
+  (:func:`~erf_callback.render.render_erf_map`: the fitted Gaussian, the TRF, the probed unit,
+  radius, ERF/TRF and R² in the title);
+* an ``ERFHistory`` (``ERFMonitor.history``, ``ERFTracker.history``) as the page of
+  ``erf-callback report``: radius against step per layer, each layer's evolution grid and
+  the final metrics.
+
+Outside IPython nothing happens, and nothing is imported: matplotlib loads at the first
+picture.
 
 Example:
     In a notebook cell::
@@ -18,19 +26,22 @@ from __future__ import annotations
 import io
 import sys
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from erf_callback.warnings import ERFWarning
 
-__all__ = ["erf_map_png", "register_notebook_display"]
+__all__ = ["erf_map_png", "history_png", "register_notebook_display"]
 
-# Where ERFMap is defined: the formatter is registered by name, so that registering it needs no
-# import of the engine (nor of matplotlib) until a map is displayed.
+# Where the drawn classes are defined: the formatters are registered by name, so registering
+# them imports neither the engine nor the callback (nor matplotlib) until one is displayed.
 _ERF_MAP = ("erf_callback.engine.erf_map", "ERFMap")
+_HISTORY = ("erf_callback.callback.history", "ERFHistory")
 
 
 def register_notebook_display(shell: Any = None) -> bool:
-    """Draw ``ERFMap`` objects inline as PNG in an IPython shell (Jupyter's kernel included).
+    """Draw ``ERFMap`` and ``ERFHistory`` objects inline as PNG in an IPython shell (Jupyter's
+    kernel included).
 
     ``import erf_callback`` calls this already when it runs inside IPython; call it yourself
     for a shell started after that import.
@@ -56,6 +67,7 @@ def register_notebook_display(shell: Any = None) -> bool:
     try:
         png = shell.display_formatter.formatters["image/png"]
         png.for_type_by_name(*_ERF_MAP, erf_map_png)
+        png.for_type_by_name(*_HISTORY, history_png)
     except (AttributeError, KeyError, TypeError):
         return False
     return True
@@ -79,19 +91,62 @@ def erf_map_png(erf_map: Any) -> bytes | None:
         >>> png[:8] == b"\\x89PNG\\r\\n\\x1a\\n"
         True
     """
+
+    def draw() -> Any:
+        from erf_callback.render import render_erf_map
+
+        return render_erf_map(erf_map)
+
+    return _png(draw, erf_map)
+
+
+def history_png(history: Any) -> bytes | None:
+    """The PNG of ``erf-callback report``'s page for an in-memory history.
+
+    Args:
+        history: an ``ERFHistory`` (``ERFMonitor.history`` or ``ERFTracker.history``).
+
+    Returns:
+        The PNG file's bytes: the radius of every layer against the step, each layer's
+        evolution grid and the final metrics. None for a history without records (nothing
+        to draw; the notebook shows its text) or one that cannot be drawn (with one
+        :class:`ERFWarning` that says why).
+
+    Example:
+        >>> import torch
+        >>> from erf_callback.callback.history import ERFHistory
+        >>> h = ERFHistory()
+        >>> history_png(h) is None  # no probe yet
+        True
+        >>> _ = h.add(0, 0, "layer1", "ok", {"radius": 2.0}, torch.ones(16, 16))
+        >>> history_png(h)[:4] == b"\\x89PNG"
+        True
+    """
+    if not getattr(history, "records", None):
+        return None
+
+    def draw() -> Any:
+        from erf_callback.cli.report import render_report_png, run_from_history
+
+        return render_report_png(run_from_history(history))
+
+    return _png(draw, history)
+
+
+def _png(draw: Callable[[], Any], shown: Any) -> bytes | None:
+    """PNG bytes of the ``uint8 (H, W, 3)`` array ``draw()`` returns; None, with one warning,
+    when drawing fails: a picture must never break the cell that displays ``shown``."""
     try:
         from PIL import Image
 
-        from erf_callback.render import render_erf_map
-
         buffer = io.BytesIO()
-        Image.fromarray(render_erf_map(erf_map)).save(buffer, format="PNG")
-    except Exception as err:  # a picture must never break the cell that displays the map
+        Image.fromarray(draw()).save(buffer, format="PNG")
+    except Exception as err:
         warnings.warn(
-            f"erf_callback: could not draw {type(erf_map).__name__} as a picture "
+            f"erf_callback: could not draw {type(shown).__name__} as a picture "
             f"({type(err).__name__}: {err}); showing its text instead.",
             ERFWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
         return None
     return buffer.getvalue()

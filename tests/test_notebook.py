@@ -1,4 +1,5 @@
-"""In IPython and Jupyter an ERFMap displays as its annotated heatmap (erf_callback.notebook)."""
+"""In IPython and Jupyter an ERFMap displays as its annotated heatmap and an ERFHistory as the
+report page of ``erf-callback report`` (erf_callback.notebook)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import torch
 from PIL import Image
 
 from erf_callback import ERFWarning, compute_erf
-from erf_callback.notebook import erf_map_png, register_notebook_display
+from erf_callback.callback.history import ERFHistory
+from erf_callback.cli.report import read_history, render_report_png, run_from_history
+from erf_callback.notebook import erf_map_png, history_png, register_notebook_display
 from erf_callback.render import render_erf_map
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,10 +43,71 @@ def test_the_png_is_the_heatmap_tensorboard_shows(dims):
     np.testing.assert_array_equal(decoded(png), render_erf_map(m))
 
 
+def a_history() -> ERFHistory:
+    """Two layers probed at three steps, one probe of one layer failed."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        *[torch.nn.Conv2d(1 if i == 0 else 4, 4, 3, padding=1) for i in range(4)]
+    )
+    history = ERFHistory(map_size=16)
+    for probe, step in enumerate((0, 10, 20)):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.mul_(1.1)
+        maps = compute_erf(net, torch.randn(4, 1, 24, 24), layers=["1", "3"])
+        for layer, m in maps.items():
+            status = "failed" if (layer, step) == ("3", 10) else m.status
+            history.add(step, 0, layer, status, m.metrics(), m.grad, probe=probe)
+    return history
+
+
+def test_a_history_draws_as_the_report_page_of_its_json_file(tmp_path):
+    history = a_history()
+    png = history_png(history)
+    assert png is not None
+    np.testing.assert_array_equal(decoded(png), render_report_png(run_from_history(history)))
+    # The run read from the history's own JSON file is the same run: the notebook shows what
+    # `erf-callback report` makes of the file.
+    _, json_path = history.write(str(tmp_path))
+    from_file = read_history(Path(json_path))
+    in_memory = run_from_history(history, source=json_path)
+    assert in_memory.layers == from_file.layers == ["1", "3"]
+    assert in_memory.map_shapes == from_file.map_shapes == {"1": (24, 24), "3": (24, 24)}
+    assert [r["status"] for r in in_memory.records] == [r["status"] for r in from_file.records]
+    for mine, theirs in zip(in_memory.records, from_file.records, strict=True):
+        assert mine.keys() == theirs.keys()
+        np.testing.assert_allclose(
+            [float(v) for k, v in mine.items() if k not in ("layer", "status")],
+            [float(v) for k, v in theirs.items() if k not in ("layer", "status")],
+            rtol=1e-12,
+        )
+    for layer in ("1", "3"):
+        assert [s for s, _ in in_memory.maps[layer]] == [s for s, _ in from_file.maps[layer]]
+        for (_, a), (_, b) in zip(in_memory.maps[layer], from_file.maps[layer], strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6)  # float32 maps through JSON
+    assert np.array_equal(render_report_png(in_memory), render_report_png(from_file)), (
+        "the same run must draw the same page"
+    )
+
+
+def test_a_history_without_records_shows_its_text_quietly(recwarn):
+    history = ERFHistory()
+    assert history_png(history) is None
+    assert not [w for w in recwarn if issubclass(w.category, ERFWarning)]
+    assert repr(history) == "ERFHistory(layers=[], probes=0, steps=none, records=0, map_size=64)"
+    assert repr(a_history()) == (
+        "ERFHistory(layers=['1', '3'], probes=3, steps=0..20, records=6, map_size=16)"
+    )
+
+
 def test_a_map_that_cannot_be_drawn_warns_once_and_falls_back_to_text():
     with pytest.warns(ERFWarning, match="could not draw object as a picture") as caught:
         assert erf_map_png(object()) is None
     assert len(caught) == 1
+    broken = ERFHistory()
+    broken.records = [{"layer": "x"}]  # no step, no status: nothing a report can draw
+    with pytest.warns(ERFWarning, match="could not draw ERFHistory as a picture"):
+        assert history_png(broken) is None
 
 
 def test_outside_ipython_nothing_is_registered():
@@ -66,10 +130,10 @@ def test_registration_names_the_erf_map_class_without_importing_it():
     shell = type("Shell", (), {})()
     shell.display_formatter = type("Display", (), {"formatters": {"image/png": png}})()
     assert register_notebook_display(shell) is True
-    [(module, name, func)] = png.registered
-    m = small_map()
-    assert (type(m).__module__, type(m).__name__) == (module, name)
-    assert func is erf_map_png
+    registered = {func: (module, name) for module, name, func in png.registered}
+    assert len(png.registered) == 2
+    for obj, func in ((small_map(), erf_map_png), (ERFHistory(), history_png)):
+        assert registered[func] == (type(obj).__module__, type(obj).__name__)
 
 
 _IN_IPYTHON = """
@@ -78,6 +142,7 @@ import numpy as np, torch
 from IPython.core.interactiveshell import InteractiveShell
 shell = InteractiveShell.instance()
 import erf_callback  # registers itself: the shell is running
+import erf_callback.callback.history
 from erf_callback.render import render_erf_map
 from PIL import Image
 torch.manual_seed(0)
@@ -86,11 +151,17 @@ m = erf_callback.compute_erf(net, torch.randn(4, 1, 24, 24))["output"]
 data, _ = shell.display_formatter.format(m)
 pixels = np.asarray(Image.open(io.BytesIO(data["image/png"])).convert("RGB"))
 plain, _ = shell.display_formatter.format({"a": 1})
+history = erf_callback.callback.history.ERFHistory()
+empty, _ = shell.display_formatter.format(history)
+history.add(0, 0, "output", "ok", m.metrics(), m.grad)
+report, _ = shell.display_formatter.format(history)
 print(json.dumps({
     "mimes": sorted(data),
     "text": data["text/plain"],
     "same": bool(np.array_equal(pixels, render_erf_map(m))),
     "other_objects": sorted(plain),
+    "empty_history": sorted(empty),
+    "history": sorted(report),
 }))
 """
 
@@ -113,3 +184,5 @@ def test_in_a_running_ipython_shell_a_map_displays_as_its_heatmap(tmp_path):
     assert seen["text"].startswith("ERFMap(layer='output'")
     assert seen["same"]
     assert seen["other_objects"] == ["text/plain"]
+    assert seen["empty_history"] == ["text/plain"]
+    assert seen["history"] == ["image/png", "text/plain"]

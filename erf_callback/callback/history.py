@@ -52,6 +52,15 @@ class ERFHistory:
     def __len__(self) -> int:
         return len(self.records)
 
+    def __repr__(self) -> str:
+        layers = list(dict.fromkeys(r["layer"] for r in self.records))
+        steps = self.steps()
+        span = f"{steps[0]}..{steps[-1]}" if steps else "none"
+        return (
+            f"ERFHistory(layers={layers}, probes={self.num_probes}, steps={span}, "
+            f"records={len(self.records)}, map_size={self.map_size})"
+        )
+
     @property
     def num_probes(self) -> int:
         return 1 + max((r["probe"] for r in self.records), default=-1)

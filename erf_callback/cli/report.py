@@ -29,6 +29,7 @@ __all__ = [
     "read_tensorboard",
     "render_report_html",
     "render_report_png",
+    "run_from_history",
     "write_report",
 ]
 
@@ -122,6 +123,18 @@ def read_history(path: Path) -> Run:
         raise CLIError(
             f"{str(path)!r} has no probe records", "pass the history of a run that probed"
         )
+    return run
+
+
+def run_from_history(history: Any, source: str = "") -> Run:
+    """A run from an in-memory history (``ERFMonitor.history``, ``ERFTracker.history``): its
+    records, its downsampled maps and the maps' shapes, as the JSON file would give them
+    (``source``: what the page's title names, e.g. a file; none by default)."""
+    run = Run(source=source)
+    run.records = [dict(r) for r in history.records]
+    for layer, entries in history.maps.items():
+        run.maps[layer] = [(int(step), np.asarray(m, dtype=np.float64)) for step, m in entries]
+    run.map_shapes = {k: tuple(int(n) for n in v) for k, v in history.map_shapes.items()}
     return run
 
 
@@ -243,7 +256,7 @@ def render_report_png(run: Run) -> np.ndarray:
         ax.plot([r["step"] for r in ok], [r.get("radius", math.nan) for r in ok], "o-", label=layer)
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("ERF radius (input pixels)")
-    ax.set_title(f"ERF radius per layer: {run.source}", fontsize=9)
+    ax.set_title("ERF radius per layer" + (f": {run.source}" if run.source else ""), fontsize=9)
     # A size: from 0, so a 1% change does not fill the axis, with room above the top point.
     radii = (r.get("radius", math.nan) for r in run.records if r.get("status", "ok") == "ok")
     top = max((v for v in radii if math.isfinite(v)), default=0.0)
