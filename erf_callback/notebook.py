@@ -7,6 +7,8 @@ registers PNG formatters, so an object that ends a cell is drawn instead of prin
 * an :class:`~erf_callback.ERFMap` as TensorBoard shows it
   (:func:`~erf_callback.render.render_erf_map`: the fitted Gaussian, the TRF, the probed unit,
   radius, ERF/TRF and R² in the title);
+* what :func:`~erf_callback.compute_erf` returns (an ``ERFMaps`` dict) as those heatmaps side
+  by side, layer after layer (:func:`~erf_callback.render.render_erf_maps`);
 * an ``ERFHistory`` (``ERFMonitor.history``, ``ERFTracker.history``) as the page of
   ``erf-callback report``: radius against step per layer, each layer's evolution grid and
   the final metrics.
@@ -31,17 +33,18 @@ from typing import Any
 
 from erf_callback.warnings import ERFWarning
 
-__all__ = ["erf_map_png", "history_png", "register_notebook_display"]
+__all__ = ["erf_map_png", "erf_maps_png", "history_png", "register_notebook_display"]
 
 # Where the drawn classes are defined: the formatters are registered by name, so registering
 # them imports neither the engine nor the callback (nor matplotlib) until one is displayed.
 _ERF_MAP = ("erf_callback.engine.erf_map", "ERFMap")
+_ERF_MAPS = ("erf_callback.engine.erf_map", "ERFMaps")
 _HISTORY = ("erf_callback.callback.history", "ERFHistory")
 
 
 def register_notebook_display(shell: Any = None) -> bool:
-    """Draw ``ERFMap`` and ``ERFHistory`` objects inline as PNG in an IPython shell (Jupyter's
-    kernel included).
+    """Draw ``ERFMap``, ``ERFMaps`` and ``ERFHistory`` objects inline as PNG in an IPython shell
+    (Jupyter's kernel included).
 
     ``import erf_callback`` calls this already when it runs inside IPython; call it yourself
     for a shell started after that import.
@@ -67,6 +70,7 @@ def register_notebook_display(shell: Any = None) -> bool:
     try:
         png = shell.display_formatter.formatters["image/png"]
         png.for_type_by_name(*_ERF_MAP, erf_map_png)
+        png.for_type_by_name(*_ERF_MAPS, erf_maps_png)
         png.for_type_by_name(*_HISTORY, history_png)
     except (AttributeError, KeyError, TypeError):
         return False
@@ -98,6 +102,27 @@ def erf_map_png(erf_map: Any) -> bytes | None:
         return render_erf_map(erf_map)
 
     return _png(draw, erf_map)
+
+
+def erf_maps_png(erf_maps: Any) -> bytes | None:
+    """The PNG of :func:`~erf_callback.render.render_erf_maps` for ``erf_maps``.
+
+    Args:
+        erf_maps: what :func:`~erf_callback.compute_erf` returns.
+
+    Returns:
+        The PNG file's bytes; None for an empty dict (nothing to draw) or maps that cannot be
+        drawn (one :class:`ERFWarning` says why); the notebook then shows the dict's text.
+    """
+    if not erf_maps:
+        return None
+
+    def draw() -> Any:
+        from erf_callback.render import render_erf_maps
+
+        return render_erf_maps(erf_maps)
+
+    return _png(draw, erf_maps)
 
 
 def history_png(history: Any) -> bytes | None:

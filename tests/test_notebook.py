@@ -18,8 +18,14 @@ from PIL import Image
 from erf_callback import ERFWarning, compute_erf
 from erf_callback.callback.history import ERFHistory
 from erf_callback.cli.report import read_history, render_report_png, run_from_history
-from erf_callback.notebook import erf_map_png, history_png, register_notebook_display
-from erf_callback.render import render_erf_map
+from erf_callback.engine import ERFMaps
+from erf_callback.notebook import (
+    erf_map_png,
+    erf_maps_png,
+    history_png,
+    register_notebook_display,
+)
+from erf_callback.render import render_erf_map, render_erf_maps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,6 +47,17 @@ def test_the_png_is_the_heatmap_tensorboard_shows(dims):
     png = erf_map_png(m)
     assert png is not None and png.startswith(b"\x89PNG\r\n\x1a\n")
     np.testing.assert_array_equal(decoded(png), render_erf_map(m))
+
+
+def test_compute_erf_returns_a_dict_that_draws_its_layers_side_by_side():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*[torch.nn.Conv2d(1, 1, 3, padding=1) for _ in range(4)])
+    maps = compute_erf(net, torch.randn(4, 1, 24, 24), layers=["3", "0", "1"])
+    assert isinstance(maps, ERFMaps) and isinstance(maps, dict)
+    assert list(maps) == ["3", "0", "1"]  # the order asked for
+    png = erf_maps_png(maps)
+    assert png is not None
+    np.testing.assert_array_equal(decoded(png), render_erf_maps(maps))
 
 
 def a_history() -> ERFHistory:
@@ -90,7 +107,8 @@ def test_a_history_draws_as_the_report_page_of_its_json_file(tmp_path):
     )
 
 
-def test_a_history_without_records_shows_its_text_quietly(recwarn):
+def test_nothing_to_draw_shows_the_text_quietly(recwarn):
+    assert erf_maps_png(ERFMaps()) is None
     history = ERFHistory()
     assert history_png(history) is None
     assert not [w for w in recwarn if issubclass(w.category, ERFWarning)]
@@ -108,6 +126,8 @@ def test_a_map_that_cannot_be_drawn_warns_once_and_falls_back_to_text():
     broken.records = [{"layer": "x"}]  # no step, no status: nothing a report can draw
     with pytest.warns(ERFWarning, match="could not draw ERFHistory as a picture"):
         assert history_png(broken) is None
+    with pytest.warns(ERFWarning, match="could not draw ERFMaps as a picture"):
+        assert erf_maps_png(ERFMaps(layer=object())) is None
 
 
 def test_outside_ipython_nothing_is_registered():
@@ -131,8 +151,9 @@ def test_registration_names_the_erf_map_class_without_importing_it():
     shell.display_formatter = type("Display", (), {"formatters": {"image/png": png}})()
     assert register_notebook_display(shell) is True
     registered = {func: (module, name) for module, name, func in png.registered}
-    assert len(png.registered) == 2
-    for obj, func in ((small_map(), erf_map_png), (ERFHistory(), history_png)):
+    assert len(png.registered) == 3
+    drawn = ((small_map(), erf_map_png), (ERFMaps(), erf_maps_png), (ERFHistory(), history_png))
+    for obj, func in drawn:
         assert registered[func] == (type(obj).__module__, type(obj).__name__)
 
 
@@ -155,6 +176,10 @@ history = erf_callback.callback.history.ERFHistory()
 empty, _ = shell.display_formatter.format(history)
 history.add(0, 0, "output", "ok", m.metrics(), m.grad)
 report, _ = shell.display_formatter.format(history)
+net2 = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 3), torch.nn.Conv2d(1, 1, 3))
+several, _ = shell.display_formatter.format(
+    erf_callback.compute_erf(net2, torch.randn(4, 1, 24, 24), layers=["0", "1"])
+)
 print(json.dumps({
     "mimes": sorted(data),
     "text": data["text/plain"],
@@ -162,6 +187,7 @@ print(json.dumps({
     "other_objects": sorted(plain),
     "empty_history": sorted(empty),
     "history": sorted(report),
+    "several": sorted(several),
 }))
 """
 
@@ -186,3 +212,4 @@ def test_in_a_running_ipython_shell_a_map_displays_as_its_heatmap(tmp_path):
     assert seen["other_objects"] == ["text/plain"]
     assert seen["empty_history"] == ["text/plain"]
     assert seen["history"] == ["image/png", "text/plain"]
+    assert seen["several"] == ["image/png", "text/plain"]

@@ -3,7 +3,8 @@
 * :mod:`.compute`: chunked gradient accumulation and map assembly.
 * :mod:`.chunking`: chunk sizes from measured activations and a memory budget; OOM retries.
 * :mod:`.config`: :class:`ProbeConfig`, every probe option in one frozen object.
-* :mod:`.erf_map`: :class:`ERFMap`, one layer's map and its metrics.
+* :mod:`.erf_map`: :class:`ERFMap`, one layer's map and its metrics; :class:`ERFMaps`, the
+  dict of them that :func:`compute_erf` returns.
 * :mod:`.fastpath`: BatchNorm folding and channels_last for later chunks, model untouched.
 * :mod:`.guard`: leaving the model exactly as found.
 * :mod:`.layers`: layer names, wrappers, the default layer.
@@ -14,7 +15,7 @@
 
 from erf_callback.engine.compute import compute_erf
 from erf_callback.engine.config import OUTPUT, ProbeConfig, Reduction
-from erf_callback.engine.erf_map import ERFMap, Status
+from erf_callback.engine.erf_map import ERFMap, ERFMaps, Status
 from erf_callback.engine.guard import preserved_rng, probe_context
 from erf_callback.engine.layers import (
     deepest_spatial_layer,
@@ -28,6 +29,7 @@ from erf_callback.engine.transforms import OutputTransform, tokens_to_grid
 __all__ = [
     "OUTPUT",
     "ERFMap",
+    "ERFMaps",
     "OutputTransform",
     "ProbeConfig",
     "Reduction",

@@ -39,7 +39,7 @@ from erf_callback.engine.config import (
     Reduction,
     Transforms,
 )
-from erf_callback.engine.erf_map import ERFMap, Status
+from erf_callback.engine.erf_map import ERFMap, ERFMaps, Status
 from erf_callback.engine.fastpath import FastPath, ForwardRecorder
 from erf_callback.engine.guard import probe_context
 from erf_callback.engine.layers import (
@@ -103,7 +103,7 @@ def compute_erf(
     optimize: bool | Default = DEFAULT,
     config: MetricConfig | Default | None = DEFAULT,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> dict[str, ERFMap]:
+) -> ERFMaps:
     """Measure the effective receptive field of layers of ``model`` on ``inputs``.
 
     Args:
@@ -142,7 +142,8 @@ def compute_erf(
             each rank probe a shard of the samples.
 
     Returns:
-        ``{layer_name: ERFMap}`` in the order of ``layers``.
+        ``{layer_name: ERFMap}`` in the order of ``layers`` (an :class:`ERFMaps`, a ``dict``
+        that a notebook draws as the maps' heatmaps side by side).
 
     Raises:
         KeyError: an unknown layer name (the message lists the closest real names).
@@ -610,10 +611,10 @@ def _assemble(
     cfg: ProbeConfig,
     n: int,
     cancelled: Collection[str] = (),
-) -> dict[str, ERFMap]:
+) -> ERFMaps:
     """Turn the gradient sums of ``n`` samples into :class:`ERFMap` s: mean, status, location."""
     in_shape = tuple(x_all.shape[2:])
-    result: dict[str, ERFMap] = {}
+    result = ERFMaps()
     for name in names:
         out_shape, pos, geo = meta[name]
         grad = sums[name].cpu() / n  # divided on the host: one kernel launch less per layer

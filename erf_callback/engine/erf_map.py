@@ -22,7 +22,7 @@ from erf_callback.fit.metrics import (
 from erf_callback.trf import RFGeometry
 from erf_callback.warnings import ERFWarning
 
-__all__ = ["ERFMap", "Status", "axis_suffixes"]
+__all__ = ["ERFMap", "ERFMaps", "Status", "axis_suffixes"]
 
 Status = Literal["ok", "nonfinite", "zero"]
 
@@ -182,6 +182,23 @@ output_shape=(16, 4, 4), trf=(nan, nan), num_samples=3, reduction='abs', status=
             min(max(math.floor(v + 0.5), 0), n - 1)
             for v, n in zip(self.location, self.grad.shape, strict=True)
         )
+
+
+class ERFMaps(dict[str, ERFMap]):
+    """What :func:`~erf_callback.compute_erf` returns: the probed layers' maps by name, in the
+    order they were asked for.
+
+    A plain ``dict`` in every way; in a Jupyter notebook it displays as the maps' annotated
+    heatmaps side by side (:mod:`erf_callback.notebook`).
+
+    Example:
+        >>> import torch
+        >>> from erf_callback import compute_erf
+        >>> net = torch.nn.Sequential(*[torch.nn.Conv2d(1, 1, 3) for _ in range(3)])
+        >>> maps = compute_erf(net, torch.randn(4, 1, 16, 16), layers=["0", "2"])
+        >>> isinstance(maps, dict), list(maps)
+        (True, ['0', '2'])
+    """
 
 
 def _erf_trf_ratio(radius: float, trf: tuple[float, ...]) -> float:

@@ -44,6 +44,7 @@ __all__ = [
     "frames_view",
     "heatmap_title",
     "render_erf_map",
+    "render_erf_maps",
     "render_heatmap_figure",
     "render_init_vs_now",
     "zoom_view",
@@ -519,6 +520,66 @@ def render_erf_map(
         warnings.simplefilter("ignore", ERFWarning)
         panel = erf_map_panel(erf_map)
     return render_heatmap_figure(panel, log_scale=log_scale, cmap=cmap)
+
+
+# White space between the heatmaps of render_erf_maps, in pixels.
+_MAPS_GAP = 16
+
+
+def render_erf_maps(
+    erf_maps: Mapping[str, ProbedMap],
+    *,
+    log_scale: bool = False,
+    cmap: str = "inferno",
+    max_columns: int = 4,
+) -> np.ndarray:
+    """Several layers' heatmaps side by side, each as :func:`render_erf_map` draws it.
+
+    The maps keep their order (that of ``compute_erf``'s ``layers``: shallow to deep, the ERF
+    growing from tile to tile), in rows of at most ``max_columns``, each tile centred in a
+    cell as large as the largest tile, on white.
+
+    Args:
+        erf_maps: the dict :func:`~erf_callback.compute_erf` returns (any mapping of names to
+            maps; the names are not drawn, each title names its layer).
+        log_scale: log colour scale (faint tails visible).
+        cmap: matplotlib colour-map name.
+        max_columns: heatmaps per row at most.
+
+    Returns:
+        ``uint8`` array ``(H, W, 3)``.
+
+    Raises:
+        ValueError: no maps, or ``max_columns`` below 1.
+
+    Example:
+        >>> import torch
+        >>> from erf_callback import compute_erf
+        >>> net = torch.nn.Sequential(*[torch.nn.Conv2d(1, 1, 3) for _ in range(3)])
+        >>> maps = compute_erf(net, torch.randn(4, 1, 32, 32), layers=["0", "2"])
+        >>> render_erf_maps(maps).shape == (392, 2 * 370 + 16, 3)
+        True
+    """
+    if not erf_maps:
+        raise ValueError("render_erf_maps needs at least one map; got an empty mapping")
+    if isinstance(max_columns, bool) or not isinstance(max_columns, int) or max_columns < 1:
+        raise ValueError(f"max_columns must be a positive int; got {max_columns!r}")
+    tiles = [render_erf_map(m, log_scale=log_scale, cmap=cmap) for m in erf_maps.values()]
+    cell_h = max(t.shape[0] for t in tiles)
+    cell_w = max(t.shape[1] for t in tiles)
+    columns = min(max_columns, len(tiles))
+    rows = math.ceil(len(tiles) / columns)
+    out = np.full(
+        (rows * cell_h + (rows - 1) * _MAPS_GAP, columns * cell_w + (columns - 1) * _MAPS_GAP, 3),
+        255,
+        dtype=np.uint8,
+    )
+    for k, tile in enumerate(tiles):
+        row, col = divmod(k, columns)
+        top = row * (cell_h + _MAPS_GAP) + (cell_h - tile.shape[0]) // 2
+        left = col * (cell_w + _MAPS_GAP) + (cell_w - tile.shape[1]) // 2
+        out[top : top + tile.shape[0], left : left + tile.shape[1]] = tile
+    return out
 
 
 def render_heatmap_figure(

@@ -285,3 +285,48 @@ def test_render_erf_map_is_the_tensorboard_heatmap() -> None:
     np.testing.assert_array_equal(
         render_erf_map(maps["2"], log_scale=True), logged["erf/2/heatmap_log"]
     )
+
+
+def test_render_erf_maps_tiles_each_layers_heatmap_in_order() -> None:
+    # Five layers of a 2-D net and a 1-D map, three per row: two rows, each tile its own
+    # render_erf_map (centred in a cell as large as the largest tile), white between them.
+    from erf_callback.render import render_erf_map, render_erf_maps
+
+    torch.manual_seed(0)
+    net = nn.Sequential(*[nn.Conv2d(1 if i == 0 else 2, 2, 5, padding=2) for i in range(5)])
+    maps = dict(compute_erf(net, torch.randn(2, 1, 40, 40), [str(i) for i in range(5)]))
+    maps["line"] = compute_erf(nn.Conv1d(1, 1, 9), torch.randn(2, 1, 64))["output"]
+    tiles = [render_erf_map(m) for m in maps.values()]
+    out = render_erf_maps(maps, max_columns=3)
+    cell_h, cell_w = max(t.shape[0] for t in tiles), max(t.shape[1] for t in tiles)
+    gap = 16
+    assert out.shape == (2 * cell_h + gap, 3 * cell_w + 2 * gap, 3)
+    covered = np.zeros(out.shape[:2], dtype=bool)
+    for k, tile in enumerate(tiles):
+        row, col = divmod(k, 3)
+        top = row * (cell_h + gap) + (cell_h - tile.shape[0]) // 2
+        left = col * (cell_w + gap) + (cell_w - tile.shape[1]) // 2
+        box = (slice(top, top + tile.shape[0]), slice(left, left + tile.shape[1]))
+        np.testing.assert_array_equal(out[box], tile)
+        covered[box] = True
+    assert (out[~covered] == 255).all()
+    # Up to four layers in one row by default; the log scale reaches every tile.
+    two = {k: maps[k] for k in ("0", "4")}
+    row = render_erf_maps(two, log_scale=True)
+    logged = [render_erf_map(m, log_scale=True) for m in two.values()]
+    assert row.shape == (logged[0].shape[0], 2 * logged[0].shape[1] + gap, 3)
+    np.testing.assert_array_equal(row, np.concatenate(
+        [logged[0], np.full((logged[0].shape[0], gap, 3), 255, np.uint8), logged[1]], axis=1
+    ))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"), [({}, "at least one map"), ({"max_columns": 0}, "max_columns")]
+)
+def test_render_erf_maps_rejects_nothing_to_draw(kwargs, match) -> None:
+    from erf_callback.render import render_erf_maps
+
+    torch.manual_seed(0)
+    maps = compute_erf(nn.Conv2d(1, 1, 3), torch.randn(2, 1, 16, 16))
+    with pytest.raises(ValueError, match=match):
+        render_erf_maps({} if not kwargs else maps, **kwargs)
