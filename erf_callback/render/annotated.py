@@ -384,8 +384,15 @@ def _box_visible(panel: MapPanel) -> bool:
 
 
 def _layout(
-    panels: Sequence[MapPanel], log_scale: bool, cmap: str, suptitle: str, panel_px: int
+    panels: Sequence[MapPanel],
+    log_scale: bool,
+    cmap: str,
+    suptitle: str,
+    panel_px: int,
+    view_of: Sequence[MapPanel] | None = None,
 ) -> np.ndarray:
+    """The panels in one row with one colour bar and one legend, all on the view that holds
+    every panel of ``view_of`` (default: these panels), so that they compare."""
     n = len(panels)
     # Sized for TensorBoard's default image card (~350-450 px wide): little margin, no ticks.
     left, gap, bar_w, bar_gap, right = 30, 14, 12, 10, 58
@@ -396,7 +403,7 @@ def _layout(
     height = top + panel_px + bottom
     fig, canvas = _figure(width, height)
     lows = []
-    view = _common_view(panels)
+    view = _common_view(panels if view_of is None else view_of)
     for i, panel in enumerate(panels):
         x0 = left + i * (panel_px + gap)
         ax = fig.add_axes(
@@ -522,8 +529,8 @@ def render_erf_map(
     return render_heatmap_figure(panel, log_scale=log_scale, cmap=cmap)
 
 
-# White space between the heatmaps of render_erf_maps, in pixels.
-_MAPS_GAP = 16
+# White space between the rows of render_erf_maps, in pixels.
+_ROWS_GAP = 12
 
 
 def render_erf_maps(
@@ -533,52 +540,61 @@ def render_erf_maps(
     cmap: str = "inferno",
     max_columns: int = 4,
 ) -> np.ndarray:
-    """Several layers' heatmaps side by side, each as :func:`render_erf_map` draws it.
+    """Several layers' heatmaps side by side on one scale, to compare: each titled like
+    :func:`render_erf_map` (layer, radius, ERF/TRF, R²), all zoomed on the same input pixels
+    (those that hold every map's own view), with one colour bar and one legend per row.
 
     The maps keep their order (that of ``compute_erf``'s ``layers``: shallow to deep, the ERF
-    growing from tile to tile), in rows of at most ``max_columns``, each tile centred in a
-    cell as large as the largest tile, on white.
+    growing from panel to panel), in rows of at most ``max_columns``.
 
     Args:
         erf_maps: the dict :func:`~erf_callback.compute_erf` returns (any mapping of names to
-            maps; the names are not drawn, each title names its layer).
+            maps of one input shape; each panel's title names its layer).
         log_scale: log colour scale (faint tails visible).
         cmap: matplotlib colour-map name.
-        max_columns: heatmaps per row at most.
+        max_columns: panels per row at most.
 
     Returns:
         ``uint8`` array ``(H, W, 3)``.
 
     Raises:
-        ValueError: no maps, or ``max_columns`` below 1.
+        ValueError: no maps, maps of different shapes (draw those one by one with
+            :func:`render_erf_map`), or ``max_columns`` below 1.
 
     Example:
         >>> import torch
         >>> from erf_callback import compute_erf
         >>> net = torch.nn.Sequential(*[torch.nn.Conv2d(1, 1, 3) for _ in range(3)])
         >>> maps = compute_erf(net, torch.randn(4, 1, 32, 32), layers=["0", "2"])
-        >>> render_erf_maps(maps).shape == (392, 2 * 370 + 16, 3)
-        True
+        >>> render_erf_maps(maps).shape
+        (392, 644, 3)
     """
     if not erf_maps:
         raise ValueError("render_erf_maps needs at least one map; got an empty mapping")
     if isinstance(max_columns, bool) or not isinstance(max_columns, int) or max_columns < 1:
         raise ValueError(f"max_columns must be a positive int; got {max_columns!r}")
-    tiles = [render_erf_map(m, log_scale=log_scale, cmap=cmap) for m in erf_maps.values()]
-    cell_h = max(t.shape[0] for t in tiles)
-    cell_w = max(t.shape[1] for t in tiles)
-    columns = min(max_columns, len(tiles))
-    rows = math.ceil(len(tiles) / columns)
+    with warnings.catch_warnings():
+        # A map's own status says why it has no fit; its panel says "n/a".
+        warnings.simplefilter("ignore", ERFWarning)
+        panels = [erf_map_panel(m) for m in erf_maps.values()]
+    shapes = {p.erf.shape for p in panels}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"render_erf_maps draws maps of one input shape on one scale; got shapes "
+            f"{sorted(shapes)}. Draw them one by one with render_erf_map."
+        )
+    rows = [
+        _layout(panels[i : i + max_columns], log_scale, cmap, "", 260, view_of=panels)
+        for i in range(0, len(panels), max_columns)
+    ]
+    width = max(r.shape[1] for r in rows)
     out = np.full(
-        (rows * cell_h + (rows - 1) * _MAPS_GAP, columns * cell_w + (columns - 1) * _MAPS_GAP, 3),
-        255,
-        dtype=np.uint8,
+        (sum(r.shape[0] for r in rows) + _ROWS_GAP * (len(rows) - 1), width, 3), 255, np.uint8
     )
-    for k, tile in enumerate(tiles):
-        row, col = divmod(k, columns)
-        top = row * (cell_h + _MAPS_GAP) + (cell_h - tile.shape[0]) // 2
-        left = col * (cell_w + _MAPS_GAP) + (cell_w - tile.shape[1]) // 2
-        out[top : top + tile.shape[0], left : left + tile.shape[1]] = tile
+    top = 0
+    for row in rows:  # left-aligned: the panels of every row stand in the same columns
+        out[top : top + row.shape[0], : row.shape[1]] = row
+        top += row.shape[0] + _ROWS_GAP
     return out
 
 

@@ -287,46 +287,57 @@ def test_render_erf_map_is_the_tensorboard_heatmap() -> None:
     )
 
 
-def test_render_erf_maps_tiles_each_layers_heatmap_in_order() -> None:
-    # Five layers of a 2-D net and a 1-D map, three per row: two rows, each tile its own
-    # render_erf_map (centred in a cell as large as the largest tile), white between them.
+def test_render_erf_maps_draws_the_layers_on_one_scale_in_rows() -> None:
+    # Five layers whose ERFs grow with depth. Each alone would be zoomed on its own TRF (a
+    # 5 px ERF as large as a 21 px one); side by side they share the view that holds every
+    # map's own, so their sizes compare, in rows of max_columns with the layers in order.
     from erf_callback.render import render_erf_map, render_erf_maps
+    from erf_callback.render.annotated import _common_view, _layout, erf_map_panel, zoom_view
 
     torch.manual_seed(0)
     net = nn.Sequential(*[nn.Conv2d(1 if i == 0 else 2, 2, 5, padding=2) for i in range(5)])
-    maps = dict(compute_erf(net, torch.randn(2, 1, 40, 40), [str(i) for i in range(5)]))
-    maps["line"] = compute_erf(nn.Conv1d(1, 1, 9), torch.randn(2, 1, 64))["output"]
-    tiles = [render_erf_map(m) for m in maps.values()]
-    out = render_erf_maps(maps, max_columns=3)
-    cell_h, cell_w = max(t.shape[0] for t in tiles), max(t.shape[1] for t in tiles)
-    gap = 16
-    assert out.shape == (2 * cell_h + gap, 3 * cell_w + 2 * gap, 3)
-    covered = np.zeros(out.shape[:2], dtype=bool)
-    for k, tile in enumerate(tiles):
-        row, col = divmod(k, 3)
-        top = row * (cell_h + gap) + (cell_h - tile.shape[0]) // 2
-        left = col * (cell_w + gap) + (cell_w - tile.shape[1]) // 2
-        box = (slice(top, top + tile.shape[0]), slice(left, left + tile.shape[1]))
-        np.testing.assert_array_equal(out[box], tile)
-        covered[box] = True
-    assert (out[~covered] == 255).all()
-    # Up to four layers in one row by default; the log scale reaches every tile.
-    two = {k: maps[k] for k in ("0", "4")}
-    row = render_erf_maps(two, log_scale=True)
-    logged = [render_erf_map(m, log_scale=True) for m in two.values()]
-    assert row.shape == (logged[0].shape[0], 2 * logged[0].shape[1] + gap, 3)
-    np.testing.assert_array_equal(row, np.concatenate(
-        [logged[0], np.full((logged[0].shape[0], gap, 3), 255, np.uint8), logged[1]], axis=1
-    ))  # fmt: skip
+    maps = compute_erf(net, torch.randn(2, 1, 96, 96), [str(i) for i in range(5)])
+    panels = [erf_map_panel(m) for m in maps.values()]
+    own = [zoom_view(p) for p in panels]
+    assert all(v is not None for v in own) and len(set(own)) == 5  # five different zooms
+    shared = _common_view(panels)
+    assert shared is not None
+    for v in own:  # the shared view holds each map's own view
+        assert shared[0] <= v[0] and v[1] <= shared[1] and shared[2] <= v[2] and v[3] <= shared[3]
+    out = render_erf_maps(maps, max_columns=2)
+    rows = [
+        _layout(panels[i : i + 2], False, "inferno", "", 260, view_of=panels) for i in (0, 2, 4)
+    ]
+    assert out.shape == (3 * rows[0].shape[0] + 2 * 12, rows[0].shape[1], 3)
+    top = 0
+    for row in rows:
+        np.testing.assert_array_equal(out[top : top + row.shape[0], : row.shape[1]], row)
+        assert (out[top : top + row.shape[0], row.shape[1] :] == 255).all()
+        top += row.shape[0] + 12
+    # The same pixels as the layer's own heatmap where it is the only one; the log scale.
+    for log_scale in (False, True):
+        np.testing.assert_array_equal(
+            render_erf_maps({"4": maps["4"]}, log_scale=log_scale),
+            render_erf_map(maps["4"], log_scale=log_scale),
+        )
+    # By default up to four in one row: wider than one panel by three panels and gaps.
+    assert render_erf_maps({k: maps[k] for k in "0123"}).shape[1] == out.shape[1] + 2 * (260 + 14)
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"), [({}, "at least one map"), ({"max_columns": 0}, "max_columns")]
+    ("which", "kwargs", "match"),
+    [
+        ("none", {}, "at least one map"),
+        ("2-D", {"max_columns": 0}, "max_columns must be a positive int"),
+        ("mixed", {}, r"one input shape.*render_erf_map"),
+    ],
 )
-def test_render_erf_maps_rejects_nothing_to_draw(kwargs, match) -> None:
+def test_render_erf_maps_rejects_what_it_cannot_compare(which, kwargs, match) -> None:
     from erf_callback.render import render_erf_maps
 
     torch.manual_seed(0)
-    maps = compute_erf(nn.Conv2d(1, 1, 3), torch.randn(2, 1, 16, 16))
+    maps = dict(compute_erf(nn.Conv2d(1, 1, 3), torch.randn(2, 1, 16, 16)))
+    if which == "mixed":
+        maps["line"] = compute_erf(nn.Conv1d(1, 1, 3), torch.randn(2, 1, 16))["output"]
     with pytest.raises(ValueError, match=match):
-        render_erf_maps({} if not kwargs else maps, **kwargs)
+        render_erf_maps({} if which == "none" else maps, **kwargs)
