@@ -102,15 +102,17 @@ def write_probe_outputs(
     cmap: str = "inferno",
     heatmap_style: Literal["annotated", "raw"] = "annotated",
 ) -> list[str]:
-    """Write ``metrics.json``, ``<layer>_heatmap.png`` and ``<layer>_radial_profile.png``.
+    """Write ``metrics.json``, ``<layer>_heatmap.png`` and ``<layer>_radial_profile.png``, and
+    with two layers or more ``all_layers.png``.
 
     The heatmap is the callback's TensorBoard picture (``heatmap_style="annotated"``: title
     with the layer, radius, ERF/TRF and R², colour bar, legend of the overlays) or the bare
-    map with its overlays (``"raw"``).
+    map with its overlays (``"raw"``). ``all_layers.png`` draws every layer's annotated heatmap
+    side by side on one scale (:func:`~erf_callback.render.render_erf_maps`), so they compare.
     """
     from PIL import Image
 
-    from erf_callback.render import render_heatmap, render_radial_profile
+    from erf_callback.render import render_erf_maps, render_heatmap, render_radial_profile
     from erf_callback.render.annotated import erf_map_panel, render_heatmap_figure
 
     written = [str(out_dir / "metrics.json")]
@@ -142,6 +144,11 @@ def write_probe_outputs(
             path = out_dir / f"{name}_{suffix}.png"
             Image.fromarray(img).save(path)
             written.append(str(path))
+    drawn = {name: m for name, m in maps.items() if m.status == "ok"}
+    if len(drawn) >= 2:  # no "<layer>_" prefix: no layer's own file can have this name
+        path = out_dir / "all_layers.png"
+        Image.fromarray(render_erf_maps(drawn, cmap=cmap)).save(path)
+        written.append(str(path))
     return written
 
 

@@ -19,6 +19,7 @@ from erf_callback import ERFTracker, compute_erf
 from erf_callback.cli import main
 from erf_callback.cli.loading import load_factory, load_inputs
 from erf_callback.cli.report import find_run
+from erf_callback.render import render_erf_maps
 from tests.helpers.nets import stack_closed_form
 
 KERNELS = [3, 3, 5]
@@ -116,7 +117,15 @@ def test_probe_writes_metrics_json_and_pngs_matching_the_closed_form(workdir, ca
         with Image.open(out / f"{layer}_heatmap.png") as img:
             assert img.size[0] >= 256  # upscaled from the 33 x 33 map
         assert (out / f"{layer}_radial_profile.png").is_file()
-    assert "wrote 5 files" in capsys.readouterr().out
+    # Both layers on one scale, as a notebook draws what compute_erf returns.
+    mymodels = user_models()
+    x = load_inputs("noise", num_samples=3, channels=1, size=(33, 33))
+    with Image.open(out / "all_layers.png") as img:
+        both = np.asarray(img.convert("RGB"))
+    np.testing.assert_array_equal(
+        both, render_erf_maps(compute_erf(mymodels.build(), x, ["1", "2"]))
+    )
+    assert "wrote 6 files" in capsys.readouterr().out
 
 
 def test_probe_heatmap_is_the_annotated_figure_or_the_raw_map(workdir):
@@ -132,6 +141,7 @@ def test_probe_heatmap_is_the_annotated_figure_or_the_raw_map(workdir):
     assert bare.shape[0] == bare.shape[1] and (bare[0, 0] != 255).any()  # the map to its edge
     assert fig.shape[1] > fig.shape[0] * 0.9 and (fig[0, 0] == 255).all()  # a white margin
     assert fig.shape != bare.shape
+    assert not (annotated / "all_layers.png").exists()  # one layer: its heatmap says it all
 
 
 def test_probe_in_batches_equals_one_compute_erf_call(workdir):
