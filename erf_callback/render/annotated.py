@@ -545,7 +545,8 @@ def render_erf_maps(
     (those that hold every map's own view), with one colour bar and one legend per row.
 
     The maps keep their order (that of ``compute_erf``'s ``layers``: shallow to deep, the ERF
-    growing from panel to panel), in rows of at most ``max_columns``.
+    growing from panel to panel), in balanced rows of at most ``max_columns`` (five maps as
+    3 + 2, not 4 + 1).
 
     Args:
         erf_maps: the dict :func:`~erf_callback.compute_erf` returns (any mapping of names to
@@ -583,9 +584,10 @@ def render_erf_maps(
             f"render_erf_maps draws maps of one input shape on one scale; got shapes "
             f"{sorted(shapes)}. Draw them one by one with render_erf_map."
         )
+    per_row = math.ceil(len(panels) / math.ceil(len(panels) / max_columns))
     rows = [
-        _layout(panels[i : i + max_columns], log_scale, cmap, "", 260, view_of=panels)
-        for i in range(0, len(panels), max_columns)
+        _layout(panels[i : i + per_row], log_scale, cmap, "", 260, view_of=panels)
+        for i in range(0, len(panels), per_row)
     ]
     width = max(r.shape[1] for r in rows)
     out = np.full(

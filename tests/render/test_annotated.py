@@ -320,8 +320,11 @@ def test_render_erf_maps_draws_the_layers_on_one_scale_in_rows() -> None:
             render_erf_maps({"4": maps["4"]}, log_scale=log_scale),
             render_erf_map(maps["4"], log_scale=log_scale),
         )
-    # By default up to four in one row: wider than one panel by three panels and gaps.
+    # By default up to four in one row: wider than two panels by two panels and gaps; five
+    # maps in balanced rows, 3 + 2.
     assert render_erf_maps({k: maps[k] for k in "0123"}).shape[1] == out.shape[1] + 2 * (260 + 14)
+    five = render_erf_maps(maps)
+    assert five.shape == (2 * rows[0].shape[0] + 12, out.shape[1] + 260 + 14, 3)
 
 
 @pytest.mark.parametrize(
