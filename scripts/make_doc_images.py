@@ -4,6 +4,8 @@
   shows) after 600 steps, and ``cli_report.png``, the ``erf-callback report`` page of that
   run.
 * ``closed_form.png``: measured variance of uniform conv stacks against n(k^2 - 1)/12.
+* ``layers_side_by_side.png``: five layers of a small conv net on one scale, as a notebook
+  draws what ``compute_erf`` returns (``render_erf_maps``).
 * ``luo_replication.png``, ``tcn_erf.png``, ``vit_patch_erf.png``: the gallery's examples.
 
 Run:  python scripts/make_doc_images.py            (a few minutes on an idle laptop CPU)
@@ -120,6 +122,22 @@ def closed_form_image(out: Path) -> None:
     print(f"  {shown(path)}")
 
 
+def layers_image(out: Path) -> None:
+    """Five depths of a 10-block conv-BN-ReLU net (strides 2 at blocks 4 and 7; eval mode) on
+    96 px noise: what a notebook shows for ``compute_erf``'s result."""
+    from erf_callback.render import render_erf_maps
+
+    torch.manual_seed(0)
+    blocks: list[nn.Module] = []
+    for i in range(10):
+        stride = 2 if i in (3, 6) else 1
+        blocks += [nn.Conv2d(3 if i == 0 else 16, 16, 3, padding=1, stride=stride)]
+        blocks += [nn.BatchNorm2d(16), nn.ReLU()]
+    net = nn.Sequential(*blocks).eval()
+    maps = compute_erf(net, torch.randn(16, 3, 96, 96), ["2", "8", "17", "23", "29"])
+    save(render_erf_maps(maps), out / "layers_side_by_side.png")
+
+
 def example_images(out: Path, quick: bool) -> None:
     luo = ["--train-steps", "150"] if quick else []
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,6 +160,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     print("writing:")
     closed_form_image(out)
+    layers_image(out)
     if args.quick:
         quick_report(out, 120)
     else:
