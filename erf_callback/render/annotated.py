@@ -433,7 +433,7 @@ def heatmap_title(
     step: int | None = None,
 ) -> str:
     """The two-line title of a layer's heatmap (TensorBoard and the CLI); a value that is
-    missing (None) reads "n/a".
+    missing (None, NaN: a TRF that could not be traced, a fit that failed) reads "n/a".
 
     Example:
         >>> print(heatmap_title("stage1", 3.31, 0.6, 0.96, step=500))
@@ -442,7 +442,7 @@ def heatmap_title(
     """
 
     def text(value: float | None, spec: str) -> str:
-        return "n/a" if value is None else format(value, spec)
+        return "n/a" if value is None or math.isnan(value) else format(value, spec)
 
     step_text = "" if step is None else f"step {step}{_DOT}"
     return (
@@ -458,6 +458,9 @@ class ProbedMap(Protocol):
     layer: str
     position: tuple[int, ...]
     location: tuple[float, ...]
+
+    @property
+    def status(self) -> str: ...  # "ok", "zero" or "nonfinite"
 
     @property
     def gaussian(self) -> Any: ...  # a GaussianFit: mean, cov
@@ -479,24 +482,32 @@ def erf_map_panel(
 ) -> MapPanel:
     """The panel of an ``ERFMap``: its map, fitted Gaussian, TRF box and unit, titled with
     :func:`heatmap_title` (``metrics``: its ``metrics()`` where the caller has them;
-    ``layer``: the name shown, default ``erf_map.layer``)."""
-    mx: Mapping[str, float | None] = erf_map.metrics() if metrics is None else metrics
+    ``layer``: the name shown, default ``erf_map.layer``). A map without an ERF (all-zero or
+    non-finite gradients) is titled with the reason instead of its missing numbers."""
+    name = erf_map.layer if layer is None else layer
     fit = erf_map.gaussian
     geometry = erf_map.geometry
+    why = _NO_ERF.get(erf_map.status)
+    if why is not None:
+        step_text = "" if step is None else f"{_DOT}step {step}"
+        title = f"{name}{step_text}\n{why}"
+    else:
+        mx: Mapping[str, float | None] = erf_map.metrics() if metrics is None else metrics
+        title = heatmap_title(
+            name, mx.get("radius"), mx.get("erf_trf_ratio"), mx.get("gaussian_r2"), step
+        )
     return MapPanel(
         erf_map.numpy(),
         fit.mean,
         fit.cov,
         geometry.box(erf_map.position) if geometry is not None else None,
         erf_map.location,
-        title=heatmap_title(
-            erf_map.layer if layer is None else layer,
-            mx.get("radius"),
-            mx.get("erf_trf_ratio"),
-            mx.get("gaussian_r2"),
-            step,
-        ),
+        title=title,
     )
+
+
+# The second title line of a map without an ERF, by its status (as short as the usual one).
+_NO_ERF = {"zero": "no ERF: all-zero gradient", "nonfinite": "no ERF: NaN/Inf gradient"}
 
 
 def render_erf_map(

@@ -344,3 +344,24 @@ def test_render_erf_maps_rejects_what_it_cannot_compare(which, kwargs, match) ->
         maps["line"] = compute_erf(nn.Conv1d(1, 1, 3), torch.randn(2, 1, 16))["output"]
     with pytest.raises(ValueError, match=match):
         render_erf_maps({} if which == "none" else maps, **kwargs)
+
+
+def test_a_map_without_an_erf_says_why_and_missing_numbers_read_n_a() -> None:
+    from erf_callback.render.annotated import erf_map_panel, heatmap_title
+
+    net = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.Conv2d(1, 1, 3, padding=1), nn.ReLU())
+    with torch.no_grad():
+        net[1].bias.fill_(-100.0)  # the ReLU is off everywhere: an all-zero gradient
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="zero"):
+        maps = compute_erf(net, torch.randn(2, 1, 24, 24), ["0", "2"])
+    assert maps["2"].status == "zero"
+    assert erf_map_panel(maps["2"]).title == "2\nno ERF: all-zero gradient"
+    assert erf_map_panel(maps["2"], step=7).title == "2 \u00b7 step 7\nno ERF: all-zero gradient"
+    assert erf_map_panel(maps["0"]).title.startswith("0 \u00b7 radius ")
+    # A TRF that could not be traced or a failed fit: "n/a", never "nan".
+    nan = float("nan")
+    assert (
+        heatmap_title("x", nan, nan, None)
+        == "x \u00b7 radius n/a px\nERF/TRF n/a \u00b7 Gaussian R\u00b2 n/a"
+    )
