@@ -164,6 +164,7 @@ def main() -> None:
     print(f"Open them with:  {tensorboard_command(args.logdir)}")
     print("  then open the http://localhost:6006/ address it prints, in a browser:")
     print("  IMAGES:  erf/all_layers/radius (every layer's radius over training, one colour each),")
+    print("           erf/all_layers/heatmaps (every layer's map on one scale),")
     print("           erf/<layer>/init_vs_now, heatmap, heatmap_init, evolution, radial_profile")
     print("  SCALARS: erf/<layer>/radius, radius_growth, erf_trf_ratio, gaussian_r2, border_mass;")
     print("           every other metric under erf_detail/. Probes are sparse: set Smoothing to 0.")

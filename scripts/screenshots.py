@@ -2,7 +2,8 @@
 
 1. Start the real ``tensorboard`` server over a log dir (default: the demo's, ``make demo``).
 2. Save the images it serves for one layer (heatmaps, init vs now, evolution, radial
-   profile, the all-layers chart) as PNGs: exactly what the callback logged.
+   profile) and the all-layers pictures (the radius chart, every layer's heatmap on one
+   scale) as PNGs: exactly what the callback logged.
 3. Open TensorBoard in headless Chromium (Debian's ``chromium``) and save screenshots of the
    IMAGES, SCALARS and HPARAMS tabs, with TensorBoard's default settings.
 
@@ -57,6 +58,7 @@ def save_served_images(url: str, run: str, layer: str, prefix: str, out: str) ->
         for kind in ("heatmap", "heatmap_log", "init_vs_now", "evolution", "radial_profile")
     }
     tags[f"{prefix}/all_layers/radius"] = "all_layers_radius.png"
+    tags[f"{prefix}/all_layers/heatmaps"] = "all_layers_heatmaps.png"
     for tag, name in tags.items():
         entries = get_json(url, "/data/plugin/images/images", {"run": run, "tag": tag})
         body = get(url, "/data/plugin/images/individualImage?" + entries[-1]["query"])

@@ -14,7 +14,10 @@ Per layer ``<prefix>/<layer>/...``:
   card size).
 
 Once per probe ``<prefix>/all_layers/radius``: radius and growth since init vs step, one
-colour per layer with a legend (TensorBoard's own charts colour by run, not by tag).
+colour per layer with a legend (TensorBoard's own charts colour by run, not by tag); and, with
+two layers or more, ``<prefix>/all_layers/heatmaps``: every layer's heatmap side by side on
+one scale (each ``heatmap`` is zoomed on its own TRF, so a shallow ERF looks as large there as
+a deep one; here their sizes compare).
 
 A layer's first probe writes ``heatmap``, ``heatmap_log``, ``heatmap_init`` and
 ``radial_profile`` only: ``init_vs_now`` and ``evolution`` would show that one map again, and
@@ -26,6 +29,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from typing import Any, Literal
 
@@ -44,6 +48,8 @@ _DOT = " \u00b7 "  # a middle dot between the parts of a title
 
 #: Tag (after the prefix) of the all-layers chart.
 ALL_LAYERS_TAG = "all_layers/radius"
+#: Tag (after the prefix) of every layer's heatmap on one scale.
+ALL_HEATMAPS_TAG = "all_layers/heatmaps"
 
 
 def _geo_mean(values: tuple[float, ...]) -> float:
@@ -121,6 +127,7 @@ class ProbeImages:
             erf_map_panel,
             render_heatmap_figure,
             render_init_vs_now,
+            render_on_one_scale,
             zoom_view,
         )
         from erf_callback.render.charts import render_radius_chart
@@ -133,6 +140,7 @@ class ProbeImages:
         # (tag, how to render it, tags that get the same picture), in a fixed order.
         jobs: list[tuple[str, Callable[[], np.ndarray], tuple[str, ...]]] = []
         first_here: list[bool] = []  # per layer: is this its first probe?
+        side_by_side: list[Any] = []  # per layer: its panel, titled short for a small tile
         for layer, m in maps.items():
             fit = m.gaussian
             arr = m.numpy()
@@ -140,6 +148,9 @@ class ProbeImages:
             mx = metrics[layer]
             tag = f"{self.tag_prefix}/{layer}"
             panel = erf_map_panel(m, step=step, metrics=mx, layer=layer)
+            radius = mx["radius"]
+            size = f"{radius:.1f} px" if radius is not None and math.isfinite(radius) else "n/a"
+            side_by_side.append(replace(panel, title=f"{layer}\nradius {size}"))
             first = history.first(layer)
             is_first = first is None or first["step"] == step
             first_here.append(is_first)
@@ -230,6 +241,22 @@ class ProbeImages:
             }
             chart = partial(render_radius_chart, series)
             jobs.append((f"{self.tag_prefix}/{ALL_LAYERS_TAG}", chart, ()))
+        if (
+            self.heatmap_style == "annotated"
+            and len(side_by_side) >= 2
+            and len({p.erf.shape for p in side_by_side}) == 1
+        ):
+            # Small tiles, three a row: the picture is about as wide as init_vs_now, so its text
+            # reads in TensorBoard's image card (~350-470 px) like the other pictures'.
+            one_scale = partial(
+                render_on_one_scale,
+                side_by_side,
+                suptitle=f"{step_text}every layer on one scale",
+                cmap=self.cmap,
+                max_columns=3,
+                panel_px=120,
+            )
+            jobs.append((f"{self.tag_prefix}/{ALL_HEATMAPS_TAG}", one_scale, ()))
         rank, world_size = share
         images: dict[str, np.ndarray] = {}
         for k, (tag, make, aliases) in enumerate(jobs):

@@ -47,6 +47,7 @@ __all__ = [
     "render_erf_maps",
     "render_heatmap_figure",
     "render_init_vs_now",
+    "render_on_one_scale",
     "zoom_view",
 ]
 
@@ -251,7 +252,12 @@ def _common_view(panels: Sequence[MapPanel]) -> View | None:
 
 
 def _draw_panel(
-    ax: Axes, panel: MapPanel, log_scale: bool, cmap: str, view: View | None = None
+    ax: Axes,
+    panel: MapPanel,
+    log_scale: bool,
+    cmap: str,
+    view: View | None = None,
+    caption: bool = True,
 ) -> None:
     erf2, mean2, cov2, box2, loc2 = to_display_2d(
         panel.erf, panel.mean, panel.cov, panel.trf_box, panel.location
@@ -320,7 +326,8 @@ def _draw_panel(
     # (below) plus the legend say what a reader needs.
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_xlabel(label, fontsize=_FONT - 2)
+    if caption:
+        ax.set_xlabel(label, fontsize=_FONT - 2)
     if panel.title:
         ax.set_title(panel.title, fontsize=_FONT - 1, y=1.0, pad=6.0)
 
@@ -390,9 +397,11 @@ def _layout(
     suptitle: str,
     panel_px: int,
     view_of: Sequence[MapPanel] | None = None,
+    one_caption: bool = False,
 ) -> np.ndarray:
     """The panels in one row with one colour bar and one legend, all on the view that holds
-    every panel of ``view_of`` (default: these panels), so that they compare."""
+    every panel of ``view_of`` (default: these panels), so that they compare; with
+    ``one_caption``, the size line (the same for all of them) under the first panel only."""
     n = len(panels)
     # Sized for TensorBoard's default image card (~350-450 px wide): little margin, no ticks.
     left, gap, bar_w, bar_gap, right = 30, 14, 12, 10, 58
@@ -409,7 +418,7 @@ def _layout(
         ax = fig.add_axes(
             (x0 / width, bottom / height, panel_px / width, panel_px / height),
         )
-        _draw_panel(ax, panel, log_scale, cmap, view)
+        _draw_panel(ax, panel, log_scale, cmap, view, caption=i == 0 or not one_caption)
         lows.append(_relative(to_display_2d(panel.erf)[0], log_scale)[1])
     bar_x = left + n * panel_px + (n - 1) * gap + bar_gap
     _colorbar(
@@ -583,21 +592,59 @@ def render_erf_maps(
     """
     if not erf_maps:
         raise ValueError("render_erf_maps needs at least one map; got an empty mapping")
-    if isinstance(max_columns, bool) or not isinstance(max_columns, int) or max_columns < 1:
-        raise ValueError(f"max_columns must be a positive int; got {max_columns!r}")
     with warnings.catch_warnings():
         # A map's own status says why it has no fit; its panel says "n/a".
         warnings.simplefilter("ignore", ERFWarning)
         panels = [erf_map_panel(m) for m in erf_maps.values()]
+    return render_on_one_scale(panels, log_scale=log_scale, cmap=cmap, max_columns=max_columns)
+
+
+def render_on_one_scale(
+    panels: Sequence[MapPanel],
+    *,
+    suptitle: str = "",
+    log_scale: bool = False,
+    cmap: str = "inferno",
+    max_columns: int = 4,
+    panel_px: int = 260,
+) -> np.ndarray:
+    """Panels of one input shape side by side, all on the view that holds every panel's own
+    (so sizes compare), in balanced rows of at most ``max_columns``, each row with one colour
+    bar and one legend; ``suptitle`` above the first row; each map ``panel_px`` on a side.
+    The size line under the maps, the same for all of them, stands under each row's first
+    map only (below 200 px it would not fit under each). What :func:`render_erf_maps` and the
+    callback's ``all_layers/heatmaps`` draw.
+
+    Raises:
+        ValueError: no panels, panels of different shapes, or ``max_columns`` below 1.
+
+    Example:
+        >>> yy, xx = np.mgrid[:64, :64]
+        >>> blobs = [np.exp(-((yy - 32.0) ** 2 + (xx - 32.0) ** 2) / v) for v in (4, 40)]
+        >>> render_on_one_scale([MapPanel(b) for b in blobs], suptitle="two").shape
+        (438, 644, 3)
+    """
+    if not panels:
+        raise ValueError("render_on_one_scale needs at least one panel")
+    if isinstance(max_columns, bool) or not isinstance(max_columns, int) or max_columns < 1:
+        raise ValueError(f"max_columns must be a positive int; got {max_columns!r}")
     shapes = {p.erf.shape for p in panels}
     if len(shapes) > 1:
         raise ValueError(
-            f"render_erf_maps draws maps of one input shape on one scale; got shapes "
-            f"{sorted(shapes)}. Draw them one by one with render_erf_map."
+            f"maps of one input shape are drawn on one scale; got shapes {sorted(shapes)}. "
+            "Draw them one by one with render_erf_map."
         )
     per_row = math.ceil(len(panels) / math.ceil(len(panels) / max_columns))
     rows = [
-        _layout(panels[i : i + per_row], log_scale, cmap, "", 260, view_of=panels)
+        _layout(
+            panels[i : i + per_row],
+            log_scale,
+            cmap,
+            suptitle if i == 0 else "",
+            panel_px,
+            panels,
+            one_caption=True,
+        )
         for i in range(0, len(panels), per_row)
     ]
     width = max(r.shape[1] for r in rows)
