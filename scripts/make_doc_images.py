@@ -1,8 +1,9 @@
 """Regenerate every picture of the documentation site (docs/images/) with the package's own code.
 
 * ``stage3_*.png``: the pictures ``examples/demo.py --figures`` saves (the images TensorBoard
-  shows) after 600 steps, and ``cli_report.png``, the ``erf-callback report`` page of that
-  run.
+  shows) after 500 steps (the demo's default, as ``scripts/screenshots.py`` reads them from
+  ``make demo``'s logs; the docs' text describes that run), and ``cli_report.png``, the
+  ``erf-callback report`` page of that run.
 * ``closed_form.png``: measured variance of uniform conv stacks against n(k^2 - 1)/12.
 * ``layers_side_by_side.png``: five layers of a small conv net on one scale, as a notebook
   draws what ``compute_erf`` returns (``render_erf_maps``).
@@ -152,7 +153,7 @@ def example_images(out: Path, quick: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "docs" / "images"))
-    parser.add_argument("--steps", type=int, default=600, help="training steps of the demo")
+    parser.add_argument("--steps", type=int, default=500, help="training steps of the demo")
     parser.add_argument("--quick", action="store_true", help="skip the demo (slow on a busy CPU)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # small models: one thread is fastest
