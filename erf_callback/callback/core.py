@@ -575,6 +575,17 @@ class ERFMonitorBase:
             )
             valid, layer_metrics = recorded.maps, recorded.metrics
             wanted = self.log_images and valid and probe % self.images_every_n_probes == 0
+            if wanted and group is None and trainer.is_global_zero:
+                # One process: no picture for a run whose loggers cannot store any (CSV only,
+                # logger=False). Ranks keep rendering their shares: every rank must reach the
+                # gather, and only rank 0's loggers are real.
+                wanted = self._guard.call(
+                    "image-loggers",
+                    f"checking which loggers take ERF images at step {step}",
+                    self._images.any_takes_images,
+                    trainer.loggers,
+                    then="rendering the images anyway;",
+                ) in (True, None)
             if wanted and (group is not None or trainer.is_global_zero):
                 share = (group.rank, group.world_size) if group is not None else (0, 1)
                 mine = (

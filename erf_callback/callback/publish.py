@@ -96,30 +96,56 @@ def tensorboard_writer(logger: Any) -> Any | None:
     return exp if hasattr(exp, "add_image") and hasattr(exp, "add_scalar") else None
 
 
+def _image_logger(logger: Any) -> Any | None:
+    """The logger's own ``log_image(key, images, step)`` (W&B), or None: not for Lightning's
+    DummyLogger (fast_dev_run), which answers every attribute and stores nothing."""
+    if hasattr(logger, "_erf_callback_no_such_attribute"):
+        return None
+    log_image = getattr(logger, "log_image", None)
+    return log_image if callable(log_image) else None
+
+
 class ImagePublisher:
     """Logs images to every logger that can take them; tells once about the others."""
 
     def __init__(self) -> None:
         self._told: set[int] = set()
 
+    def any_takes_images(self, loggers: Iterable[Any]) -> bool:
+        """Whether any of ``loggers`` can store images (a TensorBoard ``SummaryWriter`` or a
+        ``log_image`` method); tells once about each that cannot. Without one, rendering the
+        pictures (the slowest part of a probe) would be wasted: a CSV-only run skips it."""
+        found = False
+        for logger in loggers:
+            if tensorboard_writer(logger) is not None or _image_logger(logger) is not None:
+                found = True
+            else:
+                self._tell(logger)
+        return found
+
     def publish(self, loggers: Iterable[Any], images: Mapping[str, np.ndarray], step: int) -> None:
         if not images:
             return
         for logger in loggers:
             writer = tensorboard_writer(logger)
+            log_image = _image_logger(logger) if writer is None else None
             if writer is not None:
                 for tag, img in images.items():
                     writer.add_image(tag, img, step, dataformats="HWC")
-            elif callable(getattr(logger, "log_image", None)):
+            elif log_image is not None:
                 for tag, img in images.items():
-                    logger.log_image(key=tag, images=[img], step=step)
-            elif id(logger) not in self._told:
-                self._told.add(id(logger))
-                log.info(
-                    "erf-callback: %s cannot store images; it gets the ERF scalars only. Add a "
-                    "TensorBoardLogger (or WandbLogger) to see heatmaps.",
-                    type(logger).__name__,
-                )
+                    log_image(key=tag, images=[img], step=step)
+            else:
+                self._tell(logger)
+
+    def _tell(self, logger: Any) -> None:
+        if id(logger) not in self._told:
+            self._told.add(id(logger))
+            log.info(
+                "erf-callback: %s cannot store images; it gets the ERF scalars only. Add a "
+                "TensorBoardLogger (or WandbLogger) to see heatmaps.",
+                type(logger).__name__,
+            )
 
 
 def custom_scalars_layout(prefix: str) -> dict[str, dict[str, list[Any]]]:

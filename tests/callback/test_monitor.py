@@ -76,12 +76,15 @@ def test_tensorboard_scalars_images_and_history(tmp_path):
     assert len(payload["maps"]["net.7"]) == 4 and len(payload["maps"]["net.7"][0]["map"]) == 16
 
 
-def test_csv_logger_gets_scalars_and_no_images(tmp_path, caplog):
+def test_csv_logger_gets_scalars_and_no_images(tmp_path, caplog, monkeypatch):
     _, loggers = trainer_class()
     csv = loggers.CSVLogger(str(tmp_path), name="csv")
     monitor = ERFMonitor(layers=["net.2"], every_n_steps=2, num_samples=8)
+    rendered = []
+    monkeypatch.setattr(monitor._renderer, "render", lambda *a, **k: rendered.append(a) or {})
     with caplog.at_level("INFO", logger="erf_callback"):
         _, model = fit(tmp_path, monitor, logger=csv)
+    assert rendered == []  # no logger could store a picture: none was drawn
     frame = pd.read_csv(os.path.join(csv.log_dir, "metrics.csv"))
     radius = frame["erf/net.2/radius"].dropna()
     assert list(frame.loc[radius.index, "step"]) == [0, 2, 4, 5]

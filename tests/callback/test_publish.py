@@ -126,6 +126,35 @@ def test_images_go_to_tensorboard_and_wandb_loggers() -> None:
     assert len(tb.experiment.images) == 2 and len(wandb.images) == 2
 
 
+class AnswersEverything(RecordingLogger):
+    """Like Lightning's DummyLogger (fast_dev_run): every attribute exists, nothing is kept."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+def test_which_loggers_take_images_is_asked_before_rendering(caplog) -> None:
+    # A run whose loggers cannot store images renders none (the slowest part of a probe);
+    # each such logger is told once, whether or not images were made.
+    publisher = ImagePublisher()
+    tb, first_csv, wandb = FakeTensorBoard(), FakeCsv(), FakeWandb()
+    csv, offline, dummy = FakeCsv(), OfflineLogger(), AnswersEverything()
+    with caplog.at_level(logging.INFO, logger="erf_callback"):
+        assert publisher.any_takes_images([tb, first_csv])
+        assert publisher.any_takes_images([wandb])
+        for _ in range(2):
+            assert not publisher.any_takes_images([csv, offline, dummy])
+        assert not publisher.any_takes_images([])
+        publisher.publish([csv], IMAGES, step=1)  # told already: not again
+    told = [r.getMessage() for r in caplog.records if "cannot store images" in r.message]
+    assert [m.split()[1] for m in told] == [
+        "FakeCsv",
+        "FakeCsv",
+        "OfflineLogger",
+        "AnswersEverything",
+    ]
+
+
 def test_a_logger_without_images_gets_one_info_message(caplog) -> None:
     csv, offline = FakeCsv(), OfflineLogger()
     publisher = ImagePublisher()
