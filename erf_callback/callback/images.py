@@ -125,6 +125,7 @@ class ProbeImages:
         from erf_callback.render.annotated import (
             MapPanel,
             erf_map_panel,
+            metric_text,
             render_heatmap_figure,
             render_init_vs_now,
             render_on_one_scale,
@@ -148,9 +149,8 @@ class ProbeImages:
             mx = metrics[layer]
             tag = f"{self.tag_prefix}/{layer}"
             panel = erf_map_panel(m, step=step, metrics=mx, layer=layer)
-            radius = mx["radius"]
-            size = f"{radius:.1f} px" if radius is not None and math.isfinite(radius) else "n/a"
-            side_by_side.append(replace(panel, title=f"{layer}\nradius {size}"))
+            short = f"{layer}\nradius {metric_text(mx['radius'], '.1f')} px"
+            side_by_side.append(replace(panel, title=short))
             first = history.first(layer)
             is_first = first is None or first["step"] == step
             first_here.append(is_first)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -96,13 +96,19 @@ def tensorboard_writer(logger: Any) -> Any | None:
     return exp if hasattr(exp, "add_image") and hasattr(exp, "add_scalar") else None
 
 
-def _image_logger(logger: Any) -> Any | None:
-    """The logger's own ``log_image(key, images, step)`` (W&B), or None: not for Lightning's
-    DummyLogger (fast_dev_run), which answers every attribute and stores nothing."""
+def _image_sink(logger: Any) -> Callable[[str, np.ndarray, int], None] | None:
+    """How ``logger`` stores one image ``(tag, uint8 HWC array, step)``: its TensorBoard
+    ``SummaryWriter``, else its own ``log_image`` (W&B); None when it cannot (nor Lightning's
+    DummyLogger of fast_dev_run, which answers every attribute and stores nothing)."""
+    writer = tensorboard_writer(logger)
+    if writer is not None:
+        return lambda tag, img, step: writer.add_image(tag, img, step, dataformats="HWC")
     if hasattr(logger, "_erf_callback_no_such_attribute"):
         return None
     log_image = getattr(logger, "log_image", None)
-    return log_image if callable(log_image) else None
+    if not callable(log_image):
+        return None
+    return lambda tag, img, step: log_image(key=tag, images=[img], step=step)
 
 
 class ImagePublisher:
@@ -117,7 +123,7 @@ class ImagePublisher:
         pictures (the slowest part of a probe) would be wasted: a CSV-only run skips it."""
         found = False
         for logger in loggers:
-            if tensorboard_writer(logger) is not None or _image_logger(logger) is not None:
+            if _image_sink(logger) is not None:
                 found = True
             else:
                 self._tell(logger)
@@ -127,16 +133,12 @@ class ImagePublisher:
         if not images:
             return
         for logger in loggers:
-            writer = tensorboard_writer(logger)
-            log_image = _image_logger(logger) if writer is None else None
-            if writer is not None:
-                for tag, img in images.items():
-                    writer.add_image(tag, img, step, dataformats="HWC")
-            elif log_image is not None:
-                for tag, img in images.items():
-                    log_image(key=tag, images=[img], step=step)
-            else:
+            sink = _image_sink(logger)
+            if sink is None:
                 self._tell(logger)
+                continue
+            for tag, img in images.items():
+                sink(tag, img, step)
 
     def _tell(self, logger: Any) -> None:
         if id(logger) not in self._told:

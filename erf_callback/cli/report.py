@@ -198,6 +198,7 @@ def _evolution_image(run: Run, layer: str) -> np.ndarray | None:
         return None
     from erf_callback.render import render_evolution
     from erf_callback.render.annotated import frames_view
+    from erf_callback.render.figures import balanced_columns
 
     maps = [m for _, m in frames]
     shape = run.map_shapes.get(layer, ())
@@ -207,13 +208,12 @@ def _evolution_image(run: Run, layer: str) -> np.ndarray | None:
     if len(shape) >= 2 and all(m.ndim == len(shape) for m in maps):
         shown = (shape[-2], shape[-1])
         view = frames_view(maps, shown)
-    # Up to 6 tiles a row (the page is wider than TensorBoard's image card), rows balanced:
-    # 7 frames as 4 + 3, not 6 + 1 (at most 12 frames are shown).
-    rows = math.ceil(min(len(maps), 12) / 6)
+    # Up to 6 tiles a row (the page is wider than TensorBoard's image card), rows balanced
+    # (at most 12 frames are shown).
     return render_evolution(
         maps,
         [f"step {s}" for s, _ in frames],
-        max_columns=math.ceil(min(len(maps), 12) / rows),
+        max_columns=balanced_columns(min(len(maps), 12), 6),
         view=view,
         input_shape=shown if view is not None else None,
     )

@@ -32,7 +32,12 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Ellipse, Rectangle
 
 from erf_callback.fit.grid import bounding_box
-from erf_callback.render.figures import _figure, _figure_to_array, zoom_caption
+from erf_callback.render.figures import (
+    _figure,
+    _figure_to_array,
+    balanced_columns,
+    zoom_caption,
+)
 from erf_callback.render.raster import _LOG_EPS, _log_scale, to_display_2d
 from erf_callback.warnings import ERFWarning
 
@@ -43,6 +48,7 @@ __all__ = [
     "erf_map_panel",
     "frames_view",
     "heatmap_title",
+    "metric_text",
     "render_erf_map",
     "render_erf_maps",
     "render_heatmap_figure",
@@ -450,14 +456,22 @@ def heatmap_title(
         ERF/TRF 0.60 \u00b7 Gaussian R\u00b2 0.96
     """
 
-    def text(value: float | None, spec: str) -> str:
-        return "n/a" if value is None or math.isnan(value) else format(value, spec)
-
     step_text = "" if step is None else f"step {step}{_DOT}"
     return (
-        f"{layer}{_DOT}{step_text}radius {text(radius, '.1f')} px\n"
-        f"ERF/TRF {text(erf_trf_ratio, '.2f')}{_DOT}Gaussian R\u00b2 {text(r2, '.2f')}"
+        f"{layer}{_DOT}{step_text}radius {metric_text(radius, '.1f')} px\n"
+        f"ERF/TRF {metric_text(erf_trf_ratio, '.2f')}{_DOT}"
+        f"Gaussian R\u00b2 {metric_text(r2, '.2f')}"
     )
+
+
+def metric_text(value: float | None, spec: str) -> str:
+    """A number for a title: ``format(value, spec)``, or "n/a" where it is missing (None, NaN).
+
+    Example:
+        >>> metric_text(3.14159, ".1f"), metric_text(float("nan"), ".1f")
+        ('3.1', 'n/a')
+    """
+    return "n/a" if value is None or math.isnan(value) else format(value, spec)
 
 
 class ProbedMap(Protocol):
@@ -634,7 +648,7 @@ def render_on_one_scale(
             f"maps of one input shape are drawn on one scale; got shapes {sorted(shapes)}. "
             "Draw them one by one with render_erf_map."
         )
-    per_row = math.ceil(len(panels) / math.ceil(len(panels) / max_columns))
+    per_row = balanced_columns(len(panels), max_columns)
     rows = [
         _layout(
             panels[i : i + per_row],

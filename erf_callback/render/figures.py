@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from erf_callback.fit.grid import distance_sq, gaussian_on_grid, mass_within
 from erf_callback.render.raster import colorize_map, to_display_2d
 
-__all__ = ["render_evolution", "render_radial_profile", "zoom_caption"]
+__all__ = ["balanced_columns", "render_evolution", "render_radial_profile", "zoom_caption"]
 
 _DPI = 100.0  # figures are sized in pixels; at 100 dpi 1 inch = 100 px
 
@@ -160,6 +160,17 @@ def _select_frames(n: int, max_frames: int) -> list[int]:
         return [n - 1]
     # The spacing (n-1)/(max_frames-1) is > 1 here, so the rounded indices are distinct.
     return [int(i) for i in np.round(np.linspace(0, n - 1, max_frames)).astype(int)]
+
+
+def balanced_columns(n: int, max_columns: int) -> int:
+    """Tiles per row for ``n`` tiles in the fewest rows of at most ``max_columns``, the rows as
+    even as they can be: 7 tiles of at most 6 a row as 4 + 3, not 6 + 1.
+
+    Example:
+        >>> balanced_columns(7, 6), balanced_columns(5, 4), balanced_columns(3, 4)
+        (4, 3, 3)
+    """
+    return math.ceil(n / math.ceil(n / max_columns))
 
 
 def _grid_layout(n: int, tile: int, max_columns: int) -> tuple[int, int, list[tuple[int, int]]]:
