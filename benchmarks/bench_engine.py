@@ -1,7 +1,8 @@
 """compute_erf on a ResNet-18 against the published per-image methods and hand-written loops.
 
 Run: ``.venv/bin/python benchmarks/bench_engine.py`` (``--quick`` for a smoke run;
-``--chunks 64,224,512`` for the default-vs-fixed chunk size table).
+``--chunks 64,224,512`` for the default-vs-fixed chunk size table; ``--budgets`` for the CPU
+``memory_budget`` against other budgets on three architectures).
 
 * OpenERF (reference): one image at a time, a full forward of the whole model with a forward
   hook on the probed stage, ``autograd.grad`` of the centre unit w.r.t. the image, parameters
@@ -27,12 +28,14 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import resource
 import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 
 import _bench_utils as bu
 import numpy as np
@@ -272,6 +275,69 @@ def chunk_table(size: int, n: int, repeats: int, threads: int, memory: bool) -> 
     return t_ratio, m_ratio
 
 
+def vgg_like(width: int = 64) -> nn.Sequential:
+    """A VGG-style plain stack: full-resolution activations in the first stages (the largest
+    per-sample activations for their depth)."""
+    layers: list[nn.Module] = []
+    cin = 3
+    for cout, pool in ((width, False), (width, True), (2 * width, False), (2 * width, True)):
+        layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+        layers += [nn.MaxPool2d(2)] if pool else []
+        cin = cout
+    for _ in range(2):
+        layers += [nn.Conv2d(cin, 4 * width, 3, padding=1), nn.BatchNorm2d(4 * width), nn.ReLU()]
+        cin = 4 * width
+    return nn.Sequential(*layers)
+
+
+def convnext_like(width: int = 96) -> nn.Sequential:
+    """A ConvNeXt-style stack: a 4x4 patchify stem, then 7x7 depthwise convolutions and 4x
+    pointwise MLPs (small spatial grids, wide hidden activations)."""
+    layers: list[nn.Module] = [nn.Conv2d(3, width, 4, 4)]
+    for _ in range(4):
+        layers += [
+            nn.Conv2d(width, width, 7, padding=3, groups=width),
+            nn.BatchNorm2d(width),
+            nn.Conv2d(width, 4 * width, 1),
+            nn.GELU(),
+            nn.Conv2d(4 * width, width, 1),
+        ]
+    return nn.Sequential(*layers)
+
+
+BUDGETS_MIB = (32, 64, 128)
+
+
+def budget_table(repeats: int) -> None:
+    """``compute_erf``'s default budget against other ``memory_budget`` values, per model and
+    size: the median over interleaved rounds of each budget's time / the default's."""
+    from erf_callback.engine.chunking import CPU_BUDGET
+
+    nets: dict[str, tuple[Callable[[], nn.Module], str]] = {
+        "ResNet-18": (lambda: randomize_bn_stats(ResNet18()), LAYER),
+        "VGG-like": (lambda: randomize_bn_stats(vgg_like()), "19"),
+        "ConvNeXt-like": (lambda: randomize_bn_stats(convnext_like()), "20"),
+    }
+    default_mib = CPU_BUDGET >> 20
+    rows = []
+    for name, (make, layer) in nets.items():
+        for size, n in ((64, 32), (224, 16)):
+            torch.manual_seed(0)
+            model = make().eval()
+            x = torch.randn(n, 3, size, size)
+            funcs = {
+                mib: functools.partial(compute_erf, model, x, [layer], memory_budget=mib << 20)
+                for mib in BUDGETS_MIB
+            }
+            times = bu.interleaved(funcs, repeats, warmup=1)  # type: ignore[arg-type]
+            base = times[default_mib]
+            ratios = [f"{bu.ratio(times[mib], base):.2f}" for mib in BUDGETS_MIB]
+            rows.append((name, f"{size}x{size}", str(n), f"{1e3 * bu.median(base):.0f}", *ratios))
+    heads = ("model", "size", "images", f"default ({default_mib} MiB) ms")
+    heads += tuple(f"{mib} MiB / default" for mib in BUDGETS_MIB)
+    print(bu.table(heads, rows))
+
+
 # --------------------------------------------------------------------------------------------
 # fit + metrics timings (absolute)
 
@@ -321,6 +387,9 @@ def main() -> int:
     )
     parser.add_argument("--chunk-n", type=int, default=16, help="images in the chunk table")
     parser.add_argument("--skip-main", action="store_true", help="only the chunk table")
+    parser.add_argument(
+        "--budgets", action="store_true", help="the default memory_budget against 32-128 MiB"
+    )
     parser.add_argument("--_memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -358,6 +427,9 @@ def main() -> int:
                     f"TARGET default chunk peak RSS / chunk_size=1's ({s}x{s}): {m_ratio:.2f}x "
                     f"(target <= 1.5x): {bu.verdict(m_ratio <= 1.5)}"
                 )
+    if args.budgets and device.type == "cpu":
+        bu.header("bench_engine memory budgets (CPU): time / the default budget's")
+        budget_table(max(5, repeats))
     return 0
 
 

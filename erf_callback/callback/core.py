@@ -121,8 +121,9 @@ class ERFMonitorBase:
             callback's own generator seeded by ``seed``), a tensor ``(N, C, *spatial)``, or an
             iterable of batches (e.g. a DataLoader; a list of single images is not one:
             ``torch.stack(images)``).
-        input_key: which element of a batch is the input: an index (tuple/list), a key (dict)
-            or a callable ``batch -> tensor``. Default: the first tensor found.
+        input_key: which element of a batch is the input: an index (tuple/list), a key (dict),
+            an attribute name (dataclass or named-tuple batches) or a callable
+            ``batch -> tensor``. Default: the first image-like tensor found.
         seed: seed of the noise generator.
         module: attribute path of the submodule to probe (e.g. ``"backbone"``); default the
             LightningModule itself (its ``forward`` must run the network).
@@ -332,7 +333,7 @@ class ERFMonitorBase:
         net = self._probed_module(pl_module)
         check_eager(net)  # a TorchScript model fails here, before any data
         if self.layers is not None:
-            resolve_layers(net, self.layers)  # unknown names fail here, before any data
+            self._check_layer_names(net)  # unknown names fail here, before any data
 
     def on_fit_start(self, trainer: Any, pl_module: nn.Module) -> None:
         # Before Lightning logs the hyperparameters: TensorBoard reads a run's first hparams
@@ -470,6 +471,27 @@ class ERFMonitorBase:
 
     # ---- probing ---------------------------------------------------------------------------
 
+    def _check_layer_names(self, net: nn.Module) -> None:
+        """Resolve the layer names in ``net``; names written from the LightningModule (with
+        ``module``'s prefix) get the names to write instead."""
+        assert self.layers is not None
+        try:
+            resolve_layers(net, self.layers)
+        except KeyError as err:
+            prefix = f"{self.module}." if self.module else None
+            given = [n for n in self.layers if prefix and n.startswith(prefix)]
+            inside = [n[len(prefix) :] for n in given] if prefix else []
+            try:
+                resolve_layers(net, inside)
+            except KeyError:
+                inside = []
+            if not inside:
+                raise
+            raise KeyError(
+                f"{err.args[0]} ERFMonitor(module={self.module!r}) names layers inside "
+                f"{self.module!r}: write {inside} for {given}."
+            ) from None
+
     def _probed_module(self, pl_module: nn.Module) -> nn.Module:
         if self.module is None:
             return pl_module
@@ -524,6 +546,8 @@ class ERFMonitorBase:
                         "implemented. Implement forward, or pass "
                         "module='<attribute of the network>'."
                     ) from err
+                if type(err) is RuntimeError:  # the model's own failure on the probe inputs
+                    raise RuntimeError(self._inputs_failure(err)) from err
                 raise
             # Mid-training, or out of memory: a skipped probe, never a crashed run.
             hint = " Lower chunk_size or num_samples, or probe fewer layers." if oom else ""
@@ -640,6 +664,27 @@ class ERFMonitorBase:
         return merged
 
     # ---- inputs ----------------------------------------------------------------------------
+
+    def _inputs_failure(self, err: Exception) -> str:
+        """The message of a model that failed on the probe inputs at the fit-start probe:
+        torch's own names neither the probe nor where its inputs came from."""
+        x = self._inputs
+        shape = f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}" if x is not None else ""
+        where = repr(self.module) if self.module is not None else "the LightningModule"
+        if isinstance(self.input_source, torch.Tensor):
+            source = "from inputs="
+            fix = "inputs= must be a batch it takes: (N, C, *spatial), with its input channels."
+        elif self.input_source == "noise":
+            source = "noise shaped like one sample of the first training batch"
+            fix = "Check that the module takes the training batches' images as they are."
+        else:
+            key = f"input_key={self.input_key!r}" if self.input_key is not None else "the first"
+            source = f"{key} image tensor of the first training batch"
+            fix = "If the module takes another part of the batch, set input_key= or module=."
+        return (
+            f"ERFMonitor's fit-start probe ran {where} on the probe inputs {shape} ({source}), "
+            f"and it failed: {str(err).rstrip().rstrip('.')}. {fix}"
+        )
 
     def _inputs_on(self, net: nn.Module) -> torch.Tensor:
         assert self._inputs is not None

@@ -6,6 +6,7 @@ and the change of the ERF over training is a change of the model, not of the dat
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal
 
@@ -29,8 +30,9 @@ InputKey = int | str | Callable[[Any], torch.Tensor] | None
 
 
 def extract_input(batch: Any, input_key: InputKey) -> torch.Tensor:
-    """The model input of one batch: ``batch[input_key]``, ``input_key(batch)`` or, without
-    ``input_key``, the first image-like tensor (see :func:`first_batch_tensor`).
+    """The model input of one batch: ``batch[input_key]`` (for a batch that is an object, such
+    as a dataclass, a name is its attribute), ``input_key(batch)`` or, without ``input_key``,
+    the first image-like tensor (see :func:`first_batch_tensor`).
 
     Example:
         >>> import torch
@@ -42,7 +44,7 @@ def extract_input(batch: Any, input_key: InputKey) -> torch.Tensor:
     if input_key is None:
         return first_batch_tensor(batch)
     try:
-        x = input_key(batch) if callable(input_key) else batch[input_key]
+        x = input_key(batch) if callable(input_key) else _item(batch, input_key)
     except (KeyError, IndexError, TypeError) as err:
         raise ValueError(
             f"ERFMonitor(input_key={input_key!r}) cannot take the input from a batch of type "
@@ -59,6 +61,29 @@ def extract_input(batch: Any, input_key: InputKey) -> torch.Tensor:
     return x
 
 
+def _item(batch: Any, key: int | str) -> Any:
+    """``batch[key]``, or, for a name and a batch that is an object with that attribute (a
+    dataclass, a named tuple, any class that is no container), the attribute."""
+    if isinstance(key, str) and not isinstance(batch, Mapping) and _is_record(batch):
+        field = getattr(batch, key, _MISSING)
+        if field is not _MISSING:
+            return field
+    return batch[key]
+
+
+_MISSING = object()
+
+
+def _is_record(batch: Any) -> bool:
+    """A batch whose parts are named attributes: a dataclass instance, a named tuple, or an
+    object that is no container."""
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return True
+    if isinstance(batch, tuple) and hasattr(type(batch), "_fields"):
+        return True
+    return not isinstance(batch, (list, tuple, str, bytes, torch.Tensor))
+
+
 # (N, C, L), (N, C, H, W), (N, C, D, H, W)
 _SPATIAL_RANKS = (3, 4, 5)
 
@@ -66,8 +91,8 @@ _SPATIAL_RANKS = (3, 4, 5)
 def first_batch_tensor(batch: Any) -> torch.Tensor:
     """The input in a batch: the first floating-point tensor of rank 3-5 ``(N, C, *spatial)``
     (labels, masks given as integers, and per-sample vectors are passed over), else the
-    first integer tensor of rank 4-5 (uint8 images). Tuples, lists and dict values are
-    searched depth-first, in order.
+    first integer tensor of rank 4-5 (uint8 images). Tuples, lists, dict values and the
+    fields of dataclasses are searched depth-first, in order.
 
     Raises:
         ValueError: nothing fits; the message lists what the batch holds.
@@ -121,6 +146,9 @@ def _leaves(batch: Any, path: str) -> Iterator[tuple[str, Any]]:
     elif isinstance(batch, (list, tuple)):
         for i, value in enumerate(batch):
             yield from _leaves(value, f"{path}[{i}]")
+    elif dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        for f in dataclasses.fields(batch):
+            yield from _leaves(getattr(batch, f.name), f"{path}.{f.name}" if path else f.name)
     else:
         yield path, batch
 

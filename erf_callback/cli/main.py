@@ -77,7 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     probe.add_argument("--channels", type=int, default=3, help="input channels (default 3)")
     probe.add_argument("--num-samples", type=int, default=32, help="inputs averaged (32)")
-    probe.add_argument("--batch-size", type=int, default=8, help="samples per backward (8)")
+    probe.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="samples per progress step (8); split further to fit the memory budget",
+    )
     probe.add_argument(
         "--normalize",
         choices=("none", "imagenet"),

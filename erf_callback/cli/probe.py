@@ -36,6 +36,10 @@ def probe_model(
 ) -> dict[str, ERFMap]:
     """``compute_erf`` over ``inputs`` in batches, with a progress bar; the same maps.
 
+    A batch is one step of the progress bar; ``compute_erf`` splits it further when its
+    activations exceed the memory budget (``chunk_size="auto"``), so a large input or model
+    never needs ``batch_size`` samples' activations at once.
+
     Averaging the per-batch means weighted by batch size gives exactly the mean over all
     samples, so the result equals one ``compute_erf`` call (up to summation order).
 
@@ -67,7 +71,7 @@ def probe_model(
         for start in tqdm(starts, desc="probing", unit="batch", disable=no_bar(progress)):
             chunk = inputs[start : start + batch_size]
             try:
-                maps = compute_erf(model, chunk, list(layers), reduction=reduction, chunk_size=None)
+                maps = compute_erf(model, chunk, list(layers), reduction=reduction)
             except (ValueError, KeyError, TypeError, RuntimeError) as err:
                 raise CLIError(
                     f"probing failed ({type(err).__name__}: {str(err).splitlines()[0][:300]})",

@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 #: Default ``memory_budget`` on CPU: saved activations per chunk, in bytes.
-CPU_BUDGET = 128 * 2**20
+CPU_BUDGET = 64 * 2**20
 #: Default ``memory_budget`` on CUDA, as a fraction of the memory still available to torch.
 CUDA_BUDGET_FRACTION = 0.5
 

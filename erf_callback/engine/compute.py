@@ -117,7 +117,8 @@ def compute_erf(
             override its fields.
         position: the probed unit's index in the layer's output grid (default: the centre,
             ``size // 2`` per axis). A mapping gives one position per layer.
-        channels: output channels summed into the probed unit (default: all).
+        channels: output channels summed into the probed unit (default: all): an int (a 0-d
+            integer tensor counts), or a sequence of distinct ints.
         reduction: how the input gradient is reduced over input channels: ``"abs"`` (sum of
             absolute values) or ``"replknet"`` (unit = sum of ReLU of channels; map = sum of
             ReLU of the gradient, as in RepLKNet's erf/visualize_erf.py).
@@ -128,7 +129,7 @@ def compute_erf(
             sized from the measured activations of one sample and ``memory_budget`` (halved on
             an out-of-memory error); an int: that many; ``None``: all at once.
         memory_budget: bytes of saved activations per chunk for ``chunk_size="auto"``
-            (default: 128 MiB on CPU, half the free memory on CUDA).
+            (default: 64 MiB on CPU, half the free memory on CUDA).
         optimize: run later chunks with BatchNorm folded into copies of the preceding convs
             and, on CPU and recent GPUs, channels_last; never changes the model; and reuse the
             trace of an earlier probe of the unchanged model on inputs of the same shape (see

@@ -74,7 +74,7 @@ class ProbeConfig:
             forward; on CUDA an out-of-memory error halves the chunk and retries. An int: that
             many samples. ``None``: all at once.
         memory_budget: bytes of saved activations one chunk may use with ``chunk_size="auto"``.
-            ``None``: 128 MiB on CPU (capped at a quarter of the available RAM), half of the
+            ``None``: 64 MiB on CPU (capped at a quarter of the available RAM), half of the
             free device memory on CUDA. See docs/engine.md, "Memory".
         optimize: let the probe run the model faster without changing any result: inputs in
             ``channels_last`` with ``channels_last`` copies of the conv weights (2-D conv nets
@@ -118,6 +118,8 @@ class ProbeConfig:
         if not isinstance(self.optimize, bool):
             raise ValueError(f"optimize must be True or False; got {self.optimize!r}")
         if self.channels is not None:
+            # One channel picked by a tensor or array op (logits.argmax()) is a 0-d integer.
+            object.__setattr__(self, "channels", _scalar_or_itself(self.channels))
             _check_channels(self.channels)
         if isinstance(self.position, Mapping):
             for name, pos in self.position.items():
@@ -191,6 +193,19 @@ def _check_position(position: Any, what: str) -> None:
             f"{what} must hold integer indices (one per spatial axis, e.g. (7, 7)); got "
             f"{tuple(items)!r}. Non-integers are not rounded: pass the unit's index."
         )
+
+
+def _scalar_or_itself(value: Any) -> Any:
+    """The Python number held by a 0-d tensor or NumPy array; anything else unchanged.
+
+    Example:
+        >>> import torch
+        >>> _scalar_or_itself(torch.tensor(3)), _scalar_or_itself([3])
+        (3, [3])
+    """
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "tolist", None)):
+        return value.tolist()
+    return value
 
 
 def _as_list(value: Any) -> list[Any] | None:

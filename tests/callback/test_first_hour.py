@@ -34,6 +34,22 @@ def test_wrong_layer_name_suggests_module() -> None:
     )
 
 
+def test_names_written_with_the_module_prefix_get_the_names_inside_it() -> None:
+    # module='model' and layers=['model.3'] (the name as the LightningModule has it): the
+    # message says what to write instead; a prefixed name that is not inside either, nothing.
+    monitor = ERFMonitor(layers=["model.3", "model.1"], module="model")
+    with pytest.raises(
+        KeyError,
+        match=r"module='model'\) names layers inside 'model': write "
+        r"\['3', '1'\] for \['model\.3', 'model\.1'\]",
+    ):
+        monitor.setup(types.SimpleNamespace(fast_dev_run=False), WithModel(), "fit")
+    monitor = ERFMonitor(layers=["model.99"], module="model")
+    with pytest.raises(KeyError) as err:
+        monitor.setup(types.SimpleNamespace(fast_dev_run=False), WithModel(), "fit")
+    assert "write" not in str(err.value)
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")
 @pytest.mark.parametrize("layers", [None, ["3"]])
 def test_a_torchscript_network_fails_at_setup(layers) -> None:
@@ -97,6 +113,24 @@ def test_a_dataset_smaller_than_num_samples_is_probed_whole(tmp_path, n, batch) 
     assert monitor.probe_inputs.shape[0] == n
     statuses = [r["status"] for r in monitor.history.records]
     assert statuses and set(statuses) == {"ok"}
+
+
+def test_probe_images_the_model_cannot_take_fail_at_fit_start_saying_so(tmp_path) -> None:
+    # inputs= with 5 channels for a 3-channel net: torch's own message ("expected input[1, 5,
+    # 16, 16] to have 3 channels") named neither the probe nor the inputs= that caused it.
+    from tests.helpers.lit import make_trainer, module_class
+
+    monitor = ERFMonitor(layers=["net.3"], inputs=torch.randn(4, 5, 16, 16), every_n_steps=1)
+    model = module_class()()
+    with pytest.raises(
+        RuntimeError,
+        match=r"fit-start probe ran the LightningModule on the probe "
+        r"inputs \(4, 5, 16, 16\) float32 \(from inputs=\).*to have 3 channels.*"
+        r"inputs= must be a batch it takes",
+    ) as err:
+        make_trainer(tmp_path, [monitor], max_steps=2).fit(model)
+    assert isinstance(err.value.__cause__, RuntimeError)  # torch's error, chained
+    assert model.training_steps == 0
 
 
 def test_probe_images_given_as_numpy_or_a_list_of_images_say_how_to_pass_them(tmp_path) -> None:

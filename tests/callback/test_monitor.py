@@ -1,3 +1,4 @@
+import dataclasses
 import glob
 import json
 import os
@@ -337,6 +338,42 @@ def test_default_layer_noise_inputs_and_input_key(tmp_path):
     keyed = ERFMonitor(layers=["net.2"], num_samples=20, input_key="image", every_n_steps=100)
     fit(tmp_path, keyed, model=DictBatches())
     assert keyed.probe_inputs.shape == (20, 3, 16, 16)  # topped up beyond one batch of 8
+
+
+@dataclasses.dataclass
+class LabelledImages:  # a batch type of the user's own: labels first, images by name
+    label: torch.Tensor
+    image: torch.Tensor
+
+
+@pytest.mark.parametrize("input_key", [None, "image"])
+def test_dataclass_batches_are_searched_and_keyed_by_field_name(tmp_path, input_key):
+    class DataclassBatches(module_class()):
+        def training_step(self, batch, batch_idx):
+            return super().training_step((batch.image, batch.label), batch_idx)
+
+        def train_dataloader(self):
+            def collate(items):
+                x, y = torch.utils.data.default_collate(items)
+                return LabelledImages(label=y, image=x)
+
+            return torch.utils.data.DataLoader(data(), batch_size=8, collate_fn=collate)
+
+    monitor = ERFMonitor(layers=["net.2"], num_samples=8, input_key=input_key, every_n_steps=100)
+    fit(tmp_path, monitor, model=DataclassBatches())
+    assert torch.equal(monitor.probe_inputs, data().tensors[0][:8])
+
+
+def test_a_wrong_field_name_lists_the_dataclass_fields():
+    from erf_callback.callback.inputs import extract_input
+
+    batch = LabelledImages(label=torch.tensor([1, 2]), image=torch.zeros(2, 3, 4, 4))
+    with pytest.raises(
+        ValueError,
+        match=r"input_key='img'.*label: Tensor \(2,\) int64, "
+        r"image: Tensor \(2, 3, 4, 4\) float32",
+    ):
+        extract_input(batch, "img")
 
 
 def test_explicit_tensor_inputs_and_warnings_are_once(tmp_path):

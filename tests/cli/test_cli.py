@@ -470,3 +470,25 @@ def test_probe_in_batches_keeps_the_constant_channel_sum_zero():
         assert maps["output"].status == "zero", seed
         said = [str(w.message) for w in record if issubclass(w.category, ERFWarning)]
         assert len(said) == 1 and "constant" in said[0]
+
+
+def test_probe_batches_are_split_to_fit_the_memory_budget(monkeypatch):
+    # --batch-size is a step of the progress bar: a batch whose activations exceed the memory
+    # budget goes through the model in smaller chunks (here one sample at a time), with the
+    # same maps as the batch in one pass.
+    from erf_callback.cli.probe import probe_model
+    from erf_callback.engine import compute
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU())
+    x = torch.randn(8, 1, 12, 12, dtype=torch.float64)
+    net = net.double()
+    calls = []
+    net[0].register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    whole = probe_model(net, ["1"], x, batch_size=4, progress=False)["1"].grad
+    # The first batch traces its first sample alone; the second reuses the trace: all at once.
+    assert calls == [1, 3, 4]
+    calls.clear()
+    monkeypatch.setattr(compute, "default_budget", lambda device: 1)  # one sample per chunk
+    split = probe_model(net, ["1"], x, batch_size=4, progress=False)["1"].grad
+    assert calls == [1] * 8
+    torch.testing.assert_close(split, whole, rtol=1e-12, atol=1e-15)

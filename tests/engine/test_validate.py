@@ -100,7 +100,9 @@ def test_integer_like_positions_are_accepted():
     assert b.position == (2, 5)
 
 
-@pytest.mark.parametrize("channels", [1.5, True, [0, 0], [], [0, 1.0], "0", (2, -2, 2)])
+@pytest.mark.parametrize(
+    "channels", [1.5, True, [0, 0], [], [0, 1.0], "0", (2, -2, 2), torch.tensor(True), {0, 1}]
+)
 def test_bad_channels_say_what_is_allowed(channels):
     with pytest.raises(ValueError, match="channels must be an int or a non-empty sequence"):
         compute_erf(nn.Conv2d(1, 4, 3), torch.randn(1, 1, 8, 8), channels=channels)
@@ -111,6 +113,17 @@ def test_good_channels_still_work():
     one = compute_erf(net, x, channels=np.int64(1))["output"].grad
     two = compute_erf(net, x, channels=[1, 2])["output"].grad
     assert one.shape == two.shape == (8, 8)
+
+
+@pytest.mark.parametrize("picked", [torch.tensor(2), np.array(2), torch.tensor([2])])
+def test_a_channel_picked_by_a_tensor_op_is_that_channel(picked):
+    # logits.argmax() gives a 0-d tensor: the channel it holds, not an error.
+    net, x = nn.Conv2d(1, 4, 3), torch.randn(2, 1, 8, 8)
+    want = compute_erf(net, x, channels=2)["output"].grad
+    got = compute_erf(net, x, channels=picked)["output"].grad
+    assert torch.equal(got, want)
+    other = compute_erf(net, x, channels=1)["output"].grad
+    assert not torch.equal(got, other)
 
 
 @pytest.mark.parametrize("chunk", [2.5, True, 0, -1, "big", 2.0])
