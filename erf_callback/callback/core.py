@@ -679,7 +679,8 @@ class ERFMonitorBase:
             fix = "Check that the module takes the training batches' images as they are."
         else:
             key = f"input_key={self.input_key!r}" if self.input_key is not None else "the first"
-            source = f"{key} image tensor of the first training batch"
+            batches = "training batch" if self.input_source == "train" else "inputs= batches"
+            source = f"{key} image tensor of the {batches}"
             fix = "If the module takes another part of the batch, set input_key= or module=."
         return (
             f"ERFMonitor's fit-start probe ran {where} on the probe inputs {shape} ({source}), "

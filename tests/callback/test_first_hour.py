@@ -115,21 +115,28 @@ def test_a_dataset_smaller_than_num_samples_is_probed_whole(tmp_path, n, batch) 
     assert statuses and set(statuses) == {"ok"}
 
 
-def test_probe_images_the_model_cannot_take_fail_at_fit_start_saying_so(tmp_path) -> None:
+@pytest.mark.parametrize("source", ["tensor", "loader"])
+def test_probe_images_the_model_cannot_take_fail_at_fit_start_saying_so(tmp_path, source) -> None:
     # inputs= with 5 channels for a 3-channel net: torch's own message ("expected input[1, 5,
     # 16, 16] to have 3 channels") named neither the probe nor the inputs= that caused it.
+    from torch.utils.data import DataLoader, TensorDataset
+
     from tests.helpers.lit import make_trainer, module_class
 
-    monitor = ERFMonitor(layers=["net.3"], inputs=torch.randn(4, 5, 16, 16), every_n_steps=1)
+    images = torch.randn(4, 5, 16, 16)
+    inputs = images if source == "tensor" else DataLoader(TensorDataset(images), batch_size=2)
+    monitor = ERFMonitor(layers=["net.3"], inputs=inputs, every_n_steps=1)
     model = module_class()()
+    where = r"from inputs=\)" if source == "tensor" else r"the first image tensor of the inputs= "
+    fix = "inputs= must be a batch it takes" if source == "tensor" else "set input_key= or module="
     with pytest.raises(
         RuntimeError,
-        match=r"fit-start probe ran the LightningModule on the probe "
-        r"inputs \(4, 5, 16, 16\) float32 \(from inputs=\).*to have 3 channels.*"
-        r"inputs= must be a batch it takes",
+        match=r"fit-start probe ran the LightningModule on the probe inputs \(4, 5, 16, 16\) "
+        rf"float32 \(({where}).*to have 3 channels.*{fix}",
     ) as err:
         make_trainer(tmp_path, [monitor], max_steps=2).fit(model)
     assert isinstance(err.value.__cause__, RuntimeError)  # torch's error, chained
+    assert model.training_steps == 0
     assert model.training_steps == 0
 
 
