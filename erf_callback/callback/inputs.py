@@ -49,7 +49,7 @@ def extract_input(batch: Any, input_key: InputKey) -> torch.Tensor:
         raise ValueError(
             f"ERFMonitor(input_key={input_key!r}) cannot take the input from a batch of type "
             f"{type(batch).__name__}: {err}. The batch holds {describe_batch(batch)}. Pass "
-            "input_key= as an index, a dict key or a callable batch -> tensor."
+            "input_key= as an index, a dict key, a field name or a callable batch -> tensor."
         ) from err
     if not isinstance(x, torch.Tensor) or x.dim() not in _SPATIAL_RANKS:
         found = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
@@ -113,8 +113,8 @@ def first_batch_tensor(batch: Any) -> torch.Tensor:
     raise ValueError(
         f"ERFMonitor found no input in the batch: it takes the first floating-point tensor "
         f"(N, C, *spatial) with 1-3 spatial dimensions, and the batch holds "
-        f"{describe_batch(batch)}. Pass input_key= (an index, a dict key, or a callable "
-        "batch -> tensor), e.g. input_key='image' or input_key=1."
+        f"{describe_batch(batch)}. Pass input_key= (an index, a dict key, a field name, or a "
+        "callable batch -> tensor), e.g. input_key='image' or input_key=1."
     )
 
 
@@ -143,6 +143,9 @@ def _leaves(batch: Any, path: str) -> Iterator[tuple[str, Any]]:
     if isinstance(batch, Mapping):
         for key, value in batch.items():
             yield from _leaves(value, f"{path}[{key!r}]")
+    elif isinstance(batch, tuple) and hasattr(type(batch), "_fields"):  # a named tuple
+        for name, value in zip(type(batch)._fields, batch, strict=False):
+            yield from _leaves(value, f"{path}.{name}" if path else name)
     elif isinstance(batch, (list, tuple)):
         for i, value in enumerate(batch):
             yield from _leaves(value, f"{path}[{i}]")
