@@ -1,0 +1,263 @@
+"""Every error and warning that docs/faq.md quotes is one the code really gives.
+
+The FAQ is looked up by the text of a message, so a quoted message that drifted from the
+code (a rewording, a new option in it) sends the reader nowhere. Each quoted message
+(``**`Type: message`**``) is matched, as a pattern, against the messages of a set of calls
+that raise or warn: ``<...>``, ``...`` and ``[...]`` stand for any text, everything else must
+be there as written, and the exception type must be the one named. A quoted message that no
+call produces fails the test, except the few in ``NOT_TRIGGERED`` that need a training run
+or a missing package (each with the test that covers it).
+"""
+
+from __future__ import annotations
+
+import builtins
+import pathlib
+import re
+import types
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from erf_callback import (
+    ERFMonitor,
+    ERFWarning,
+    MetricConfig,
+    ProbeConfig,
+    compute_erf,
+    fit_gaussian,
+    tokens_to_grid,
+)
+from erf_callback.callback.inputs import extract_input, gather_inputs
+from erf_callback.engine.layers import deepest_spatial_layer
+
+FAQ = pathlib.Path(__file__).resolve().parents[1] / "docs" / "faq.md"
+_QUOTED = re.compile(r"\*\*`([^`]+)`\*\*")
+_TYPED = re.compile(r"^(\w+(?:Error|Warning)):\s*(.*)$", re.S)
+
+# Quoted messages no cheap call gives, by their first words, and where they are tested.
+NOT_TRIGGERED = {
+    "ImportError: fit_gaussian(method='least_squares') needs scipy": "scipy is installed here",
+    "ERF probe at step": "tests/callback/test_monitor.py (a probe failing mid-training)",
+    "ERF probe of '<name>' at step": "tests/callback/test_monitor.py (NaN mid-training)",
+    "ERFMonitor calls the LightningModule's forward(x)": "tests/callback/test_monitor.py",
+}
+
+
+def _conv_net() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+
+
+def _named_net() -> nn.Sequential:
+    layers = {"layer1": nn.Conv2d(3, 4, 3, padding=1), "layer2": nn.Conv2d(4, 4, 3, padding=1)}
+    return nn.Sequential(OrderedDict(layers))
+
+
+class _Head(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+class _Unused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x)
+
+
+class _Detached(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).detach()
+
+
+class _DictOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"out": self.conv(x)}
+
+
+class _Flat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+def _x(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.rand(*shape).to(dtype)
+
+
+def _monitor_setup(**kwargs: Any) -> None:
+    module = nn.Module()
+    module.net = _conv_net()
+    ERFMonitor(**kwargs).setup(types.SimpleNamespace(fast_dev_run=False), module, "fit")
+
+
+def _load_state_of_another_version() -> None:
+    monitor = ERFMonitor(layers=["0"])
+    state = monitor.state_dict()
+    state["version"] = 99
+    monitor.load_state_dict(state)
+
+
+def _first_batch_of_persistent_workers() -> None:
+    # The first training batch has 4 samples and the loader cannot be read again.
+    monitor = ERFMonitor(layers=["0"], num_samples=8)
+    loader = types.SimpleNamespace(persistent_workers=True, num_workers=2)
+    monitor._capture_inputs(types.SimpleNamespace(train_dataloader=loader), (_x(4, 3, 8, 8),))
+
+
+def _dead_net() -> nn.Module:
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+    nn.init.zeros_(net[0].weight)
+    nn.init.constant_(net[0].bias, -1.0)
+    return net
+
+
+def _nan_net() -> nn.Module:
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))
+    with torch.no_grad():
+        net[0].weight[0, 0, 0, 0] = float("nan")
+    return net
+
+
+CALLS: list[Callable[[], object]] = [
+    lambda: compute_erf(_named_net(), _x(2, 3, 8, 8), ["layer5"]),  # close: layer1, layer2
+    lambda: compute_erf(_conv_net(), _x(2, 3, 8, 8), ["nope"]),
+    lambda: compute_erf(_Head(), _x(2, 3, 8, 8), ["fc"]),
+    lambda: compute_erf(_Unused(), _x(2, 3, 8, 8), ["b"]),
+    lambda: compute_erf(_Detached(), _x(2, 3, 8, 8)),
+    lambda: deepest_spatial_layer(_Flat(), _x(2, 3, 8, 8)),
+    lambda: compute_erf(_conv_net(), _x(2, 3, 8, 8), []),
+    lambda: compute_erf(_conv_net(), _x(2, 3, 8, 8), ["0", "0"]),
+    lambda: compute_erf(_conv_net(), _x(2, 3, 8, 8), [1]),  # type: ignore[list-item]
+    lambda: compute_erf(_conv_net(), _x(3, 224, 224)),
+    lambda: compute_erf(_conv_net(), _x(224, 224)),
+    lambda: compute_erf(_conv_net(), _x(2, 3, 8, 8, dtype=torch.uint8)),
+    lambda: compute_erf(_conv_net(), _x(0, 3, 8, 8)),
+    lambda: compute_erf(_conv_net(), [_x(3, 8, 8)]),  # type: ignore[arg-type]
+    lambda: extract_input({"image": _x(2, 3, 8, 8)}, "img"),
+    lambda: extract_input({"label": torch.tensor([1, 2])}, "label"),
+    lambda: ERFMonitor(inputs="val"),  # type: ignore[arg-type]
+    lambda: ERFMonitor(inputs=_x(8, 8)),
+    lambda: gather_inputs([], None, 4),
+    lambda: compute_erf(_conv_net(), _x(2, 3, 8, 8), ["0"], position=(8, 0)),
+    lambda: compute_erf(_conv_net(), _x(2, 3, 8, 8), ["0"], channels=[9]),
+    lambda: ProbeConfig(reduction="max"),  # type: ignore[arg-type]
+    lambda: ProbeConfig(chunk_size=2.5),  # type: ignore[arg-type]
+    lambda: ProbeConfig(memory_budget=0),
+    lambda: ProbeConfig(metrics={}),  # type: ignore[arg-type]
+    lambda: compute_erf(_conv_net(), _x(2, 3, 8, 8), ["0"], position={"2": (1, 1)}),
+    lambda: tokens_to_grid()(_x(2, 8)),
+    lambda: tokens_to_grid(grid_size=(8, 8), num_prefix_tokens=0)(_x(2, 65, 4)),
+    lambda: compute_erf(_DictOut(), _x(2, 3, 8, 8)),
+    lambda: _monitor_setup(layers=["0"], module="backbone"),
+    lambda: ERFMonitor(every_n_steps=0),
+    lambda: ERFMonitor(max_overhead=2.0),
+    lambda: ERFMonitor(at_steps=[-1]),
+    lambda: ERFMonitor(num_samples=0),
+    lambda: ERFMonitor(images_every_n_probes=0),
+    lambda: ERFMonitor(tag_prefix="erf/"),
+    _load_state_of_another_version,
+    lambda: fit_gaussian(torch.zeros(2, 2, 2, 2)),
+    lambda: fit_gaussian(torch.ones(4, 4), method="median"),  # type: ignore[arg-type]
+    lambda: MetricConfig(radius_factor=0.0),
+    lambda: MetricConfig(energy_fraction=1.5),
+    lambda: MetricConfig(area_thresholds=(1.5,)),
+    lambda: compute_erf(_dead_net(), _x(2, 3, 8, 8)),
+    lambda: compute_erf(_nan_net(), _x(2, 3, 8, 8)),
+    lambda: compute_erf(_conv_net(), _x(2, 3, 5, 5), ["2"])["2"].metrics(),
+    _first_batch_of_persistent_workers,
+]
+
+
+def _produced() -> list[tuple[str, str]]:
+    """``(type name, message)`` of every error and warning the calls give."""
+    out = []
+    for call in CALLS:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                call()
+            except Exception as err:  # the point: collect whatever it raises
+                text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+                out.append((type(err).__name__, str(text)))
+        out += [(w.category.__name__, str(w.message)) for w in caught]
+    return out
+
+
+_PLACEHOLDER = re.compile(r"\[\.\.\.\]|\.\.\.|<[^>]*>")
+
+
+def _pattern(quoted: str) -> re.Pattern[str]:
+    """The quoted message as a pattern: its placeholders match any text, the rest itself."""
+    return re.compile(".*?".join(map(re.escape, _PLACEHOLDER.split(quoted))), re.S)
+
+
+def _quoted() -> list[tuple[str | None, str]]:
+    """``(type name or None, message)`` of every message the FAQ quotes."""
+    out = []
+    for raw in _QUOTED.findall(FAQ.read_text()):
+        typed = _TYPED.match(raw)
+        out.append((typed.group(1), typed.group(2)) if typed else (None, raw))
+    return out
+
+
+def test_the_faq_quotes_messages() -> None:
+    assert len(_quoted()) >= 40  # the parser still finds them
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_every_quoted_message_is_one_the_code_gives() -> None:
+    produced = _produced()
+    stale = []
+    for kind, message in _quoted():
+        if any(message.startswith(k) or f"{kind}: {message}".startswith(k) for k in NOT_TRIGGERED):
+            continue
+        pattern = _pattern(message)
+        hits = [(t, m) for t, m in produced if pattern.search(m)]
+        types_ok = [t for t, _ in hits if kind is None or t == kind or _is_subclass(t, kind)]
+        if not types_ok:
+            got = f" (as {sorted({t for t, _ in hits})})" if hits else ""
+            stale.append(f"{kind or ''}: {message[:110]}{got}")
+    assert not stale, "quoted in docs/faq.md but not given by the code:\n" + "\n".join(stale)
+
+
+def _is_subclass(child: str, parent: str) -> bool:
+    """Whether the exception class named ``child`` (ours or a builtin) derives from ``parent``."""
+    from erf_callback.engine import validate
+
+    cls = getattr(validate, child, None) or getattr(builtins, child, None)
+    base = getattr(builtins, parent, None)
+    return isinstance(cls, type) and isinstance(base, type) and issubclass(cls, base)
+
+
+def test_the_quoted_warnings_are_erf_warnings() -> None:
+    # The FAQ says numerical trouble "warns once with ERFWarning": the untyped quotes of its
+    # warnings section are ERFWarnings in the code.
+    produced = dict((m, t) for t, m in _produced())
+    for message in ("is zero everywhere", "contains NaN/Inf", "reaches the input's border"):
+        kinds = {t for m, t in produced.items() if message in m}
+        assert kinds == {ERFWarning.__name__}, (message, kinds)
