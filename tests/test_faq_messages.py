@@ -1,4 +1,5 @@
-"""Every error and warning that docs/faq.md quotes is one the code really gives.
+"""Every error and warning that docs/faq.md quotes, and every message of the errors table of
+docs/engine.md, is one the code really gives.
 
 The FAQ is looked up by the text of a message, so a quoted message that drifted from the
 code (a rewording, a new option in it) sends the reader nowhere. Each quoted message
@@ -7,6 +8,9 @@ that raise or warn: ``<...>``, ``...`` and ``[...]`` stand for any text, everyth
 be there as written, and the exception type must be the one named. A quoted message that no
 call produces fails the test, except the few in ``NOT_TRIGGERED`` that need a training run
 or a missing package (each with the test that covers it).
+
+The errors table of docs/engine.md shows messages with concrete values (``'layer_3'``,
+``(32, 32)``): there, quoted names and numbers match any name and number too.
 """
 
 from __future__ import annotations
@@ -195,8 +199,9 @@ CALLS: list[Callable[[], object]] = [
 
 def _produced() -> list[tuple[str, str]]:
     """``(type name, message)`` of every error and warning the calls give."""
-    out = []
-    for call in CALLS:
+    out: list[tuple[str, str]] = []
+    for i, call in enumerate(CALLS):
+        before = len(out)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
@@ -205,10 +210,12 @@ def _produced() -> list[tuple[str, str]]:
                 text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
                 out.append((type(err).__name__, str(text)))
         out += [(w.category.__name__, str(w.message)) for w in caught]
+        assert len(out) > before, f"call {i} gave no error and no warning"
     return out
 
 
-_PLACEHOLDER = re.compile(r"\[\.\.\.\]|\.\.\.|<[^>]*>")
+# An abridgement ("...") may stand where the message has punctuation before the next words.
+_PLACEHOLDER = re.compile(r" ?\[\.\.\.\]| ?\.\.\.|<[^>]*>")
 
 
 def _pattern(quoted: str) -> re.Pattern[str]:
@@ -261,3 +268,102 @@ def test_the_quoted_warnings_are_erf_warnings() -> None:
     for message in ("is zero everywhere", "contains NaN/Inf", "reaches the input's border"):
         kinds = {t for m, t in produced.items() if message in m}
         assert kinds == {ERFWarning.__name__}, (message, kinds)
+
+
+# ---- docs/engine.md, "Errors"
+
+ENGINE = FAQ.parent / "engine.md"
+_ROW = re.compile(r"^\| `(\w+)` \| .*? \| (.*) \|$")
+_CONCRETE = re.compile(r" ?\[\.\.\.\]| ?\.\.\.|<[^>]*>|'[^']*'|\d+")
+
+
+class Net(nn.Module):  # a forward that needs more than the image
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x, mask):  # unannotated, as the table's example: Net.forward(x, mask)
+        return self.head(self.backbone(x)) * mask
+
+
+def _scripted() -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated in recent torch
+        net = nn.Sequential()
+        net.block = torch.jit.script(nn.Conv2d(3, 4, 3))
+    return net
+
+
+def _inference_mode_net() -> nn.Module:
+    with torch.inference_mode():
+        return _conv_net()
+
+
+def _nan_samples() -> torch.Tensor:
+    x = _x(6, 3, 8, 8)
+    x[1, 0, 0, 0] = x[4, 1, 2, 3] = float("nan")
+    return x
+
+
+ENGINE_CALLS: list[Callable[[], object]] = [
+    lambda: compute_erf(_named_net(), _x(2, 3, 8, 8), ["layer_2"]),
+    lambda: compute_erf(_conv_net(), _x(2, 3, 8, 8), 2),  # type: ignore[arg-type]
+    lambda: compute_erf(Net(), _x(2, 3, 8, 8)),
+    lambda: compute_erf(_scripted(), _x(2, 3, 8, 8)),
+    lambda: compute_erf(lambda x: x, _x(2, 3, 8, 8)),  # type: ignore[arg-type]
+    lambda: ProbeConfig(output_transform={"2": "flatten"}),  # type: ignore[dict-item]
+    lambda: compute_erf(_conv_net(), _x(2, 3, 8, 8).to_sparse()),
+    lambda: compute_erf(_conv_net(), _x(4, 3, 0, 16)),
+    lambda: compute_erf(_conv_net(), _nan_samples()),
+    lambda: compute_erf(_conv_net(), _x(2, 3, 4, 16, 16)),
+    lambda: compute_erf(nn.Sequential(nn.LazyConv2d(4, 3)), _x(2, 3, 8, 8)),
+    lambda: compute_erf(_inference_mode_net(), _x(2, 3, 8, 8)),
+    lambda: compute_erf(nn.Conv2d(3, 4, 3, device="meta"), _x(2, 3, 8, 8)),
+    lambda: compute_erf(_conv_net(), _x(2, 3, 8, 8), ["0"], position=(3.5, 2)),
+    lambda: compute_erf(_conv_net(), _x(2, 3, 8, 8), ["0"], channels=[0, 0]),
+    lambda: compute_erf(_conv_net(), _x(2, 3, 8, 8), ["0"], position=(1, 2, 3)),
+]
+
+
+def _engine_rows() -> list[tuple[str, str]]:
+    """``(exception name, message)`` of every message quoted in the table's last column."""
+    text = ENGINE.read_text()
+    table = text[text.index("## Errors") : text.index("## NaN and zero maps")]
+    out = []
+    for line in table.splitlines():
+        row = _ROW.match(line)
+        if row:
+            out += [(row.group(1), m) for m in re.findall(r"`([^`]{20,})`", row.group(2))]
+    return out
+
+
+def _loose(quoted: str) -> re.Pattern[str]:
+    """Like :func:`_pattern`, and quoted names and numbers match any."""
+    return re.compile(".*?".join(map(re.escape, _CONCRETE.split(quoted))), re.S)
+
+
+def test_the_engine_errors_table_quotes_messages() -> None:
+    assert len(_engine_rows()) >= 30
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_every_message_of_the_engine_errors_table_is_one_the_code_gives() -> None:
+    saved, CALLS[:] = list(CALLS), CALLS + ENGINE_CALLS
+    try:
+        produced = _produced()
+    finally:
+        CALLS[:] = saved
+    stale = []
+    for kind, message in _engine_rows():
+        if message == "torch.fx.GraphModule":  # a name in the row's text, not a message
+            continue
+        pattern = _loose(message)
+        hits = [t for t, m in produced if pattern.search(m)]
+        if not any(t == kind or _is_subclass(t, kind) for t in hits):
+            stale.append(
+                f"{kind}: {message[:110]}" + (f" (as {sorted(set(hits))})" if hits else "")
+            )
+    assert not stale, "in docs/engine.md's errors table but not given by the code:\n" + "\n".join(
+        stale
+    )
