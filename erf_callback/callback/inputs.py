@@ -144,7 +144,8 @@ def _leaves(batch: Any, path: str) -> Iterator[tuple[str, Any]]:
         for key, value in batch.items():
             yield from _leaves(value, f"{path}[{key!r}]")
     elif isinstance(batch, tuple) and hasattr(type(batch), "_fields"):  # a named tuple
-        for name, value in zip(type(batch)._fields, batch, strict=False):
+        names: tuple[str, ...] = type(batch)._fields  # type: ignore[attr-defined]
+        for name, value in zip(names, batch, strict=False):
             yield from _leaves(value, f"{path}.{name}" if path else name)
     elif isinstance(batch, (list, tuple)):
         for i, value in enumerate(batch):

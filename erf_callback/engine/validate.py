@@ -7,6 +7,8 @@ the fix.
 from __future__ import annotations
 
 import inspect
+import os
+import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -289,15 +291,40 @@ def unbatched_guard(model: nn.Module, spatial_dims: int) -> Iterator[None]:
         return hook
 
     handles = []
+    wider: tuple[str, nn.Module, int] | None = None  # a layer of more dims than the inputs
     for name, module in model.named_modules():
         dims = _module_spatial_dims(module)
         if dims is not None and dims != spatial_dims:
             handles.append(module.register_forward_pre_hook(make_hook(name, dims)))
+            if dims > spatial_dims and wider is None:
+                wider = (name, module, dims)
     try:
         yield
+    except (RuntimeError, ValueError) as err:
+        # A layer before the first conv/pool may fail on the unbatched form first (a
+        # BatchNorm2d, a GroupNorm or LayerNorm over (C, H, W)), in torch's own words.
+        if wider is None or not _raised_by_the_model(err):
+            raise
+        name, module, dims = wider
+        raise UnbatchedInputError(
+            f"the model's forward failed on the inputs read as {spatial_dims}-D signals, and "
+            f"the model works on {dims}-D ones (e.g. layer {name!r}, {type(module).__name__}): "
+            f"{str(err).rstrip('.')}. {_UNBATCHED_HINT}"
+        ) from err
     finally:
         for h in handles:
             h.remove()
+
+
+def _raised_by_the_model(err: BaseException) -> bool:
+    """Whether ``err`` is an error of the model's own code or of torch (not an out-of-memory
+    error, not one of erf-callback's own messages): its innermost frame is outside this
+    package."""
+    if type(err) not in (RuntimeError, ValueError) or "out of memory" in str(err):
+        return False
+    frames = traceback.extract_tb(err.__traceback__)
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return bool(frames) and not os.path.abspath(frames[-1].filename).startswith(package + os.sep)
 
 
 def _axes(dims: int) -> str:

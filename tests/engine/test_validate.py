@@ -18,6 +18,38 @@ def test_unbatched_image_asks_for_the_batch_dimension():
     compute_erf(net, image.unsqueeze(0), ["layer2"])  # the fix it names works
 
 
+@pytest.mark.parametrize(
+    ("first", "torch_says"),
+    [
+        (nn.BatchNorm2d(3), r"expected 4D input \(got 3D input\)"),
+        (nn.GroupNorm(1, 3), r"number of channels in input"),
+        (nn.LayerNorm([3, 16, 16]), r"normalized_shape=\[3, 16, 16\]"),
+    ],
+    ids=["BatchNorm2d", "GroupNorm", "LayerNorm"],
+)
+def test_a_norm_layer_before_the_first_conv_still_asks_for_the_batch_dimension(first, torch_says):
+    # The normalisation fails on the unbatched image before any conv sees it, in torch's own
+    # words ("expected 4D input (got 3D input)"), which never said what to do.
+    net = nn.Sequential(first, nn.Conv2d(3, 4, 3, padding=1)).eval()
+    image = torch.randn(3, 16, 16)
+    with pytest.raises(
+        UnbatchedInputError,
+        match=rf"2-D ones \(e\.g\. layer '1', Conv2d\): .*"
+        rf"{torch_says}.*add the batch dimension: inputs\.unsqueeze\(0\)",
+    ) as err:
+        compute_erf(net, image)
+    assert err.value.__cause__ is not None  # torch's error, chained
+    assert compute_erf(net, image.unsqueeze(0))["output"].status == "ok"
+
+
+def test_a_1d_model_that_fails_keeps_its_own_error():
+    # No 2-D layer: nothing suggests an unbatched image, so torch's error stands as it is.
+    net = nn.Sequential(nn.Conv1d(3, 4, 3), nn.Conv1d(5, 4, 3))
+    with pytest.raises(RuntimeError, match="expected input") as err:
+        compute_erf(net, torch.randn(2, 3, 32))
+    assert not isinstance(err.value, UnbatchedInputError)
+
+
 def test_layer_with_more_spatial_dims_than_the_input_hints_at_the_batch_dimension():
     class Lift(nn.Module):  # no conv to catch it early: the probed output has the wrong rank
         def forward(self, x):
