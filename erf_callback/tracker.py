@@ -19,7 +19,16 @@ from torch import nn
 from erf_callback.callback.core import ERFMonitorBase
 from erf_callback.callback.history import ERFHistory
 from erf_callback.callback.schedule import DEFAULT_MAX_OVERHEAD, ProbeSchedule
-from erf_callback.engine.config import DEFAULT, Channels, Default, Position, ProbeConfig, Reduction
+from erf_callback.engine.config import (
+    DEFAULT,
+    Channels,
+    Default,
+    Position,
+    ProbeConfig,
+    Reduction,
+    is_int,
+    scalar_or_itself,
+)
 from erf_callback.engine.transforms import OutputTransform
 from erf_callback.engine.validate import check_inputs, check_model
 from erf_callback.fit.metrics import MetricConfig
@@ -223,14 +232,38 @@ class ERFTracker:
         """Call after each optimiser step; probes when the schedule says so.
 
         Args:
-            step: the loop's step count after this optimiser step; default: one more than
-                the last call's (the first call is step 1).
+            step: the loop's step count after this optimiser step (an int or a 0-d integer
+                tensor); default: one more than the last call's (the first call is step 1).
             epoch: recorded with the probe.
 
         Returns:
             The history records this call added (one per layer when it probed; else empty).
+
+        Raises:
+            ValueError: ``step`` is not a non-negative int (``1.5`` is not truncated).
         """
-        self._loop.global_step = self._loop.global_step + 1 if step is None else int(step)
+        step = scalar_or_itself(step)  # a count kept in a 0-d tensor is that count
+        if step is not None and not (is_int(step) and step >= 0):
+            raise ValueError(
+                f"step must be a non-negative int (the loop's count of optimiser steps), or "
+                f"None to count one more; got {step!r}"
+            )
+        if self._closed:
+            self._monitor._warn_once(
+                "tracker-closed",
+                "ERFTracker.step() after close(): nothing is probed or written any more. "
+                "Close the tracker when training ends (or use it as a context manager).",
+            )
+            return []
+        last = self._loop.global_step
+        if step is not None and step < last:
+            self._monitor._warn_once(
+                "tracker-backwards",
+                f"ERFTracker.step(step={step}) after step {last}: the step count went back "
+                "(a batch index that restarts every epoch?). Pass the loop's global count of "
+                "optimiser steps, or call step() without it to count them.",
+            )
+        self._loop.global_step = last + 1 if step is None else int(step)
         self._loop.current_epoch = epoch
         before = len(self.history)
         self._monitor.on_train_batch_end(self._loop, self.model, None, None, 0)

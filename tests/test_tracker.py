@@ -194,3 +194,35 @@ def test_engine_only_users_do_not_import_lightning():
 def test_a_model_that_is_no_module_is_named_at_construction():
     with pytest.raises(TypeError, match=r"model must be a torch.nn.Module; got function"):
         ERFTracker(lambda x: x, ["1"], torch.randn(2, 1, 8, 8))
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, 2.0, True, "3", torch.tensor(2.0)])
+def test_a_step_that_is_not_a_count_is_refused(bad):
+    # 1.5 was truncated to step 1 and -1 recorded as a probe at step -1.
+    tracker = ERFTracker(relu_stack(2), ["2"], torch.randn(2, 1, 12, 12), every_n_steps=1)
+    with pytest.raises(ValueError, match="step must be a non-negative int"):
+        tracker.step(step=bad)
+    assert [r["step"] for r in tracker.history.records] == [0]
+
+
+def test_a_step_count_in_a_tensor_is_that_count():
+    tracker = ERFTracker(relu_stack(2), ["2"], torch.randn(2, 1, 12, 12), every_n_steps=2)
+    assert tracker.step(step=torch.tensor(2)) and tracker.global_step == 2
+    assert tracker.step(step=torch.tensor(3)) == []
+
+
+def test_steps_going_back_warn_once_and_steps_after_close_do_nothing():
+    # A per-epoch batch index passed as the step restarts at every epoch: one warning says so.
+    tracker = ERFTracker(relu_stack(2), ["2"], torch.randn(2, 1, 12, 12), every_n_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for epoch in range(3):
+            for step in (1, 2):
+                tracker.step(step=step, epoch=epoch)
+    back = [w for w in caught if "the step count went back" in str(w.message)]
+    assert len(back) == 1 and issubclass(back[0].category, ERFWarning)
+    tracker.close()
+    probes = tracker.history.num_probes
+    with pytest.warns(ERFWarning, match=r"step\(\) after close\(\): nothing is probed"):
+        assert tracker.step() == []
+    assert tracker.history.num_probes == probes

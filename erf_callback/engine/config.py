@@ -20,6 +20,7 @@ __all__ = [
     "ProbeConfig",
     "Reduction",
     "is_int",
+    "scalar_or_itself",
 ]
 
 #: Name of the model output in ``layers`` (``layers=None`` probes it).
@@ -119,7 +120,7 @@ class ProbeConfig:
             raise ValueError(f"optimize must be True or False; got {self.optimize!r}")
         if self.channels is not None:
             # One channel picked by a tensor or array op (logits.argmax()) is a 0-d integer.
-            object.__setattr__(self, "channels", _scalar_or_itself(self.channels))
+            object.__setattr__(self, "channels", scalar_or_itself(self.channels))
             _check_channels(self.channels)
         if isinstance(self.position, Mapping):
             for name, pos in self.position.items():
@@ -195,12 +196,12 @@ def _check_position(position: Any, what: str) -> None:
         )
 
 
-def _scalar_or_itself(value: Any) -> Any:
+def scalar_or_itself(value: Any) -> Any:
     """The Python number held by a 0-d tensor or NumPy array; anything else unchanged.
 
     Example:
         >>> import torch
-        >>> _scalar_or_itself(torch.tensor(3)), _scalar_or_itself([3])
+        >>> scalar_or_itself(torch.tensor(3)), scalar_or_itself([3])
         (3, [3])
     """
     if getattr(value, "ndim", None) == 0 and callable(getattr(value, "tolist", None)):
