@@ -143,8 +143,9 @@ class ERFMonitorBase:
         cmap: matplotlib colour map of the heatmaps.
         history_map_size: maps are kept downsampled to at most this many pixels per side.
         tag_prefix: first part of every logged tag.
-        history_filename: base name of the CSV/JSON history files. Default
-            ``"erf_history"``, or, with several monitors in one Trainer,
+        history_filename: base name of the CSV/JSON history files (a trailing ``.csv`` or
+            ``.json`` is dropped: ``"hist.csv"`` writes ``hist.csv`` and ``hist.json``).
+            Default ``"erf_history"``, or, with several monitors in one Trainer,
             ``"erf_history-<tag_prefix>-<layers>"``.
 
     Example:
@@ -187,8 +188,9 @@ class ERFMonitorBase:
         tag_prefix: str = "erf",
         history_filename: str | None = None,
     ) -> None:
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        if not is_int(num_samples) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int; got {num_samples!r}")
+        num_samples = int(num_samples)
         if isinstance(inputs, str) and inputs not in ("train", "noise"):
             raise ValueError(
                 f"inputs must be 'train', 'noise', a tensor or an iterable of batches; got "
@@ -236,6 +238,11 @@ class ERFMonitorBase:
                 "history_filename must be a plain file name (written in the run's log "
                 f"directory), without a path; got {history_filename!r}"
             )
+        if history_filename is not None:
+            # The name of one of the files ("history.csv") names both: history.csv, .json.
+            for suffix in (".csv", ".json"):
+                if history_filename.endswith(suffix) and len(history_filename) > len(suffix):
+                    history_filename = history_filename[: -len(suffix)]
         if log_images:
             # matplotlib's registry holds the names; it is imported only when images are drawn.
             from erf_callback.render.raster import check_colormap

@@ -69,6 +69,10 @@ class ProbeSchedule:
             raise ValueError(f"max_overhead must be a number in (0, 1); got {overhead!r}")
         if not 0 < float(overhead) < 1:
             raise ValueError(f"max_overhead must be in (0, 1); got {overhead}")
+        if callable(getattr(self.at_steps, "tolist", None)):
+            listed = self.at_steps.tolist()  # type: ignore[union-attr]
+            if isinstance(listed, list):  # a NumPy array or a tensor of steps: its numbers
+                self.at_steps = listed
         if self.at_steps is not None and (
             isinstance(self.at_steps, (str, bytes)) or not isinstance(self.at_steps, Iterable)
         ):

@@ -157,3 +157,17 @@ def test_probe_images_given_as_numpy_or_a_list_of_images_say_how_to_pass_them(tm
     stacked = ERFMonitor(layers=["net.7"], inputs=torch.stack(images), every_n_steps=1)
     make_trainer(tmp_path / "ok", [stacked], max_steps=2).fit(module_class()())
     assert {r["status"] for r in stacked.history.records} == {"ok"}
+
+
+@pytest.mark.parametrize("bad", [0, -3, True, 8.0, "8"])
+def test_num_samples_must_be_a_positive_int(bad) -> None:
+    with pytest.raises(ValueError, match="num_samples must be a positive int"):
+        ERFMonitor(num_samples=bad)
+
+
+def test_num_samples_may_be_a_numpy_int() -> None:
+    # Read from a config as np.int64(8): refused before, while every_n_steps took it.
+    import numpy as np
+
+    monitor = ERFMonitor(num_samples=np.int64(8), every_n_steps=np.int64(5))
+    assert monitor.num_samples == 8 and type(monitor.num_samples) is int

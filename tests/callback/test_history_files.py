@@ -4,6 +4,7 @@ import os
 
 import pandas as pd
 import pytest
+import torch
 
 from erf_callback import ERFMonitor
 from tests.helpers.lit import make_trainer, module_class
@@ -122,3 +123,20 @@ def test_a_claimed_name_is_given_back_when_the_first_write_fails(tmp_path, monke
     with pytest.raises(OSError, match="No space"):
         claim_history_files(str(tmp_path), "erf_history", ERFHistory())
     assert os.listdir(tmp_path) == []  # no empty CSV, no temp file
+
+
+def test_a_history_filename_with_an_extension_names_both_files(tmp_path):
+    # history_filename="run.csv" wrote run.csv.csv and run.csv.json.
+    from erf_callback import ERFTracker
+    from tests.helpers.nets import relu_stack
+
+    tracker = ERFTracker(
+        relu_stack(2),
+        ["2"],
+        torch.randn(2, 1, 8, 8),
+        history_dir=str(tmp_path),
+        history_filename="run.csv",
+    )
+    tracker.close()
+    assert sorted(os.listdir(tmp_path)) == ["run.csv", "run.json"]
+    assert len(pd.read_csv(tmp_path / "run.csv")) == tracker.history.num_probes

@@ -101,3 +101,15 @@ def test_integral_numbers_of_any_type_are_rules() -> None:
     assert due_steps(ProbeSchedule(every_n_steps=np.int64(5)), 12) == [0, 5, 10]
     assert due_steps(ProbeSchedule(every_n_steps=5.0), 12) == [0, 5, 10]  # e.g. 1e3
     assert due_steps(ProbeSchedule(at_steps=[np.int32(3), 7.0]), 10) == [3, 7]
+
+
+def test_at_steps_as_an_array_or_a_tensor_are_their_numbers():
+    # np.array([5, 10]) failed with numpy's "truth value of an array is ambiguous".
+    import numpy as np
+    import torch
+
+    for steps in (np.array([10, 5]), torch.tensor([10, 5]), range(5, 11, 5)):
+        schedule = ProbeSchedule(at_steps=steps)
+        assert [s for s in range(12) if schedule.due_at_step(s)] == [5, 10]
+    with pytest.raises(ValueError, match="at_steps must be non-negative ints"):
+        ProbeSchedule(at_steps=np.array([5, -1]))
