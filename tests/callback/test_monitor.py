@@ -346,8 +346,7 @@ class LabelledImages:  # a batch type of the user's own: labels first, images by
     image: torch.Tensor
 
 
-@pytest.mark.parametrize("input_key", [None, "image"])
-def test_dataclass_batches_are_searched_and_keyed_by_field_name(tmp_path, input_key):
+def test_dataclass_batches_are_searched_and_keyed_by_field_name(tmp_path):
     class DataclassBatches(module_class()):
         def training_step(self, batch, batch_idx):
             return super().training_step((batch.image, batch.label), batch_idx)
@@ -359,9 +358,13 @@ def test_dataclass_batches_are_searched_and_keyed_by_field_name(tmp_path, input_
 
             return torch.utils.data.DataLoader(data(), batch_size=8, collate_fn=collate)
 
-    monitor = ERFMonitor(layers=["net.2"], num_samples=8, input_key=input_key, every_n_steps=100)
+    monitor = ERFMonitor(layers=["net.2"], num_samples=8, every_n_steps=100)
     fit(tmp_path, monitor, model=DataclassBatches())
-    assert torch.equal(monitor.probe_inputs, data().tensors[0][:8])
+    assert torch.equal(monitor.probe_inputs, data().tensors[0][:8])  # found among the fields
+    from erf_callback.callback.inputs import extract_input
+
+    batch = LabelledImages(label=torch.tensor([1, 2]), image=torch.ones(2, 3, 4, 4))
+    assert extract_input(batch, "image") is batch.image  # keyed by field name
 
 
 def test_a_wrong_field_name_lists_the_dataclass_fields():
