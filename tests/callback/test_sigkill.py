@@ -48,8 +48,11 @@ def _records(run_dir: Path) -> tuple[list, list]:
     with open(run_dir / "erf_history.json") as f:
         payload = json.load(f)
     assert payload["format"] == "erf-callback history v1"
+    # A map is kept for every valid probe: after ~280 steps this toy model's last layer dies
+    # (status "zero", no map), which a run on a fast machine reaches before its kill.
     assert all(
-        len(payload["maps"][k]) == sum(r["layer"] == k for r in payload["records"])
+        len(payload["maps"][k])
+        == sum(r["layer"] == k and r["status"] == "ok" for r in payload["records"])
         for k in payload["maps"]
     )
     from_csv = [tuple(r) for r in frame[keys].itertuples(index=False)]
