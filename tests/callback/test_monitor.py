@@ -151,13 +151,13 @@ def test_resume_with_the_default_layer_finds_its_state(tmp_path):
 
 def test_resume_keeps_history_and_schedule(tmp_path):
     Classifier = module_class()
-    first = ERFMonitor(layers=["net.7"], every_n_steps=3, num_samples=8)
+    first = ERFMonitor(layers=["net.7"], every_n_steps=3, num_samples=8, log_images=False)
     trainer = make_trainer(tmp_path, [first], max_steps=4, enable_checkpointing=True)
     trainer.fit(Classifier())
     ckpt = glob.glob(os.path.join(str(tmp_path), "**", "*.ckpt"), recursive=True)[0]
     assert [r["step"] for r in first.history.records] == [0, 3, 4]
 
-    second = ERFMonitor(layers=["net.7"], every_n_steps=3, num_samples=8)
+    second = ERFMonitor(layers=["net.7"], every_n_steps=3, num_samples=8, log_images=False)
     trainer = make_trainer(tmp_path, [second], max_steps=8)
     trainer.fit(Classifier(), ckpt_path=ckpt)
     # The checkpoint was written before run 1's end probe; no second init probe on resume.
@@ -189,7 +189,9 @@ def test_accumulation_probes_once_per_optimiser_step(tmp_path):
 
 
 def test_epoch_schedule_and_log_spaced(tmp_path):
-    monitor = ERFMonitor(layers=["net.7"], every_n_epochs=1, log_spaced=2, num_samples=8)
+    monitor = ERFMonitor(
+        layers=["net.7"], every_n_epochs=1, log_spaced=2, num_samples=8, log_images=False
+    )
     fit(tmp_path, monitor, max_steps=-1, max_epochs=2)  # 8 steps per epoch
     assert [r["step"] for r in monitor.history.records] == [0, 1, 3, 8, 10, 16]
 
@@ -259,7 +261,7 @@ def test_a_colour_map_is_checked_only_when_images_are_drawn():
 def test_one_monitor_in_two_fits_gives_each_run_its_own_history(tmp_path):
     # A notebook re-running a cell, or a sweep reusing one callback object: a new Trainer is a
     # new run (its own TensorBoard version), with its own init probe, history and files.
-    monitor = ERFMonitor(layers=["net.6"], every_n_steps=2, num_samples=4)
+    monitor = ERFMonitor(layers=["net.6"], every_n_steps=2, num_samples=4, log_images=False)
     model = module_class()()
     make_trainer(tmp_path, [monitor], max_steps=4).fit(model)
     first = monitor.history_files
@@ -443,10 +445,10 @@ def test_compiled_module_is_probed_without_recompiling(tmp_path):
 
 
 def test_automatic_schedule_respects_the_overhead_budget(tmp_path, monkeypatch):
-    # Deterministic clock: every training step takes 1 s, every probe 3 s. The budget (2%)
+    # Deterministic clock: every training step takes 1 s, every probe 0.5 s. The budget (2%)
     # holds over the run so far, the init probe and one end probe (kept in reserve) included:
-    # the first scheduled probe runs once 3 probes fit in 2% of the training time (step 450),
-    # then every 3 s / (2% of 1 s) = 150 steps; the end probe (step 610) still fits.
+    # the first scheduled probe runs once 3 probes fit in 2% of the training time (step 75),
+    # then every 0.5 s / (2% of 1 s) = 25 steps; the end probe (step 101) still fits.
     import erf_callback.callback.core as monitor_module
 
     clock = {"t": 0.0}
@@ -457,20 +459,20 @@ def test_automatic_schedule_respects_the_overhead_budget(tmp_path, monkeypatch):
             clock["t"] += 1.0
             return super().training_step(batch, batch_idx)
 
-    monitor = ERFMonitor(layers=["net.7"], num_samples=8)
+    monitor = ERFMonitor(layers=["net.7"], num_samples=8, log_images=False)  # time: schedule only
     original = monitor._probe
 
     def slow_probe(*args, **kwargs):
-        clock["t"] += 3.0
+        clock["t"] += 0.5
         return original(*args, **kwargs)
 
     monkeypatch.setattr(monitor, "_probe", slow_probe)
-    fit(tmp_path, monitor, model=Timed(), max_steps=610, max_epochs=-1)
+    fit(tmp_path, monitor, model=Timed(), max_steps=101, max_epochs=-1)
     steps = [r["step"] for r in monitor.history.records]
-    assert steps == [0, 450, 600, 610]
+    assert steps == [0, 75, 100, 101]
     for i, step in enumerate(steps[1:], start=2):  # probe time so far / training time so far
         assert sum(monitor.probe_seconds[:i]) / step <= 0.02 + 1e-12
-    assert monitor.schedule.auto_interval == 150
+    assert monitor.schedule.auto_interval == 25
 
 
 def test_a_failing_probe_mid_training_is_skipped_not_fatal(tmp_path):
@@ -496,6 +498,8 @@ def test_module_without_forward_gets_a_clear_error_at_fit_start(tmp_path):
     with pytest.raises(ValueError, match="module='<attribute of the network>'"):
         fit(tmp_path, ERFMonitor(layers=["net.7"], num_samples=8), model=model)
     assert model.training_steps == 0
-    monitor = ERFMonitor(layers=["7"], module="net", every_n_steps=2, num_samples=8)
+    monitor = ERFMonitor(
+        layers=["7"], module="net", every_n_steps=2, num_samples=8, log_images=False
+    )
     fit(tmp_path, monitor, model=NoForward())
     assert [r["step"] for r in monitor.history.records] == [0, 2, 4, 5]
