@@ -26,8 +26,8 @@ from erf_callback.engine.config import (
     Position,
     ProbeConfig,
     Reduction,
+    as_python,
     is_int,
-    scalar_or_itself,
 )
 from erf_callback.engine.transforms import OutputTransform
 from erf_callback.engine.validate import check_inputs, check_model
@@ -242,7 +242,7 @@ class ERFTracker:
         Raises:
             ValueError: ``step`` is not a non-negative int (``1.5`` is not truncated).
         """
-        step = scalar_or_itself(step)  # a count kept in a 0-d tensor is that count
+        step = as_python(step)  # a count kept in a 0-d tensor is that count
         if step is not None and not (is_int(step) and step >= 0):
             raise ValueError(
                 f"step must be a non-negative int (the loop's count of optimiser steps), or "

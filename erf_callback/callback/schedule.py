@@ -7,6 +7,8 @@ import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from erf_callback.engine.config import as_python
+
 __all__ = ["AUTO_WARMUP_STEPS", "DEFAULT_MAX_OVERHEAD", "ProbeSchedule"]
 
 #: Probing may cost at most this fraction of training time under the automatic schedule.
@@ -69,10 +71,7 @@ class ProbeSchedule:
             raise ValueError(f"max_overhead must be a number in (0, 1); got {overhead!r}")
         if not 0 < float(overhead) < 1:
             raise ValueError(f"max_overhead must be in (0, 1); got {overhead}")
-        if callable(getattr(self.at_steps, "tolist", None)):
-            listed = self.at_steps.tolist()  # type: ignore[union-attr]
-            if isinstance(listed, list):  # a NumPy array or a tensor of steps: its numbers
-                self.at_steps = listed
+        self.at_steps = as_python(self.at_steps)
         if self.at_steps is not None and (
             isinstance(self.at_steps, (str, bytes)) or not isinstance(self.at_steps, Iterable)
         ):

@@ -19,8 +19,8 @@ __all__ = [
     "Default",
     "ProbeConfig",
     "Reduction",
+    "as_python",
     "is_int",
-    "scalar_or_itself",
 ]
 
 #: Name of the model output in ``layers`` (``layers=None`` probes it).
@@ -119,8 +119,7 @@ class ProbeConfig:
         if not isinstance(self.optimize, bool):
             raise ValueError(f"optimize must be True or False; got {self.optimize!r}")
         if self.channels is not None:
-            # One channel picked by a tensor or array op (logits.argmax()) is a 0-d integer.
-            object.__setattr__(self, "channels", scalar_or_itself(self.channels))
+            object.__setattr__(self, "channels", as_python(self.channels))
             _check_channels(self.channels)
         if isinstance(self.position, Mapping):
             for name, pos in self.position.items():
@@ -196,23 +195,23 @@ def _check_position(position: Any, what: str) -> None:
         )
 
 
-def scalar_or_itself(value: Any) -> Any:
-    """The Python number held by a 0-d tensor or NumPy array; anything else unchanged.
+def as_python(value: Any) -> Any:
+    """The Python number or list a NumPy array or tensor holds (``.tolist()``); anything else
+    unchanged. One channel picked by ``logits.argmax()`` is then that channel, and an array
+    of steps a list of steps.
 
     Example:
         >>> import torch
-        >>> scalar_or_itself(torch.tensor(3)), scalar_or_itself([3])
-        (3, [3])
+        >>> as_python(torch.tensor(3)), as_python(torch.tensor([1, 2])), as_python((3,))
+        (3, [1, 2], (3,))
     """
-    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "tolist", None)):
-        return value.tolist()
-    return value
+    return value.tolist() if callable(getattr(value, "tolist", None)) else value
 
 
 def _as_list(value: Any) -> list[Any] | None:
     """The items of a sequence, NumPy array or tensor (as Python scalars); None otherwise."""
-    if hasattr(value, "tolist") and callable(value.tolist):  # numpy arrays, tensors
-        items = value.tolist()
+    items = as_python(value)
+    if items is not value:  # numpy arrays, tensors
         return items if isinstance(items, list) else None
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         return None
