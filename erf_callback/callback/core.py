@@ -8,6 +8,7 @@ one Trainer). Everything here only duck-types the ``trainer`` and ``pl_module`` 
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -240,9 +241,9 @@ class ERFMonitorBase:
             )
         if history_filename is not None:
             # The name of one of the files ("history.csv") names both: history.csv, .json.
-            for suffix in (".csv", ".json"):
-                if history_filename.endswith(suffix) and len(history_filename) > len(suffix):
-                    history_filename = history_filename[: -len(suffix)]
+            stem, extension = os.path.splitext(history_filename)
+            if extension in (".csv", ".json"):
+                history_filename = stem
         if log_images:
             # matplotlib's registry holds the names; it is imported only when images are drawn.
             from erf_callback.render.raster import check_colormap

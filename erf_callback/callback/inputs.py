@@ -62,9 +62,12 @@ def extract_input(batch: Any, input_key: InputKey) -> torch.Tensor:
 
 
 def _item(batch: Any, key: int | str) -> Any:
-    """``batch[key]``, or, for a name and a batch that is an object with that attribute (a
-    dataclass, a named tuple, any class that is no container), the attribute."""
-    if isinstance(key, str) and not isinstance(batch, Mapping) and _is_record(batch):
+    """``batch[key]``, or, for a name and a batch whose parts are named attributes (a named
+    tuple, a dataclass, any object that is no container), that attribute."""
+    named = _named_tuple_fields(batch) is not None or not isinstance(
+        batch, (Mapping, list, tuple, str, bytes, torch.Tensor)
+    )
+    if isinstance(key, str) and named:
         field = getattr(batch, key, _MISSING)
         if field is not _MISSING:
             return field
@@ -74,14 +77,10 @@ def _item(batch: Any, key: int | str) -> Any:
 _MISSING = object()
 
 
-def _is_record(batch: Any) -> bool:
-    """A batch whose parts are named attributes: a dataclass instance, a named tuple, or an
-    object that is no container."""
-    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        return True
-    if isinstance(batch, tuple) and hasattr(type(batch), "_fields"):
-        return True
-    return not isinstance(batch, (list, tuple, str, bytes, torch.Tensor))
+def _named_tuple_fields(batch: Any) -> tuple[str, ...] | None:
+    """The field names of a named tuple; None for anything else."""
+    fields = getattr(type(batch), "_fields", None) if isinstance(batch, tuple) else None
+    return tuple(fields) if fields is not None else None
 
 
 # (N, C, L), (N, C, H, W), (N, C, D, H, W)
@@ -143,8 +142,7 @@ def _leaves(batch: Any, path: str) -> Iterator[tuple[str, Any]]:
     if isinstance(batch, Mapping):
         for key, value in batch.items():
             yield from _leaves(value, f"{path}[{key!r}]")
-    elif isinstance(batch, tuple) and hasattr(type(batch), "_fields"):  # a named tuple
-        names: tuple[str, ...] = type(batch)._fields  # type: ignore[attr-defined]
+    elif (names := _named_tuple_fields(batch)) is not None:
         for name, value in zip(names, batch, strict=False):
             yield from _leaves(value, f"{path}.{name}" if path else name)
     elif isinstance(batch, (list, tuple)):
