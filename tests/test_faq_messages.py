@@ -161,6 +161,7 @@ CALLS: list[Callable[[], object]] = [
     lambda: compute_erf(nn.Sequential(nn.BatchNorm2d(3), _conv_net()).eval(), _x(3, 32, 32)),
     lambda: compute_erf(_conv_net(), _x(224, 224)),
     lambda: compute_erf(_conv_net(), _x(2, 3, 8, 8, dtype=torch.uint8)),
+    lambda: compute_erf(nn.Conv2d(3, 8, 3), _x(16, 4, 32, 32)),
     lambda: compute_erf(_conv_net(), _x(0, 3, 8, 8)),
     lambda: compute_erf(_conv_net(), [_x(3, 8, 8)]),  # type: ignore[arg-type]
     lambda: extract_input({"image": _x(2, 3, 8, 8)}, "img"),

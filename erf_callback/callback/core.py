@@ -72,6 +72,7 @@ from erf_callback.engine.erf_map import ERFMap
 from erf_callback.engine.layers import deepest_spatial_layer, model_device_dtype, resolve_layers
 from erf_callback.engine.transforms import OutputTransform
 from erf_callback.engine.validate import (
+    ModelForwardError,
     UnbatchedInputError,
     check_eager,
     check_inputs,
@@ -554,6 +555,9 @@ class ERFMonitorBase:
                         "implemented. Implement forward, or pass "
                         "module='<attribute of the network>'."
                     ) from err
+                if isinstance(err, ModelForwardError) and err.__cause__ is not None:
+                    # The monitor's own account of the inputs replaces compute_erf's.
+                    raise RuntimeError(self._inputs_failure(err.__cause__)) from err.__cause__
                 if type(err) is RuntimeError:  # the model's own failure on the probe inputs
                     raise RuntimeError(self._inputs_failure(err)) from err
                 raise
@@ -673,7 +677,7 @@ class ERFMonitorBase:
 
     # ---- inputs ----------------------------------------------------------------------------
 
-    def _inputs_failure(self, err: Exception) -> str:
+    def _inputs_failure(self, err: BaseException) -> str:
         """The message of a model that failed on the probe inputs at the fit-start probe:
         torch's own names neither the probe nor where its inputs came from."""
         x = self._inputs

@@ -61,6 +61,7 @@ from erf_callback.engine.validate import (
     check_inputs,
     check_model,
     check_output,
+    model_forward_context,
     nonfinite_samples,
     normalize_layers,
     per_layer,
@@ -453,7 +454,8 @@ def _run_chunks(
             if x.is_inference():  # made under torch.inference_mode: autograd cannot use it
                 x = x.clone()
             if traced:
-                parts, fast = probe.first(x, positions)
+                with model_forward_context(x_all, size, probe.spatial_dims):
+                    parts, fast = probe.first(x, positions)
                 plan.measured(probe.per_sample_bytes, start=size)
             else:
                 parts = probe.later(x, fast)

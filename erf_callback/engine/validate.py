@@ -20,6 +20,7 @@ from torch.nn.parameter import is_lazy
 from erf_callback.engine.config import OUTPUT
 
 __all__ = [
+    "ModelForwardError",
     "UnbatchedInputError",
     "check_eager",
     "check_finite",
@@ -27,6 +28,7 @@ __all__ = [
     "check_model",
     "check_output",
     "is_numpy",
+    "model_forward_context",
     "nonfinite_samples",
     "normalize_layers",
     "per_layer",
@@ -37,6 +39,12 @@ __all__ = [
 class UnbatchedInputError(ValueError):
     """The inputs look like an image without its batch dimension (a model layer received its
     unbatched form, or a probed layer has one more axis than the inputs)."""
+
+
+class ModelForwardError(RuntimeError):
+    """A torch function in the model's forward raised a ``RuntimeError`` on the inputs
+    compute_erf gave it (a wrong channel count, size or dtype). The message says which inputs
+    and how they were run; the original error is the ``__cause__``."""
 
 
 _UNBATCHED_HINT = (
@@ -316,15 +324,68 @@ def unbatched_guard(model: nn.Module, spatial_dims: int) -> Iterator[None]:
             h.remove()
 
 
+@contextmanager
+def model_forward_context(x_all: torch.Tensor, chunk: int, spatial_dims: int) -> Iterator[None]:
+    """Re-raise a ``RuntimeError`` that torch raises in the forward inside as a
+    :class:`ModelForwardError` that names the inputs (``x_all``, run ``chunk`` samples at a
+    time) and what shape the model must take; torch's own message names neither, and shows
+    the chunk's batch size, not the inputs'."""
+    try:
+        yield
+    except RuntimeError as err:
+        # Only torch's own complaints: the model's code says what it wants in its own words
+        # (and may fail for reasons that have nothing to do with the inputs).
+        if type(err) is not RuntimeError or _origin(err) != "torch":
+            raise
+        shape = f"{tuple(x_all.shape)} {str(x_all.dtype).removeprefix('torch.')}"
+        alone = (
+            f" compute_erf runs the first {'sample' if chunk == 1 else f'{chunk} samples'} "
+            f"alone, so a shape in that message has batch size {chunk}."
+            if chunk != x_all.shape[0]
+            else ""
+        )
+        raise ModelForwardError(
+            f"the model's forward failed on compute_erf's inputs of shape {shape}: "
+            f"{str(err).rstrip().rstrip('.')}.{alone} Check that the inputs are what the model "
+            f"takes: (N, C, {_axes(spatial_dims)}) with its input channels, size and dtype."
+        ) from err
+
+
 def _raised_by_the_model(err: BaseException) -> bool:
     """Whether ``err`` is an error of the model's own code or of torch (not an out-of-memory
     error, not one of erf-callback's own messages): its innermost frame is outside this
-    package."""
+    package, once the pass-through calls of the package's ``__torch_function__`` modes (a
+    torch function raising in C shows its caller's frame last) are set aside."""
+    return _origin(err) in ("model", "torch")
+
+
+def _origin(err: BaseException) -> str | None:
+    """Who raised ``err``, a ``RuntimeError`` or ``ValueError`` of the forward: ``"torch"``
+    (a torch function, in C or in its Python code), ``"model"`` (the model's own code, or
+    any other library), ``"package"`` (erf-callback); None for other errors and for running
+    out of memory."""
     if type(err) not in (RuntimeError, ValueError) or "out of memory" in str(err):
-        return False
+        return None
     frames = traceback.extract_tb(err.__traceback__)
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return bool(frames) and not os.path.abspath(frames[-1].filename).startswith(package + os.sep)
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    in_c = False
+    while (
+        frames
+        and frames[-1].name == "__torch_function__"
+        and (frames[-1].line or "").replace(" ", "").endswith("func(*args,**kwargs)")
+        and os.path.abspath(frames[-1].filename).startswith(package)
+    ):
+        frames.pop()
+        in_c = True
+    if not frames:
+        return None
+    where = os.path.abspath(frames[-1].filename)
+    if in_c or where.startswith(_TORCH_DIR):
+        return "torch"
+    return "package" if where.startswith(package) else "model"
+
+
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 
 
 def _axes(dims: int) -> str:

@@ -271,7 +271,10 @@ def test_unknown_layer_exits_2_naming_close_names(workdir, capsys):
     [
         (["--checkpoint", "nope.pt"], "checkpoint file not found: nope.pt"),
         (["--inputs", "no_such_folder"], "neither 'noise' nor an existing folder"),
-        (["--channels", "3"], "probing failed"),
+        (
+            ["--channels", "3"],
+            "probing failed on samples of shape (3, 33, 33) (RuntimeError: Given groups=1",
+        ),
         (["--num-samples", "0"], "--num-samples 0 is not positive"),
     ],
 )

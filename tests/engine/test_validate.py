@@ -1,12 +1,14 @@
 """Inputs that used to give a number where they should give an error (issue 7, item 5)."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from erf_callback import ProbeConfig, compute_erf
-from erf_callback.engine.validate import UnbatchedInputError
+from erf_callback.engine.validate import ModelForwardError, UnbatchedInputError
 from tests.helpers.nets import ResNet
 
 
@@ -43,11 +45,67 @@ def test_a_norm_layer_before_the_first_conv_still_asks_for_the_batch_dimension(f
 
 
 def test_a_1d_model_that_fails_keeps_its_own_error():
-    # No 2-D layer: nothing suggests an unbatched image, so torch's error stands as it is.
+    # No 2-D layer: nothing suggests an unbatched image, so torch's error stands, chained.
     net = nn.Sequential(nn.Conv1d(3, 4, 3), nn.Conv1d(5, 4, 3))
-    with pytest.raises(RuntimeError, match="expected input") as err:
+    with pytest.raises(RuntimeError, match=r"expected input.*\(N, C, W\)") as err:
         compute_erf(net, torch.randn(2, 3, 32))
     assert not isinstance(err.value, UnbatchedInputError)
+    assert type(err.value.__cause__) is RuntimeError
+
+
+class _Flatten(nn.Module):
+    """A conv and a linear head sized for 16 x 16 images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 16 * 16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x).flatten(1))
+
+
+@pytest.mark.parametrize(
+    ("net", "x", "torch_says"),
+    [
+        (nn.Conv2d(3, 4, 3), torch.randn(16, 4, 32, 32), r"expected input\[1, 4, 32, 32\]"),
+        (_Flatten(), torch.randn(5, 3, 24, 24), r"mat1 and mat2 shapes cannot be multiplied"),
+    ],
+    ids=["channels", "size"],
+)
+def test_inputs_the_model_cannot_take_name_the_inputs(net, x, torch_says):
+    # torch's message alone ("expected input[1, 4, 32, 32] to have 3 channels") names a batch
+    # of one that the user never made: compute_erf's traced first sample.
+    shape = re.escape(str(tuple(x.shape)))
+    with pytest.raises(
+        ModelForwardError,
+        match=rf"failed on compute_erf's inputs of shape {shape} float32: .*{torch_says}.*"
+        r"runs the first sample alone, so a shape in that message has batch size 1\. "
+        r"Check that the inputs are what the model takes: \(N, C, H, W\)",
+    ) as err:
+        compute_erf(net, x)
+    assert type(err.value.__cause__) is RuntimeError  # torch's own error, chained
+    # All samples in one chunk: torch's shape is the inputs', nothing to explain.
+    with pytest.raises(ModelForwardError) as err:
+        compute_erf(net, x, chunk_size=None)
+    assert "batch size" not in str(err.value)
+
+
+def test_the_models_own_errors_pass_unchanged():
+    # Only torch's complaints get the account of the inputs: the model's code speaks for
+    # itself, and may fail for reasons that have nothing to do with the inputs.
+    class Checks(nn.Module):
+        def __init__(self, error: type[Exception]) -> None:
+            super().__init__()
+            self.conv, self.error = nn.Conv2d(1, 1, 3), error
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise self.error("expected 3-channel images")
+
+    for error in (ValueError, RuntimeError):
+        with pytest.raises(error, match=r"^expected 3-channel images$") as err:
+            compute_erf(Checks(error), torch.randn(2, 1, 8, 8))
+        assert type(err.value) is error
 
 
 def test_layer_with_more_spatial_dims_than_the_input_hints_at_the_batch_dimension():
