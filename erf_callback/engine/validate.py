@@ -364,7 +364,10 @@ def _origin(err: BaseException) -> str | None:
     (a torch function, in C or in its Python code), ``"model"`` (the model's own code, or
     any other library), ``"package"`` (erf-callback); None for other errors and for running
     out of memory."""
-    if type(err) not in (RuntimeError, ValueError) or "out of memory" in str(err):
+    # Running out of memory (CUDA's "out of memory", the CPU allocator's "not enough memory")
+    # says nothing of the inputs or the model.
+    text = str(err).lower()
+    if type(err) not in (RuntimeError, ValueError) or any(t in text for t in _MEMORY_WORDS):
         return None
     frames = traceback.extract_tb(err.__traceback__)
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
@@ -386,6 +389,7 @@ def _origin(err: BaseException) -> str | None:
 
 
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+_MEMORY_WORDS = ("out of memory", "not enough memory")
 
 
 def _axes(dims: int) -> str:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from erf_callback import ProbeConfig, compute_erf
-from erf_callback.engine.validate import ModelForwardError, UnbatchedInputError
+from erf_callback.engine.validate import ModelForwardError, UnbatchedInputError, _origin
 from tests.helpers.nets import ResNet
 
 
@@ -89,6 +89,23 @@ def test_inputs_the_model_cannot_take_name_the_inputs(net, x, torch_says):
     with pytest.raises(ModelForwardError) as err:
         compute_erf(net, x, chunk_size=None)
     assert "batch size" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("message", "origin"),
+    [
+        ("expected 3-channel images", "model"),
+        ("DefaultCPUAllocator: not enough memory: you tried to allocate 8 GB", None),
+        ("CUDA out of memory. Tried to allocate 2 GiB", None),
+    ],
+)
+def test_running_out_of_memory_is_nobodys_input_error(message, origin):
+    def fail() -> None:
+        raise RuntimeError(message)
+
+    with pytest.raises(RuntimeError) as err:
+        fail()
+    assert _origin(err.value) == origin
 
 
 def test_the_models_own_errors_pass_unchanged():
