@@ -5,11 +5,14 @@ Each op maps to one :func:`~erf_callback.trf.geometry.window` per trailing spati
 Exact for conv (any padding, dilation, stride), pooling, divisible adaptive pooling, padding,
 ``pixel_unshuffle`` and ``Tensor.unfold``; marked non-exact for strided transposed conv (the
 contributing inputs are periodic, not affine), uneven adaptive bins, ``pixel_shuffle`` and most
-interpolation (see :func:`interpolate_rule`).
+interpolation (see :func:`interpolate_rule`), whose windows hold every input any output reads
+(:func:`hull_window`), so a TRF composed from them is never too small.
 
 Example:
-    >>> adaptive_window(8, 4), adaptive_window(5, 3)
-    ((0, 2, 1, True), (0, 1.6666666666666667, 2, False))
+    >>> adaptive_window(8, 4)  # bins [0, 2), [2, 4), ...: a k=2 s=2 window
+    (0, 2, 1, True)
+    >>> adaptive_window(5, 3)  # bins [0, 2), [1, 4), [3, 5): held by [o*5/3 - 2/3, ... + 2]
+    (-0.6666666666666667, 1.6666666666666667, 2.0, False)
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeAlias
+
+import torch
 
 from erf_callback.trf.geometry import DimRF, TensorRF, build, contract, reduced, window
 from erf_callback.trf.rules.base import (
@@ -37,6 +42,7 @@ __all__ = [
     "adaptive_pool_rule",
     "adaptive_window",
     "conv_rule",
+    "hull_window",
     "interpolate_rule",
     "pad_rule",
     "pixel_shuffle_rule",
@@ -153,12 +159,40 @@ def pool_rule(tr: TraceState, op: OpCall) -> RuleResult:
 
 
 def adaptive_window(n: int, m: int) -> Window:
-    """Window of adaptive pooling from ``n`` to ``m`` units (PyTorch's floor/ceil bins)."""
+    """Window of adaptive pooling from ``n`` to ``m`` units (PyTorch's floor/ceil bins).
+
+    Uneven bins (``n % m != 0``) start at ``floor(o n / m)`` and end at ``ceil((o + 1) n /
+    m)``: not affine in ``o``, so the window is the narrowest one of step ``n / m`` that holds
+    every bin (a bin is up to a pixel narrower than it, never wider).
+    """
     if n % m == 0:
         k = n // m
         return (0, k, k - 1, True)
-    win = max(math.ceil((i + 1) * n / m) - math.floor(i * n / m) for i in range(m))
-    return (0, n / m, win - 1, False)
+    o = torch.arange(m, dtype=torch.int64)
+    first, last = (o * n) // m, -((-(o + 1) * n) // m) - 1
+    return (*hull_window(n / m, o, first, last), False)
+
+
+def hull_window(
+    step: float, outputs: torch.Tensor, first: torch.Tensor, last: torch.Tensor
+) -> tuple[float, float, float]:
+    """``(offset, step, span)`` of the narrowest window of ``step`` that holds input indices
+    ``first[k]..last[k]`` for output ``outputs[k]``, every ``k``.
+
+    For ops whose inputs per output are not affine in the output index (a floor, a ceil:
+    up-sampling, pixel shuffle, uneven bins): any such window holds every input an output
+    reads, so the TRF composed from it never misses a dependency; it is wider by less than
+    an input pixel than the widest output's inputs.
+
+    Example:
+        >>> o = torch.arange(4)
+        >>> hull_window(0.5, o, o // 2, o // 2)  # nearest x2 up-sampling: o reads o // 2
+        (-0.5, 0.5, 0.5)
+    """
+    position = outputs.to(torch.float64) * step
+    offset = float((first.to(torch.float64) - position).min())
+    top = float((last.to(torch.float64) - position).max())
+    return offset, step, top - offset
 
 
 _ND_RE = re.compile(r"([123])d")
@@ -205,10 +239,12 @@ _TAPS = {"nearest": 1, "nearest-exact": 1, "linear": 2, "bilinear": 2, "trilinea
 def interpolate_rule(tr: TraceState, op: OpCall) -> RuleResult:
     """``interpolate``/``upsample``: ``jump *= in/out``, the window spans the kernel's taps.
 
-    Taps are 1 (nearest), 2 (linear) or 4 (cubic); the window is centred on PyTorch's
-    continuous source coordinate, so ``center()`` is the sampling position. Exact only for
-    nearest down-sampling by an integer factor and linear/cubic down-sampling by an even
-    integer without ``align_corners``.
+    Taps are 1 (nearest), 2 (linear) or 4 (cubic) around PyTorch's source index. Exact only
+    for nearest down-sampling by an integer factor and linear/cubic down-sampling by an even
+    integer without ``align_corners``; otherwise which pixels an output reads is not affine in
+    its index, and the window is the narrowest that holds them for every output
+    (:func:`_sampled_window`). Antialiased down-sampling keeps a window centred on the source
+    coordinate, widened by the filter's stretched support.
     """
     name = op.func.__name__
     x, _ = input_rec(tr, op)
@@ -234,8 +270,17 @@ def interpolate_rule(tr: TraceState, op: OpCall) -> RuleResult:
         if taps is None:
             raise UnhandledError
         # PyTorch samples with 1/scale_factor when given (and not recomputed), else in/out.
-        r: float = 1 / scales[i] if scales[i] is not None and not recompute else n / max(m, 1)
+        given = scales[i] if scales[i] is not None and not recompute else None
+        r: float = 1 / given if given is not None else n / max(m, 1)
         integer_step = r >= 1 and float(r).is_integer()
+        if not antialias and not integer_step:
+            # Up-sampling and fractional steps read floor(source) and its neighbours, which
+            # the affine source a + o*r does not hold: the window that holds what every
+            # output reads, from PyTorch's own index arithmetic.
+            held = _sampled_window(mode, n, m, given, bool(align))
+            if held is not None:
+                windows.append((*held, False))
+                continue
         if mode.startswith("nearest"):
             # src = floor(a + o*r): affine in o, hence exact, when r is an integer. Otherwise
             # centre on the continuous position that floor() rounds ('nearest-exact' rounds
@@ -262,14 +307,70 @@ def interpolate_rule(tr: TraceState, op: OpCall) -> RuleResult:
     return spatial_windows(tr, op, nd, windows, mix_channels=False)
 
 
+def _sampled_window(
+    mode: str, n: int, m: int, scale_factor: float | None, align_corners: bool
+) -> tuple[float, float, float] | None:
+    """``(offset, step, span)`` holding the input pixels each output of ``interpolate``
+    reads (``n`` inputs, ``m`` outputs along the dim), from the source indices and taps that
+    PyTorch computes (``aten/src/ATen/native/UpSample.h``), in float32 and float64 (its
+    arithmetic type follows the dtype), so that rounding cannot move a tap outside the window.
+    Outputs whose taps the input's edge clamps are left out (as padding is); None when every
+    output is one of them."""
+    if m < 1 or n < 1:
+        return None
+    o = torch.arange(m, dtype=torch.int64)
+    firsts, lasts, keeps = [], [], []
+    for dtype in (torch.float32, torch.float64):
+        of = o.to(dtype)
+        if mode.startswith("nearest"):
+            if m == 2 * n and mode == "nearest":
+                src = o // 2  # PyTorch's exact special case
+            else:
+                # A float scale; the product in float (CUDA) or double (CPU's nearest-exact).
+                scale = torch.tensor(1.0 / scale_factor if scale_factor else n / m)
+                shift = 0.5 if mode == "nearest-exact" else 0.0
+                src = torch.floor((of + shift) * scale.to(torch.float32).to(dtype))
+                src = src.to(torch.int64)
+            first, last, keep = src, src, src <= n - 1
+        else:
+            if align_corners:
+                scale = torch.tensor((n - 1) / (m - 1) if m > 1 else 0.0, dtype=dtype)
+                x = scale * of
+            else:
+                scale = torch.tensor(1.0 / scale_factor if scale_factor else n / m, dtype=dtype)
+                x = scale * (of + 0.5) - 0.5
+            base = torch.floor(x)
+            frac = x - base
+            base = base.to(torch.int64)
+            reach = 1 if _TAPS[mode] == 2 else 2
+            behind = 0 if _TAPS[mode] == 2 else 1
+            # A tap at weight 0 (the source exactly on a pixel) reads nothing.
+            on_pixel = frac == 0
+            first = torch.where(on_pixel, base, base - behind)
+            last = torch.where(on_pixel, base, base + reach)
+            keep = (x >= 0) & (first >= 0) & (last <= n - 1)
+        firsts.append(first)
+        lasts.append(last)
+        keeps.append(keep)
+    keep = keeps[0] & keeps[1]
+    if not bool(keep.any()):
+        return None
+    first = torch.minimum(firsts[0], firsts[1])[keep]
+    last = torch.maximum(lasts[0], lasts[1])[keep]
+    step = 1 / scale_factor if scale_factor and not align_corners else n / m
+    if align_corners:
+        step = (n - 1) / (m - 1) if m > 1 else 0.0
+    return hull_window(step, o[keep], first, last)
+
+
 def pixel_shuffle_rule(tr: TraceState, op: OpCall) -> RuleResult:
     """``pixel_unshuffle`` (exact k=s=r window) and ``pixel_shuffle`` (non-exact)."""
     r = int(op.arg(1, "downscale_factor" if "un" in op.func.__name__ else "upscale_factor"))
     windows: list[Window]
     if op.func.__name__ == "pixel_unshuffle":  # an r x r / r space-to-depth: a k=s=r window
         windows = [(0, r, r - 1, True)] * 2
-    else:  # depth-to-space: output o reads input floor(o / r)
-        windows = [(0, 1 / r, 0, False)] * 2
+    else:  # depth-to-space: output o reads input floor(o / r), in [o / r - (r - 1) / r, o / r]
+        windows = [(-(r - 1) / r, 1 / r, (r - 1) / r, False)] * 2
     return spatial_windows(tr, op, 2, windows)
 
 
