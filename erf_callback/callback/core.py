@@ -72,12 +72,12 @@ from erf_callback.engine.erf_map import ERFMap
 from erf_callback.engine.layers import deepest_spatial_layer, model_device_dtype, resolve_layers
 from erf_callback.engine.transforms import OutputTransform
 from erf_callback.engine.validate import (
-    ModelForwardError,
     UnbatchedInputError,
     check_eager,
     check_inputs,
     is_numpy,
     normalize_layers,
+    torch_error,
 )
 from erf_callback.fit.metrics import MetricConfig
 from erf_callback.warnings import ERFWarning
@@ -555,11 +555,11 @@ class ERFMonitorBase:
                         "implemented. Implement forward, or pass "
                         "module='<attribute of the network>'."
                     ) from err
-                if isinstance(err, ModelForwardError) and err.__cause__ is not None:
-                    # The monitor's own account of the inputs replaces compute_erf's.
-                    raise RuntimeError(self._inputs_failure(err.__cause__)) from err.__cause__
-                if type(err) is RuntimeError:  # the model's own failure on the probe inputs
-                    raise RuntimeError(self._inputs_failure(err)) from err
+                # The model's own failure on the probe inputs (or torch's, which the monitor
+                # accounts for in place of compute_erf).
+                said = torch_error(err)
+                if type(said) is RuntimeError:
+                    raise RuntimeError(self._inputs_failure(said)) from said
                 raise
             # Mid-training, or out of memory: a skipped probe, never a crashed run.
             hint = " Lower chunk_size or num_samples, or probe fewer layers." if oom else ""

@@ -20,7 +20,7 @@ from erf_callback.engine.compute import compute_erf, map_status
 from erf_callback.engine.config import Reduction
 from erf_callback.engine.erf_map import ERFMap
 from erf_callback.engine.layers import resolve_layers
-from erf_callback.engine.validate import ModelForwardError
+from erf_callback.engine.validate import torch_error
 from erf_callback.warnings import ERFWarning
 
 __all__ = ["metrics_json", "prepare_out_dir", "probe_model", "write_probe_outputs"]
@@ -76,8 +76,7 @@ def probe_model(
             except (ValueError, KeyError, TypeError, RuntimeError) as err:
                 # torch's own words on a model that cannot take the inputs: compute_erf's
                 # account names a call that a command-line user never made.
-                cause = err.__cause__ if isinstance(err, ModelForwardError) else None
-                said = cause if isinstance(cause, RuntimeError) else err
+                said = torch_error(err)
                 raise CLIError(
                     f"probing failed on samples of shape {tuple(chunk.shape[1:])} "
                     f"({type(said).__name__}: {str(said).splitlines()[0][:300]})",

@@ -32,6 +32,7 @@ __all__ = [
     "nonfinite_samples",
     "normalize_layers",
     "per_layer",
+    "torch_error",
     "unbatched_guard",
 ]
 
@@ -311,7 +312,7 @@ def unbatched_guard(model: nn.Module, spatial_dims: int) -> Iterator[None]:
     except (RuntimeError, ValueError) as err:
         # A layer before the first conv/pool may fail on the unbatched form first (a
         # BatchNorm2d, a GroupNorm or LayerNorm over (C, H, W)), in torch's own words.
-        if wider is None or not _raised_by_the_model(err):
+        if wider is None or _origin(err) not in ("model", "torch"):
             raise
         name, module, dims = wider
         raise UnbatchedInputError(
@@ -351,19 +352,13 @@ def model_forward_context(x_all: torch.Tensor, chunk: int, spatial_dims: int) ->
         ) from err
 
 
-def _raised_by_the_model(err: BaseException) -> bool:
-    """Whether ``err`` is an error of the model's own code or of torch (not an out-of-memory
-    error, not one of erf-callback's own messages): its innermost frame is outside this
-    package, once the pass-through calls of the package's ``__torch_function__`` modes (a
-    torch function raising in C shows its caller's frame last) are set aside."""
-    return _origin(err) in ("model", "torch")
-
-
 def _origin(err: BaseException) -> str | None:
     """Who raised ``err``, a ``RuntimeError`` or ``ValueError`` of the forward: ``"torch"``
     (a torch function, in C or in its Python code), ``"model"`` (the model's own code, or
     any other library), ``"package"`` (erf-callback); None for other errors and for running
-    out of memory."""
+    out of memory. The innermost frame tells, once the pass-through calls of the package's
+    ``__torch_function__`` modes are set aside (a torch function raising in C shows its
+    caller's frame last)."""
     # Running out of memory (CUDA's "out of memory", the CPU allocator's "not enough memory")
     # says nothing of the inputs or the model.
     text = str(err).lower()
@@ -390,6 +385,14 @@ def _origin(err: BaseException) -> str | None:
 
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 _MEMORY_WORDS = ("out of memory", "not enough memory")
+
+
+def torch_error(err: BaseException) -> BaseException:
+    """torch's own error inside a :class:`ModelForwardError`; any other error itself (for
+    callers that give their own account of the inputs, in place of compute_erf's)."""
+    if isinstance(err, ModelForwardError) and err.__cause__ is not None:
+        return err.__cause__
+    return err
 
 
 def _axes(dims: int) -> str:

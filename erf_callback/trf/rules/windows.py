@@ -270,14 +270,15 @@ def interpolate_rule(tr: TraceState, op: OpCall) -> RuleResult:
         if taps is None:
             raise UnhandledError
         # PyTorch samples with 1/scale_factor when given (and not recomputed), else in/out.
-        given = scales[i] if scales[i] is not None and not recompute else None
-        r: float = 1 / given if given is not None else n / max(m, 1)
+        r: float = 1 / scales[i] if scales[i] is not None and not recompute else n / max(m, 1)
         integer_step = r >= 1 and float(r).is_integer()
         if not antialias and not integer_step:
             # Up-sampling and fractional steps read floor(source) and its neighbours, which
             # the affine source a + o*r does not hold: the window that holds what every
             # output reads, from PyTorch's own index arithmetic.
-            held = _sampled_window(mode, n, m, given, bool(align))
+            corners = bool(align) and not mode.startswith("nearest")
+            scale = ((n - 1) / (m - 1) if m > 1 else 0.0) if corners else r
+            held = _sampled_window(mode, n, m, scale, corners)
             if held is not None:
                 windows.append((*held, False))
                 continue
@@ -308,10 +309,11 @@ def interpolate_rule(tr: TraceState, op: OpCall) -> RuleResult:
 
 
 def _sampled_window(
-    mode: str, n: int, m: int, scale_factor: float | None, align_corners: bool
+    mode: str, n: int, m: int, scale: float, align_corners: bool
 ) -> tuple[float, float, float] | None:
     """``(offset, step, span)`` holding the input pixels each output of ``interpolate``
-    reads (``n`` inputs, ``m`` outputs along the dim), from the source indices and taps that
+    reads (``n`` inputs, ``m`` outputs along the dim, sampled every ``scale`` inputs: the
+    window's step), from the source indices and taps that
     PyTorch computes (``aten/src/ATen/native/UpSample.h``), in float32 and float64 (its
     arithmetic type follows the dtype), so that rounding cannot move a tap outside the window.
     Outputs whose taps the input's edge clamps are left out (as padding is); None when every
@@ -327,18 +329,14 @@ def _sampled_window(
                 src = o // 2  # PyTorch's exact special case
             else:
                 # A float scale; the product in float (CUDA) or double (CPU's nearest-exact).
-                scale = torch.tensor(1.0 / scale_factor if scale_factor else n / m)
+                single = torch.tensor(scale, dtype=torch.float32).to(dtype)
                 shift = 0.5 if mode == "nearest-exact" else 0.0
-                src = torch.floor((of + shift) * scale.to(torch.float32).to(dtype))
+                src = torch.floor((of + shift) * single)
                 src = src.to(torch.int64)
             first, last, keep = src, src, src <= n - 1
         else:
-            if align_corners:
-                scale = torch.tensor((n - 1) / (m - 1) if m > 1 else 0.0, dtype=dtype)
-                x = scale * of
-            else:
-                scale = torch.tensor(1.0 / scale_factor if scale_factor else n / m, dtype=dtype)
-                x = scale * (of + 0.5) - 0.5
+            typed = torch.tensor(scale, dtype=dtype)
+            x = typed * of if align_corners else typed * (of + 0.5) - 0.5
             base = torch.floor(x)
             frac = x - base
             base = base.to(torch.int64)
@@ -357,10 +355,7 @@ def _sampled_window(
         return None
     first = torch.minimum(firsts[0], firsts[1])[keep]
     last = torch.maximum(lasts[0], lasts[1])[keep]
-    step = 1 / scale_factor if scale_factor and not align_corners else n / m
-    if align_corners:
-        step = (n - 1) / (m - 1) if m > 1 else 0.0
-    return hull_window(step, o[keep], first, last)
+    return hull_window(scale, o[keep], first, last)
 
 
 def pixel_shuffle_rule(tr: TraceState, op: OpCall) -> RuleResult:
