@@ -109,7 +109,8 @@ class ERFMonitorBase:
     Args:
         layers: layer names of the probed module (as in ``named_modules()``). Default: the
             deepest module with a spatial output (e.g. ``"layer4"`` in a ResNet).
-        every_n_steps: probe every N optimiser steps (``trainer.global_step``).
+        every_n_steps: probe every N optimiser steps (``trainer.global_step``; a multiple
+            of N that it jumps over, with several optimisers stepped per batch, at the next).
         num_samples: probe inputs averaged per probe.
         every_n_epochs: probe at the end of every N-th epoch.
         at_steps: probe at these optimiser steps.
@@ -400,16 +401,18 @@ class ERFMonitorBase:
     ) -> None:
         if not self._enabled or self._dry_run or trainer.sanity_checking:
             return
-        step = trainer.global_step
-        if step == self._last_step_seen:
+        step, previous = trainer.global_step, self._last_step_seen
+        if step == previous:
             return  # inside a gradient-accumulation window: no optimiser step happened
         self._last_step_seen = step
+        if previous is None or previous > step:
+            previous = step - 1
         self._time_step(trainer)
         if self._needs_timing_probe():
             # Resumed before the automatic interval was chosen: time one probe now.
             self._probe_if_new(trainer, pl_module)
             self._choose_interval(trainer)
-        elif self.schedule.due_at_step(step):
+        elif self.schedule.due_after(previous, step):
             self._probe_if_new(trainer, pl_module)
             if self.schedule.is_auto and self._step_times:
                 self._choose_interval(trainer)

@@ -39,7 +39,9 @@ class ProbeSchedule:
     :meth:`choose_auto_interval`).
 
     Args:
-        every_n_steps: probe when ``global_step % every_n_steps == 0``.
+        every_n_steps: probe when ``global_step % every_n_steps == 0``. Like every rule
+            over steps, a scheduled step that ``global_step`` jumps over (several optimisers
+            stepped per batch) is due at the first step past it (:meth:`due_after`).
         every_n_epochs: probe at the end of every N-th training epoch.
         at_steps: explicit steps.
         log_spaced: probes per decade of steps (``round(10 ** (i / log_spaced))``): dense
@@ -90,15 +92,32 @@ class ProbeSchedule:
         return not (self.every_n_steps or self.every_n_epochs or self._at or self.log_spaced)
 
     def due_at_step(self, step: int) -> bool:
-        """Whether a probe is due right after the optimiser step that made ``global_step``."""
-        if step in self._at:
+        """Whether a probe is due right after the optimiser step that made ``global_step``
+        (the step before it being ``step - 1``; see :meth:`due_after`)."""
+        return self.due_after(step - 1, step)
+
+    def due_after(self, previous: int, step: int) -> bool:
+        """Whether a probe is due at ``step``, the last one seen being ``previous``: whether a
+        scheduled step lies in ``(previous, step]``.
+
+        ``global_step`` counts optimiser steps, so it moves by more than one per batch when a
+        batch steps several optimisers (a GAN's generator and discriminator, manual
+        optimisation): a schedule of exact steps would then miss every step it jumps over
+        (``every_n_steps=5`` probing only at multiples of 10, odd ``at_steps`` never).
+
+        Example:
+            >>> s = ProbeSchedule(every_n_steps=5, at_steps=[3])
+            >>> [step for step in range(0, 21, 2) if s.due_after(step - 2, step)]
+            [0, 4, 6, 10, 16, 20]
+        """
+        if any(previous < at <= step for at in self._at):
             return True
         if self.is_auto and self.next_auto_step is not None:
             return step >= self.next_auto_step
         interval = self.every_n_steps or (self.auto_interval if self.is_auto else None)
-        if interval and step % interval == 0:
+        if interval and step // interval > previous // interval:
             return True
-        return bool(self.log_spaced) and step in self._log_steps_around(step)
+        return bool(self.log_spaced) and previous < self._next_log_step(previous) <= step
 
     def due_at_epoch_end(self, epoch: int) -> bool:
         """Whether a probe is due at the end of (zero-based) ``epoch``."""
@@ -138,7 +157,11 @@ class ProbeSchedule:
         self.next_auto_step = step + interval
         return interval
 
-    def _log_steps_around(self, step: int) -> set[int]:
+    def _next_log_step(self, step: int) -> int:
+        """The first log-spaced step (``round(10 ** (j / log_spaced))``, ``j >= 0``) after
+        ``step``."""
         assert self.log_spaced
-        i = round(self.log_spaced * math.log10(step)) if step > 0 else 0
-        return {round(10 ** (j / self.log_spaced)) for j in (i - 1, i, i + 1) if j >= 0}
+        j = max(0, math.floor(self.log_spaced * math.log10(step))) if step >= 1 else 0
+        while round(10 ** (j / self.log_spaced)) <= step:
+            j += 1
+        return round(10 ** (j / self.log_spaced))

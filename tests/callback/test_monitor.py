@@ -188,6 +188,39 @@ def test_accumulation_probes_once_per_optimiser_step(tmp_path):
     assert [r["step"] for r in monitor.history.records] == [0, 1, 2, 3]
 
 
+def test_two_optimisers_per_batch_probe_at_every_scheduled_step_they_pass(tmp_path):
+    # A GAN-style loop steps two optimisers per batch: global_step moves 2 per batch (0, 2,
+    # 4, ...). every_n_steps=5 and at_steps=[3] probe at the first step past each scheduled
+    # one (an exact-step schedule probed only at multiples of 10, and never at 3).
+    class TwoOptimisers(module_class()):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = torch.nn.functional.cross_entropy(self.net(x), y)
+            for opt in self.optimizers():
+                opt.zero_grad()
+            self.manual_backward(loss)
+            for opt in self.optimizers():
+                opt.step()
+
+        def configure_optimizers(self):
+            half = len(self.net) // 2
+            return [
+                torch.optim.SGD(self.net[:half].parameters(), lr=0.1),
+                torch.optim.SGD(self.net[half:].parameters(), lr=0.1),
+            ]
+
+    monitor = ERFMonitor(
+        layers=["net.7"], every_n_steps=5, at_steps=[3], num_samples=8, log_images=False
+    )
+    trainer, _ = fit(tmp_path, monitor, model=TwoOptimisers(), max_steps=18)
+    assert trainer.global_step == 18
+    assert [r["step"] for r in monitor.history.records] == [0, 4, 6, 10, 16, 18]  # 18: end
+
+
 def test_epoch_schedule_and_log_spaced(tmp_path):
     monitor = ERFMonitor(
         layers=["net.7"], every_n_epochs=1, log_spaced=2, num_samples=8, log_images=False

@@ -41,6 +41,30 @@ def test_rules_combine_as_a_union() -> None:
     assert s.due_at_epoch_end(1) and not s.due_at_epoch_end(0)
 
 
+@pytest.mark.parametrize("jump", [2, 3, 7])
+def test_a_step_count_that_jumps_probes_once_per_scheduled_step_it_passes(jump) -> None:
+    # Several optimisers stepped per batch move global_step by that many: every scheduled
+    # step jumped over is due at the first step past it, once.
+    rules = dict(every_n_steps=5, at_steps=[3, 11, 12], log_spaced=2)
+    s = ProbeSchedule(**rules)
+    scheduled = set(due_steps(ProbeSchedule(**rules), 200))
+    seen = list(range(0, 201, jump))
+    windows = list(zip([-1, *seen[:-1]], seen, strict=True))  # (previous step, step)
+    due = [step for prev, step in windows if s.due_after(prev, step)]
+    # Due exactly at the steps whose window (prev, step] holds a scheduled step.
+    want = [step for prev, step in windows if any(prev < t <= step for t in scheduled)]
+    assert due == want
+    if jump == 2:
+        # 0; then 1, 3, 5, 10, 11-12, 15 and 20, each at the first even step at or past it.
+        assert due[:8] == [0, 2, 4, 6, 10, 12, 16, 20]
+
+
+def test_unit_steps_are_due_exactly_at_the_scheduled_steps() -> None:
+    s = ProbeSchedule(every_n_steps=7, at_steps=[3, 50], log_spaced=3)
+    assert [t for t in range(400) if s.due_after(t - 1, t)] == due_steps(s, 399)
+    assert due_steps(s, 30) == [0, 1, 2, 3, 5, 7, 10, 14, 21, 22, 28]
+
+
 def test_automatic_interval_meets_the_overhead_budget() -> None:
     s = ProbeSchedule()
     assert s.is_auto and s.max_overhead == DEFAULT_MAX_OVERHEAD
