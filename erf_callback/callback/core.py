@@ -305,7 +305,8 @@ class ERFMonitorBase:
         self._last_step_seen: int | None = None
         self._last_probed_step: int | None = None
         self._step_clock: float | None = None
-        self._step_times: list[float] = []
+        self._step_times: list[float] = []  # seconds per optimiser step (global_step)
+        self._trained_seconds = 0.0
         self._probe_seconds: list[float] = []
         self._warned: set[str] = set()
         self._images = ImagePublisher()
@@ -407,7 +408,7 @@ class ERFMonitorBase:
         self._last_step_seen = step
         if previous is None or previous > step:
             previous = step - 1
-        self._time_step(trainer)
+        self._time_step(trainer, step - previous)
         if self._needs_timing_probe():
             # Resumed before the automatic interval was chosen: time one probe now.
             self._probe_if_new(trainer, pl_module)
@@ -740,10 +741,13 @@ class ERFMonitorBase:
 
     # ---- bookkeeping -----------------------------------------------------------------------
 
-    def _time_step(self, trainer: Any) -> None:
+    def _time_step(self, trainer: Any, steps: int) -> None:
+        """Time the batch that just advanced ``global_step`` by ``steps`` (more than one when
+        it stepped several optimisers): the schedule counts in optimiser steps."""
         now = time.perf_counter()
         if self._step_clock is not None:
-            self._step_times.append(now - self._step_clock)
+            self._step_times.append((now - self._step_clock) / steps)
+            self._trained_seconds += now - self._step_clock
         self._step_clock = now
         if (
             self.schedule.is_auto
@@ -776,7 +780,7 @@ class ERFMonitorBase:
         # The end probe is kept in reserve, so the budget holds over the whole run with it.
         reserve = probe_s if self.probe_at_end else 0.0
         interval = self.schedule.choose_auto_interval(
-            probe_s, step_s, sum(self._probe_seconds) + reserve, sum(self._step_times), step
+            probe_s, step_s, sum(self._probe_seconds) + reserve, self._trained_seconds, step
         )
         strategy = getattr(trainer, "strategy", None)
         if strategy is not None and hasattr(strategy, "broadcast"):

@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from erf_callback import ERFMonitor, ERFWarning, compute_erf
 from erf_callback.lightning import ERFMonitor as LightningERFMonitor
-from tests.helpers.lit import data, make_trainer, module_class, trainer_class
+from tests.helpers.lit import data, make_trainer, module_class, trainer_class, two_optimiser_class
 
 LAYERS = ["net.2", "net.7"]
 
@@ -192,31 +192,10 @@ def test_two_optimisers_per_batch_probe_at_every_scheduled_step_they_pass(tmp_pa
     # A GAN-style loop steps two optimisers per batch: global_step moves 2 per batch (0, 2,
     # 4, ...). every_n_steps=5 and at_steps=[3] probe at the first step past each scheduled
     # one (an exact-step schedule probed only at multiples of 10, and never at 3).
-    class TwoOptimisers(module_class()):
-        def __init__(self) -> None:
-            super().__init__()
-            self.automatic_optimization = False
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            loss = torch.nn.functional.cross_entropy(self.net(x), y)
-            for opt in self.optimizers():
-                opt.zero_grad()
-            self.manual_backward(loss)
-            for opt in self.optimizers():
-                opt.step()
-
-        def configure_optimizers(self):
-            half = len(self.net) // 2
-            return [
-                torch.optim.SGD(self.net[:half].parameters(), lr=0.1),
-                torch.optim.SGD(self.net[half:].parameters(), lr=0.1),
-            ]
-
     monitor = ERFMonitor(
         layers=["net.7"], every_n_steps=5, at_steps=[3], num_samples=8, log_images=False
     )
-    trainer, _ = fit(tmp_path, monitor, model=TwoOptimisers(), max_steps=18)
+    trainer, _ = fit(tmp_path, monitor, model=two_optimiser_class()(), max_steps=18)
     assert trainer.global_step == 18
     assert [r["step"] for r in monitor.history.records] == [0, 4, 6, 10, 16, 18]  # 18: end
 
@@ -506,6 +485,36 @@ def test_automatic_schedule_respects_the_overhead_budget(tmp_path, monkeypatch):
     for i, step in enumerate(steps[1:], start=2):  # probe time so far / training time so far
         assert sum(monitor.probe_seconds[:i]) / step <= 0.02 + 1e-12
     assert monitor.schedule.auto_interval == 25
+
+
+def test_automatic_schedule_budget_holds_with_two_optimisers_per_batch(tmp_path, monkeypatch):
+    # As above, but each 1 s batch steps two optimisers: global_step moves 2 per second. The
+    # interval is counted in optimiser steps of 0.5 s, so probes stay within 2% of the time
+    # (timing each batch as one step put them twice as close: 4% of it).
+    import erf_callback.callback.core as monitor_module
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(monitor_module.time, "perf_counter", lambda: clock["t"])
+
+    class Timed(two_optimiser_class()):
+        def training_step(self, batch, batch_idx):
+            clock["t"] += 1.0
+            return super().training_step(batch, batch_idx)
+
+    monitor = ERFMonitor(layers=["net.7"], num_samples=8, log_images=False)
+    original = monitor._probe
+
+    def slow_probe(*args, **kwargs):
+        clock["t"] += 0.5
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(monitor, "_probe", slow_probe)
+    fit(tmp_path, monitor, model=Timed(), max_steps=202, max_epochs=-1)
+    steps = [r["step"] for r in monitor.history.records]
+    assert steps == [0, 150, 200, 202]
+    for i, step in enumerate(steps[1:], start=2):  # probe time so far / training time so far
+        assert sum(monitor.probe_seconds[:i]) / (step / 2) <= 0.02 + 1e-12
+    assert monitor.schedule.auto_interval == 50
 
 
 def test_a_failing_probe_mid_training_is_skipped_not_fatal(tmp_path):

@@ -72,6 +72,35 @@ def module_class(namespace: str = "pytorch_lightning"):
     return Classifier
 
 
+def two_optimiser_class(namespace: str = "pytorch_lightning"):
+    """The classifier trained GAN-style: manual optimisation, two optimisers (the first and
+    second half of the network) stepped every batch, so ``global_step`` moves 2 per batch."""
+
+    class TwoOptimisers(module_class(namespace)):
+        def __init__(self, batch_size: int = 8) -> None:
+            super().__init__(batch_size)
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            self.training_steps += 1
+            x, y = batch
+            loss = F.cross_entropy(self.net(x), y)
+            for opt in self.optimizers():
+                opt.zero_grad()
+            self.manual_backward(loss)
+            for opt in self.optimizers():
+                opt.step()
+
+        def configure_optimizers(self):
+            half = len(self.net) // 2
+            return [
+                torch.optim.SGD(self.net[:half].parameters(), lr=0.1),
+                torch.optim.SGD(self.net[half:].parameters(), lr=0.1),
+            ]
+
+    return TwoOptimisers
+
+
 def trainer_class(namespace: str = "pytorch_lightning"):
     pl = importlib.import_module("lightning.pytorch" if namespace == "lightning" else namespace)
     return pl.Trainer, pl.loggers
