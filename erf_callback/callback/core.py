@@ -78,6 +78,7 @@ from erf_callback.engine.validate import (
     is_numpy,
     normalize_layers,
     torch_error,
+    uninitialised,
 )
 from erf_callback.fit.metrics import MetricConfig
 from erf_callback.warnings import ERFWarning
@@ -313,6 +314,8 @@ class ERFMonitorBase:
         self._guard = Guard(self._warn_once)
         self._told_interval = False
         self._checked = False  # the fit-start check ran in this fit
+        # Lazy modules not initialised at the first batch: the check waits for its forward.
+        self._awaiting_lazy = False
         self._files_name: str | None = None  # the history files' base name, once taken
         self._hparams_declared = False
 
@@ -333,7 +336,7 @@ class ERFMonitorBase:
             # gets its own init probe and history. A checkpoint it resumes from is loaded
             # after this (load_state_dict).
             self._start_run()
-        self._checked, self._files_name = False, None
+        self._checked, self._awaiting_lazy, self._files_name = False, False, None
         self._dry_run = bool(getattr(trainer, "fast_dev_run", False))
         if self._dry_run:
             log.info(
@@ -383,19 +386,46 @@ class ERFMonitorBase:
             return
         if self._inputs is None:
             self._inputs = self._capture_inputs(trainer, batch)
+        if self._checked or self._awaiting_lazy:
+            return
+        lazy = uninitialised(self._probed_module(pl_module))
+        if lazy:
+            # The first forward gives lazy modules their shapes (a probe must not: that would
+            # change the model). The check and the initialisation probe run after it, before
+            # the first optimiser step moves the weights (on_before_optimizer_step).
+            self._awaiting_lazy = True
+            log.info(
+                "erf-callback: %d parameters/buffers of lazy modules (e.g. %r) are not "
+                "initialised yet; the configuration check and the initialisation probe run "
+                "after the first forward, before the first optimiser step",
+                len(lazy),
+                lazy[0],
+            )
+            return
+        self._fit_start_check(trainer, pl_module)
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: nn.Module, optimizer: Any) -> None:
+        if self._awaiting_lazy and self._enabled and not trainer.sanity_checking:
+            self._awaiting_lazy = False
+            # Still uninitialised after a forward (a lazy module the forward never reaches):
+            # the check raises, naming them.
+            self._fit_start_check(trainer, pl_module)
+
+    def _fit_start_check(self, trainer: Any, pl_module: nn.Module) -> None:
+        """The fit-start check: resolve the default layer and probe once, strictly, so that
+        a bad configuration fails before any training time is spent; the initialisation
+        probe, recorded, unless resuming, under fast_dev_run or with probe_at_init=False."""
         if self.layers is None:
+            assert self._inputs is not None  # captured at the first batch, before this
             self.layers = [deepest_spatial_layer(self._probed_module(pl_module), self._inputs)]
             log.info("erf-callback: probing the deepest spatial layer %r", self.layers[0])
             check_monitors([cb for cb in trainer.callbacks if isinstance(cb, ERFMonitorBase)])
-        if not self._checked:
-            # The fit-start check: a bad configuration fails here, before any training time;
-            # also on resume and under fast_dev_run, where it records nothing.
-            self._checked = True
-            if self._last_probed_step is None and not self._dry_run:
-                self._probe_if_new(trainer, pl_module, dry=not self.probe_at_init, strict=True)
-            else:
-                self._probe(trainer, pl_module, dry=True, strict=True, mark=False)
-            self._step_clock = time.perf_counter()
+        self._checked = True
+        if self._last_probed_step is None and not self._dry_run:
+            self._probe_if_new(trainer, pl_module, dry=not self.probe_at_init, strict=True)
+        else:
+            self._probe(trainer, pl_module, dry=True, strict=True, mark=False)
+        self._step_clock = time.perf_counter()
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int

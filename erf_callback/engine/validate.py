@@ -34,6 +34,7 @@ __all__ = [
     "per_layer",
     "torch_error",
     "unbatched_guard",
+    "uninitialised",
 ]
 
 
@@ -187,7 +188,7 @@ def check_model(model: Any, modules: Sequence[nn.Module] | None = None) -> None:
     if not any(_unusable(m) for m in everything):
         return
     named = [*model.named_parameters(), *model.named_buffers()]
-    lazy = [n for n, t in named if is_lazy(t)]
+    lazy = uninitialised(model)
     if lazy:
         raise ValueError(
             f"the model has {len(lazy)} uninitialised parameters/buffers of lazy modules (e.g. "
@@ -211,6 +212,18 @@ def check_model(model: Any, modules: Sequence[nn.Module] | None = None) -> None:
             "they hold no values, so there is no gradient to measure. Materialise the model "
             "first, e.g. model.to_empty(device='cpu') followed by load_state_dict(...)."
         )
+
+
+def uninitialised(model: nn.Module) -> list[str]:
+    """Names of the model's parameters and buffers that lazy modules have not initialised yet
+    (their shapes come from the first forward).
+
+    Example:
+        >>> uninitialised(nn.Sequential(nn.LazyConv2d(4, 3), nn.ReLU()))
+        ['0.weight', '0.bias']
+    """
+    named = [*model.named_parameters(), *model.named_buffers()]
+    return [name for name, t in named if is_lazy(t)]
 
 
 def check_eager(model: nn.Module, modules: Sequence[nn.Module] | None = None) -> None:

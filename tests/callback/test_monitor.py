@@ -138,6 +138,60 @@ def test_probing_never_changes_training(tmp_path):
         assert torch.equal(weights_a[k], weights_b[k]), k
 
 
+def test_lazy_modules_are_checked_and_probed_after_the_first_forward(tmp_path):
+    # Lazy modules get their shapes from the first forward; Lightning trains such a model
+    # as it is, and the monitor must not refuse it at fit start. The check and the
+    # initialisation probe wait for the first forward and run before the first optimiser
+    # step: the map is the initial weights' (BatchNorm's running statistics have seen one
+    # batch), and training is bitwise what it is without the monitor.
+    from pytorch_lightning import Callback
+
+    class Lazy(module_class()):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net[0] = torch.nn.LazyConv2d(8, 3, padding=1)
+            self.net[1] = torch.nn.LazyBatchNorm2d()
+            self.net[-1] = torch.nn.LazyLinear(4)
+
+    at_first_step: dict[str, torch.Tensor] = {}
+
+    class WeightsAtFirstStep(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if not at_first_step:
+                at_first_step.update({k: v.clone() for k, v in pl_module.state_dict().items()})
+
+    def run(callbacks):
+        torch.manual_seed(5)
+        model = Lazy()
+        make_trainer(tmp_path, callbacks, max_steps=6, logger=None).fit(model)
+        return model
+
+    plain = run([])
+    monitor = ERFMonitor(module="net", layers=["4"], every_n_steps=3, num_samples=8)
+    probed = run([WeightsAtFirstStep(), monitor])
+    for k, v in plain.state_dict().items():
+        assert torch.equal(v, probed.state_dict()[k]), k
+    assert [r["step"] for r in monitor.history.records] == [0, 3, 6]
+    initial = Lazy()
+    initial(monitor.probe_inputs[:1])  # shapes, then the weights of the first step
+    initial.load_state_dict(at_first_step)
+    want = compute_erf(initial.net, monitor.probe_inputs, ["4"])["4"].metrics()["radius"]
+    assert monitor.history.records[0]["radius"] == pytest.approx(want, rel=1e-6)
+    assert monitor.history.records[1]["radius"] != pytest.approx(want, rel=1e-3)
+
+
+def test_a_lazy_module_the_forward_never_initialises_fails_at_the_first_step(tmp_path):
+    class UnusedLazy(module_class()):
+        def __init__(self) -> None:
+            super().__init__()
+            self.spare = torch.nn.LazyLinear(4)  # never called
+
+    model = UnusedLazy()
+    with pytest.raises(ValueError, match=r"uninitialised parameters.*'spare.weight'"):
+        fit(tmp_path, ERFMonitor(layers=["net.7"], num_samples=8), model=model)
+    assert model.training_steps == 1  # the check waited for one forward, then said why
+
+
 def test_resume_with_the_default_layer_finds_its_state(tmp_path):
     first = ERFMonitor(every_n_steps=3, num_samples=8)  # layers resolved at fit start
     trainer = make_trainer(tmp_path, [first], max_steps=4, enable_checkpointing=True)
