@@ -326,6 +326,7 @@ ENGINE_CALLS: list[Callable[[], object]] = [
     lambda: compute_erf(_conv_net(), _x(2, 3, 8, 8), ["0"], position=(3.5, 2)),
     lambda: compute_erf(_conv_net(), _x(2, 3, 8, 8), ["0"], channels=[0, 0]),
     lambda: compute_erf(_conv_net(), _x(2, 3, 8, 8), ["0"], position=(1, 2, 3)),
+    lambda: compute_erf(_conv_net(), _x(2, 3, 8, 8), ["0"], output_transform=lambda o: o[:, 0]),
 ]
 
 

@@ -511,7 +511,13 @@ class _Probe:
         ):
             outputs = _forward_capture(self.net, x, self.names, self.modules, self.transforms)
         for name, out in outputs.items():
-            pos = check_output(name, out.shape, self.spatial_dims, positions[name])
+            pos = check_output(
+                name,
+                out.shape,
+                self.spatial_dims,
+                positions[name],
+                self.transforms[name] is not None,
+            )
             self.meta[name] = _LayerMeta(tuple(out.shape[1:]), pos, _safe_geometry(tracer, out))
         self.per_sample_bytes = (meter.nbytes + 2 * x.nbytes) / x.shape[0]
         fast = FastPath.disabled()

@@ -437,17 +437,32 @@ def per_layer(value: Any, names: list[str], what: str) -> dict[str, Any]:
 
 
 def check_output(
-    name: str, shape: Sequence[int], spatial_dims: int, position: Sequence[int] | None
+    name: str,
+    shape: Sequence[int],
+    spatial_dims: int,
+    position: Sequence[int] | None,
+    transformed: bool = False,
 ) -> tuple[int, ...]:
-    """The probed unit's position in a layer output of ``shape`` (N, C, *spatial)."""
+    """The probed unit's position in a layer output of ``shape`` (N, C, *spatial);
+    ``transformed``: the shape is what the layer's ``output_transform`` returned."""
     if len(shape) != spatial_dims + 2:
         unbatched = len(shape) > spatial_dims + 2
-        raise (UnbatchedInputError if unbatched else ValueError)(
-            f"layer {name!r} outputs shape {_batched(shape)}, but an ERF needs "
-            f"(N, C, *spatial) with {spatial_dims} spatial dims like the input. Probe a layer "
-            "with a spatial output (a conv/pool/block), or pass output_transform (e.g. "
-            f"tokens_to_grid() for transformer tokens).{' ' + _UNBATCHED_HINT if unbatched else ''}"
-        )
+        need = f"(N, C, *spatial) with {spatial_dims} spatial dims like the input"
+        if transformed:
+            message = (
+                f"the output_transform of layer {name!r} returns shape {_batched(shape)}, but "
+                f"an ERF needs {need}. Make it return the layer's output as "
+                f"{_LAYOUTS.get(spatial_dims, '(N, C, *spatial)')}."
+            )
+        else:
+            message = (
+                f"layer {name!r} outputs shape {_batched(shape)}, but an ERF needs {need}. Probe "
+                "a layer with a spatial output (a conv/pool/block), or pass output_transform "
+                "(e.g. tokens_to_grid() for transformer tokens)."
+            )
+        if unbatched:
+            message += " " + _UNBATCHED_HINT
+        raise (UnbatchedInputError if unbatched else ValueError)(message)
     spatial = tuple(shape[2:])
     if position is None:
         return tuple(s // 2 for s in spatial)
@@ -465,6 +480,9 @@ def check_output(
             f"use indices 0 <= p < size per axis (the centre is {tuple(s // 2 for s in spatial)})."
         )
     return pos
+
+
+_LAYOUTS = {1: "(N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}
 
 
 def _batched(shape: Sequence[int]) -> str:

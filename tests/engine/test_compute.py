@@ -485,6 +485,19 @@ def test_unknown_layer_lists_the_closest_names():
 def test_non_spatial_layer_is_rejected_with_a_fix():
     with pytest.raises(ValueError, match=r"'fc' outputs shape \(N, 10\).*output_transform"):
         compute_erf(ResNet(width=4), torch.randn(1, 3, 32, 32), ["fc"])
+    # The shape came from the user's output_transform: the message says so, and what to return
+    # (not "pass output_transform", which they did).
+    with pytest.raises(
+        ValueError,
+        match=r"output_transform of layer 'layer1' returns shape \(N, "
+        r"\d+\).*return the layer's output as \(N, C, H, W\)\.$",
+    ):
+        compute_erf(
+            ResNet(width=4),
+            torch.randn(1, 3, 32, 32),
+            ["layer1"],
+            output_transform=lambda o: o.flatten(1),
+        )
 
 
 @pytest.mark.parametrize(
