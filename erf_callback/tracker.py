@@ -295,3 +295,4 @@ class ERFTracker:
         """Restore a :meth:`state_dict` (construct with ``probe_at_init=False`` to resume)."""
         self._loop.global_step = int(state["global_step"])
         self._monitor.load_state_dict(state["monitor"])
+        self._monitor._last_step_seen = self._loop.global_step  # the next step() follows it

@@ -51,7 +51,9 @@ def extract_input(batch: Any, input_key: InputKey) -> torch.Tensor:
             f"{type(batch).__name__}: {err}. The batch holds {describe_batch(batch)}. Pass "
             "input_key= as an index, a dict key, a field name or a callable batch -> tensor."
         ) from err
-    if not isinstance(x, torch.Tensor) or x.dim() not in _SPATIAL_RANKS:
+    # Chosen by the user, an (N, L) tensor may be raw signals that the model gives a channel
+    # axis itself (compute_erf takes those); the search below passes over such vectors.
+    if not isinstance(x, torch.Tensor) or x.dim() not in (2, *_SPATIAL_RANKS):
         found = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(
             f"ERFMonitor(input_key={input_key!r}) picks {found}, not an input batch "

@@ -57,6 +57,9 @@ from erf_callback.engine.trace_cache import (
 )
 from erf_callback.engine.transforms import OutputTransform, apply_transform
 from erf_callback.engine.validate import (
+    NO_AXES_HINT,
+    UNBATCHED_HINT,
+    UnbatchedInputError,
     check_finite,
     check_inputs,
     check_model,
@@ -82,6 +85,14 @@ class _LayerMeta(NamedTuple):
 
 class _StopForward(Exception):  # noqa: N818 - a control-flow signal, not an error
     """Raised from a forward hook once every probed layer has produced its output."""
+
+
+class _NoChannelAxis(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Every probed layer has one spatial axis more than the inputs read as ``(N, C,
+    *spatial)``: the inputs have no channel axis, ``(N, *spatial)``, and the model adds one
+    (``x.unsqueeze(1)``, a reshape), as for grayscale images ``(N, H, W)`` or raw audio
+    ``(N, L)``. The probe starts again on the inputs with a channel axis of 1, which the
+    model gets squeezed away: the map is then the gradient per input element."""
 
 
 class _StaleTrace(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -111,7 +122,9 @@ def compute_erf(
         model: any ``nn.Module``; ``torch.compile`` and DDP wrappers are unwrapped (the original
             module is probed, so nothing is recompiled). Its state is left exactly as found.
         inputs: ``(N, C, *spatial)`` with 1, 2 or 3 spatial dims. Cast to the model's dtype and
-            moved to its device.
+            moved to its device. ``(N, *spatial)`` (grayscale ``(N, H, W)``, raw audio ``(N,
+            L)``) for a model that adds the channel axis itself: the map is then the gradient
+            per input element (see docs/engine.md, "Inputs without a channel axis").
         layers: names as in ``model.named_modules()``; ``None`` probes the model output (key
             ``"output"``).
         probe: every probe option in one :class:`ProbeConfig`; the keyword arguments below
@@ -188,8 +201,26 @@ def compute_erf(
     deferred = _defers_finite_check(inputs)
     x_all = check_inputs(inputs, finite=not deferred)
     bad = nonfinite_samples(x_all) if deferred else None
+    # Inputs without a channel axis ((N, L) always; (N, H, W) where the model adds one) get
+    # one of 1, which the model's forward does not see (see _NoChannelAxis).
+    squeeze = x_all.dim() == 2 or _takes_no_channel_axis(net, x_all, names)
     try:
-        sums, meta, cancelled = _accumulate(net, everything, x_all, names, modules, cfg)
+        try:
+            sums, meta, cancelled = _accumulate(
+                net,
+                everything,
+                x_all.unsqueeze(1) if squeeze else x_all,
+                names,
+                modules,
+                cfg,
+                squeeze,
+            )
+        except _NoChannelAxis:
+            _NO_CHANNEL_AXIS.setdefault(net, set()).add(_layout_key(x_all, names))
+            squeeze = True
+            sums, meta, cancelled = _accumulate(
+                net, everything, x_all.unsqueeze(1), names, modules, cfg, squeeze
+            )
     except Exception as err:
         if bad is not None:
             try:
@@ -204,7 +235,23 @@ def compute_erf(
         from erf_callback.engine.shard import pack_sums, unpack_sums
 
         sums, count = unpack_sums(reduce(pack_sums(sums, count)), sums)
-    return _assemble(sums, meta, names, x_all, cfg, round(count), cancelled)
+    return _assemble(
+        sums, meta, names, x_all.unsqueeze(1) if squeeze else x_all, cfg, round(count), cancelled
+    )
+
+
+#: Per model, the inputs (shape after N, probed layers) found to come without a channel axis:
+#: their next probe starts with one added instead of finding it out again (held weakly).
+_NO_CHANNEL_AXIS: weakref.WeakKeyDictionary[nn.Module, set[Hashable]] = weakref.WeakKeyDictionary()
+
+
+def _layout_key(x_all: torch.Tensor, names: list[str]) -> Hashable:
+    return tuple(x_all.shape[1:]), tuple(names)
+
+
+def _takes_no_channel_axis(net: nn.Module, x_all: torch.Tensor, names: list[str]) -> bool:
+    known = _NO_CHANNEL_AXIS.get(net)
+    return known is not None and _layout_key(x_all, names) in known
 
 
 def _accumulate(
@@ -214,14 +261,16 @@ def _accumulate(
     names: list[str],
     modules: dict[str, nn.Module | None],
     cfg: ProbeConfig,
+    squeeze: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, _LayerMeta], set[str]]:
     """Sum every probed unit's reduced input gradient over all samples, chunk by chunk; also
-    the layers whose unit turned out constant up to rounding (see ``_Probe.first``)."""
+    the layers whose unit turned out constant up to rounding (see ``_Probe.first``).
+    ``squeeze``: ``x_all`` has a channel axis of 1 that the model does not take."""
     recall, by_backward = True, net in _BY_BACKWARD
     while True:  # each retry turns a flag that never turns back: at most three attempts
         try:
             return _accumulate_chunks(
-                net, everything, x_all, names, modules, cfg, recall, by_backward
+                net, everything, x_all, names, modules, cfg, recall, by_backward, squeeze
             )
         except _StaleTrace:
             if not recall:
@@ -277,6 +326,7 @@ def _accumulate_chunks(
     cfg: ProbeConfig,
     recall: bool,
     by_backward: bool,
+    squeeze: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, _LayerMeta], set[str]]:
     """Sum every probed unit's reduced input gradient over all samples, chunk by chunk.
 
@@ -304,6 +354,7 @@ def _accumulate_chunks(
         cfg,
         x_all.dim() - 2,
         by_backward,
+        squeeze,
     )
     positions = per_layer(cfg.position, names, "position")
     # The optimize=False path is the reference the fast path is checked against: it always
@@ -486,9 +537,11 @@ class _Probe:
         cfg: ProbeConfig,
         spatial_dims: int,
         by_backward: bool = False,
+        squeeze: bool = False,
     ) -> None:
         self.net, self.names, self.modules, self.transforms = net, names, modules, transforms
         self.cfg, self.spatial_dims = cfg, spatial_dims
+        self.squeeze = squeeze  # the model takes the chunks without their channel axis of 1
         self.meta: dict[str, _LayerMeta] = {}
         self.per_sample_bytes = 0.0
         self.recalled = False  # meta comes from an earlier probe's trace
@@ -504,12 +557,25 @@ class _Probe:
         meter = SavedBytesMeter(self.net)
         recorder = ForwardRecorder(self.net)
         with (
-            unbatched_guard(self.net, self.spatial_dims),
+            unbatched_guard(
+                self.net,
+                self.spatial_dims,
+                NO_AXES_HINT if self.squeeze and x.dim() == 3 else UNBATCHED_HINT,
+            ),
             tracer,
             meter,
             recorder if self.cfg.optimize else nullcontext(),
         ):
-            outputs = _forward_capture(self.net, x, self.names, self.modules, self.transforms)
+            outputs = _forward_capture(
+                self.net, x, self.names, self.modules, self.transforms, self.squeeze
+            )
+        if (
+            not self.squeeze
+            and x.dim() < 5
+            and all(o.dim() == x.dim() + 1 for o in outputs.values())
+        ):
+            raise _NoChannelAxis
+        _check_batch(outputs, x.shape[0])
         for name, out in outputs.items():
             pos = check_output(
                 name,
@@ -569,7 +635,10 @@ class _Probe:
 
     def _run(self, x: torch.Tensor) -> list[torch.Tensor]:
         x.requires_grad_(True)
-        outputs = _forward_capture(self.net, x, self.names, self.modules, self.transforms)
+        outputs = _forward_capture(
+            self.net, x, self.names, self.modules, self.transforms, self.squeeze
+        )
+        _check_batch(outputs, x.shape[0])
         if self.recalled:
             for name, out in outputs.items():
                 if tuple(out.shape[1:]) != self.meta[name].output_shape:
@@ -697,7 +766,11 @@ def _forward_capture(
     names: list[str],
     modules: dict[str, nn.Module | None],
     transforms: dict[str, OutputTransform | None],
+    squeeze: bool = False,
 ) -> dict[str, torch.Tensor]:
+    """The probed layers' outputs of ``model(x)`` (the forward stops after the last);
+    ``squeeze``: the model takes ``x`` without its channel axis of 1 (see
+    :class:`_NoChannelAxis`)."""
     captured: dict[str, torch.Tensor] = {}
     hooked = [n for n in names if modules[n] is not None]
 
@@ -717,7 +790,7 @@ def _forward_capture(
         # normalisation first, or a clamp_ under no_grad) then neither fails on the leaf that
         # gradients are taken for nor changes the caller's inputs, which a chunk is a view of.
         # One copy of the chunk's input, small beside its activations.
-        output = model(x.clone())
+        output = model(x.clone().squeeze(1) if squeeze else x.clone())
     except _StopForward:
         output = None
     finally:
@@ -740,6 +813,21 @@ def _forward_capture(
             f"modules that forward() runs.{inlined}"
         )
     return captured
+
+
+def _check_batch(outputs: dict[str, torch.Tensor], n: int) -> None:
+    """Refuse probed outputs that do not hold one entry per sample of the ``n`` run: the
+    model adds a leading axis (it takes unbatched inputs) or reduces over the batch, and a
+    unit would then be summed over samples."""
+    for name, out in outputs.items():
+        if out.dim() and out.shape[0] != n:
+            unbatched = out.shape[0] == 1
+            raise (UnbatchedInputError if unbatched else ValueError)(
+                f"layer {name!r} gives an output of shape {tuple(out.shape)} for a chunk of {n} "
+                "samples: the model's forward does not keep the batch axis (it adds one of its "
+                "own, or reduces over it), and compute_erf needs one output per sample, (N, C, "
+                f"*spatial).{' ' + UNBATCHED_HINT if unbatched else ''}"
+            )
 
 
 def _select_unit(

@@ -111,6 +111,10 @@ def deepest_spatial_layer(
     check_model(net)
     x = check_inputs(inputs)[:1]
     finished: list[str] = []
+    # Outputs of one more spatial axis than (N, C, *spatial) reads the inputs with: the inputs
+    # have no channel axis (grayscale (N, H, W), raw audio (N, L)) and the model adds one,
+    # as compute_erf finds out for itself; used when no output fits the usual reading.
+    without_channels: list[str] = []
 
     def make_hook(name: str) -> Callable[..., None]:
         def hook(_module: nn.Module, _args: Any, output: Any) -> None:
@@ -118,8 +122,8 @@ def deepest_spatial_layer(
                 out = apply_transform(name, output, output_transform)
             except Exception:
                 return
-            if out.dim() == x.dim() and math.prod(out.shape[2:]) > 1:
-                finished.append(name)
+            if math.prod(out.shape[2:]) > 1 and out.dim() in (x.dim(), x.dim() + 1):
+                (finished if out.dim() == x.dim() else without_channels).append(name)
 
         return hook
 
@@ -134,6 +138,7 @@ def deepest_spatial_layer(
     finally:
         for h in handles:
             h.remove()
+    finished = finished or (without_channels if x.dim() < 5 else [])
     if not finished:
         raise ValueError(
             "No submodule of the model has a spatial output (N, C, *spatial); name the layers "

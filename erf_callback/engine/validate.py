@@ -20,6 +20,8 @@ from torch.nn.parameter import is_lazy
 from erf_callback.engine.config import OUTPUT
 
 __all__ = [
+    "NO_AXES_HINT",
+    "UNBATCHED_HINT",
     "ModelForwardError",
     "UnbatchedInputError",
     "check_eager",
@@ -49,9 +51,15 @@ class ModelForwardError(RuntimeError):
     and how they were run; the original error is the ``__cause__``."""
 
 
-_UNBATCHED_HINT = (
+UNBATCHED_HINT = (
     "If inputs is one unbatched image, add the batch dimension: inputs.unsqueeze(0) "
     "(compute_erf expects (N, C, *spatial))."
+)
+# The same for inputs of two axes, read as 1-D signals without a channel axis.
+NO_AXES_HINT = (
+    "If inputs is one image of shape (H, W), add the batch and channel axes: inputs[None, "
+    "None] (compute_erf expects (N, C, *spatial), or (N, *spatial) for a model that adds the "
+    "channel axis itself)."
 )
 
 
@@ -111,11 +119,11 @@ def check_inputs(inputs: Any, finite: bool = True) -> torch.Tensor:
         raise ValueError(
             f"inputs must be a dense tensor; got layout {inputs.layout}. Pass inputs.to_dense()."
         )
-    if inputs.dim() not in (3, 4, 5):
-        hint = " Add the batch dim: inputs.unsqueeze(0)." if inputs.dim() in (2, 3) else ""
+    if inputs.dim() not in (2, 3, 4, 5):
+        hint = " Add the batch dim: inputs.unsqueeze(0)." if inputs.dim() == 1 else ""
         raise ValueError(
-            f"inputs must be (N, C, *spatial) with 1-3 spatial dims; got shape "
-            f"{tuple(inputs.shape)}.{hint}"
+            f"inputs must be (N, C, *spatial) with 1-3 spatial dims (or (N, *spatial) for a "
+            f"model that adds the channel axis itself); got shape {tuple(inputs.shape)}.{hint}"
         )
     if inputs.shape[0] == 0:
         raise ValueError("inputs has no samples (N == 0).")
@@ -282,7 +290,9 @@ def _unusable(module: nn.Module) -> bool:
 
 
 @contextmanager
-def unbatched_guard(model: nn.Module, spatial_dims: int) -> Iterator[None]:
+def unbatched_guard(
+    model: nn.Module, spatial_dims: int, hint: str = UNBATCHED_HINT
+) -> Iterator[None]:
     """Raise when a conv or pooling layer is called on an unbatched input during the forward.
 
     ``Conv2d`` accepts an unbatched ``(C, H, W)``; so an image passed without its batch
@@ -300,7 +310,7 @@ def unbatched_guard(model: nn.Module, spatial_dims: int) -> Iterator[None]:
                 raise UnbatchedInputError(
                     f"layer {name!r} ({type(module).__name__}) received an unbatched input of "
                     f"shape {tuple(x.shape)}: compute_erf read the inputs as {spatial_dims}-D "
-                    f"signals but the model works on {dims}-D ones. {_UNBATCHED_HINT}"
+                    f"signals but the model works on {dims}-D ones. {hint}"
                 )
             if x.dim() > dims + 2:
                 raise ValueError(
@@ -331,7 +341,7 @@ def unbatched_guard(model: nn.Module, spatial_dims: int) -> Iterator[None]:
         raise UnbatchedInputError(
             f"the model's forward failed on the inputs read as {spatial_dims}-D signals, and "
             f"the model works on {dims}-D ones (e.g. layer {name!r}, {type(module).__name__}): "
-            f"{str(err).rstrip('.')}. {_UNBATCHED_HINT}"
+            f"{str(err).rstrip('.')}. {hint}"
         ) from err
     finally:
         for h in handles:
@@ -461,7 +471,7 @@ def check_output(
                 "(e.g. tokens_to_grid() for transformer tokens)."
             )
         if unbatched:
-            message += " " + _UNBATCHED_HINT
+            message += " " + UNBATCHED_HINT
         raise (UnbatchedInputError if unbatched else ValueError)(message)
     spatial = tuple(shape[2:])
     if position is None:

@@ -192,6 +192,37 @@ def test_a_lazy_module_the_forward_never_initialises_fails_at_the_first_step(tmp
     assert model.training_steps == 1  # the check waited for one forward, then said why
 
 
+def test_grayscale_batches_without_a_channel_axis_are_probed(tmp_path):
+    # Batches of (N, H, W) images whose model adds the channel axis itself (x.unsqueeze(1)):
+    # the default layer is found and every probe maps the (H, W) input.
+    class Grayscale(module_class()):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net[0] = torch.nn.Conv2d(1, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.net(x.unsqueeze(1))
+
+        def training_step(self, batch, batch_idx):
+            self.training_steps += 1
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self(x), y)
+
+        def train_dataloader(self):
+            x, y = data().tensors
+            return torch.utils.data.DataLoader(
+                torch.utils.data.TensorDataset(x[:, 0], y), batch_size=8
+            )
+
+    monitor = ERFMonitor(every_n_steps=2, num_samples=8, log_images=False)
+    fit(tmp_path, monitor, model=Grayscale())
+    assert monitor.layers == ["net.7"]  # the last spatial output: the ReLU before pooling
+    assert [r["step"] for r in monitor.history.records] == [0, 2, 4, 5]
+    assert {r["status"] for r in monitor.history.records} == {"ok"}
+    assert monitor.probe_inputs.shape == (8, 16, 16)
+    assert monitor.history.records[0]["trf_x"] == 9.0  # 3x3, 3x3 stride 2, 3x3
+
+
 def test_resume_with_the_default_layer_finds_its_state(tmp_path):
     first = ERFMonitor(every_n_steps=3, num_samples=8)  # layers resolved at fit start
     trainer = make_trainer(tmp_path, [first], max_steps=4, enable_checkpointing=True)

@@ -503,7 +503,8 @@ def test_non_spatial_layer_is_rejected_with_a_fix():
 @pytest.mark.parametrize(
     ("inputs", "match"),
     [
-        (torch.randn(32, 32), "unsqueeze"),
+        (torch.randn(32), r"unsqueeze\(0\)"),
+        (torch.randn(32, 32), r"inputs\[None, None\]"),  # one image without either axis
         (torch.randint(0, 255, (1, 3, 32, 32)), "floating point"),
         (torch.randn(1, 1, 2, 2, 2, 2), "1-3 spatial dims"),
         (torch.randn(2, 3, 0, 8), r"\(2, 3, 0, 8\) have an empty channel or spatial axis"),
