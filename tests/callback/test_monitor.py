@@ -541,17 +541,26 @@ def test_compiled_module_is_probed_without_recompiling(tmp_path):
     assert len(compiles) == before
 
 
-def test_automatic_schedule_respects_the_overhead_budget(tmp_path, monkeypatch):
-    # Deterministic clock: every training step takes 1 s, every probe 0.5 s. The budget (2%)
+@pytest.mark.parametrize(
+    ("optimisers", "max_steps", "probed", "interval"),
+    [(1, 101, [0, 75, 100, 101], 25), (2, 202, [0, 150, 200, 202], 50)],
+)
+def test_automatic_schedule_respects_the_overhead_budget(
+    tmp_path, monkeypatch, optimisers, max_steps, probed, interval
+):
+    # Deterministic clock: every training batch takes 1 s, every probe 0.5 s. The budget (2%)
     # holds over the run so far, the init probe and one end probe (kept in reserve) included:
-    # the first scheduled probe runs once 3 probes fit in 2% of the training time (step 75),
-    # then every 0.5 s / (2% of 1 s) = 25 steps; the end probe (step 101) still fits.
+    # the first scheduled probe runs once 3 probes fit in 2% of the training time (75 s),
+    # then every 0.5 s / (2% of 1 s) = 25 batches; the end probe still fits. With two
+    # optimisers stepped per batch, global_step moves 2 per second and the interval is
+    # counted in its steps of 0.5 s (timing each batch as one step put probes twice as
+    # close: 4% of the time).
     import erf_callback.callback.core as monitor_module
 
     clock = {"t": 0.0}
     monkeypatch.setattr(monitor_module.time, "perf_counter", lambda: clock["t"])
 
-    class Timed(module_class()):
+    class Timed(module_class() if optimisers == 1 else two_optimiser_class()):
         def training_step(self, batch, batch_idx):
             clock["t"] += 1.0
             return super().training_step(batch, batch_idx)
@@ -564,42 +573,12 @@ def test_automatic_schedule_respects_the_overhead_budget(tmp_path, monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(monitor, "_probe", slow_probe)
-    fit(tmp_path, monitor, model=Timed(), max_steps=101, max_epochs=-1)
+    fit(tmp_path, monitor, model=Timed(), max_steps=max_steps, max_epochs=-1)
     steps = [r["step"] for r in monitor.history.records]
-    assert steps == [0, 75, 100, 101]
+    assert steps == probed
     for i, step in enumerate(steps[1:], start=2):  # probe time so far / training time so far
-        assert sum(monitor.probe_seconds[:i]) / step <= 0.02 + 1e-12
-    assert monitor.schedule.auto_interval == 25
-
-
-def test_automatic_schedule_budget_holds_with_two_optimisers_per_batch(tmp_path, monkeypatch):
-    # As above, but each 1 s batch steps two optimisers: global_step moves 2 per second. The
-    # interval is counted in optimiser steps of 0.5 s, so probes stay within 2% of the time
-    # (timing each batch as one step put them twice as close: 4% of it).
-    import erf_callback.callback.core as monitor_module
-
-    clock = {"t": 0.0}
-    monkeypatch.setattr(monitor_module.time, "perf_counter", lambda: clock["t"])
-
-    class Timed(two_optimiser_class()):
-        def training_step(self, batch, batch_idx):
-            clock["t"] += 1.0
-            return super().training_step(batch, batch_idx)
-
-    monitor = ERFMonitor(layers=["net.7"], num_samples=8, log_images=False)
-    original = monitor._probe
-
-    def slow_probe(*args, **kwargs):
-        clock["t"] += 0.5
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(monitor, "_probe", slow_probe)
-    fit(tmp_path, monitor, model=Timed(), max_steps=202, max_epochs=-1)
-    steps = [r["step"] for r in monitor.history.records]
-    assert steps == [0, 150, 200, 202]
-    for i, step in enumerate(steps[1:], start=2):  # probe time so far / training time so far
-        assert sum(monitor.probe_seconds[:i]) / (step / 2) <= 0.02 + 1e-12
-    assert monitor.schedule.auto_interval == 50
+        assert sum(monitor.probe_seconds[:i]) / (step / optimisers) <= 0.02 + 1e-12
+    assert monitor.schedule.auto_interval == interval
 
 
 def test_a_failing_probe_mid_training_is_skipped_not_fatal(tmp_path):
