@@ -50,6 +50,7 @@ NOT_TRIGGERED = {
     "ERF probe at step": "tests/callback/test_monitor.py (a probe failing mid-training)",
     "ERF probe of '<name>' at step": "tests/callback/test_monitor.py (NaN mid-training)",
     "ERFMonitor calls the LightningModule's forward(x)": "tests/callback/test_monitor.py",
+    "ERFMonitor(module='<m>') probes a ModuleDict": "tests/callback/test_monitor.py",
 }
 
 

@@ -98,6 +98,18 @@ if not log.handlers:
 _STATE_VERSION = 1
 
 
+def _no_forward(err: NotImplementedError, net: nn.Module) -> bool:
+    """Whether ``err`` is ``net``'s own missing forward: raised by ``nn.Module``'s stub
+    (``_forward_unimplemented``) called on ``net`` itself, not by a module inside it."""
+    tb = err.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "_forward_unimplemented" and frame.f_locals.get("self") is net:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 class ERFMonitorBase:
     """Track the effective receptive field of chosen layers through training.
 
@@ -585,11 +597,19 @@ class ERFMonitorBase:
                         "batches: a list of single images must be stacked into one batch "
                         "first, inputs=torch.stack(images)."
                     ) from err
-                if isinstance(err, NotImplementedError):
+                if isinstance(err, NotImplementedError) and _no_forward(err, net):
+                    if self.module is None:
+                        raise ValueError(
+                            "ERFMonitor calls the LightningModule's forward(x), which is not "
+                            "implemented. Implement forward, or pass "
+                            "module='<attribute of the network>'."
+                        ) from err
                     raise ValueError(
-                        "ERFMonitor calls the LightningModule's forward(x), which is not "
-                        "implemented. Implement forward, or pass "
-                        "module='<attribute of the network>'."
+                        f"ERFMonitor(module={self.module!r}) probes a {type(net).__name__}, "
+                        "which has no forward(x) (a container such as ModuleList or "
+                        "ModuleDict calls nothing itself). Pass module= the submodule that "
+                        "runs the network on the image, or leave module= out to probe "
+                        "through the LightningModule's forward."
                     ) from err
                 # The model's own failure on the probe inputs (or torch's, which the monitor
                 # accounts for in place of compute_erf).

@@ -609,3 +609,27 @@ def test_module_without_forward_gets_a_clear_error_at_fit_start(tmp_path):
     )
     fit(tmp_path, monitor, model=NoForward())
     assert [r["step"] for r in monitor.history.records] == [0, 2, 4, 5]
+
+
+def test_a_container_given_as_module_is_named_in_the_error(tmp_path):
+    class Blocks(module_class()):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = torch.nn.ModuleDict({"stem": self.net[:3], "rest": self.net[3:]})
+
+        def forward(self, x):
+            return self.blocks["rest"](self.blocks["stem"](x))
+
+    with pytest.raises(ValueError, match=r"module='blocks'\) probes a ModuleDict, which has no"):
+        fit(tmp_path, ERFMonitor(module="blocks", layers=["stem"], num_samples=8), model=Blocks())
+
+    class CallsAContainer(module_class()):  # the model's own bug: its error is its own
+        def __init__(self) -> None:
+            super().__init__()
+            self.parts = torch.nn.ModuleList([self.net])
+
+        def forward(self, x):
+            return self.parts(x)
+
+    with pytest.raises(NotImplementedError, match=r'missing the required "forward"'):
+        fit(tmp_path, ERFMonitor(layers=["net.7"], num_samples=8), model=CallsAContainer())
