@@ -264,7 +264,8 @@ def load_inputs(
     ``source`` is ``"noise"`` (standard Gaussian noise from a generator seeded with ``seed``)
     or a folder of images, read with PIL in file-name order, converted to grey (1 channel) or
     RGB (3), resized to ``size`` and scaled to [0, 1] (then ImageNet-normalised with
-    ``normalize="imagenet"``).
+    ``normalize="imagenet"``). ``channels=0``: ``(num_samples, *size)``, no channel axis (grey
+    images), for a model that adds it itself.
 
     Example:
         >>> load_inputs("noise", num_samples=2, channels=3, size=(8, 8)).shape
@@ -276,13 +277,20 @@ def load_inputs(
         raise CLIError(
             f"--size {' '.join(map(str, size))} is not 1-3 positive ints", "e.g. --size 224 224"
         )
+    if channels < 0:
+        raise CLIError(
+            f"--channels {channels} is negative",
+            "pass the model's input channels, or 0 for inputs without a channel axis",
+        )
     if source == "noise":
         gen = torch.Generator().manual_seed(seed)
-        x = torch.randn((num_samples, channels, *size), generator=gen)
+        shape = (num_samples, channels, *size) if channels else (num_samples, *size)
+        x = torch.randn(shape, generator=gen)
     else:
-        x = _read_images(Path(source), num_samples, channels, size, progress)
+        x = _read_images(Path(source), num_samples, max(channels, 1), size, progress)
+        x = x if channels else x[:, 0]
     if normalize == "imagenet":
-        if x.shape[1] != 3:
+        if channels != 3:
             raise CLIError("--normalize imagenet needs 3 channels", "pass --channels 3")
         mean = torch.tensor(_IMAGENET_MEAN).view(1, 3, *[1] * len(size))
         std = torch.tensor(_IMAGENET_STD).view(1, 3, *[1] * len(size))

@@ -75,7 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="spatial size of the inputs (1-3 ints; default 224 224)",
     )
-    probe.add_argument("--channels", type=int, default=3, help="input channels (default 3)")
+    probe.add_argument(
+        "--channels",
+        type=int,
+        default=3,
+        help="input channels (default 3); 0: no channel axis, (N, *size), for a model that "
+        "adds it itself (x.unsqueeze(1))",
+    )
     probe.add_argument("--num-samples", type=int, default=32, help="inputs averaged (32)")
     probe.add_argument(
         "--batch-size",

@@ -227,6 +227,46 @@ def test_images_from_a_folder(workdir):
     assert json.loads((out / "metrics.json").read_text())["2"]["radius"] > 0
 
 
+def test_channels_0_probes_a_model_that_adds_the_channel_axis(workdir):
+    # Noise and grey images without a channel axis, (N, H, W): the same maps as the uniform
+    # stack inside probed on (N, 1, H, W) (the closed form: the map does not depend on x).
+    (workdir / "greymodels.py").write_text(
+        textwrap.dedent(
+            """
+            from torch import nn
+            from mymodels import build
+
+            class Grayscale(nn.Module):  # takes (N, H, W): adds the channel axis itself
+                def __init__(self):
+                    super().__init__()
+                    self.body = build()
+
+                def forward(self, x):
+                    return self.body(x.unsqueeze(1))
+            """
+        )
+    )
+    folder = workdir / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (24, 24), dtype=np.uint8)).save(folder / f"{i}.png")
+    assert load_inputs(str(folder), num_samples=2, channels=0, size=(24, 24)).shape == (2, 24, 24)
+    for inputs in ("noise", str(folder)):
+        sys.modules.pop("greymodels", None)  # imported afresh from this test's folder
+        out = workdir / f"out-{len(inputs)}"
+        argv = probe_args(
+            out, "--layers", "body.2", "--inputs", inputs, factory="greymodels:Grayscale"
+        )
+        argv[argv.index("--channels") + 1] = "0"
+        assert run_cli(*[*argv, "--size", "24", "24"]) == 0
+        got = json.loads((out / "metrics.json").read_text())["body.2"]
+        form = stack_closed_form(KERNELS)[0]  # the uniform 3, 3, 5 stack's closed form
+        assert got["sigma_x"] ** 2 == pytest.approx(form.variance, rel=1e-6)
+        assert got["trf_x"] == form.trf == 9.0
+    sys.modules.pop("greymodels", None)
+
+
 # ---- probe: errors -----------------------------------------------------------------------
 
 
