@@ -48,6 +48,13 @@ from erf_callback.engine.layers import (
     resolve_layers,
     unwrap_model,
 )
+from erf_callback.engine.layout import (
+    LAYOUTS,
+    Layout,
+    carries_every_spatial_axis,
+    to_model,
+    to_probe,
+)
 from erf_callback.engine.trace_cache import (
     TRACES,
     TracedProbe,
@@ -87,12 +94,13 @@ class _StopForward(Exception):  # noqa: N818 - a control-flow signal, not an err
     """Raised from a forward hook once every probed layer has produced its output."""
 
 
-class _NoChannelAxis(Exception):  # noqa: N818 - a control-flow signal, not an error
-    """Every probed layer has one spatial axis more than the inputs read as ``(N, C,
-    *spatial)``: the inputs have no channel axis, ``(N, *spatial)``, and the model adds one
-    (``x.unsqueeze(1)``, a reshape), as for grayscale images ``(N, H, W)`` or raw audio
-    ``(N, L)``. The probe starts again on the inputs with a channel axis of 1, which the
-    model gets squeezed away: the map is then the gradient per input element."""
+class _OtherLayout(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """The first, traced sample shows that the model takes the inputs in another layout than
+    ``(N, C, *spatial)`` (see :mod:`.layout`): the probe starts again in that one."""
+
+    def __init__(self, layout: Layout) -> None:
+        super().__init__(layout)
+        self.layout: Layout = layout
 
 
 class _StaleTrace(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -122,9 +130,10 @@ def compute_erf(
         model: any ``nn.Module``; ``torch.compile`` and DDP wrappers are unwrapped (the original
             module is probed, so nothing is recompiled). Its state is left exactly as found.
         inputs: ``(N, C, *spatial)`` with 1, 2 or 3 spatial dims. Cast to the model's dtype and
-            moved to its device. ``(N, *spatial)`` (grayscale ``(N, H, W)``, raw audio ``(N,
-            L)``) for a model that adds the channel axis itself: the map is then the gradient
-            per input element (see docs/engine.md, "Inputs without a channel axis").
+            moved to its device. Inputs that the model rearranges itself are taken as they
+            are: ``(N, *spatial)`` without channels (grayscale ``(N, H, W)``, raw audio ``(N,
+            L)``) or ``(N, *spatial, C)`` channels last, found on the first sample (see
+            :mod:`erf_callback.engine.layout`).
         layers: names as in ``model.named_modules()``; ``None`` probes the model output (key
             ``"output"``).
         probe: every probe option in one :class:`ProbeConfig`; the keyword arguments below
@@ -201,25 +210,20 @@ def compute_erf(
     deferred = _defers_finite_check(inputs)
     x_all = check_inputs(inputs, finite=not deferred)
     bad = nonfinite_samples(x_all) if deferred else None
-    # Inputs without a channel axis ((N, L) always; (N, H, W) where the model adds one) get
-    # one of 1, which the model's forward does not see (see _NoChannelAxis).
-    squeeze = x_all.dim() == 2 or _takes_no_channel_axis(net, x_all, names)
+    # Inputs in another layout than (N, C, *spatial) are probed in it (see .layout): (N, L)
+    # always has no channel axis; else the first traced sample shows it, once per model.
+    layout: Layout = "no_channel" if x_all.dim() == 2 else "standard"
+    layout = LAYOUTS.recall(net, x_all, names) or layout
     try:
         try:
             sums, meta, cancelled = _accumulate(
-                net,
-                everything,
-                x_all.unsqueeze(1) if squeeze else x_all,
-                names,
-                modules,
-                cfg,
-                squeeze,
+                net, everything, to_probe(x_all, layout), names, modules, cfg, layout
             )
-        except _NoChannelAxis:
-            _NO_CHANNEL_AXIS.setdefault(net, set()).add(_layout_key(x_all, names))
-            squeeze = True
+        except _OtherLayout as other:
+            layout = other.layout
+            LAYOUTS.remember(net, x_all, names, layout)
             sums, meta, cancelled = _accumulate(
-                net, everything, x_all.unsqueeze(1), names, modules, cfg, squeeze
+                net, everything, to_probe(x_all, layout), names, modules, cfg, layout
             )
     except Exception as err:
         if bad is not None:
@@ -235,23 +239,7 @@ def compute_erf(
         from erf_callback.engine.shard import pack_sums, unpack_sums
 
         sums, count = unpack_sums(reduce(pack_sums(sums, count)), sums)
-    return _assemble(
-        sums, meta, names, x_all.unsqueeze(1) if squeeze else x_all, cfg, round(count), cancelled
-    )
-
-
-#: Per model, the inputs (shape after N, probed layers) found to come without a channel axis:
-#: their next probe starts with one added instead of finding it out again (held weakly).
-_NO_CHANNEL_AXIS: weakref.WeakKeyDictionary[nn.Module, set[Hashable]] = weakref.WeakKeyDictionary()
-
-
-def _layout_key(x_all: torch.Tensor, names: list[str]) -> Hashable:
-    return tuple(x_all.shape[1:]), tuple(names)
-
-
-def _takes_no_channel_axis(net: nn.Module, x_all: torch.Tensor, names: list[str]) -> bool:
-    known = _NO_CHANNEL_AXIS.get(net)
-    return known is not None and _layout_key(x_all, names) in known
+    return _assemble(sums, meta, names, to_probe(x_all, layout), cfg, round(count), cancelled)
 
 
 def _accumulate(
@@ -261,16 +249,16 @@ def _accumulate(
     names: list[str],
     modules: dict[str, nn.Module | None],
     cfg: ProbeConfig,
-    squeeze: bool = False,
+    layout: Layout = "standard",
 ) -> tuple[dict[str, torch.Tensor], dict[str, _LayerMeta], set[str]]:
     """Sum every probed unit's reduced input gradient over all samples, chunk by chunk; also
     the layers whose unit turned out constant up to rounding (see ``_Probe.first``).
-    ``squeeze``: ``x_all`` has a channel axis of 1 that the model does not take."""
+    ``x_all`` is in the probe's layout; the model takes it in ``layout`` (see .layout)."""
     recall, by_backward = True, net in _BY_BACKWARD
     while True:  # each retry turns a flag that never turns back: at most three attempts
         try:
             return _accumulate_chunks(
-                net, everything, x_all, names, modules, cfg, recall, by_backward, squeeze
+                net, everything, x_all, names, modules, cfg, recall, by_backward, layout
             )
         except _StaleTrace:
             if not recall:
@@ -326,7 +314,7 @@ def _accumulate_chunks(
     cfg: ProbeConfig,
     recall: bool,
     by_backward: bool,
-    squeeze: bool = False,
+    layout: Layout = "standard",
 ) -> tuple[dict[str, torch.Tensor], dict[str, _LayerMeta], set[str]]:
     """Sum every probed unit's reduced input gradient over all samples, chunk by chunk.
 
@@ -354,7 +342,7 @@ def _accumulate_chunks(
         cfg,
         x_all.dim() - 2,
         by_backward,
-        squeeze,
+        layout,
     )
     positions = per_layer(cfg.position, names, "position")
     # The optimize=False path is the reference the fast path is checked against: it always
@@ -537,11 +525,11 @@ class _Probe:
         cfg: ProbeConfig,
         spatial_dims: int,
         by_backward: bool = False,
-        squeeze: bool = False,
+        layout: Layout = "standard",
     ) -> None:
         self.net, self.names, self.modules, self.transforms = net, names, modules, transforms
         self.cfg, self.spatial_dims = cfg, spatial_dims
-        self.squeeze = squeeze  # the model takes the chunks without their channel axis of 1
+        self.layout = layout  # how the model takes the chunks (see .layout)
         self.meta: dict[str, _LayerMeta] = {}
         self.per_sample_bytes = 0.0
         self.recalled = False  # meta comes from an earlier probe's trace
@@ -560,21 +548,17 @@ class _Probe:
             unbatched_guard(
                 self.net,
                 self.spatial_dims,
-                NO_AXES_HINT if self.squeeze and x.dim() == 3 else UNBATCHED_HINT,
+                NO_AXES_HINT if self.layout == "no_channel" and x.dim() == 3 else UNBATCHED_HINT,
             ),
             tracer,
             meter,
             recorder if self.cfg.optimize else nullcontext(),
         ):
             outputs = _forward_capture(
-                self.net, x, self.names, self.modules, self.transforms, self.squeeze
+                self.net, x, self.names, self.modules, self.transforms, self.layout
             )
-        if (
-            not self.squeeze
-            and x.dim() < 5
-            and all(o.dim() == x.dim() + 1 for o in outputs.values())
-        ):
-            raise _NoChannelAxis
+        if self.layout == "standard":
+            self._check_layout(x, outputs, tracer)
         _check_batch(outputs, x.shape[0])
         for name, out in outputs.items():
             pos = check_output(
@@ -592,6 +576,31 @@ class _Probe:
             layout = _wants_channels_last(self.net, x, x.device)
             fast = FastPath.plan(self.net, recorder, list(outputs.values()), probed, layout)
         return self._backward(x, outputs, check_cancellation=True), fast
+
+    def _check_layout(
+        self, x: torch.Tensor, outputs: dict[str, torch.Tensor], tracer: ReceptiveFieldTracer
+    ) -> None:
+        """Raise :class:`_OtherLayout` when the first sample, read as ``(N, C, *spatial)``,
+        shows that the model takes the inputs in another layout (see .layout)."""
+        if x.dim() < 5 and all(o.dim() == x.dim() + 1 for o in outputs.values()):
+            raise _OtherLayout("no_channel")
+        nd = self.spatial_dims
+        if all(carries_every_spatial_axis(tracer.lookup(o), nd) for o in outputs.values()):
+            return
+        # A probed output's spatial axes do not all come from the inputs' spatial axes: the
+        # model may take the channels last and move them itself. That is the layout only if
+        # the same sample traced so carries them all (an op the tracer cannot follow, as in
+        # a ViT, loses them in either reading).
+        xc = to_probe(x.detach(), "channels_last")  # x is the chunk as the user gave it
+        try:
+            with torch.no_grad(), ReceptiveFieldTracer(xc) as moved:
+                again = _forward_capture(
+                    self.net, xc, self.names, self.modules, self.transforms, "channels_last"
+                )
+        except Exception:
+            return  # the model does not take them so: its own reading stands
+        if all(carries_every_spatial_axis(moved.lookup(o), nd) for o in again.values()):
+            raise _OtherLayout("channels_last")
 
     def recall(self, known: TracedProbe, positions: dict[str, Any]) -> FastPath:
         """Take the layers' shapes and geometry from an earlier probe's trace; its fast path."""
@@ -636,7 +645,7 @@ class _Probe:
     def _run(self, x: torch.Tensor) -> list[torch.Tensor]:
         x.requires_grad_(True)
         outputs = _forward_capture(
-            self.net, x, self.names, self.modules, self.transforms, self.squeeze
+            self.net, x, self.names, self.modules, self.transforms, self.layout
         )
         _check_batch(outputs, x.shape[0])
         if self.recalled:
@@ -766,11 +775,10 @@ def _forward_capture(
     names: list[str],
     modules: dict[str, nn.Module | None],
     transforms: dict[str, OutputTransform | None],
-    squeeze: bool = False,
+    layout: Layout = "standard",
 ) -> dict[str, torch.Tensor]:
-    """The probed layers' outputs of ``model(x)`` (the forward stops after the last);
-    ``squeeze``: the model takes ``x`` without its channel axis of 1 (see
-    :class:`_NoChannelAxis`)."""
+    """The probed layers' outputs of the model's forward on ``x`` (in the probe's layout; the
+    model gets it in ``layout``, see .layout); the forward stops after the last of them."""
     captured: dict[str, torch.Tensor] = {}
     hooked = [n for n in names if modules[n] is not None]
 
@@ -790,7 +798,7 @@ def _forward_capture(
         # normalisation first, or a clamp_ under no_grad) then neither fails on the leaf that
         # gradients are taken for nor changes the caller's inputs, which a chunk is a view of.
         # One copy of the chunk's input, small beside its activations.
-        output = model(x.clone().squeeze(1) if squeeze else x.clone())
+        output = model(to_model(x, layout))
     except _StopForward:
         output = None
     finally:

@@ -192,16 +192,23 @@ def test_a_lazy_module_the_forward_never_initialises_fails_at_the_first_step(tmp
     assert model.training_steps == 1  # the check waited for one forward, then said why
 
 
-def test_grayscale_batches_without_a_channel_axis_are_probed(tmp_path):
-    # Batches of (N, H, W) images whose model adds the channel axis itself (x.unsqueeze(1)):
-    # the default layer is found and every probe maps the (H, W) input.
-    class Grayscale(module_class()):
+@pytest.mark.parametrize(
+    ("layout", "to_model", "stored"),
+    [
+        ("no channel axis", lambda x: x.unsqueeze(1), lambda x: x[:, 0]),  # (N, H, W)
+        ("channels last", lambda x: x.permute(0, 3, 1, 2), lambda x: x.permute(0, 2, 3, 1)),
+    ],
+)
+def test_batches_the_model_rearranges_itself_are_probed(tmp_path, layout, to_model, stored):
+    # Batches without a channel axis (the model adds it) or with it last (the model moves
+    # it): the default layer is found and every probe maps the (H, W) input.
+    class Rearranges(module_class()):
         def __init__(self) -> None:
             super().__init__()
-            self.net[0] = torch.nn.Conv2d(1, 8, 3, padding=1)
+            self.net[0] = torch.nn.Conv2d(1 if layout == "no channel axis" else 3, 8, 3, padding=1)
 
         def forward(self, x):
-            return self.net(x.unsqueeze(1))
+            return self.net(to_model(x))
 
         def training_step(self, batch, batch_idx):
             self.training_steps += 1
@@ -211,16 +218,17 @@ def test_grayscale_batches_without_a_channel_axis_are_probed(tmp_path):
         def train_dataloader(self):
             x, y = data().tensors
             return torch.utils.data.DataLoader(
-                torch.utils.data.TensorDataset(x[:, 0], y), batch_size=8
+                torch.utils.data.TensorDataset(stored(x), y), batch_size=8
             )
 
     monitor = ERFMonitor(every_n_steps=2, num_samples=8, log_images=False)
-    fit(tmp_path, monitor, model=Grayscale())
+    fit(tmp_path, monitor, model=Rearranges())
     assert monitor.layers == ["net.7"]  # the last spatial output: the ReLU before pooling
     assert [r["step"] for r in monitor.history.records] == [0, 2, 4, 5]
     assert {r["status"] for r in monitor.history.records} == {"ok"}
-    assert monitor.probe_inputs.shape == (8, 16, 16)
+    assert monitor.probe_inputs.shape[1:3] == (16, 16)
     assert monitor.history.records[0]["trf_x"] == 9.0  # 3x3, 3x3 stride 2, 3x3
+    assert monitor.history.records[0]["center_x"] == pytest.approx(7.5, abs=1.0)
 
 
 def test_resume_with_the_default_layer_finds_its_state(tmp_path):

@@ -1,6 +1,7 @@
-"""Inputs without a channel axis: grayscale images ``(N, H, W)`` and raw audio ``(N, L)`` whose
-model adds the channel axis itself (``x.unsqueeze(1)``). The map is the gradient per input
-element, exactly what probing the model's convolutional part on ``(N, 1, *spatial)`` gives."""
+"""Inputs in another layout than ``(N, C, *spatial)``, which the model rearranges itself:
+without a channel axis (grayscale ``(N, H, W)``, raw audio ``(N, L)``; the model adds it with
+``x.unsqueeze(1)``), and channels last (``(N, H, W, C)``; the model permutes). The map is
+exactly what probing the model's convolutional part on ``(N, C, *spatial)`` inputs gives."""
 
 from __future__ import annotations
 
@@ -135,3 +136,71 @@ def test_one_image_without_batch_and_channel_axes_is_told_to_add_both():
     with pytest.raises(UnbatchedInputError, match=r"inputs\[None, None\]"):
         compute_erf(net, torch.randn(24, 24))
     assert compute_erf(net, torch.randn(24, 24)[None, None])["output"].status == "ok"
+
+
+class PermutesChannels(nn.Module):
+    """A network on channels-last inputs ``(N, *spatial, C)``: ``forward`` moves them."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x.movedim(-1, 1))
+
+
+@pytest.mark.parametrize(
+    ("body", "shape", "layer"),
+    [
+        (
+            nn.Sequential(nn.Conv2d(6, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, 2)),
+            (5, 24, 20, 6),
+            "body.2",
+        ),  # (N, H, W, C), C = 6
+        (nn.Sequential(nn.Conv1d(4, 4, 5, padding=2)), (4, 90, 4), "body.0"),  # (N, L, C)
+        (
+            nn.Sequential(nn.Conv3d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv3d(3, 3, 3)).double(),
+            (2, 9, 10, 11, 2),
+            "body.2",
+        ),  # (N, D, H, W, C)
+    ],
+)
+def test_channels_last_inputs_are_probed_in_the_models_layout(body, shape, layer):
+    torch.manual_seed(3)
+    body = body.double()
+    net = PermutesChannels(body)
+    x = torch.randn(*shape, dtype=torch.float64)
+    got = compute_erf(net, x, [layer])[layer]
+    inner = layer.removeprefix("body.")
+    want = compute_erf(body, x.movedim(-1, 1), [inner])[inner]
+    assert got.grad.shape == x.shape[1:-1]
+    torch.testing.assert_close(got.grad, want.grad, rtol=1e-12, atol=1e-15)
+    assert (got.trf, got.location, got.position) == (want.trf, want.location, want.position)
+    # by hand, one sample: |d unit / d x| summed over the last axis
+    leaf = x[:1].clone().requires_grad_(True)
+    seen: list[torch.Tensor] = []
+    hook = dict(net.named_modules())[layer].register_forward_hook(lambda m, i, o: seen.append(o))
+    net.eval()(leaf)
+    hook.remove()
+    (grad,) = torch.autograd.grad(seen[0][(0, slice(None), *got.position)].sum(), leaf)
+    one = compute_erf(net, x[:1], [layer])[layer].grad
+    torch.testing.assert_close(one, grad.abs()[0].sum(-1), rtol=1e-12, atol=1e-15)
+
+
+def test_a_model_that_takes_its_inputs_as_given_keeps_them_so():
+    # A ViT-like path (patchify, flatten to tokens, back to a grid) loses the trace of its
+    # spatial axes; read channels last, it does not find them either: (N, C, H, W) stands.
+    from erf_callback import tokens_to_grid
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.patch = nn.Conv2d(3, 8, 4, stride=4)
+            self.mix = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.mix(self.patch(x).flatten(2).transpose(1, 2))
+
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    m = compute_erf(Tokens().double(), x, ["mix"], output_transform=tokens_to_grid((8, 8), 0))
+    assert m["mix"].grad.shape == (32, 32)
