@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=3,
         help="input channels (default 3); 0: no channel axis, (N, *size), for a model that "
-        "adds it itself (x.unsqueeze(1))",
+        "adds it itself (x.unsqueeze(1)), or channels last with C the last --size value",
     )
     probe.add_argument("--num-samples", type=int, default=32, help="inputs averaged (32)")
     probe.add_argument(

@@ -265,6 +265,29 @@ def test_channels_0_probes_a_model_that_adds_the_channel_axis(workdir):
         assert got["sigma_x"] ** 2 == pytest.approx(form.variance, rel=1e-6)
         assert got["trf_x"] == form.trf == 9.0
     sys.modules.pop("greymodels", None)
+    # Channels last, written as the last --size value: (N, H, W, 2) for a model that permutes.
+    (workdir / "lastmodels.py").write_text(
+        textwrap.dedent(
+            """
+            from torch import nn
+
+            class ChannelsLast(nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.body = nn.Sequential(nn.Conv2d(2, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 5))
+
+                def forward(self, x):
+                    return self.body(x.permute(0, 3, 1, 2))
+            """
+        )
+    )
+    out = workdir / "out-last"
+    argv = probe_args(out, "--layers", "body.2", factory="lastmodels:ChannelsLast")
+    argv[argv.index("--channels") + 1] = "0"
+    assert run_cli(*[*argv, "--size", "24", "20", "2"]) == 0
+    sys.modules.pop("lastmodels", None)
+    got = json.loads((out / "metrics.json").read_text())["body.2"]
+    assert (got["trf_y"], got["trf_x"]) == (7.0, 7.0)  # over (H, W), not (W, C)
 
 
 # ---- probe: errors -----------------------------------------------------------------------
