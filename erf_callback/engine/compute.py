@@ -51,6 +51,7 @@ from erf_callback.engine.layers import (
 from erf_callback.engine.layout import (
     LAYOUTS,
     Layout,
+    Reshaped,
     carries_every_spatial_axis,
     to_model,
     to_probe,
@@ -215,16 +216,15 @@ def compute_erf(
     layout: Layout = "no_channel" if x_all.dim() == 2 else "standard"
     layout = LAYOUTS.recall(net, x_all, names) or layout
     try:
-        try:
-            sums, meta, cancelled = _accumulate(
-                net, everything, to_probe(x_all, layout), names, modules, cfg, layout
-            )
-        except _OtherLayout as other:
-            layout = other.layout
-            LAYOUTS.remember(net, x_all, names, layout)
-            sums, meta, cancelled = _accumulate(
-                net, everything, to_probe(x_all, layout), names, modules, cfg, layout
-            )
+        while True:  # at most twice over: (N, L) -> reshaped; other layouts are not checked
+            try:
+                sums, meta, cancelled = _accumulate(
+                    net, everything, to_probe(x_all, layout), names, modules, cfg, layout
+                )
+                break
+            except _OtherLayout as other:
+                layout = other.layout
+                LAYOUTS.remember(net, x_all, names, layout)
     except Exception as err:
         if bad is not None:
             try:
@@ -559,6 +559,8 @@ class _Probe:
             )
         if self.layout == "standard":
             self._check_layout(x, outputs, tracer)
+        if self.layout in ("standard", "no_channel"):
+            self._check_reshaped(x, outputs)
         _check_batch(outputs, x.shape[0])
         for name, out in outputs.items():
             pos = check_output(
@@ -601,6 +603,38 @@ class _Probe:
             return  # the model does not take them so: its own reading stands
         if all(carries_every_spatial_axis(moved.lookup(o), nd) for o in again.values()):
             raise _OtherLayout("channels_last")
+
+    def _check_reshaped(self, x: torch.Tensor, outputs: dict[str, torch.Tensor]) -> None:
+        """Raise :class:`_OtherLayout` with a :class:`Reshaped` layout when the probed outputs
+        have another rank than the inputs and the model's first spatial layer of that rank
+        gets a reshape of them: as many elements per sample (flat images ``(N, 784)`` that
+        the model views as ``(N, 1, 28, 28)``)."""
+        ranks = {o.dim() for o in outputs.values()}
+        rank = ranks.pop() if len(ranks) == 1 else 0
+        if not 3 <= rank <= 5 or rank == x.dim():
+            return
+        given = to_model(x.detach(), self.layout)  # the first sample as the user gave it
+        seen: list[tuple[int, ...]] = []
+
+        def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            t = args[0] if args else None
+            if isinstance(t, torch.Tensor) and t.dim() == rank and t.numel() == given.numel():
+                seen.append(tuple(t.shape[1:]))
+                raise _StopForward
+
+        handles = [m.register_forward_pre_hook(hook) for m in self.net.modules()]
+        try:
+            with torch.no_grad():
+                self.net(given)
+        except _StopForward:
+            pass
+        except Exception:
+            return  # the model's own error: the rank check below reports the outputs
+        finally:
+            for h in handles:
+                h.remove()
+        if seen:
+            raise _OtherLayout(Reshaped(tuple(given.shape[1:]), seen[0]))
 
     def recall(self, known: TracedProbe, positions: dict[str, Any]) -> FastPath:
         """Take the layers' shapes and geometry from an earlier probe's trace; its fast path."""

@@ -115,6 +115,9 @@ def deepest_spatial_layer(
     # have no channel axis (grayscale (N, H, W), raw audio (N, L)) and the model adds one,
     # as compute_erf finds out for itself; used when no output fits the usual reading.
     without_channels: list[str] = []
+    # Else outputs of another rank (1-3 spatial axes): the model reshapes its inputs (flat
+    # images (N, 784) viewed as (N, 1, 28, 28)).
+    reshaped: list[str] = []
 
     def make_hook(name: str) -> Callable[..., None]:
         def hook(_module: nn.Module, _args: Any, output: Any) -> None:
@@ -122,8 +125,14 @@ def deepest_spatial_layer(
                 out = apply_transform(name, output, output_transform)
             except Exception:
                 return
-            if math.prod(out.shape[2:]) > 1 and out.dim() in (x.dim(), x.dim() + 1):
-                (finished if out.dim() == x.dim() else without_channels).append(name)
+            if math.prod(out.shape[2:]) <= 1 or not 3 <= out.dim() <= 5:
+                return
+            if out.dim() == x.dim():
+                finished.append(name)
+            elif out.dim() == x.dim() + 1:
+                without_channels.append(name)
+            else:
+                reshaped.append(name)
 
         return hook
 
@@ -138,7 +147,7 @@ def deepest_spatial_layer(
     finally:
         for h in handles:
             h.remove()
-    finished = finished or (without_channels if x.dim() < 5 else [])
+    finished = finished or without_channels or reshaped
     if not finished:
         raise ValueError(
             "No submodule of the model has a spatial output (N, C, *spatial); name the layers "

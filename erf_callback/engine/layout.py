@@ -12,17 +12,22 @@ layout are brought to it, and the model gets them back as they were at every for
   itself (NumPy and PIL images ``(N, H, W, C)``, an RL environment's observations): the
   channel axis moves to 1, and back for the model.
 
+* :class:`Reshaped`: inputs that the model reshapes itself before its first spatial layer
+  (flat images ``(N, 784)`` viewed as ``(N, 1, 28, 28)``): reshaped so, and back for the
+  model.
+
 ``compute_erf`` finds the layout on its first, traced sample (the probed layers have one
 spatial axis more than ``(N, C, *spatial)`` gives: no channel axis; their spatial axes do not
-all come from the inputs' axes 2, 3, ..., but do from 1, 2, ...: channels last) and
-remembers it per model in :data:`LAYOUTS`.
+all come from the inputs' axes 2, 3, ..., but do from 1, 2, ...: channels last; another rank,
+and the first spatial layer gets as many elements per sample as the inputs hold: reshaped)
+and remembers it per model in :data:`LAYOUTS`.
 """
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import Hashable, Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -33,12 +38,24 @@ __all__ = [
     "LAYOUTS",
     "Layout",
     "LayoutMemory",
+    "Reshaped",
     "carries_every_spatial_axis",
     "to_model",
     "to_probe",
 ]
 
-Layout = Literal["standard", "no_channel", "channels_last"]
+
+class Reshaped(NamedTuple):
+    """Inputs that the model reshapes itself: each sample, ``given`` as the user holds it
+    (flat MNIST: ``(784,)``), is ``probed`` as the model's first spatial layer receives it
+    (``(1, 28, 28)``). Row-major order is kept both ways, so each map pixel is one input
+    element."""
+
+    given: tuple[int, ...]
+    probed: tuple[int, ...]
+
+
+Layout = Literal["standard", "no_channel", "channels_last"] | Reshaped
 
 
 def to_probe(x: torch.Tensor, layout: Layout) -> torch.Tensor:
@@ -48,6 +65,8 @@ def to_probe(x: torch.Tensor, layout: Layout) -> torch.Tensor:
         >>> to_probe(torch.zeros(2, 8, 6, 3), "channels_last").shape
         torch.Size([2, 3, 8, 6])
     """
+    if isinstance(layout, Reshaped):
+        return x.reshape(x.shape[0], *layout.probed)
     if layout == "no_channel":
         return x.unsqueeze(1)
     if layout == "channels_last":
@@ -63,6 +82,8 @@ def to_model(x: torch.Tensor, layout: Layout) -> torch.Tensor:
         >>> to_model(torch.zeros(2, 3, 8, 6), "channels_last").shape
         torch.Size([2, 8, 6, 3])
     """
+    if isinstance(layout, Reshaped):
+        return x.clone().reshape(x.shape[0], *layout.given)
     if layout == "no_channel":
         return x.clone().squeeze(1)
     if layout == "channels_last":

@@ -99,6 +99,8 @@ class ReceptiveFieldTracer(TorchFunctionMode):
         self._nd = root.ndim - 2
         self._root_size = tuple(int(s) for s in root.shape[2:])
         self._recs: dict[int, tuple[weakref.ref[torch.Tensor], TensorRF]] = {}
+        # Flattening reshapes (see flattened): output id -> (output, input shape, input record).
+        self._flat: dict[int, tuple[weakref.ref[torch.Tensor], tuple[int, ...], TensorRF]] = {}
         self.degraded_ops: set[str] = set()
         unit = AxisRF(0.0, 1.0, 1.0, True)
         self._store(root, TensorRF((None, None, *((k, unit) for k in range(self._nd))), {}))
@@ -116,6 +118,15 @@ class ReceptiveFieldTracer(TorchFunctionMode):
         if e is None or e[0]() is not t:
             return None
         return e[1]
+
+    def flattened(self, t: torch.Tensor) -> tuple[tuple[int, ...], TensorRF] | None:
+        """The shape and record of the tensor that ``t`` is a flattening reshape of, or None:
+        a reshape back restores them (flat images that a model views as images again)."""
+        e = self._flat.get(id(t))
+        return None if e is None or e[0]() is not t else (e[1], e[2])
+
+    def note_flattened(self, out: torch.Tensor, shape: tuple[int, ...], rec: TensorRF) -> None:
+        self._flat[id(out)] = (weakref.ref(out), shape, rec)
 
     def sources(
         self, args: Sequence[Any], kwargs: Mapping[str, Any]

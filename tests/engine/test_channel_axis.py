@@ -204,3 +204,46 @@ def test_a_model_that_takes_its_inputs_as_given_keeps_them_so():
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     m = compute_erf(Tokens().double(), x, ["mix"], output_transform=tokens_to_grid((8, 8), 0))
     assert m["mix"].grad.shape == (32, 32)
+
+
+class Flat(nn.Module):
+    """A network on flat inputs ``(N, C * H * W)``: ``forward`` views them as images."""
+
+    def __init__(self, body: nn.Module, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.body, self.shape = body, shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x.view(-1, *self.shape))
+
+
+@pytest.mark.parametrize("chunk_size", ["auto", None])
+@pytest.mark.parametrize(
+    ("channels", "size"),
+    [(1, (28, 28)), (3, (16, 20))],  # flat MNIST (N, 784); flat RGB (N, 960)
+)
+def test_flat_inputs_are_probed_as_the_model_views_them(channels, size, chunk_size):
+    torch.manual_seed(4)
+    body = nn.Sequential(
+        nn.Conv2d(channels, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1)
+    ).double()
+    net = Flat(body, (channels, *size))
+    x = torch.randn(5, channels * size[0] * size[1], dtype=torch.float64)
+    got = compute_erf(net, x, ["body.2"], chunk_size=chunk_size)["body.2"]
+    want = compute_erf(body, x.view(-1, channels, *size), ["2"])["2"]
+    assert got.grad.shape == size  # one map pixel per input element, row-major as the view
+    torch.testing.assert_close(got.grad, want.grad, rtol=1e-12, atol=1e-15)
+    assert (got.trf, got.location, got.position) == (want.trf, want.location, want.position)
+    assert deepest_spatial_layer(net, x) == "body"
+
+
+def test_flat_inputs_through_unflatten():
+    torch.manual_seed(5)
+    net = nn.Sequential(
+        nn.Unflatten(1, (1, 12, 12)), nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Conv2d(3, 3, 3)
+    ).double()
+    x = torch.randn(4, 144, dtype=torch.float64)
+    got = compute_erf(net, x, ["3"])["3"]
+    want = compute_erf(net[1:], x.view(-1, 1, 12, 12), ["3"])["3"]
+    torch.testing.assert_close(got.grad, want.grad, rtol=1e-12, atol=1e-15)
+    assert got.trf == want.trf == (5.0, 5.0)

@@ -471,6 +471,8 @@ def test_convnext_permute_round_trip_stays_exact() -> None:
         lambda y: torch.swapaxes(y, 2, 3).mT,
         lambda y: y.to(memory_format=torch.channels_last).clone(),
         lambda y: y.unsqueeze(0).squeeze(0).reshape(y.shape).view_as(y),
+        lambda y: y.flatten(2).view(y.shape),  # a flatten undone by the next reshape
+        lambda y: y.reshape(len(y), -1).unflatten(1, y.shape[1:]),
         lambda y: y[:, :, :, :],
         lambda y: torch.cat(torch.chunk(y, 2, dim=1), dim=1),
     ],

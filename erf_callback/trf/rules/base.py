@@ -81,6 +81,16 @@ class TraceState(Protocol):
         """Record of ``out`` under the generic rule: a broadcasting union of ``srcs``."""
         ...
 
+    def flattened(self, t: torch.Tensor) -> tuple[tuple[int, ...], TensorRF] | None:
+        """The shape and record of the tensor that ``t`` is a flattening reshape of (see
+        :meth:`note_flattened`), or None."""
+        ...
+
+    def note_flattened(self, out: torch.Tensor, shape: tuple[int, ...], rec: TensorRF) -> None:
+        """Remember that ``out`` reshapes a tensor of ``shape`` and record ``rec`` into fewer
+        spatial dims: a reshape of ``out`` back to ``shape`` gets ``rec`` again."""
+        ...
+
 
 class OpCall(NamedTuple):
     """One call of a torch function during the traced forward, as a rule sees it.

@@ -138,11 +138,24 @@ def reshape_rec(rec: TensorRF, in_shape: Sequence[int], out_shape: Sequence[int]
 
 
 def reshape_rule(tr: TraceState, op: OpCall) -> RuleResult:
-    """``view``/``reshape``/``flatten``/``squeeze``...: see :func:`reshape_rec`."""
+    """``view``/``reshape``/``flatten``/``squeeze``...: see :func:`reshape_rec`.
+
+    A reshape that merges spatial dims loses their geometry (:func:`reshape_rec`), except
+    when the very next reshape undoes it: a flat ``(N, 784)`` batch that the model views as
+    ``(N, 1, 28, 28)`` again gets the record it had as an image.
+    """
     x, rec = input_rec(tr, op)
     if len(op.outs) != 1:
         raise UnhandledError
-    return reshape_rec(rec, x.shape, op.out.shape)
+    shape = tuple(int(s) for s in op.out.shape)
+    before = tr.flattened(x)
+    if before is not None and before[0] == shape:
+        return before[1]
+    out = reshape_rec(rec, x.shape, shape)
+    carried = {d[0] for d in out.dims if d is not None}
+    if any(d is not None and d[0] not in carried for d in rec.dims):
+        tr.note_flattened(op.out, tuple(int(s) for s in x.shape), rec)
+    return out
 
 
 def basic_index(i: Any) -> Any:
