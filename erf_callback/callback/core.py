@@ -450,8 +450,6 @@ class ERFMonitorBase:
         self._last_step_seen = step
         if previous is None or previous > step:
             previous = step - 1
-        if self._last_probed_step is not None and previous < self._last_probed_step < step:
-            previous = self._last_probed_step  # a scheduled step up to it is served (resume)
         self._time_step(trainer, step - previous)
         if self._needs_timing_probe():
             # Resumed before the automatic interval was chosen: time one probe now.

@@ -216,7 +216,9 @@ def compute_erf(
     layout: Layout = "no_channel" if x_all.dim() == 2 else "standard"
     layout = LAYOUTS.recall(net, x_all, names) or layout
     try:
-        while True:  # at most twice over: (N, L) -> reshaped; other layouts are not checked
+        # A "standard" probe may find any other layout; a "no_channel" one only Reshaped, and
+        # only for (N, L) inputs, which start there; the others are final: two attempts at most.
+        while True:
             try:
                 sums, meta, cancelled = _accumulate(
                     net, everything, to_probe(x_all, layout), names, modules, cfg, layout
@@ -587,6 +589,8 @@ class _Probe:
         if x.dim() < 5 and all(o.dim() == x.dim() + 1 for o in outputs.values()):
             raise _OtherLayout("no_channel")
         nd = self.spatial_dims
+        if any(o.dim() != x.dim() for o in outputs.values()):
+            return  # another rank: no reading of the channels gives it (see _check_reshaped)
         if all(carries_every_spatial_axis(tracer.lookup(o), nd) for o in outputs.values()):
             return
         # A probed output's spatial axes do not all come from the inputs' spatial axes: the

@@ -462,7 +462,7 @@ def check_output(
             message = (
                 f"the output_transform of layer {name!r} returns shape {_batched(shape)}, but "
                 f"an ERF needs {need}. Make it return the layer's output as "
-                f"{_LAYOUTS.get(spatial_dims, '(N, C, *spatial)')}."
+                f"(N, C, {_axes(spatial_dims)})."
             )
         else:
             message = (
@@ -490,9 +490,6 @@ def check_output(
             f"use indices 0 <= p < size per axis (the centre is {tuple(s // 2 for s in spatial)})."
         )
     return pos
-
-
-_LAYOUTS = {1: "(N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}
 
 
 def _batched(shape: Sequence[int]) -> str:
