@@ -39,6 +39,7 @@ from erf_callback import (
 )
 from erf_callback.callback.inputs import extract_input, gather_inputs
 from erf_callback.engine.layers import deepest_spatial_layer
+from tests.helpers.nets import KeepsAndWrites
 
 FAQ = pathlib.Path(__file__).resolve().parents[1] / "docs" / "faq.md"
 _QUOTED = re.compile(r"\*\*`([^`]+)`\*\*")
@@ -342,6 +343,7 @@ ENGINE_CALLS: list[Callable[[], object]] = [
     lambda: compute_erf(_conv_net(), _x(2, 3, 8, 8), ["0"], output_transform=lambda o: o[:, 0]),
     lambda: compute_erf(_conv_net(), _x(32)),
     lambda: compute_erf(_Lift(), _x(3, 8, 8)),
+    lambda: compute_erf(KeepsAndWrites(), _x(2, 1, 8, 8), ["a", "output"]),
 ]
 
 

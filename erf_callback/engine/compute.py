@@ -104,6 +104,12 @@ class _OtherLayout(Exception):  # noqa: N818 - a control-flow signal, not an err
         self.layout: Layout = layout
 
 
+class _WrittenInPlace(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised after a forward that wrote into a probed output after it was captured (an
+    in-place ReLU or ``out += identity`` behind the layer): its values and autograd graph are
+    then no longer the layer's, and the chunk is run again with copies handed downstream."""
+
+
 class _StaleTrace(Exception):  # noqa: N818 - a control-flow signal, not an error
     """A layer's output shape differs from the remembered trace's: the model changed in a way
     its fingerprint did not show; the probe starts again, traced."""
@@ -537,11 +543,21 @@ class _Probe:
         self.recalled = False  # meta comes from an earlier probe's trace
         self.cancelled: set[str] = set()  # layers whose channel sum is constant (see first)
         self.by_backward = by_backward  # input gradients through .backward() (_input_grad)
+        self.protect = False  # hand copies of the probed outputs downstream (_WrittenInPlace)
 
     def first(
         self, x: torch.Tensor, positions: dict[str, Any]
     ) -> tuple[list[torch.Tensor], FastPath]:
         """Run the model as written, traced, checked and measured; plan the fast path."""
+        try:
+            return self._first(x, positions)
+        except _WrittenInPlace:
+            self.protect = True  # this chunk again (traced and measured afresh), and the rest
+            return self._first(x, positions)
+
+    def _first(
+        self, x: torch.Tensor, positions: dict[str, Any]
+    ) -> tuple[list[torch.Tensor], FastPath]:
         x.requires_grad_(True)
         tracer = ReceptiveFieldTracer(x)
         meter = SavedBytesMeter(self.net)
@@ -557,7 +573,7 @@ class _Probe:
             recorder if self.cfg.optimize else nullcontext(),
         ):
             outputs = _forward_capture(
-                self.net, x, self.names, self.modules, self.transforms, self.layout
+                self.net, x, self.names, self.modules, self.transforms, self.layout, self.protect
             )
         if self.layout == "standard":
             self._check_layout(x, outputs, tracer)
@@ -601,7 +617,7 @@ class _Probe:
         try:
             with torch.no_grad(), ReceptiveFieldTracer(xc) as moved:
                 again = _forward_capture(
-                    self.net, xc, self.names, self.modules, self.transforms, "channels_last"
+                    self.net, xc, self.names, self.modules, self.transforms, "channels_last", True
                 )
         except Exception:
             return  # the model does not take them so: its own reading stands
@@ -682,9 +698,15 @@ class _Probe:
 
     def _run(self, x: torch.Tensor) -> list[torch.Tensor]:
         x.requires_grad_(True)
-        outputs = _forward_capture(
-            self.net, x, self.names, self.modules, self.transforms, self.layout
-        )
+        try:
+            outputs = _forward_capture(
+                self.net, x, self.names, self.modules, self.transforms, self.layout, self.protect
+            )
+        except _WrittenInPlace:
+            self.protect = True
+            outputs = _forward_capture(
+                self.net, x, self.names, self.modules, self.transforms, self.layout, True
+            )
         _check_batch(outputs, x.shape[0])
         if self.recalled:
             for name, out in outputs.items():
@@ -814,19 +836,30 @@ def _forward_capture(
     modules: dict[str, nn.Module | None],
     transforms: dict[str, OutputTransform | None],
     layout: Layout = "standard",
+    protect: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The probed layers' outputs of the model's forward on ``x`` (in the probe's layout; the
-    model gets it in ``layout``, see .layout); the forward stops after the last of them."""
+    model gets it in ``layout``, see .layout); the forward stops after the last of them.
+
+    A probed output that the rest of the forward writes into (an in-place ReLU behind the
+    layer, ``out += identity``) would be read with those writes, and differentiated through
+    them: the forward then raises :class:`_WrittenInPlace`. With ``protect``, the layers'
+    outputs are captured as computed and the model goes on with copies of them (one copy of
+    each probed layer's output but the last, which ends the forward).
+    """
     captured: dict[str, torch.Tensor] = {}
+    versions: dict[str, int] = {}
     hooked = [n for n in names if modules[n] is not None]
 
-    def make_hook(name: str) -> Callable[..., None]:
-        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+    def make_hook(name: str) -> Callable[..., Any]:
+        def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
             if name in captured:  # a module called twice: its first call is probed
-                return
-            captured[name] = apply_transform(name, output, transforms[name])
+                return None
+            out = captured[name] = apply_transform(name, output, transforms[name])
+            versions[name] = out._version
             if len(captured) == len(names):
                 raise _StopForward
+            return _copied(output) if protect else None
 
         return hook
 
@@ -842,6 +875,17 @@ def _forward_capture(
     finally:
         for h in handles:
             h.remove()
+    written = [n for n, out in captured.items() if out._version != versions[n]]
+    if written and not protect:
+        raise _WrittenInPlace
+    if written:
+        raise ValueError(
+            f"The model's forward writes into the output of {written} after the layer returned "
+            "it, even when the layers after it get a copy (the model keeps a reference to it "
+            "and modifies it in place later), so that output is not the layer's. Probe the "
+            "layer in a call of its own (the forward then stops at it), or make the write "
+            "out of place."
+        )
     if OUTPUT in names and modules[OUTPUT] is None and output is not None:
         captured[OUTPUT] = apply_transform(OUTPUT, output, transforms[OUTPUT])
     missing = [n for n in names if n not in captured]
@@ -859,6 +903,18 @@ def _forward_capture(
             f"modules that forward() runs.{inlined}"
         )
     return captured
+
+
+def _copied(output: Any) -> Any:
+    """``output`` with each tensor in it (in tuples, lists and dicts too) replaced by a copy."""
+    if isinstance(output, torch.Tensor):
+        return output.clone()
+    if isinstance(output, (tuple, list)):
+        items = [_copied(o) for o in output]
+        return type(output)(*items) if hasattr(output, "_fields") else type(output)(items)
+    if isinstance(output, dict):
+        return type(output)((k, _copied(v)) for k, v in output.items())
+    return output
 
 
 def _check_batch(outputs: dict[str, torch.Tensor], n: int) -> None:

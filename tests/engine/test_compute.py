@@ -9,7 +9,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from erf_callback import ERFWarning, MetricConfig, compute_erf, tokens_to_grid
-from tests.helpers.nets import ResNet, relu_stack, stack_closed_form, uniform_stack
+from tests.helpers.nets import (
+    KeepsAndWrites,
+    ResNet,
+    randomize_bn_stats,
+    relu_stack,
+    stack_closed_form,
+    uniform_stack,
+)
 from tests.helpers.replknet import replknet_area_ratio
 
 
@@ -349,6 +356,64 @@ def test_a_model_that_writes_into_its_input_is_probed_and_the_inputs_are_kept(op
 
     assert deepest_spatial_layer(writes, x) == "body"
     assert torch.equal(x, kept)
+
+
+def _in_place_stack(inplace: bool) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.ReLU(inplace=inplace),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(inplace=inplace),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.LeakyReLU(0.1, inplace=inplace),
+        nn.Conv2d(4, 3, 3, padding=1),
+    )
+
+
+@pytest.mark.parametrize("optimize", [True, False])
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_probed_outputs_that_the_forward_writes_into_later_are_read_as_the_layer_gave_them(
+    optimize, chunk_size
+):
+    # An in-place ReLU behind a probed layer (or torchvision's `out += identity` behind bn2)
+    # wrote into its output before the backward when a deeper layer was probed in the same
+    # call: the map was then that of relu(layer), and depended on which other layers were
+    # probed. Every map must be the layer's own, whatever else is probed, in whatever order.
+    torch.manual_seed(0)
+    written = randomize_bn_stats(_in_place_stack(inplace=True)).double().eval()
+    plain = copy.deepcopy(written)
+    for m in plain.modules():
+        if hasattr(m, "inplace"):
+            m.inplace = False
+    x = torch.randn(5, 2, 12, 12, dtype=torch.float64)
+    kw = {"chunk_size": chunk_size, "optimize": optimize}
+    for layers in (["0", "3", "5", "7"], ["5", "0"], ["3", "output"]):
+        for _ in range(2):  # the second call starts from the remembered trace
+            got = compute_erf(written, x, layers, **kw)
+            want = compute_erf(plain, x, layers, **kw)
+            for name in layers:
+                torch.testing.assert_close(got[name].grad, want[name].grad, rtol=1e-12, atol=0)
+    # torchvision's basic block: bn1 is followed by ReLU(inplace=True), bn2 by `out +=
+    # identity`. Each layer probed among others gives the map of that layer probed alone,
+    # where the forward stops at it and nothing can write into it.
+    net = randomize_bn_stats(ResNet(width=4, blocks=(1, 1, 1, 1))).double().eval()
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    layers = ["layer1.0.bn2", "layer1.0.bn1", "bn1", "layer2"]
+    together = compute_erf(net, x, layers, **kw)
+    for name in layers:
+        alone = compute_erf(net, x, name, **kw)[name]
+        torch.testing.assert_close(together[name].grad, alone.grad, rtol=1e-12, atol=0)
+
+
+def test_a_probed_output_written_into_through_a_kept_reference_is_an_error():
+    net = KeepsAndWrites()
+    x = torch.randn(2, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"writes into the output of \[.a.\].*call of its own"):
+        compute_erf(net, x, ["a", "output"])
+    # Probed alone, the forward stops at the layer: its map is its own.
+    alone = compute_erf(net, x, "a")["a"]
+    assert alone.status == "ok"
 
 
 def test_autocast_and_channels_last_and_low_precision():

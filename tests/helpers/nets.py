@@ -154,6 +154,23 @@ class ResNet(nn.Module):
         return self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))
 
 
+class KeepsAndWrites(nn.Module):
+    """Keeps a reference to a layer's output and writes into it after the next layer ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 2, 3, padding=1)
+        self.b = nn.Conv2d(2, 2, 3, padding=1)
+        self.kept: list[torch.Tensor] = []
+        self.a.register_forward_hook(lambda _m, _i, out: self.kept.append(out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.kept.clear()
+        y = self.b(self.a(x))
+        self.kept[0].mul_(2)
+        return y + self.kept[0].sum()
+
+
 def relu_stack(depth: int, channels: int = 8, kernel: int = 3) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Conv2d(1, channels, kernel, padding=kernel // 2)]
     for _ in range(depth - 1):
