@@ -856,7 +856,7 @@ def _forward_capture(
             if name in captured:  # a module called twice: its first call is probed
                 return None
             out = captured[name] = apply_transform(name, output, transforms[name])
-            versions[name] = out._version
+            versions[name] = _version(out)
             if len(captured) == len(names):
                 raise _StopForward
             return _copied(output) if protect else None
@@ -875,7 +875,7 @@ def _forward_capture(
     finally:
         for h in handles:
             h.remove()
-    written = [n for n, out in captured.items() if out._version != versions[n]]
+    written = [n for n, out in captured.items() if _version(out) != versions[n]]
     if written and not protect:
         raise _WrittenInPlace
     if written:
@@ -903,6 +903,13 @@ def _forward_capture(
             f"modules that forward() runs.{inlined}"
         )
     return captured
+
+
+def _version(t: torch.Tensor) -> int:
+    """The version counter of ``t`` (bumped by every in-place write); inference tensors,
+    which keep none, count as never written (no gradient reaches the input through them,
+    and the probe says so)."""
+    return -1 if t.is_inference() else t._version
 
 
 def _copied(output: Any) -> Any:

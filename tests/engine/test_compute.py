@@ -406,6 +406,28 @@ def test_probed_outputs_that_the_forward_writes_into_later_are_read_as_the_layer
         torch.testing.assert_close(together[name].grad, alone.grad, rtol=1e-12, atol=0)
 
 
+class _InferenceStem(nn.Module):
+    """Runs its stem under torch.inference_mode: the stem's output has no gradient path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3)
+        self.head = nn.Conv2d(4, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            y = self.stem(x)
+        return self.head(y.clone())
+
+
+@pytest.mark.parametrize("layers", [["stem"], ["stem", "head"], ["head"]])
+def test_an_output_made_under_inference_mode_says_it_is_not_connected(layers):
+    # Inference tensors keep no version counter: the check for in-place writes must not turn
+    # the message that explains the probe into torch's "do not track version counter".
+    with pytest.raises(ValueError, match=r"output is not connected to the input by autograd"):
+        compute_erf(_InferenceStem(), torch.randn(2, 3, 12, 12), layers)
+
+
 def test_a_probed_output_written_into_through_a_kept_reference_is_an_error():
     net = KeepsAndWrites()
     x = torch.randn(2, 1, 8, 8)
