@@ -2,7 +2,9 @@
 
 Run: ``.venv/bin/python benchmarks/bench_engine.py`` (``--quick`` for a smoke run;
 ``--chunks 64,224,512`` for the default-vs-fixed chunk size table; ``--budgets`` for the CPU
-``memory_budget`` against other budgets on three architectures).
+``memory_budget`` against other budgets on three architectures; ``--in-place`` for layers
+probed together whose outputs the forward writes into, against the same model written out of
+place).
 
 * OpenERF (reference): one image at a time, a full forward of the whole model with a forward
   hook on the probed stage, ``autograd.grad`` of the centre unit w.r.t. the image, parameters
@@ -338,6 +340,42 @@ def budget_table(repeats: int) -> None:
     print(bu.table(heads, rows))
 
 
+IN_PLACE_LAYERS = ["layer1.0.bn1", "layer2", LAYER]
+
+
+def in_place_table(repeats: int) -> float:
+    """``compute_erf`` of layers whose outputs the forward writes into (bn1, behind an in-place
+    ReLU, probed with deeper layers: the later layers get copies of it), against the same
+    model with out-of-place ReLUs; the median of same-round time ratios."""
+    torch.manual_seed(0)
+    written = randomize_bn_stats(ResNet18()).eval()
+    plain = copy.deepcopy(written)
+    for m in plain.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+    rows, ratios = [], []
+    for size, n in ((64, 32), (224, 8)):
+        x = torch.randn(n, 3, size, size)
+        funcs = {
+            "in place": functools.partial(compute_erf, written, x, IN_PLACE_LAYERS),
+            "out of place": functools.partial(compute_erf, plain, x, IN_PLACE_LAYERS),
+        }
+        times = bu.interleaved(funcs, repeats, warmup=1)  # type: ignore[arg-type]
+        r = bu.ratio(times["in place"], times["out of place"])
+        ratios.append(r)
+        rows.append(
+            (
+                f"{size}x{size}",
+                str(n),
+                f"{1e3 * bu.median(times['out of place']):.0f}",
+                f"{1e3 * bu.median(times['in place']):.0f}",
+                f"{r:.2f}",
+            )
+        )
+    print(bu.table(("size", "images", "out of place ms", "in place ms", "ratio"), rows))
+    return max(ratios)
+
+
 # --------------------------------------------------------------------------------------------
 # fit + metrics timings (absolute)
 
@@ -390,6 +428,11 @@ def main() -> int:
     parser.add_argument(
         "--budgets", action="store_true", help="the default memory_budget against 32-128 MiB"
     )
+    parser.add_argument(
+        "--in-place",
+        action="store_true",
+        help="layers whose outputs the forward writes into, against an out-of-place twin",
+    )
     parser.add_argument("--_memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -430,6 +473,13 @@ def main() -> int:
     if args.budgets and device.type == "cpu":
         bu.header("bench_engine memory budgets (CPU): time / the default budget's")
         budget_table(max(5, repeats))
+    if args.in_place:
+        bu.header(f"bench_engine in-place writes: ResNet-18 {', '.join(IN_PLACE_LAYERS)}, CPU")
+        worst = in_place_table(max(9, repeats))
+        print(
+            f"in place / out of place, worst size: {worst:.2f}x (information: the copies that "
+            "keep the probed outputs as the layers gave them)"
+        )
     return 0
 
 

@@ -110,6 +110,10 @@ class _WrittenInPlace(Exception):  # noqa: N818 - a control-flow signal, not an 
     then no longer the layer's, and the chunk is run again with copies handed downstream."""
 
 
+#: Per model (held weakly), the sets of probed layers whose outputs its forward writes into.
+_WRITTEN: weakref.WeakKeyDictionary[nn.Module, set[tuple[str, ...]]] = weakref.WeakKeyDictionary()
+
+
 class _StaleTrace(Exception):  # noqa: N818 - a control-flow signal, not an error
     """A layer's output shape differs from the remembered trace's: the model changed in a way
     its fingerprint did not show; the probe starts again, traced."""
@@ -543,7 +547,9 @@ class _Probe:
         self.recalled = False  # meta comes from an earlier probe's trace
         self.cancelled: set[str] = set()  # layers whose channel sum is constant (see first)
         self.by_backward = by_backward  # input gradients through .backward() (_input_grad)
-        self.protect = False  # hand copies of the probed outputs downstream (_WrittenInPlace)
+        # Hand copies of the probed outputs downstream (see _WrittenInPlace): from the start
+        # where an earlier probe of these layers found a write.
+        self.protect = tuple(names) in _WRITTEN.get(net, ())
 
     def first(
         self, x: torch.Tensor, positions: dict[str, Any]
@@ -552,7 +558,7 @@ class _Probe:
         try:
             return self._first(x, positions)
         except _WrittenInPlace:
-            self.protect = True  # this chunk again (traced and measured afresh), and the rest
+            self._written()  # this chunk again (traced and measured afresh), and the rest
             return self._first(x, positions)
 
     def _first(
@@ -596,6 +602,11 @@ class _Probe:
             layout = _wants_channels_last(self.net, x, x.device)
             fast = FastPath.plan(self.net, recorder, list(outputs.values()), probed, layout)
         return self._backward(x, outputs, check_cancellation=True), fast
+
+    def _written(self) -> None:
+        """The forward wrote into a probed output: copies from now on, and in later probes."""
+        self.protect = True
+        _WRITTEN.setdefault(self.net, set()).add(tuple(self.names))
 
     def _check_layout(
         self, x: torch.Tensor, outputs: dict[str, torch.Tensor], tracer: ReceptiveFieldTracer
@@ -703,7 +714,7 @@ class _Probe:
                 self.net, x, self.names, self.modules, self.transforms, self.layout, self.protect
             )
         except _WrittenInPlace:
-            self.protect = True
+            self._written()
             outputs = _forward_capture(
                 self.net, x, self.names, self.modules, self.transforms, self.layout, True
             )

@@ -406,6 +406,21 @@ def test_probed_outputs_that_the_forward_writes_into_later_are_read_as_the_layer
         torch.testing.assert_close(together[name].grad, alone.grad, rtol=1e-12, atol=0)
 
 
+def test_a_write_into_a_probed_output_is_found_once_per_model_and_layers():
+    # The first probe runs the chunk that shows the write twice; later probes of the same
+    # layers hand copies downstream from the start: one forward per chunk, as without writes.
+    net = _in_place_stack(inplace=True).eval()
+    forwards: list[int] = []
+    net.register_forward_pre_hook(lambda *_: forwards.append(1))
+    x = torch.randn(4, 2, 12, 12)
+    counts = []
+    for layers in (["0", "5"], ["0", "5"], ["3", "5"], ["3", "5"]):
+        forwards.clear()
+        compute_erf(net, x, layers, chunk_size=None)
+        counts.append(len(forwards))
+    assert counts == [2, 1, 2, 1]
+
+
 class _InferenceStem(nn.Module):
     """Runs its stem under torch.inference_mode: the stem's output has no gradient path."""
 
