@@ -55,6 +55,11 @@ NOT_TRIGGERED = {
 }
 
 
+def _grey_net(dims: int) -> nn.Sequential:  # takes single-channel images (or signals)
+    conv = nn.Conv2d if dims == 2 else nn.Conv1d
+    return nn.Sequential(conv(1, 8, 5), nn.ReLU(), conv(8, 8, 5))
+
+
 def _conv_net(seed: int | None = None) -> nn.Sequential:
     with torch.random.fork_rng():
         if seed is not None:
@@ -169,6 +174,9 @@ CALLS: list[Callable[[], object]] = [
     lambda: compute_erf(_conv_net(), _x(3, 224, 224)),
     lambda: compute_erf(nn.Sequential(nn.BatchNorm2d(3), _conv_net()).eval(), _x(3, 32, 32)),
     lambda: compute_erf(_conv_net(), _x(224, 224)),
+    lambda: compute_erf(_grey_net(2), _x(8, 28, 28)),
+    lambda: compute_erf(_grey_net(1), _x(4, 100)),
+    lambda: compute_erf(_conv_net(), _x(5, 32, 32)),
     lambda: compute_erf(_conv_net(), _x(2, 3, 8, 8, dtype=torch.uint8)),
     lambda: compute_erf(nn.Conv2d(3, 8, 3), _x(16, 4, 32, 32)),
     lambda: compute_erf(_conv_net(), _x(0, 3, 8, 8)),

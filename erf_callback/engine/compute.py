@@ -56,6 +56,7 @@ from erf_callback.engine.layout import (
     to_model,
     to_probe,
 )
+from erf_callback.engine.misread import BATCH_AXIS_DROPPED, misread_inputs_error
 from erf_callback.engine.trace_cache import (
     TRACES,
     TracedProbe,
@@ -243,6 +244,19 @@ def compute_erf(
                 check_finite(x_all, bad)
             except ValueError as nonfinite:
                 raise nonfinite from err
+        if layout in ("standard", "no_channel"):
+            # One unbatched image, or grey images without their channel axis: the model
+            # failed on the reading, and the error names the one it takes (see .misread).
+            transforms = per_layer(cfg.output_transform, names, "output_transform")
+            misread = misread_inputs_error(
+                net,
+                x_all,
+                layout == "no_channel",
+                err,
+                lambda t: _forward_capture(net, t, names, modules, transforms),
+            )
+            if misread is not None:
+                raise misread from err
         raise
     if bad is not None:
         check_finite(x_all, bad)
@@ -505,7 +519,8 @@ def _run_chunks(
             if x.is_inference():  # made under torch.inference_mode: autograd cannot use it
                 x = x.clone()
             if traced:
-                with model_forward_context(x_all, size, probe.spatial_dims):
+                given = to_model(x_all, probe.layout)  # the inputs as the user gave them
+                with model_forward_context(given, size, probe.spatial_dims):
                     parts, fast = probe.first(x, positions)
                 plan.measured(probe.per_sample_bytes, start=size)
             else:
@@ -944,9 +959,10 @@ def _check_batch(outputs: dict[str, torch.Tensor], n: int) -> None:
             unbatched = out.shape[0] == 1
             raise (UnbatchedInputError if unbatched else ValueError)(
                 f"layer {name!r} gives an output of shape {tuple(out.shape)} for a chunk of {n} "
-                "samples: the model's forward does not keep the batch axis (it adds one of its "
-                "own, or reduces over it), and compute_erf needs one output per sample, (N, C, "
-                f"*spatial).{' ' + UNBATCHED_HINT if unbatched else ''}"
+                f"sample{'s' if n != 1 else ''}: {BATCH_AXIS_DROPPED} (it adds one of its own, "
+                "or reduces over it), and compute_erf needs one output per sample, (N, C, "
+                "*spatial)."
+                f"{' ' + UNBATCHED_HINT if unbatched else ''}"
             )
 
 

@@ -1,0 +1,170 @@
+"""Inputs that the model takes in another reading: the batch or the channel axis left out.
+
+``compute_erf`` reads ``inputs`` as ``(N, C, *spatial)``, or ``(N, *spatial)`` for a model
+that adds the channel axis itself (see :mod:`erf_callback.engine.layout`). A tensor of one axis
+less is then read wrongly: one unbatched image ``(C, H, W)`` as ``C`` one-dimensional
+signals, a batch of grey images ``(N, H, W)`` likewise, raw signals ``(N, L)`` for a model
+that wants ``(N, 1, L)`` as signals without channels. The model fails on such a reading, and
+its failure names neither the cause nor the fix. :func:`misread_inputs_error` tries the
+inputs as the user may have meant them (one unbatched sample, a batch without the channel
+axis, one sample without both) and names the reading the model takes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from erf_callback.engine.guard import probe_context
+from erf_callback.engine.layers import model_device_dtype, original_forwards
+from erf_callback.engine.validate import (
+    ModelForwardError,
+    UnbatchedInputError,
+    torch_error,
+    unbatched_guard,
+)
+
+__all__ = ["BATCH_AXIS_DROPPED", "misread_inputs_error"]
+
+#: The words of the error for outputs that lose the batch axis (``compute._check_batch``), one
+#: of the failures that a misread input causes.
+BATCH_AXIS_DROPPED = "the model's forward does not keep the batch axis"
+
+_WORDS = {1: "signal", 2: "image", 3: "volume"}
+
+
+class _Reading(NamedTuple):
+    what: str  # "one unbatched image of 3 channels"
+    how: str  # "add the batch dimension: inputs.unsqueeze(0)"
+    shape: tuple[int, ...]  # the inputs' shape so
+    trial: torch.Tensor  # what the model is run on to see whether it takes them so
+    adds_batch: bool
+
+
+def _readings(x: torch.Tensor) -> list[_Reading]:
+    """The readings of ``x`` with one or two axes more that the model may take."""
+    n, rank, out = x.shape[0], x.dim(), []
+    if rank + 1 <= 5:
+        word = _WORDS[rank - 1]
+        one = x.unsqueeze(0)
+        out.append(
+            _Reading(
+                f"one unbatched {word} of {n} channel{'s' if n != 1 else ''}",
+                "add the batch dimension: inputs.unsqueeze(0)",
+                tuple(one.shape),
+                one,
+                True,
+            )
+        )
+        if n > 1:  # else the same tensor as the reading above
+            shape = (n, 1, *x.shape[1:])
+            out.append(
+                _Reading(
+                    f"a batch of {n} single-channel {word}s",
+                    "add the channel axis: inputs.unsqueeze(1)",
+                    shape,
+                    x[:3].unsqueeze(1),
+                    False,
+                )
+            )
+    if rank + 2 <= 5:
+        both = x[None, None]
+        out.append(
+            _Reading(
+                f"one single-channel {_WORDS[rank]}",
+                "add the batch and channel axes: inputs[None, None]",
+                tuple(both.shape),
+                both,
+                True,
+            )
+        )
+    return out
+
+
+#: Runs the model on a tensor and returns the probed layers' outputs (as compute_erf sees them).
+Capture = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
+
+
+def _takes(net: nn.Module, reading: _Reading, capture: Capture) -> bool:
+    """Whether the model runs on the reading as a batch of its rank's samples, with probed
+    outputs of one entry per sample and the reading's spatial rank."""
+    device, dtype = model_device_dtype(net, reading.trial)
+    # Three samples (repeated where the reading has fewer): a model that adds a batch axis of
+    # its own or keeps a fixed number of samples shows it.
+    trial = reading.trial[torch.arange(3) % reading.trial.shape[0]]
+    x = trial.to(device, dtype, copy=True)
+    try:
+        with (
+            probe_context(net),
+            original_forwards(net),
+            torch.no_grad(),
+            unbatched_guard(net, x.dim() - 2),
+        ):
+            outputs = capture(x)
+    except Exception:
+        return False
+    return all(o.dim() == x.dim() and o.shape[0] == x.shape[0] for o in outputs.values())
+
+
+def _is_misread(err: BaseException) -> bool:
+    """Whether ``err`` is how a model fails on inputs read with the wrong axes."""
+    return isinstance(err, (UnbatchedInputError, ModelForwardError)) or (
+        type(err) is ValueError and BATCH_AXIS_DROPPED in str(err)
+    )
+
+
+def _cause(err: BaseException) -> str:
+    """What went wrong, in a line: torch's own words where ``err`` wraps them, else the part
+    of the package's message before its explanation."""
+    inner = err.__cause__ if err.__cause__ is not None else torch_error(err)
+    lines = str(inner).strip().splitlines() or [type(inner).__name__]
+    text = lines[0] if inner is not err else lines[0].split(": ")[0]
+    return text.rstrip(".")
+
+
+def misread_inputs_error(
+    net: nn.Module,
+    inputs: torch.Tensor,
+    no_channel: bool,
+    err: BaseException,
+    capture: Capture,
+) -> ValueError | None:
+    """The error to raise in place of ``err`` when the model failed on ``inputs`` (as the user
+    gave them) read as compute_erf reads them, and takes them in another reading; else None.
+
+    Args:
+        net: the probed model.
+        inputs: the inputs as given.
+        no_channel: they were read as ``(N, *spatial)`` (the model adding the channel axis).
+        err: the error of that reading.
+        capture: runs the model on a tensor and returns the probed layers' outputs.
+
+    Example:
+        >>> net = nn.Conv2d(1, 4, 3)  # takes (N, 1, H, W)
+        >>> err = UnbatchedInputError("layer '' (Conv2d) received an unbatched input")
+        >>> capture = lambda x: {"output": net(x)}
+        >>> misread = misread_inputs_error(net, torch.randn(8, 16, 16), False, err, capture)
+        >>> print(str(misread).split(": ")[-1])
+        inputs.unsqueeze(1) (shape (8, 1, 16, 16)).
+    """
+    if not _is_misread(err):
+        return None
+    fits = [r for r in _readings(inputs) if _takes(net, r, capture)]
+    if not fits:
+        return None
+    n, rank = inputs.shape[0], inputs.dim()
+    word = _WORDS[rank - 1 if no_channel else rank - 2] + ("s" if n != 1 else "")
+    if no_channel:
+        reading = f"{n} {word} without a channel axis (for a model that adds it itself)"
+    else:
+        reading = f"{n} {word} of {inputs.shape[1]} channels"
+    ways = " or as ".join(f"{r.what}: {r.how} (shape {r.shape})" for r in fits)
+    message = (
+        f"compute_erf read inputs of shape {tuple(inputs.shape)} as {reading}, and the model "
+        f"does not take them so ({_cause(err)}). They fit the model as {ways}."
+    )
+    kind = UnbatchedInputError if all(r.adds_batch for r in fits) else ValueError
+    return kind(message)
