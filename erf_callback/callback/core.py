@@ -70,6 +70,7 @@ from erf_callback.engine.config import (
 )
 from erf_callback.engine.erf_map import ERFMap
 from erf_callback.engine.layers import deepest_spatial_layer, model_device_dtype, resolve_layers
+from erf_callback.engine.misread import RESHAPE
 from erf_callback.engine.transforms import OutputTransform
 from erf_callback.engine.validate import (
     UnbatchedInputError,
@@ -595,6 +596,9 @@ class ERFMonitorBase:
                         "batches: a list of single images must be stacked into one batch "
                         "first, inputs=torch.stack(images)."
                     ) from err
+                reshape = getattr(err, RESHAPE, None)
+                if isinstance(reshape, str):
+                    raise type(err)(f"{err} {self._reshape_hint(reshape)}") from err
                 if isinstance(err, NotImplementedError) and _no_forward(err, net):
                     if self.module is None:
                         raise ValueError(
@@ -730,6 +734,18 @@ class ERFMonitorBase:
         return merged
 
     # ---- inputs ----------------------------------------------------------------------------
+
+    def _reshape_hint(self, reshape: str) -> str:
+        """How to give the probe its inputs reshaped by ``reshape`` (an expression of
+        ``inputs``), where they come from."""
+        if isinstance(self.input_source, torch.Tensor):
+            return f"Pass ERFMonitor(inputs=...) so: {reshape} of the tensor given now."
+        batch = reshape.replace("inputs", "batch[0]", 1)
+        return (
+            "ERFMonitor takes the probe inputs from the batches as they hold them: reshape "
+            f"them with input_key=, e.g. input_key=lambda batch: {batch} for (images, labels) "
+            "batches."
+        )
 
     def _inputs_failure(self, err: BaseException) -> str:
         """The message of a model that failed on the probe inputs at the fit-start probe:

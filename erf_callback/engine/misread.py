@@ -27,11 +27,16 @@ from erf_callback.engine.validate import (
     unbatched_guard,
 )
 
-__all__ = ["BATCH_AXIS_DROPPED", "misread_inputs_error"]
+__all__ = ["BATCH_AXIS_DROPPED", "RESHAPE", "misread_inputs_error"]
 
 #: The words of the error for outputs that lose the batch axis (``compute._check_batch``), one
 #: of the failures that a misread input causes.
 BATCH_AXIS_DROPPED = "the model's forward does not keep the batch axis"
+
+#: The attribute of an error of :func:`misread_inputs_error` that holds the expression giving the
+#: reading the model takes (``"inputs.unsqueeze(1)"``), where exactly one does; callers that
+#: get the inputs from elsewhere (the callback, from batches) say how to apply it there.
+RESHAPE = "reshape"
 
 _WORDS = {1: "signal", 2: "image", 3: "volume"}
 
@@ -167,4 +172,6 @@ def misread_inputs_error(
         f"does not take them so ({_cause(err)}). They fit the model as {ways}."
     )
     kind = UnbatchedInputError if all(r.adds_batch for r in fits) else ValueError
-    return kind(message)
+    error = kind(message)
+    setattr(error, RESHAPE, fits[0].how.split(": ")[-1] if len(fits) == 1 else None)
+    return error

@@ -171,3 +171,69 @@ def test_num_samples_may_be_a_numpy_int() -> None:
 
     monitor = ERFMonitor(num_samples=np.int64(8), every_n_steps=np.int64(5))
     assert monitor.num_samples == 8 and type(monitor.num_samples) is int
+
+
+def _grey_classifier():
+    """Grey (N, 28, 28) batches; training_step adds the channel axis the network takes."""
+    import pytorch_lightning as pl
+    from torch.nn import functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Grey(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(
+                nn.Conv2d(1, 4, 3, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(4, 4, 3, padding=1),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
+                nn.Linear(4, 3),
+            )
+            self.training_steps = 0
+
+        def training_step(self, batch, batch_idx):
+            self.training_steps += 1
+            x, y = batch
+            return F.cross_entropy(self.net(x.unsqueeze(1)), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self):
+            g = torch.Generator().manual_seed(0)
+            x, y = torch.randn(16, 28, 28, generator=g), torch.randint(0, 3, (16,), generator=g)
+            return DataLoader(TensorDataset(x, y), batch_size=8)
+
+    return Grey()
+
+
+@pytest.mark.parametrize("source", ["train", "tensor"])
+def test_grey_batches_for_a_network_that_takes_a_channel_axis_say_how_to_add_it(
+    tmp_path, source
+) -> None:
+    # The network takes (N, 1, H, W) and training_step adds the axis; the probe gets the
+    # batches' (N, H, W). The error at fit start names the reading the network takes and how
+    # to give the monitor its inputs so; done as it says, the run probes.
+    from tests.helpers.lit import make_trainer
+
+    images = torch.randn(8, 28, 28)
+    kw = {"inputs": images} if source == "tensor" else {}
+    monitor = ERFMonitor(layers=["2"], module="net", every_n_steps=1, num_samples=8, **kw)
+    model = _grey_classifier()
+    fix = (
+        r"input_key=lambda batch: batch\[0\]\.unsqueeze\(1\)"
+        if source == "train"
+        else r"inputs=\.\.\.\) so: inputs\.unsqueeze\(1\)"
+    )
+    with pytest.raises(ValueError, match=rf"add the channel axis: inputs\.unsqueeze\(1\).*{fix}"):
+        make_trainer(tmp_path, [monitor], max_steps=2).fit(model)
+    assert model.training_steps == 0
+    kw = (
+        {"inputs": images.unsqueeze(1)}
+        if source == "tensor"
+        else {"input_key": lambda batch: batch[0].unsqueeze(1)}
+    )
+    monitor = ERFMonitor(layers=["2"], module="net", every_n_steps=1, num_samples=8, **kw)
+    make_trainer(tmp_path, [monitor], max_steps=2).fit(model)
+    assert [r["status"] for r in monitor.history.records] == ["ok"] * 3
