@@ -253,7 +253,7 @@ def compute_erf(
                 x_all,
                 layout == "no_channel",
                 err,
-                lambda t: _forward_capture(net, t, names, modules, transforms),
+                lambda t: _forward_capture(net, t, names, modules, transforms, protect=True),
             )
             if misread is not None:
                 raise misread from err

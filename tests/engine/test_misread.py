@@ -117,3 +117,13 @@ def test_correct_inputs_and_configuration_errors_run_no_other_reading(monkeypatc
         compute_erf(net, torch.randn(2, 3, 20, 20), "2", position=(99, 0))
     assert compute_erf(net, torch.randn(2, 3, 20, 20), "2")["2"].status == "ok"
     assert tried == []
+
+
+def test_a_model_that_writes_into_a_probed_output_is_read_as_in_a_probe():
+    # torchvision's blocks write into bn1's output (in-place ReLU): the other readings are
+    # tried as a probe runs them, with copies handed on, or the right one would fail there.
+    from tests.helpers.nets import ResNet
+
+    net = ResNet(width=4).eval()
+    with pytest.raises(UnbatchedInputError, match=r"They fit the model as one unbatched image"):
+        compute_erf(net, torch.randn(3, 32, 32), ["layer1.0.bn1", "layer2"])
