@@ -12,7 +12,7 @@ axis, one sample without both) and names the reading the model takes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -42,7 +42,6 @@ _WORDS = {1: "signal", 2: "image", 3: "volume"}
 
 
 class _Reading(NamedTuple):
-    what: str  # "one unbatched image of 3 channels"
     how: str  # "add the batch dimension: inputs.unsqueeze(0)"
     shape: tuple[int, ...]  # the inputs' shape so
     trial: torch.Tensor  # what the model is run on to see whether it takes them so
@@ -53,49 +52,41 @@ def _readings(x: torch.Tensor) -> list[_Reading]:
     """The readings of ``x`` with one or two axes more that the model may take."""
     n, rank, out = x.shape[0], x.dim(), []
     if rank + 1 <= 5:
-        word = _WORDS[rank - 1]
         one = x.unsqueeze(0)
-        out.append(
-            _Reading(
-                f"one unbatched {word} of {n} channel{'s' if n != 1 else ''}",
-                "add the batch dimension: inputs.unsqueeze(0)",
-                tuple(one.shape),
-                one,
-                True,
-            )
-        )
+        how = "add the batch dimension: inputs.unsqueeze(0)"
+        out.append(_Reading(how, tuple(one.shape), one, True))
         if n > 1:  # else the same tensor as the reading above
-            shape = (n, 1, *x.shape[1:])
-            out.append(
-                _Reading(
-                    f"a batch of {n} single-channel {word}s",
-                    "add the channel axis: inputs.unsqueeze(1)",
-                    shape,
-                    x[:3].unsqueeze(1),
-                    False,
-                )
-            )
+            how = "add the channel axis: inputs.unsqueeze(1)"
+            out.append(_Reading(how, (n, 1, *x.shape[1:]), x[:3].unsqueeze(1), False))
     if rank + 2 <= 5:
         both = x[None, None]
-        out.append(
-            _Reading(
-                f"one single-channel {_WORDS[rank]}",
-                "add the batch and channel axes: inputs[None, None]",
-                tuple(both.shape),
-                both,
-                True,
-            )
-        )
+        how = "add the batch and channel axes: inputs[None, None]"
+        out.append(_Reading(how, tuple(both.shape), both, True))
     return out
+
+
+def _describe(shape: Sequence[int], no_channel: bool, fits: bool = True) -> str:
+    """``"a batch of 8 images of 1 channel"``, ``"one signal without a channel axis..."``: a
+    reading that ``fits`` the model, else the one compute_erf took."""
+    n = shape[0]
+    spatial = len(shape) - (1 if no_channel else 2)
+    count = "one" if n == 1 else f"a batch of {n}"
+    noun = _WORDS[spatial] + ("s" if n != 1 else "")
+    if no_channel:
+        adds = "the model adds it" if fits else "as for a model that adds it itself"
+        return f"{count} {noun} without a channel axis ({adds})"
+    c = shape[1]
+    return f"{count} {noun} of {c} channel{'s' if c != 1 else ''}"
 
 
 #: Runs the model on a tensor and returns the probed layers' outputs (as compute_erf sees them).
 Capture = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
 
 
-def _takes(net: nn.Module, reading: _Reading, capture: Capture) -> bool:
-    """Whether the model runs on the reading as a batch of its rank's samples, with probed
-    outputs of one entry per sample and the reading's spatial rank."""
+def _takes(net: nn.Module, reading: _Reading, capture: Capture) -> bool | None:
+    """Whether the model runs on the reading as a batch of samples, with probed outputs of
+    one entry per sample and the reading's spatial rank: None if not; else whether it takes
+    them without a channel axis (its outputs have one axis more: it adds the axis itself)."""
     device, dtype = model_device_dtype(net, reading.trial)
     # Three samples (repeated where the reading has fewer): a model that adds a batch axis of
     # its own or keeps a fixed number of samples shows it.
@@ -110,8 +101,14 @@ def _takes(net: nn.Module, reading: _Reading, capture: Capture) -> bool:
         ):
             outputs = capture(x)
     except Exception:
+        return None
+    ranks = {o.dim() for o in outputs.values()}
+    if len(ranks) != 1 or any(o.shape[0] != x.shape[0] for o in outputs.values()):
+        return None
+    rank = ranks.pop()
+    if rank == x.dim():
         return False
-    return all(o.dim() == x.dim() and o.shape[0] == x.shape[0] for o in outputs.values())
+    return True if rank == x.dim() + 1 and x.dim() - 1 in _WORDS else None
 
 
 def _is_misread(err: BaseException) -> bool:
@@ -157,21 +154,18 @@ def misread_inputs_error(
     """
     if not _is_misread(err):
         return None
-    fits = [r for r in _readings(inputs) if _takes(net, r, capture)]
+    fits = [(r, how) for r in _readings(inputs) if (how := _takes(net, r, capture)) is not None]
     if not fits:
         return None
-    n, rank = inputs.shape[0], inputs.dim()
-    word = _WORDS[rank - 1 if no_channel else rank - 2] + ("s" if n != 1 else "")
-    if no_channel:
-        reading = f"{n} {word} without a channel axis (for a model that adds it itself)"
-    else:
-        reading = f"{n} {word} of {inputs.shape[1]} channels"
-    ways = " or as ".join(f"{r.what}: {r.how} (shape {r.shape})" for r in fits)
-    message = (
-        f"compute_erf read inputs of shape {tuple(inputs.shape)} as {reading}, and the model "
-        f"does not take them so ({_cause(err)}). They fit the model as {ways}."
+    ways = " or as ".join(
+        f"{_describe(r.shape, no_ch)}: {r.how} (shape {r.shape})" for r, no_ch in fits
     )
-    kind = UnbatchedInputError if all(r.adds_batch for r in fits) else ValueError
+    message = (
+        f"compute_erf read inputs of shape {tuple(inputs.shape)} as "
+        f"{_describe(inputs.shape, no_channel, fits=False)}, and the model does not take them so "
+        f"({_cause(err)}). They fit the model as {ways}."
+    )
+    kind = UnbatchedInputError if all(r.adds_batch for r, _ in fits) else ValueError
     error = kind(message)
-    setattr(error, RESHAPE, fits[0].how.split(": ")[-1] if len(fits) == 1 else None)
+    setattr(error, RESHAPE, fits[0][0].how.split(": ")[-1] if len(fits) == 1 else None)
     return error

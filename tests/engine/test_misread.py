@@ -125,5 +125,5 @@ def test_a_model_that_writes_into_a_probed_output_is_read_as_in_a_probe():
     from tests.helpers.nets import ResNet
 
     net = ResNet(width=4).eval()
-    with pytest.raises(UnbatchedInputError, match=r"They fit the model as one unbatched image"):
+    with pytest.raises(UnbatchedInputError, match=r"They fit the model as one image of 3 channels"):
         compute_erf(net, torch.randn(3, 32, 32), ["layer1.0.bn1", "layer2"])
