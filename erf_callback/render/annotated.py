@@ -257,6 +257,22 @@ def _common_view(panels: Sequence[MapPanel]) -> View | None:
     return _square(lo_y, hi_y, lo_x, hi_x, span, h, w)
 
 
+# The most elongated a map is drawn: a 1 x 97 map at 1:97 is a hairline whose values cannot
+# be seen, so longer maps are stretched across to this ratio (the caption keeps the true size
+# in pixels, and the pixels show as oblong cells).
+_MAX_ELONGATION = 8.0
+
+
+def _stretch(ax: Axes) -> None:
+    """Stretch the shown extent of a very elongated map to ``_MAX_ELONGATION``."""
+    xs = abs(ax.get_xlim()[1] - ax.get_xlim()[0])
+    ys = abs(ax.get_ylim()[1] - ax.get_ylim()[0])
+    if not (xs > 0 and ys > 0) or max(xs, ys) <= _MAX_ELONGATION * min(xs, ys):
+        return
+    # aspect = shown height of a y unit / shown width of an x unit.
+    ax.set_aspect(xs / (ys * _MAX_ELONGATION) if xs > ys else _MAX_ELONGATION * xs / ys)
+
+
 def _draw_panel(
     ax: Axes,
     panel: MapPanel,
@@ -326,8 +342,11 @@ def _draw_panel(
             label = f"{view[3] - view[2]:.0f} of {w * s:g} samples"
         else:
             label = zoom_caption(view[1] - view[0], h * s, w * s)
+    if not line:
+        _stretch(ax)
     if panel.erf.ndim == 3:  # drawn as its sum over z
-        label += f", sum of {panel.erf.shape[0] * s:g} z-slices"
+        depth = panel.erf.shape[0] * s
+        label += f", sum of {depth:g} z-slice{'s' if depth != 1 else ''}"
     # No ticks: drawing tick labels is most of a figure's cost, and the size in input pixels
     # (below) plus the legend say what a reader needs.
     ax.set_xticks([])

@@ -403,3 +403,25 @@ def test_every_layers_heatmap_on_one_scale_is_logged_with_two_layers_or_more() -
     one = ProbeImages("erf").render({"3": maps["3"]}, history, step=0)
     raw = ProbeImages("erf", heatmap_style="raw").render(maps, history, step=0)
     assert "erf/all_layers/heatmaps" not in one and "erf/all_layers/heatmaps" not in raw
+
+
+@pytest.mark.parametrize(
+    ("shape", "ratio"), [((1, 97), 8.0), ((97, 2), 1 / 8.0), ((3, 5), 5 / 3), ((6, 40), 40 / 6)]
+)
+def test_an_elongated_map_is_drawn_at_most_eight_times_as_long_as_wide(shape, ratio) -> None:
+    # A 1 x 97 map drawn at its own aspect was a hairline whose values could not be seen.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from erf_callback.render.annotated import _draw_panel
+
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    erf = np.exp(-(((xx - shape[1] / 2) / 3) ** 2) - ((yy - shape[0] / 2) / 3) ** 2)
+    fig = Figure(figsize=(4, 4))
+    ax = fig.add_subplot()
+    _draw_panel(ax, MapPanel(erf, None, None), log_scale=False, cmap="inferno")
+    fig.canvas.draw()  # applies the aspect: the axes' box shrinks to the drawn map
+    box = ax.get_position()
+    assert box.width / box.height == pytest.approx(ratio, rel=0.03)
