@@ -33,6 +33,7 @@ from matplotlib.patches import Ellipse, Rectangle
 
 from erf_callback.fit.grid import bounding_box
 from erf_callback.render.figures import (
+    _MAX_ELONGATION,
     _figure,
     _figure_to_array,
     balanced_columns,
@@ -255,12 +256,6 @@ def _common_view(panels: Sequence[MapPanel]) -> View | None:
     if span >= _ZOOM_BELOW * min(h, w):
         return None
     return _square(lo_y, hi_y, lo_x, hi_x, span, h, w)
-
-
-# The most elongated a map is drawn: a 1 x 97 map at 1:97 is a hairline whose values cannot
-# be seen, so longer maps are stretched across to this ratio (the caption keeps the true size
-# in pixels, and the pixels show as oblong cells).
-_MAX_ELONGATION = 8.0
 
 
 def _stretch(ax: Axes) -> None:

@@ -24,6 +24,11 @@ __all__ = ["balanced_columns", "render_evolution", "render_radial_profile", "zoo
 
 _DPI = 100.0  # figures are sized in pixels; at 100 dpi 1 inch = 100 px
 
+# The most elongated a map is drawn: a 1 x 97 map at 1:97 is a hairline whose values cannot
+# be seen, so longer maps are stretched across to this ratio (captions keep the true size in
+# pixels, and the pixels show as oblong cells).
+_MAX_ELONGATION = 8.0
+
 
 def _figure(width: int, height: int) -> tuple[Figure, FigureCanvasAgg]:
     """A pyplot-free figure of exactly ``width`` x ``height`` pixels with an Agg canvas."""
@@ -188,7 +193,8 @@ def _grid_layout(n: int, tile: int, max_columns: int) -> tuple[int, int, list[tu
 
 
 def _fit_tile(img: np.ndarray, tile: int, background: int = 255) -> np.ndarray:
-    """Nearest-neighbour resize into a ``tile`` x ``tile`` square, keeping the aspect ratio.
+    """Nearest-neighbour resize into a ``tile`` x ``tile`` square, keeping the aspect ratio
+    up to ``_MAX_ELONGATION`` (a longer map is stretched across to it).
 
     Upscaling repeats pixels; downscaling picks the pixel under each output pixel's centre
     (maps in a history are already area-pooled by :func:`downsample_map`).
@@ -196,6 +202,7 @@ def _fit_tile(img: np.ndarray, tile: int, background: int = 255) -> np.ndarray:
     h, w = img.shape[:2]
     scale = tile / max(h, w)
     th, tw = max(1, round(h * scale)), max(1, round(w * scale))
+    th, tw = max(th, round(tw / _MAX_ELONGATION)), max(tw, round(th / _MAX_ELONGATION))
     rows = np.minimum(((np.arange(th) + 0.5) * (h / th)).astype(np.intp), h - 1)
     cols = np.minimum(((np.arange(tw) + 0.5) * (w / tw)).astype(np.intp), w - 1)
     out = np.full((tile, tile, 3), background, dtype=np.uint8)

@@ -520,6 +520,17 @@ def test_evolution_non_square_1d_3d_and_log() -> None:
     assert img.shape == (*figures._grid_layout(3, 48, 8)[:2], 3)
 
 
+@pytest.mark.parametrize(
+    ("shape", "drawn"), [((1, 97), (8, 64)), ((97, 3), (64, 8)), ((4, 8), (32, 64))]
+)
+def test_an_evolution_tile_stretches_an_elongated_map_to_eight_to_one(shape, drawn) -> None:
+    # A one-row map in a 64 px tile was a 1 px hairline.
+    img = np.zeros((*shape, 3), dtype=np.uint8)
+    tile = figures._fit_tile(img, 64)
+    rows, cols = np.nonzero((tile != 255).any(-1))
+    assert (rows.max() + 1 - rows.min(), cols.max() + 1 - cols.min()) == drawn
+
+
 def test_evolution_errors() -> None:
     with pytest.raises(ValueError, match="at least one"):
         render_evolution([], [])
