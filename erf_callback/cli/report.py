@@ -61,8 +61,21 @@ class Run:
         return list(dict.fromkeys(r["layer"] for r in self.records))
 
     def final(self, layer: str) -> dict[str, Any] | None:
+        """The layer's last probe with a map (status ``"ok"``), or None."""
         ok = [r for r in self.records if r["layer"] == layer and r.get("status", "ok") == "ok"]
         return ok[-1] if ok else None
+
+    def without_map(self, layer: str) -> list[dict[str, Any]]:
+        """The layer's probes that gave no map (status ``"nonfinite"``, ``"zero"``, ...)."""
+        return [r for r in self.records if r["layer"] == layer and r.get("status", "ok") != "ok"]
+
+    def last_probe(self, layer: str) -> str:
+        """``"ok"``, or the status and step of the layer's last probe where it gave no map
+        (after divergence the final metrics are those of an earlier probe)."""
+        mine = [r for r in self.records if r["layer"] == layer]
+        last = mine[-1] if mine else {}
+        status = str(last.get("status", "ok"))
+        return "ok" if status == "ok" else f"{status} at step {_fmt(last.get('step', ''))}"
 
 
 def find_run(path: str, tag_prefix: str = "erf") -> Run:
@@ -251,17 +264,26 @@ def render_report_png(run: Run) -> np.ndarray:
         bottom=margin / total,
     )
     ax = fig.add_subplot(spec[0])
+    failed = False
     for layer in layers:
         ok = [r for r in run.records if r["layer"] == layer and r.get("status", "ok") == "ok"]
-        ax.plot([r["step"] for r in ok], [r.get("radius", math.nan) for r in ok], "o-", label=layer)
+        steps, radii = [r["step"] for r in ok], [r.get("radius", math.nan) for r in ok]
+        (line,) = ax.plot(steps, radii, "o-", label=layer)
+        # Probes without a map (a diverged model, dead units): crosses on the axis, so that a
+        # curve that stops is not read as a run that stopped.
+        bad = [r["step"] for r in run.without_map(layer)]
+        if bad:
+            failed = True
+            ax.plot(bad, [0.0] * len(bad), "x", color=line.get_color(), ms=9, mew=2, clip_on=False)
+    if failed:
+        ax.plot([], [], "x", color="0.35", ms=9, mew=2, label="probe without a map")
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("ERF radius (input pixels)")
     ax.set_title("ERF radius per layer" + (f": {run.source}" if run.source else ""), fontsize=9)
     # A size: from 0, so a 1% change does not fill the axis, with room above the top point.
-    radii = (r.get("radius", math.nan) for r in run.records if r.get("status", "ok") == "ok")
-    top = max((v for v in radii if math.isfinite(v)), default=0.0)
-    if top > 0:
-        ax.set_ylim(0, 1.1 * top)
+    every = (r.get("radius", math.nan) for r in run.records if r.get("status", "ok") == "ok")
+    top = max((v for v in every if math.isfinite(v)), default=0.0)
+    ax.set_ylim(0, 1.1 * top if top > 0 else 1.0)  # all zero (lines, dead units): from 0 up
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     for i, (layer, grid) in enumerate(grids, start=1):
@@ -271,17 +293,19 @@ def render_report_png(run: Run) -> np.ndarray:
         gax.axis("off")
     tax = fig.add_subplot(spec[-1])
     tax.axis("off")
-    cells = [
-        [_fmt((run.final(layer) or {}).get(k, math.nan)) for k in TABLE_METRICS] for layer in layers
-    ]
+    columns = ["step", *TABLE_METRICS]
+    cells = [[_fmt((run.final(layer) or {}).get(k, math.nan)) for k in columns] for layer in layers]
+    if failed:  # where the last probe gave no map, the row is an earlier probe's: say so
+        columns.append("last probe")
+        for row, layer in zip(cells, layers, strict=True):
+            row.append(run.last_probe(layer))
     # Padded layer names: matplotlib sizes the label column tight (a "3" touched its edge).
     labels = [f" {layer} " for layer in layers]
-    table = tax.table(
-        cellText=cells, rowLabels=labels, colLabels=list(TABLE_METRICS), loc="upper center"
-    )
+    table = tax.table(cellText=cells, rowLabels=labels, colLabels=columns, loc="upper center")
     table.auto_set_font_size(False)
     table.set_fontsize(8)
-    tax.set_title("final metrics", fontsize=9)
+    table.auto_set_column_width(list(range(-1, len(columns))))  # headers and text fit
+    tax.set_title("final metrics (each layer's last probe with a map)", fontsize=9)
     canvas = fig.canvas
     canvas.draw()
     return np.ascontiguousarray(np.asarray(canvas.buffer_rgba())[..., :3])  # type: ignore[attr-defined]
@@ -293,12 +317,15 @@ def render_report_html(run: Run, png: bytes) -> str:
     keys: list[str] = []
     for layer in layers:
         keys += [k for k in (run.final(layer) or {}) if k not in keys and k not in ("layer",)]
+    last = any(run.without_map(layer) for layer in layers)
     head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+    head += "<th>last probe</th>" if last else ""
     rows = "".join(
         f"<tr><th>{html.escape(layer)}</th>"
         + "".join(
             f"<td>{html.escape(_fmt((run.final(layer) or {}).get(k, '')))}</td>" for k in keys
         )
+        + (f"<td>{html.escape(run.last_probe(layer))}</td>" if last else "")
         + "</tr>"
         for layer in layers
     )
@@ -309,7 +336,8 @@ def render_report_html(run: Run, png: bytes) -> str:
         "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}</style></head><body>"
         f"<h1>ERF report</h1><p>Source: <code>{html.escape(run.source)}</code></p>"
         f"<img alt='ERF report' src='data:image/png;base64,{image}'>"
-        f"<h2>Final metrics</h2><table><tr><th>layer</th>{head}</tr>{rows}</table>"
+        "<h2>Final metrics</h2><p>Each layer's last probe with a map.</p>"
+        f"<table><tr><th>layer</th>{head}</tr>{rows}</table>"
         "</body></html>\n"
     )
 

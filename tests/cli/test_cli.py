@@ -8,6 +8,7 @@ import runpy
 import shutil
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -558,3 +559,38 @@ def test_probe_batches_are_split_to_fit_the_memory_budget(monkeypatch):
     split = probe_model(net, ["1"], x, batch_size=4, progress=False)["1"].grad
     assert calls == [1] * 8
     torch.testing.assert_close(split, whole, rtol=1e-12, atol=1e-15)
+
+
+def test_a_report_of_a_run_that_diverged_says_where_its_maps_stop(tmp_path):
+    # After divergence every probe is "nonfinite": the curve stops at the last map, and the
+    # table's "final" metrics are that probe's. The page must say the later probes gave no
+    # map, or the run reads as healthy.
+    from erf_callback.cli.report import find_run, render_report_html
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3, padding=1)
+    )
+    writer = SummaryWriter(str(tmp_path / "run"))
+    with (
+        warnings.catch_warnings(),
+        ERFTracker(net, ["0", "2"], torch.randn(4, 1, 16, 16), writer, every_n_steps=2) as t,
+    ):
+        warnings.simplefilter("ignore")
+        for step in range(4):
+            if step == 1:
+                with torch.no_grad():
+                    net[2].weight.fill_(float("nan"))
+            t.step()
+    writer.close()
+    run = find_run(str(tmp_path / "run"))
+    assert [r["step"] for r in run.without_map("2")] == [2, 4]
+    assert run.final("2")["step"] == 0 and run.last_probe("2") == "nonfinite at step 4"
+    assert run.last_probe("0") == "ok"  # the first layer never saw the NaN weights
+    page = render_report_html(run, b"")
+    assert "<th>last probe</th>" in page and "<td>nonfinite at step 4</td>" in page
+    assert run_cli("report", str(tmp_path / "run"), "--out", str(tmp_path / "out")) == 0
+    # A healthy run's page has no such column.
+    healthy = find_run(str(tmp_path / "run"))
+    healthy.records = [r for r in healthy.records if r.get("status", "ok") == "ok"]
+    assert "<th>last probe</th>" not in render_report_html(healthy, b"")
