@@ -87,10 +87,24 @@ def _takes(net: nn.Module, reading: _Reading, capture: Capture) -> bool | None:
     """Whether the model runs on the reading as a batch of samples, with probed outputs of
     one entry per sample and the reading's spatial rank: None if not; else whether it takes
     them without a channel axis (its outputs have one axis more: it adds the axis itself)."""
-    device, dtype = model_device_dtype(net, reading.trial)
-    # Three samples (repeated where the reading has fewer): a model that adds a batch axis of
-    # its own or keeps a fixed number of samples shows it.
-    trial = reading.trial[torch.arange(3) % reading.trial.shape[0]]
+    # One sample first: most readings fail at the first layer, and one sample of the "one
+    # unbatched sample" reading is all the inputs. A reading that runs is run again on three
+    # samples (repeated where it has fewer), where a model that adds a batch axis of its own
+    # or keeps a fixed number of samples shows it.
+    first = _outputs_rank(net, reading.trial[:1], capture)
+    if first is None:
+        return None
+    again = _outputs_rank(net, reading.trial[torch.arange(3) % reading.trial.shape[0]], capture)
+    if again != first:
+        return None
+    return first == reading.trial.dim() + 1
+
+
+def _outputs_rank(net: nn.Module, trial: torch.Tensor, capture: Capture) -> int | None:
+    """The rank of the probed outputs of the model run on ``trial``: the trial's, or one more
+    where the model adds the channel axis; None where it fails or the outputs differ from
+    that (another batch size, other ranks)."""
+    device, dtype = model_device_dtype(net, trial)
     x = trial.to(device, dtype, copy=True)
     try:
         with (
@@ -106,9 +120,9 @@ def _takes(net: nn.Module, reading: _Reading, capture: Capture) -> bool | None:
     if len(ranks) != 1 or any(o.shape[0] != x.shape[0] for o in outputs.values()):
         return None
     rank = ranks.pop()
-    if rank == x.dim():
-        return False
-    return True if rank == x.dim() + 1 and x.dim() - 1 in _WORDS else None
+    if rank == x.dim() or (rank == x.dim() + 1 and x.dim() - 1 in _WORDS):
+        return rank
+    return None
 
 
 def _is_misread(err: BaseException) -> bool:
