@@ -85,8 +85,8 @@ Capture = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
 
 def _takes(net: nn.Module, reading: _Reading, capture: Capture) -> bool | None:
     """Whether the model runs on the reading as a batch of samples, with probed outputs of
-    one entry per sample and the reading's spatial rank: None if not; else whether it takes
-    them without a channel axis (its outputs have one axis more: it adds the axis itself)."""
+    one entry per sample and the reading's spatial rank: None if not; else whether it adds
+    the channel axis itself (its outputs have one axis more than the reading)."""
     # One sample first: most readings fail at the first layer, and one sample of the "one
     # unbatched sample" reading is all the inputs. A reading that runs is run again on three
     # samples (repeated where it has fewer), where a model that adds a batch axis of its own
@@ -168,11 +168,11 @@ def misread_inputs_error(
     """
     if not _is_misread(err):
         return None
-    fits = [(r, how) for r in _readings(inputs) if (how := _takes(net, r, capture)) is not None]
+    fits = [(r, adds) for r in _readings(inputs) if (adds := _takes(net, r, capture)) is not None]
     if not fits:
         return None
     ways = " or as ".join(
-        f"{_describe(r.shape, no_ch)}: {r.how} (shape {r.shape})" for r, no_ch in fits
+        f"{_describe(r.shape, adds)}: {r.how} (shape {r.shape})" for r, adds in fits
     )
     message = (
         f"compute_erf read inputs of shape {tuple(inputs.shape)} as "
