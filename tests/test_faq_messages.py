@@ -334,6 +334,8 @@ def _nan_samples() -> torch.Tensor:
 ENGINE_CALLS: list[Callable[[], object]] = [
     lambda: compute_erf(_named_net(), _x(2, 3, 8, 8), ["layer_2"]),
     lambda: compute_erf(_conv_net(), _x(2, 3, 8, 8), 2),  # type: ignore[arg-type]
+    lambda: compute_erf(_conv_net(), _x(2, 3, 8, 8), [nn.Conv2d(3, 4, 3)]),  # type: ignore[list-item]
+    lambda: (lambda n: compute_erf(n, _x(2, 3, 8, 8), [n[0]]))(_conv_net()),  # type: ignore[list-item]
     lambda: compute_erf(Net(), _x(2, 3, 8, 8)),
     lambda: compute_erf(_scripted(), _x(2, 3, 8, 8)),
     lambda: compute_erf(lambda x: x, _x(2, 3, 8, 8)),  # type: ignore[arg-type]

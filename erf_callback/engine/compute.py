@@ -214,7 +214,7 @@ def compute_erf(
     # Walked once, shared by the checks and the guard (each walk of a ResNet costs ~0.05 ms).
     everything = list(net.modules()) if isinstance(net, nn.Module) else []
     check_model(net, everything)
-    names = normalize_layers(layers)
+    names = normalize_layers(layers, model=net)
     modules = resolve_layers(net, names)
     # On a GPU, reading the NaN/Inf check back waits for the device: its kernel is queued now
     # and read once the probe has waited anyway. Inputs with NaN or Inf still raise, and an

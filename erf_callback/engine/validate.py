@@ -64,14 +64,23 @@ NO_AXES_HINT = (
 
 
 def normalize_layers(
-    layers: str | Sequence[str] | None, none_means: str = "the model output"
+    layers: str | Sequence[str] | None,
+    none_means: str = "the model output",
+    model: nn.Module | None = None,
 ) -> list[str]:
     """The layer names as a list (``None``: the model output), checked; ``none_means`` is what
-    ``layers=None`` selects for the caller, named in the messages."""
+    ``layers=None`` selects for the caller, named in the messages. A set is taken in sorted
+    order (its own order changes from run to run). ``model``, where known, lets the message
+    for a module given in place of its name say that name."""
     if layers is None:
         return [OUTPUT]
+    names: list[Any]
     if isinstance(layers, str):
         names = [layers]
+    elif isinstance(layers, nn.Module):
+        names = [layers]  # refused below, with its name
+    elif isinstance(layers, (set, frozenset)):
+        names = sorted(layers, key=str)
     elif isinstance(layers, Iterable) and not isinstance(layers, (bytes, Mapping)):
         names = list(layers)
     else:
@@ -82,11 +91,24 @@ def normalize_layers(
     if not names:
         raise ValueError(f"layers is empty; pass layer names, or None to probe {none_means}.")
     for name in names:
+        if isinstance(name, nn.Module):
+            raise TypeError(_module_for_name(name, model))
         if not isinstance(name, str):
             raise TypeError(f"layer names must be strings; got {name!r}")
     if len(set(names)) != len(names):
         raise ValueError(f"layers has duplicates: {names}")
     return names
+
+
+def _module_for_name(module: nn.Module, model: nn.Module | None) -> str:
+    """The message for a module given where its name belongs."""
+    found = [n for n, m in model.named_modules() if m is module and n] if model is not None else []
+    fix = (
+        f"pass its name, {found[0]!r}"
+        if found
+        else "pass its name in model.named_modules() (e.g. 'layer3' for model.layer3)"
+    )
+    return f"layers takes layer names, not modules; got the module {type(module).__name__}: {fix}."
 
 
 def is_numpy(value: Any) -> bool:

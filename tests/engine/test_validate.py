@@ -8,7 +8,12 @@ import torch
 from torch import nn
 
 from erf_callback import ProbeConfig, compute_erf
-from erf_callback.engine.validate import ModelForwardError, UnbatchedInputError, _origin
+from erf_callback.engine.validate import (
+    ModelForwardError,
+    UnbatchedInputError,
+    _origin,
+    normalize_layers,
+)
 from tests.helpers.nets import ResNet
 
 
@@ -367,3 +372,27 @@ def test_a_model_made_under_inference_mode_is_refused_and_left_as_it_was():
     # The way out that the message gives works.
     net.load_state_dict({k: v.clone() for k, v in net.state_dict().items()}, assign=True)
     assert compute_erf(net, x)["output"].status == "ok"
+
+
+def test_a_module_given_for_its_name_is_told_the_name():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Sequential(nn.Conv2d(4, 4, 3)))
+    x = torch.randn(2, 3, 16, 16)
+    for layers, name in (([net[0]], "'0'"), (net[2][0], "'2.0'"), (["0", net[2]], "'2'")):
+        with pytest.raises(TypeError, match=rf"got the module \w+: pass its name, {name}"):
+            compute_erf(net, x, layers)
+    with pytest.raises(TypeError, match=r"pass its name in model\.named_modules\(\)"):
+        compute_erf(net, x, [nn.Conv2d(3, 4, 3)])  # not a part of the model
+    # ERFMonitor gets its layers before the model: the message says how to find the name.
+    from erf_callback import ERFMonitor
+
+    with pytest.raises(TypeError, match=r"not modules.*model\.named_modules\(\)"):
+        ERFMonitor(layers=[net[0]])
+
+
+def test_a_set_of_layer_names_is_probed_in_sorted_order():
+    # A set's order of iteration changes from run to run (string hashing is salted): the maps,
+    # the tags and the history columns would too.
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU())
+    maps = compute_erf(net, torch.randn(2, 3, 16, 16), {"3", "0", "2"})
+    assert list(maps) == ["0", "2", "3"]
+    assert normalize_layers(frozenset({"b", "a"})) == ["a", "b"]
