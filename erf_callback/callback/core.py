@@ -135,9 +135,10 @@ class ERFMonitorBase:
         probe_at_end: probe once when training ends.
         inputs: ``"train"`` (default: a fixed batch captured once from the training data, so
             every probe sees the same images), ``"noise"`` (standard Gaussian noise from the
-            callback's own generator seeded by ``seed``), a tensor ``(N, C, *spatial)``, or an
+            callback's own generator seeded by ``seed``), a tensor ``(N, C, *spatial)``, an
             iterable of batches (e.g. a DataLoader; a list of single images is not one:
-            ``torch.stack(images)``).
+            ``torch.stack(images)``), or a ``Dataset`` (its first ``num_samples`` samples,
+            collated as a DataLoader would).
         input_key: which element of a batch is the input: an index (tuple/list), a key (dict),
             an attribute name (dataclass or named-tuple batches) or a callable
             ``batch -> tensor``. Default: the first image-like tensor found.
@@ -210,7 +211,8 @@ class ERFMonitorBase:
         num_samples = int(num_samples)
         if isinstance(inputs, str) and inputs not in ("train", "noise"):
             raise ValueError(
-                f"inputs must be 'train', 'noise', a tensor or an iterable of batches; got "
+                f"inputs must be 'train', 'noise', a tensor, an iterable of batches or a "
+                f"Dataset; got "
                 f"{inputs!r}"
             )
         # A NumPy array is refused here too (iterated, its rows would pass for batches).

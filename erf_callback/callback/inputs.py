@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from erf_callback.engine.guard import preserved_rng
 
@@ -25,7 +26,7 @@ __all__ = [
     "reuses_workers",
 ]
 
-InputSource = Literal["train", "noise"] | torch.Tensor | Iterable[Any]
+InputSource = Literal["train", "noise"] | torch.Tensor | Iterable[Any] | Dataset[Any]
 InputKey = int | str | Callable[[Any], torch.Tensor] | None
 
 
@@ -164,9 +165,12 @@ def _tensors(batch: Any, path: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def gather_inputs(
-    source: Iterable[Any], input_key: InputKey, need: int, skip: int = 0
+    source: Iterable[Any] | Dataset[Any], input_key: InputKey, need: int, skip: int = 0
 ) -> torch.Tensor:
-    """Up to ``need`` samples (CPU copies) from a tensor or an iterable of batches.
+    """Up to ``need`` samples (CPU copies) from a tensor, an iterable of batches or a dataset.
+
+    A ``Dataset`` yields single samples, not batches: its first ``need`` are collated as
+    ``DataLoader(dataset, batch_size=need)`` would (in order).
 
     Iterating a loader draws a shuffle seed from the global RNG; the RNG streams are given
     back, so the training loop's own iterator sees exactly the stream it would have seen.
@@ -176,6 +180,8 @@ def gather_inputs(
     """
     if isinstance(source, torch.Tensor):
         return source[:need].detach().to("cpu", copy=True)
+    if isinstance(source, Dataset):
+        source = DataLoader(source, batch_size=need)
     parts: list[torch.Tensor] = []
     with preserved_rng():
         for i, batch in enumerate(source):

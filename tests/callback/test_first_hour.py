@@ -237,3 +237,28 @@ def test_grey_batches_for_a_network_that_takes_a_channel_axis_say_how_to_add_it(
     monitor = ERFMonitor(layers=["2"], module="net", every_n_steps=1, num_samples=8, **kw)
     make_trainer(tmp_path, [monitor], max_steps=2).fit(model)
     assert [r["status"] for r in monitor.history.records] == ["ok"] * 3
+
+
+def test_a_dataset_as_probe_inputs_gives_its_first_samples(tmp_path) -> None:
+    # A Dataset yields single samples (C, H, W): read as batches they were one-dimensional
+    # signals, and the fit-start probe failed with advice to add a batch dimension.
+    from torch.utils.data import Dataset, TensorDataset
+
+    from tests.helpers.lit import make_trainer, module_class
+
+    images = torch.randn(20, 3, 16, 16)
+
+    class Dicts(Dataset):
+        def __len__(self) -> int:
+            return 20
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"label": torch.tensor(i % 4), "image": images[i]}
+
+    for dataset, key in ((TensorDataset(images, torch.zeros(20)), None), (Dicts(), "image")):
+        monitor = ERFMonitor(
+            layers=["net.3"], inputs=dataset, input_key=key, every_n_steps=1, num_samples=8
+        )
+        make_trainer(tmp_path, [monitor], max_steps=1).fit(module_class()())
+        assert torch.equal(monitor.probe_inputs, images[:8])  # in order, collated
+        assert [r["status"] for r in monitor.history.records] == ["ok"] * 2
