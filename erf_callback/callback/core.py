@@ -211,9 +211,8 @@ class ERFMonitorBase:
         num_samples = int(num_samples)
         if isinstance(inputs, str) and inputs not in ("train", "noise"):
             raise ValueError(
-                f"inputs must be 'train', 'noise', a tensor, an iterable of batches or a "
-                f"Dataset; got "
-                f"{inputs!r}"
+                "inputs must be 'train', 'noise', a tensor, an iterable of batches or a "
+                f"Dataset; got {inputs!r}"
             )
         # A NumPy array is refused here too (iterated, its rows would pass for batches).
         if isinstance(inputs, torch.Tensor) or is_numpy(inputs):
