@@ -40,7 +40,8 @@ def render_radius_chart(
     TensorBoard's default image card (~350-450 px wide).
 
     Args:
-        series: ``{layer: (steps, radii, trf_width)}`` in probe order; NaN radii are skipped.
+        series: ``{layer: (steps, radii, trf_width)}`` in probe order; a NaN radius (a probe
+            without a map) is a cross on the step axis.
         title: text above the charts.
         size: ``(width, height)`` in pixels.
 
@@ -55,7 +56,13 @@ def render_radius_chart(
     """
     width, height = int(size[0]), int(size[1])
     fig, canvas = _figure(width, height)
-    legend_rows = math.ceil((len(series) + 1) / 3)
+    # Legend entries: the layers, the TRF line and, where a probe gave no map, its cross (two
+    # columns then: "probe without a map" is too wide for three in the default card).
+    missing_any = any(
+        not np.isfinite(np.asarray(r, dtype=float)).all() for _, r, _ in series.values()
+    )
+    columns = 2 if missing_any else 3
+    legend_rows = math.ceil((len(series) + 1 + int(missing_any)) / columns)
     bottom = 66 + 22 * legend_rows
     fig.subplots_adjust(
         left=52 / width,
@@ -70,9 +77,15 @@ def render_radius_chart(
         s = np.asarray(steps, dtype=float)
         r = np.asarray(radii, dtype=float)
         ok = np.isfinite(r)
+        colour = f"C{i % 10}"
+        if not ok.all():
+            # Probes without a radius (a diverged model, dead units): crosses on the axis, so
+            # a curve that stops is not read as a run that stopped.
+            ax_r.plot(
+                s[~ok], np.zeros(int((~ok).sum())), "x", color=colour, ms=7, mew=2, clip_on=False
+            )
         if not ok.any():
             continue
-        colour = f"C{i % 10}"
         ax_r.plot(s[ok], r[ok], "-o", color=colour, lw=2, ms=4, label=layer)
         first = r[ok][0]
         if first > 0:
@@ -83,6 +96,8 @@ def render_radius_chart(
             ax_r.axhline(trf / 2, color=f"C{i % 10}", lw=1.2, ls=":")
     if any(math.isfinite(t) and 0 < t / 2 <= 2 * top_radius for _, _, t in series.values()):
         ax_r.plot([], [], color="0.3", lw=1.2, ls=":", label="TRF half-width")
+    if missing_any:
+        ax_r.plot([], [], "x", color="0.3", ms=7, mew=2, label="probe without a map")
     ax_g.axhline(1.0, color="0.5", lw=1.0)
     ax_r.set_ylim(bottom=0)
     ax_r.set_title("radius [input px]", fontsize=_FONT, y=1.0, pad=6.0)
@@ -96,7 +111,7 @@ def render_radius_chart(
         *ax_r.get_legend_handles_labels(),
         loc="lower center",
         bbox_to_anchor=(0.5, 4 / height),
-        ncol=min(3, len(series) + 1),
+        ncol=min(columns, len(series) + 1),
         fontsize=_FONT - 1,
         frameon=False,
     )

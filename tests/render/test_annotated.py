@@ -186,6 +186,22 @@ def test_radius_chart_gives_each_layer_its_own_colour() -> None:
     assert (np.abs(img2 - c2).sum(-1) < 30).sum() == 0
 
 
+def test_radius_chart_marks_probes_without_a_map_on_the_step_axis() -> None:
+    # A diverged layer's curve stopped, as if the run had; its later probes (NaN radius) are
+    # crosses on the step axis, in the layer's colour.
+    nan = float("nan")
+    steady = ([0, 10, 20, 30], [4.0, 5.0, 5.5, 6.0], float("inf"))
+    stopped = render_radius_chart({"a": ([0, 10, 20, 30], [2, 2.5, nan, nan], 9.0), "b": steady})
+    dropped = render_radius_chart({"a": ([0, 10], [2, 2.5], 9.0), "b": steady})
+    c0 = np.array([int(255 * v) for v in to_rgb("C0")])
+
+    def blue_low(img: np.ndarray) -> int:  # C0 pixels in the radius axes' bottom band
+        near = np.abs(img.astype(int) - c0).sum(-1) < 60
+        return int(near[190:225].sum())
+
+    assert blue_low(stopped) >= blue_low(dropped) + 20
+
+
 @pytest.fixture(scope="module")
 def probe():
     torch.manual_seed(0)
