@@ -669,7 +669,10 @@ class ERFMonitorBase:
                 self.detail_scalars,
             )
             valid, layer_metrics = recorded.maps, recorded.metrics
-            wanted = self.log_images and valid and probe % self.images_every_n_probes == 0
+            # A probe without valid maps still redraws the radius chart (its crosses mark the
+            # probes that gave none) once an earlier probe drew a curve.
+            drawable = bool(valid) or any(r["status"] == "ok" for r in self.history.records)
+            wanted = self.log_images and drawable and probe % self.images_every_n_probes == 0
             if wanted and group is None and trainer.is_global_zero:
                 # One process: no picture for a run whose loggers cannot store any (CSV only,
                 # logger=False). Ranks keep rendering their shares: every rank must reach the
@@ -693,6 +696,7 @@ class ERFMonitorBase:
                         layer_metrics,
                         step,
                         share,
+                        maps,
                         then="no images for this probe;",
                     )
                     or {}

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from functools import partial
 from typing import Any, Literal
@@ -106,6 +106,7 @@ class ProbeImages:
         metrics: dict[str, dict[str, float]] | None = None,
         step: int | None = None,
         share: tuple[int, int] = (0, 1),
+        every: Mapping[str, ERFMap] | None = None,
     ) -> dict[str, np.ndarray]:
         """``{tag: uint8 HWC image}`` for the valid maps of one probe.
 
@@ -118,6 +119,8 @@ class ProbeImages:
                 at ``rank``, so the ranks of a distributed run split the work. The images are
                 numbered in the same order on every rank (they all hold the same maps and
                 history), and their union over the ranks is the whole set.
+            every: all the probe's maps, those without a valid map too (default ``maps``):
+                the radius chart has every layer, and marks the probes that gave no map.
         """
         # Imported here: matplotlib costs ~0.4 s to import, and runs with log_images=False
         # never render.
@@ -140,7 +143,6 @@ class ProbeImages:
         step_text = "" if step is None else f"step {step} · "
         # (tag, how to render it, tags that get the same picture), in a fixed order.
         jobs: list[tuple[str, Callable[[], np.ndarray], tuple[str, ...]]] = []
-        first_here: list[bool] = []  # per layer: is this its first probe?
         side_by_side: list[Any] = []  # per layer: its panel, titled short for a small tile
         for layer, m in maps.items():
             fit = m.gaussian
@@ -153,7 +155,6 @@ class ProbeImages:
             side_by_side.append(replace(panel, title=short))
             first = history.first(layer)
             is_first = first is None or first["step"] == step
-            first_here.append(is_first)
             # heatmap_init is written once, so TensorBoard's sampling (10 images per tag)
             # never drops it.
             init_alias = (f"{tag}/heatmap_init",) if layer not in self._init and is_first else ()
@@ -225,8 +226,10 @@ class ProbeImages:
                     input_shape=None if view is None else (arr.shape[-2], arr.shape[-1]),
                 )
                 jobs.append((f"{tag}/evolution", make_strip, ()))
-        if maps and not all(first_here):
-            # A chart of radius vs step needs a second probe to show anything.
+        charted = maps if every is None else every
+        if any((history.first(layer) or {"step": step})["step"] != step for layer in charted):
+            # A chart of radius vs step needs a second probe to show anything. It is drawn at
+            # a probe without valid maps too: its crosses say the curves stop there.
             series = {
                 layer: (
                     [r["step"] for r in history.records if r["layer"] == layer],
@@ -237,7 +240,7 @@ class ProbeImages:
                     ],
                     _geo_mean(tuple(m.trf)),
                 )
-                for layer, m in maps.items()
+                for layer, m in charted.items()
             }
             chart = partial(render_radius_chart, series)
             jobs.append((f"{self.tag_prefix}/{ALL_LAYERS_TAG}", chart, ()))

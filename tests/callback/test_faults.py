@@ -412,6 +412,14 @@ def test_divergence_records_nonfinite_probes_and_training_goes_on(tmp_path, how)
         assert statuses == ["ok"] * 3 + ["nonfinite"] * 6, (layer, statuses)  # steps 0-8
     said = [m for m in erf_warnings(record) if "NaN/Inf gradients or weights" in m]
     assert len(said) == 2  # once per layer
+    # TensorBoard's radius chart is redrawn at the probes without maps (their crosses say the
+    # curves stop there), not left at the last probe that had one.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"images": 0})
+    acc.Reload()
+    charted = [e.step for e in acc.Images("erf/all_layers/radius")]
+    assert charted == list(range(1, 9)), charted
 
 
 def test_nan_weights_at_fit_start_are_recorded_not_raised(tmp_path):
