@@ -20,6 +20,7 @@ from erf_callback.engine.compute import compute_erf, map_status
 from erf_callback.engine.config import Reduction
 from erf_callback.engine.erf_map import ERFMap
 from erf_callback.engine.layers import resolve_layers
+from erf_callback.engine.misread import RESHAPE
 from erf_callback.engine.validate import torch_error
 from erf_callback.warnings import ERFWarning
 
@@ -74,6 +75,14 @@ def probe_model(
             try:
                 maps = compute_erf(model, chunk, list(layers), reduction=reduction)
             except (ValueError, KeyError, TypeError, RuntimeError) as err:
+                if getattr(err, RESHAPE, None) == "inputs.unsqueeze(1)":
+                    # Samples without a channel axis (--channels 0) for a model that takes one:
+                    # the fix is a flag, not the expression compute_erf names.
+                    raise CLIError(
+                        f"the model takes samples with a channel axis, and these of shape "
+                        f"{tuple(chunk.shape[1:])} have none",
+                        "pass --channels 1 (or the number of input channels the model takes)",
+                    ) from err
                 # torch's own words on a model that cannot take the inputs: compute_erf's
                 # account names a call that a command-line user never made.
                 said = torch_error(err)

@@ -340,6 +340,7 @@ def test_unknown_layer_exits_2_naming_close_names(workdir, capsys):
             "probing failed on samples of shape (3, 33, 33) (RuntimeError: Given groups=1",
         ),
         (["--num-samples", "0"], "--num-samples 0 is not positive"),
+        (["--channels", "0"], "these of shape (33, 33) have none; pass --channels 1"),
     ],
 )
 def test_bad_files_and_inputs_exit_2(workdir, capsys, extra, problem):
