@@ -1,7 +1,9 @@
 """fit_gaussian against OpenERF's lmfit 2-D Gaussian fit: sigma accuracy and speed.
 
 Run: ``.venv/bin/python benchmarks/bench_fit.py`` (``--quick`` for a smoke run;
-``--fixed-cost`` to time our fit alone at 20x20 and 32x32 against 64x64).
+``--fixed-cost`` to time our fit alone at 20x20 and 32x32 against 64x64; ``--numpy`` to time
+the fit's numpy path, as where numba cannot load: ``ERF_CALLBACK_JIT=0``; ``--kernels`` to
+time the compiled kernels against that numpy path, interleaved, on the same maps).
 
 OpenERF (PyPI ``openerf`` 0.6.1, MIT) fits ``amp * N(xc, yc, sigma_x, sigma_y)`` (axis-aligned,
 no floor term) to the sum-normalised map with ``lmfit.Model``, starting from ``xc, yc = 0.8 *
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
+import os
 import subprocess
 import sys
 import warnings
@@ -47,6 +50,7 @@ import _bench_utils as bu
 import numpy as np
 
 from erf_callback import fit_gaussian
+from erf_callback.fit import kernels
 from erf_callback.fit.metrics import border_mass
 
 OPENERF_VERSION = "0.6.1"
@@ -205,6 +209,17 @@ def openerf(fit: Callable[[np.ndarray], object], a: np.ndarray) -> tuple[float, 
     return float(r.sigma_y), float(r.sigma_x)  # type: ignore[attr-defined]
 
 
+def fit_path() -> str:
+    """Which implementation the 2-D fit runs here (loading the compiled kernels first, so
+    their one-time compile is not timed)."""
+    if kernels.compiled() is not None:
+        import numba
+
+        return f"2-D fit: compiled kernels (numba {numba.__version__})"
+    why = f"{kernels.JIT_ENV}=0" if os.environ.get(kernels.JIT_ENV) else "numba unavailable"
+    return f"2-D fit: numpy path ({why})"
+
+
 def rel_err(got: tuple[float, float], truth: tuple[float, float]) -> tuple[float, float]:
     return abs(got[0] - truth[0]) / truth[0], abs(got[1] - truth[1]) / truth[1]
 
@@ -217,6 +232,7 @@ def fixed_cost(repeats: int) -> None:
     Python's fixed cost per operation, not arithmetic, sets it.
     """
     bu.header("bench_fit --fixed-cost: our fit at 20x20 and 32x32 against 64x64")
+    print(f"   {fit_path()}")
     made = {n: make_cases(((n, n),)) for n in (20, 32, 64)}
     rows, shares = [], []
     with warnings.catch_warnings():
@@ -246,6 +262,56 @@ def fixed_cost(repeats: int) -> None:
     )
 
 
+def kernels_vs_numpy(sizes: tuple[tuple[int, int], ...], repeats: int) -> None:
+    """Our fit with its compiled kernels against its numpy path (``ERF_CALLBACK_JIT=0``) on
+    every map, interleaved in one process, with the largest difference of the two fits."""
+    bu.header("bench_fit --kernels: compiled kernels vs the numpy path, same maps")
+    print(f"   {fit_path()}")
+    if kernels.compiled() is None:
+        print("   SKIP: the compiled kernels are not available here")
+        return
+
+    def on(a: np.ndarray, jit: bool) -> object:
+        if jit:
+            os.environ.pop(kernels.JIT_ENV, None)
+        else:
+            os.environ[kernels.JIT_ENV] = "0"
+        return fit_gaussian(a)
+
+    rows, ratios = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for case in make_cases(sizes):
+            a = case.map
+            funcs: dict[str, Callable[[], object]] = {
+                "numpy": functools.partial(on, a, False),
+                "compiled": functools.partial(on, a, True),
+            }
+            times = bu.interleaved(funcs, repeats, warmup=1, min_round=0.02)
+            ref, got = on(a, False), on(a, True)
+            os.environ.pop(kernels.JIT_ENV, None)
+            scale = float(np.max(np.diag(ref.cov)))  # type: ignore[attr-defined]
+            diff = float(np.max(np.abs(got.cov - ref.cov))) / scale  # type: ignore[attr-defined]
+            r = bu.ratio(times["compiled"], times["numpy"])
+            ratios.append((r, case))
+            rows.append(
+                (
+                    case.category,
+                    case.name,
+                    f"{1e3 * bu.median(times['numpy']):.2f}",
+                    f"{1e3 * bu.median(times['compiled']):.2f}",
+                    f"{r:.2f}",
+                    f"{diff:.1e}",
+                )
+            )
+    print(bu.table(("cat", "map", "numpy ms", "compiled ms", "compiled / numpy", "cov diff"), rows))
+    print("   cov diff: max |cov_compiled - cov_numpy| / max diag cov_numpy")
+    for cat in CATEGORIES:
+        rs = [r for r, c in ratios if c.category == cat]
+        if rs:
+            print(f"   {cat:7s} compiled / numpy {min(rs):.2f}..{max(rs):.2f} over {len(rs)} maps")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="64x64 and 224x224 only")
@@ -254,11 +320,23 @@ def main() -> int:
         "--sizes", default=None, help="comma-separated HxW list, e.g. 64x64,512x512"
     )
     parser.add_argument(
+        "--numpy",
+        action="store_true",
+        help=f"run the fit's numpy path ({kernels.JIT_ENV}=0), not its compiled kernels",
+    )
+    parser.add_argument(
+        "--kernels",
+        action="store_true",
+        help="only time the compiled kernels against the numpy path (no OpenERF)",
+    )
+    parser.add_argument(
         "--fixed-cost",
         action="store_true",
         help="only time our fit at 20x20 and 32x32 against 64x64 (no OpenERF)",
     )
     args = parser.parse_args()
+    if args.numpy:
+        os.environ[kernels.JIT_ENV] = "0"
     repeats = args.repeats or (2 if args.quick else 4)
     if args.fixed_cost:
         fixed_cost(args.repeats or 9)
@@ -270,8 +348,12 @@ def main() -> int:
         )
     elif args.quick:
         sizes = ((64, 64), (224, 224))
+    if args.kernels:
+        kernels_vs_numpy(sizes, args.repeats or 15)
+        return 0
 
     bu.header("bench_fit: fit_gaussian (default method) vs OpenERF's lmfit Gaussian")
+    print(f"   {fit_path()}")
     oe_fit, note = load_openerf_fit()
     cases = make_cases(sizes)
     print(f"   {note}" if oe_fit is not None else f"   SKIP OpenERF: {note}")

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from erf_callback.fit import kernels
 from erf_callback.fit.grid import bounding_box, determinant, sum_of_products
 
 __all__ = ["GaussianModelFit", "fit_floor_gaussian"]
@@ -43,6 +44,11 @@ _BLOCKS = {1: 1600, 2: 1600, 3: 8000}
 _ROUNDS = 3
 # The log-linear start uses the pixels above this fraction of the peak.
 _LOG_LEVEL = 0.1
+# Its normal equations are singular when those pixels span fewer than 3 values along an axis
+# (a quadratic through 2 columns is free up to (x - x1)(x - x2)); a Cholesky pivot at most
+# this share of its diagonal entry is such a system's rounding, and the start is refused
+# (both implementations got a different "solution" there; one was a bump, 4.6x off).
+_PIVOT_MIN = 1e-12
 # Iteration cap of the Levenberg-Marquardt fit (fit_gaussian names it when it is reached).
 MODEL_MAX_ITER = 60
 # Relative cost change and step size below which the iteration has converged.
@@ -271,6 +277,12 @@ def _log_linear(grid: _Grid, target: np.ndarray, floor: float) -> np.ndarray | N
     weights ``(map - floor)^2`` (Caruana's estimator): one linear solve, exact on a clean
     Gaussian however it is cut, and a start one or two iterations from the optimum otherwise.
     """
+    jit = kernels.compiled() if grid.d == 2 else None
+    if jit is not None:
+        coef = np.empty(6)
+        target = kernels.contiguous(target)
+        ok = jit.log_linear(*grid.coords, target, float(floor), _LOG_LEVEL, _PIVOT_MIN, coef)
+        return coef if ok else None
     top = float(target.max()) - floor
     if not top > 0:
         return None
@@ -284,7 +296,7 @@ def _log_linear(grid: _Grid, target: np.ndarray, floor: float) -> np.ndarray | N
     np.multiply(v, v, out=w[0], where=used)
     np.log(v, out=w[1], where=used)
     w[1] *= w[0]
-    return _solve_spd(*_split(grid.moments(w, box).take(_log_linear_index(grid.d))))
+    return _solve_spd(*_split(grid.moments(w, box).take(_log_linear_index(grid.d))), _PIVOT_MIN)
 
 
 def _split(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -303,9 +315,9 @@ def _det_if_positive_definite(m: np.ndarray) -> float | None:
     return determinant(m)
 
 
-def _solve_spd(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
+def _solve_spd(a: np.ndarray, b: np.ndarray, pivot_min: float = 0.0) -> np.ndarray | None:
     """Solve ``a x = b`` for a small symmetric positive definite ``a``; None when it is not
-    (or the solution is not finite).
+    (a pivot at most ``pivot_min`` times its diagonal entry) or the solution is not finite.
 
     Cholesky on Python floats, which is also the positive-definiteness test: one pass where
     numpy.linalg needs two calls (``cholesky`` to test, ``solve`` to solve), each with more
@@ -323,7 +335,7 @@ def _solve_spd(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
                 s -= li[k] * lj[k]
             if i > j:
                 li[j] = s / lj[j]
-            elif s > 0.0:
+            elif s > pivot_min * row[i] and s > 0.0:
                 li[i] = math.sqrt(s)
             else:
                 return None
@@ -475,6 +487,7 @@ class _Grid:
     def __init__(self, u: list[np.ndarray]) -> None:
         d = len(u)
         self.d = d
+        self.coords = tuple(u)  # per axis, in [-1, 1]
         self.shape = tuple(len(v) for v in u)
         self.size = math.prod(self.shape)
         self.axes = [v.reshape([-1 if k == i else 1 for k in range(d)]) for i, v in enumerate(u)]
@@ -485,7 +498,7 @@ class _Grid:
             self._cols = np.ascontiguousarray(self.powers[1][:, :3].T)
             self._rows.flags.writeable = self._cols.flags.writeable = False
         # Grids are shared through _grid_of's cache: nothing may write into one.
-        for array in (*self.axes, *self.powers):
+        for array in (*self.coords, *self.axes, *self.powers):
             array.flags.writeable = False
 
     def weights(self) -> np.ndarray:
@@ -600,6 +613,25 @@ def _levenberg_marquardt(
     ``(b, coef)``, the weights a :meth:`_Grid.weights` buffer whose slots ``_G`` and ``_R``
     hold the model's Gaussian and the residual there; None when the start cannot be
     evaluated."""
+    jit = kernels.compiled() if grid.d == 2 else None
+    if jit is not None:
+        w, spare = grid.weights(), grid.weights()
+        evaluated, b, coef, converged, cost, state, _, _ = jit.levenberg_marquardt(
+            *grid.coords,
+            kernels.contiguous(target),
+            float(b),
+            kernels.contiguous(coef),
+            bool(fit_floor),
+            float(tol),
+            MODEL_MAX_ITER,
+            _EXACT_RMS,
+            _STEP_SE,
+            w[_G],
+            w[_R],
+            spare[_G],
+            spare[_R],
+        )
+        return (b, coef, converged, cost, spare if state else w) if evaluated else None
 
     # Two weight buffers: the accepted state's and the trial's (swapped on acceptance).
     spare = grid.weights()

@@ -29,6 +29,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from erf_callback.fit import kernels
 from erf_callback.fit.gauss_newton import MODEL_MAX_ITER, GaussianModelFit, fit_floor_gaussian
 from erf_callback.fit.grid import (
     bounding_box,
@@ -728,14 +729,21 @@ def _half_max_init(
     base = max(low, 0.0)
     if not peak > base:  # no positive mass above the floor (constant maps never get here)
         return None
-    above = a >= base + 0.5 * (peak - base)
-    # The moments of the region on its bounding box only (a small part of the map).
-    box = bounding_box(above)
-    region = above[box].astype(np.float64)
-    if a.ndim == 2:
-        mean, cov = _region_moments_2d(region, box[0].start, box[1].start)
+    level = base + 0.5 * (peak - base)
+    jit = kernels.compiled() if a.ndim == 2 else None
+    if jit is not None:
+        sums = np.empty((3, 3))
+        row, col = jit.region_sums(kernels.contiguous(a), float(level), sums)
+        mean, cov = _moments_from_sums(sums.tolist(), row, col)
     else:
-        _, mean, cov = _moments(region, [c[s] for c, s in zip(coords, box, strict=True)])
+        above = a >= level
+        # The moments of the region on its bounding box only (a small part of the map).
+        box = bounding_box(above)
+        region = above[box].astype(np.float64)
+        if a.ndim == 2:
+            mean, cov = _region_moments_2d(region, box[0].start, box[1].start)
+        else:
+            _, mean, cov = _moments(region, [c[s] for c, s in zip(coords, box, strict=True)])
     cov = cov * (a.ndim + 2) / (2.0 * math.log(2.0))
     return mean, cov + np.eye(a.ndim) * _MIN_WINDOW_VARIANCE
 
@@ -750,7 +758,14 @@ def _region_moments_2d(w: np.ndarray, row: int, col: int) -> tuple[np.ndarray, n
     comparison by a factor of 2.
     """
     h, width = w.shape
-    m = (_quadratic_powers(h).T @ w @ _quadratic_powers(width)).tolist()
+    return _moments_from_sums(
+        (_quadratic_powers(h).T @ w @ _quadratic_powers(width)).tolist(), row, col
+    )
+
+
+def _moments_from_sums(m: list[list[float]], row: int, col: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance from the raw moments ``m[p][q] = sum w i^p j^q`` (``p + q <= 2``)
+    taken in coordinates whose origin is pixel ``(row, col)``."""
     n = m[0][0]
     if not n > 0:
         return np.full(2, np.nan), np.full((2, 2), np.nan)
@@ -791,6 +806,26 @@ def _far_floor(
     the map, nearer rings (Mahalanobis 4, then 3) are used with the current Gaussian's tail
     subtracted first, so the estimate stays unbiased for a Gaussian plus a floor.
     """
+    jit = kernels.compiled() if len(idx) == 2 else None
+    if jit is not None:
+        radii = np.array([r for r in (window, 4.0, 3.0) if r <= window], dtype=np.float64)
+        out = np.empty(vals.size)
+        n = jit.far_values(
+            *idx,
+            kernels.contiguous(vals),
+            *mean.tolist(),
+            float(prec[0, 0]),
+            float(prec[0, 1]),
+            float(prec[1, 1]),
+            radii,
+            _MIN_FLOOR_PIXELS,
+            float(amplitude),
+            out,
+        )
+        if not n:
+            return 0.0, 0.0, 0, 0.0
+        level, spread, kept, med = jit.clipped_stats(out[:n])
+        return float(level), float(spread), int(kept), float(med)
     d2 = mahalanobis_sq(idx, mean, prec)
     for radius in (window, 4.0, 3.0):
         if radius > window:

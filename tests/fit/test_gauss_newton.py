@@ -1,7 +1,10 @@
 """The model fit's numerics (``erf_callback.fit.gauss_newton``) against independent
 computations: the normal equations against the explicit Jacobian, block means against
 numpy's, the half-maximum moments against the centred ones, and the iteration's statistical
-stop against the fully converged optimum."""
+stop against the fully converged optimum.
+
+The iteration's tests run on both implementations of the 2-D iteration (numpy, and the
+compiled kernel of ``erf_callback.fit._compiled``), counting its steps on each."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import pytest
 
 from erf_callback.fit import gauss_newton as gn
 from erf_callback.fit import gaussian as fg
+from erf_callback.fit import kernels
 from tests.helpers.maps import gaussian_map, half_normal_floor, rotated_cov
 
 
@@ -106,6 +110,54 @@ def test_half_maximum_region_moments_equal_centred_moments(seed) -> None:
     np.testing.assert_allclose(cov, cov_ref, rtol=1e-9, atol=1e-9 * max(h, w) ** 2)
 
 
+class _Counts:
+    """Normal equations built and model evaluations of the 2-D iterations run while it is
+    installed (:func:`_count_steps`)."""
+
+    def __init__(self) -> None:
+        self.normal: list[bool] = []  # fit_floor of each build
+        self.evaluations = 0
+
+
+def _count_steps(path: str, monkeypatch: pytest.MonkeyPatch) -> _Counts:
+    """Runs the fit on ``path`` ("numpy" or "compiled") and counts its steps there."""
+    counts = _Counts()
+    if path == "numpy":
+        monkeypatch.setenv(kernels.JIT_ENV, "0")
+        normal_equations, eta = gn._Grid.normal_equations, gn._Grid.eta
+
+        def counted_normal(self: gn._Grid, w: np.ndarray, fit_floor: bool):
+            counts.normal.append(fit_floor)
+            return normal_equations(self, w, fit_floor)
+
+        def counted_eta(self: gn._Grid, c: np.ndarray) -> np.ndarray:
+            counts.evaluations += 1
+            return eta(self, c)
+
+        monkeypatch.setattr(gn._Grid, "normal_equations", counted_normal)
+        monkeypatch.setattr(gn._Grid, "eta", counted_eta)
+        return counts
+    monkeypatch.delenv(kernels.JIT_ENV, raising=False)
+    real = kernels.compiled()
+    assert real is not None, "numba is a dependency: the compiled kernels must load"
+
+    class Counting:
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        def levenberg_marquardt(self, *args: object) -> tuple:
+            out = real.levenberg_marquardt(*args)
+            counts.normal += [bool(args[5])] * out[6]
+            counts.evaluations += out[7]
+            return out
+
+    monkeypatch.setattr(kernels, "compiled", Counting)
+    return counts
+
+
+PATHS = ["numpy", "compiled"]
+
+
 def _lm_case(seed: int) -> tuple[gn._Grid, np.ndarray, float, np.ndarray]:
     """A noisy cut or rotated Gaussian on a floor, as fit_floor_gaussian sets it up."""
     rng = np.random.default_rng(seed)
@@ -120,14 +172,19 @@ def _lm_case(seed: int) -> tuple[gn._Grid, np.ndarray, float, np.ndarray]:
     return grid, a, floor, start
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("seed", range(8))
-def test_the_iteration_stops_within_a_hundredth_of_a_standard_error(seed, monkeypatch) -> None:
+def test_the_iteration_stops_within_a_hundredth_of_a_standard_error(
+    seed, path, monkeypatch
+) -> None:
     grid, a, floor, start = _lm_case(seed)
+    counts = _count_steps(path, monkeypatch)
     eps = gn._STEP_SE
     b, coef, converged, cost, _ = gn._levenberg_marquardt(grid, a, floor, start, True, gn._TOL)
     assert converged
     monkeypatch.setattr(gn, "_STEP_SE", 1e-9)  # converge to rounding instead
     b_opt, coef_opt, _, cost_opt, _ = gn._levenberg_marquardt(grid, a, floor, start, True, gn._TOL)
+    assert counts.evaluations > 0  # on the path named
     assert cost >= cost_opt * (1 - 1e-12)
     # Distance in standard errors: parameter covariance sigma^2 (J^T J)^-1 at the optimum.
     w = grid.weights()
@@ -143,21 +200,15 @@ def test_the_iteration_stops_within_a_hundredth_of_a_standard_error(seed, monkey
     assert math.sqrt(float(delta0 @ normal @ delta0) / sigma2) > 100 * eps
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("seed", range(8))
-def test_the_iteration_needs_three_evaluations_from_the_log_linear_start(seed, monkeypatch):
+def test_the_iteration_needs_three_evaluations_from_the_log_linear_start(seed, path, monkeypatch):
     # The start, one step, one confirming step. Marquardt's classic damping (1e-3 of the
     # diagonal) needs 4-5 here: it holds back the ill-conditioned monomial directions.
     grid, a, floor, start = _lm_case(seed)
-    evaluations = []
-    eta = gn._Grid.eta
-
-    def counted(self: gn._Grid, c: np.ndarray) -> np.ndarray:
-        evaluations.append(c)
-        return eta(self, c)
-
-    monkeypatch.setattr(gn._Grid, "eta", counted)
+    counts = _count_steps(path, monkeypatch)
     assert gn._levenberg_marquardt(grid, a, floor, start, True, gn._TOL) is not None
-    assert len(evaluations) <= 3
+    assert 2 <= counts.evaluations <= 3
 
 
 def test_the_damping_does_not_oscillate_on_maps_that_are_no_gaussian() -> None:
@@ -178,8 +229,9 @@ def test_the_damping_does_not_oscillate_on_maps_that_are_no_gaussian() -> None:
     assert failed == []
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("seed", range(4))
-def test_a_noiseless_gaussian_on_a_floor_stops_once_exact(seed, monkeypatch) -> None:
+def test_a_noiseless_gaussian_on_a_floor_stops_once_exact(seed, path, monkeypatch) -> None:
     # From a floor a little off (what the far pixels' median gives: their Gaussian tails), the
     # log-linear start is one step from the optimum, and that step leaves residuals ~1e-14 of
     # the peak: the fit stops there, exact to ~1e-13, without a confirming step.
@@ -189,23 +241,15 @@ def test_a_noiseless_gaussian_on_a_floor_stops_once_exact(seed, monkeypatch) -> 
     mean = rng.uniform(24, 40, 2)
     floor = rng.uniform(0.001, 0.2)
     a = gaussian_map(shape, mean, cov) + floor
-    solves = []
-    normal_equations = gn._Grid.normal_equations
-
-    def counted(self: gn._Grid, w: np.ndarray, fit_floor: bool):
-        solves.append(fit_floor)
-        return normal_equations(self, w, fit_floor)
-
-    monkeypatch.setattr(gn._Grid, "normal_equations", counted)
+    counts = _count_steps(path, monkeypatch)
     start_floor = floor + 1e-9
     fit = gn.fit_floor_gaussian(a, mean + 0.3, cov * 1.2, start_floor, 1.0 - floor)
     assert fit is not None and fit.converged
-    assert len(solves) == 1
+    assert counts.normal == [True]
     np.testing.assert_allclose(fit.cov, cov, rtol=1e-12, atol=1e-12 * float(np.max(cov)))
     np.testing.assert_allclose(fit.mean, mean, rtol=1e-13)
     assert fit.floor == pytest.approx(floor, abs=1e-13)
     # ... and the same map with noise far below the peak still iterates to its optimum.
-    monkeypatch.setattr(gn._Grid, "normal_equations", normal_equations)
     noisy = a + rng.normal(0.0, 1e-9, shape)
     fit = gn.fit_floor_gaussian(noisy, mean + 0.3, cov * 1.2, start_floor, 1.0 - floor)
     assert fit is not None and fit.converged
