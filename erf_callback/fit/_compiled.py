@@ -472,7 +472,9 @@ def _select(buf: Array, k: int, n: int) -> float:
             while buf[j] > pivot:
                 j -= 1
             if i <= j:
-                buf[i], buf[j] = buf[j], buf[i]
+                swap = buf[i]
+                buf[i] = buf[j]
+                buf[j] = swap
                 i += 1
                 j -= 1
         # [lo, j] <= pivot, [i, hi] >= pivot, and everything between equals it.
@@ -504,23 +506,28 @@ def _median(buf: Array) -> float:
 def clipped_stats(values: Array) -> tuple[float, float, int, float]:
     """``gaussian._clipped_stats`` (its docstring gives the reasons): the mean, robust spread
     and count of the values within 5 spreads of their median, and the median."""
+    # Element loops throughout: numba compiles array expressions and slice assignments
+    # several times slower than the loops they stand for.
     n = values.shape[0]
-    buf = values.copy()
+    buf = np.empty(n)
+    for i in range(n):
+        buf[i] = values[i]
     med = _median(buf)
     deviation = np.empty(n)
     low = values[0]
     at_low = 0
     for i in range(n):
         deviation[i] = abs(values[i] - med)
+        buf[i] = deviation[i]
         low = min(low, values[i])
     for i in range(n):
         if values[i] == low:
             at_low += 1
-    buf[:] = deviation
     spread = 1.4826 * _median(buf)
     if 4 * at_low >= n:
         q1, q3 = (n - 1) // 4, (3 * (n - 1)) // 4
-        buf[:] = values
+        for i in range(n):
+            buf[i] = values[i]
         upper = _select(buf, q3, n)
         quartiles = (upper - _select(buf, q1, q3 + 1)) / 1.349
         if spread < 0.5 * quartiles:
