@@ -386,7 +386,12 @@ def test_python_dash_m_runs_the_same_cli(workdir, capsys, monkeypatch):
 # ---- report ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
+# The tests that read this run go to one worker (make test: --dist loadgroup), which makes
+# it once for the session (4 s; once per worker and module visit before).
+_ON_TRACKED_RUN = pytest.mark.xdist_group("tracked_run")
+
+
+@pytest.fixture(scope="session")
 def tracked_run(tmp_path_factory):
     """A short ERFTracker run with a SummaryWriter: history files and TB events (read-only)."""
     tmp_path = tmp_path_factory.mktemp("tracked")
@@ -408,6 +413,7 @@ def tracked_run(tmp_path_factory):
     return log_dir
 
 
+@_ON_TRACKED_RUN
 def test_report_from_a_log_folder(tracked_run, tmp_path, capsys):
     out = tmp_path / "report"
     assert run_cli("report", str(tracked_run.parent), "--out", str(out)) == 0
@@ -422,6 +428,7 @@ def test_report_from_a_log_folder(tracked_run, tmp_path, capsys):
     assert f"<td>{final['radius']:.4g}</td>" in page
 
 
+@_ON_TRACKED_RUN
 def test_report_from_tensorboard_events_only_matches_the_history(tracked_run, tmp_path):
     history = json.loads((tracked_run / "erf_history.json").read_text())["records"]
     tracked_run = shutil.copytree(tracked_run, tmp_path / "copy")
@@ -437,6 +444,7 @@ def test_report_from_tensorboard_events_only_matches_the_history(tracked_run, tm
     assert run_cli("report", str(tracked_run), "--out", str(tmp_path / "r")) == 0
 
 
+@_ON_TRACKED_RUN
 def test_report_from_the_csv_file(tracked_run, tmp_path):
     run = find_run(str(tracked_run / "erf_history.csv"))
     assert [r["step"] for r in run.records if r["layer"] == "0"] == [0.0, 2.0, 4.0]
