@@ -94,6 +94,28 @@ def evaluate(uy: Array, ux: Array, target: Array, b: float, c: Array, g: Array, 
     return cost
 
 
+@njit(cache=True)
+def _add_row(m: Array, y: float, sums: Array, order: int) -> None:
+    """Adds one row's sums ``sums[q] = sum_j w x_j^q`` at height ``y`` to the moments up to
+    ``order``: ``m[p, q] += y^p sums[q]`` for ``p + q <= order``."""
+    yp = 1.0
+    for p in range(order + 1):
+        for q in range(order + 1 - p):
+            m[p, q] += sums[q] * yp
+        yp *= y
+
+
+@njit(cache=True)
+def _gather(m4: Array, m2: Array, normal: Array, rhs: Array, o: int) -> None:
+    """The monomials' normal matrix ``sum w m_a m_b`` from the order-4 moments ``m4`` and the
+    right-hand side ``sum v m_a`` from the order-2 moments ``m2``, from row and column ``o``
+    on."""
+    for a in range(6):
+        for k in range(6):
+            normal[o + a, o + k] = m4[_P[a] + _P[k], _Q[a] + _Q[k]]
+        rhs[o + a] = m2[_P[a], _Q[a]]
+
+
 @njit(cache=True, fastmath={"reassoc", "contract"})
 def normal_equations(
     uy: Array, ux: Array, g: Array, r: Array, fit_floor: bool, normal: Array, grad: Array
@@ -106,6 +128,7 @@ def normal_equations(
     mgg = np.zeros((5, 5))
     mrg = np.zeros((3, 3))
     mg = np.zeros((3, 3))
+    row = np.empty(5)  # one row's sums, handed to _add_row
     rsum = 0.0
     for i in range(ny):
         a0 = a1 = a2 = a3 = a4 = 0.0
@@ -131,35 +154,18 @@ def normal_equations(
             e1 += gij * x
             e2 += gij * x2
             s += rij
-        y = uy[i]
-        yp = 1.0
-        for p in range(5):
-            mgg[p, 0] += a0 * yp
-            if p <= 3:
-                mgg[p, 1] += a1 * yp
-            if p <= 2:
-                mgg[p, 2] += a2 * yp
-                mrg[p, 0] += b0 * yp
-                mg[p, 0] += e0 * yp
-            if p <= 1:
-                mgg[p, 3] += a3 * yp
-                mrg[p, 1] += b1 * yp
-                mg[p, 1] += e1 * yp
-            if p == 0:
-                mgg[p, 4] += a4 * yp
-                mrg[p, 2] += b2 * yp
-                mg[p, 2] += e2 * yp
-            yp *= y
+        row[0], row[1], row[2], row[3], row[4] = a0, a1, a2, a3, a4
+        _add_row(mgg, uy[i], row, 4)
+        row[0], row[1], row[2] = b0, b1, b2
+        _add_row(mrg, uy[i], row, 2)
+        row[0], row[1], row[2] = e0, e1, e2
+        _add_row(mg, uy[i], row, 2)
         rsum += s
-    o = 1 if fit_floor else 0
-    for a in range(6):
-        for k in range(6):
-            normal[o + a, o + k] = mgg[_P[a] + _P[k], _Q[a] + _Q[k]]
-        grad[o + a] = mrg[_P[a], _Q[a]]
-        if fit_floor:
+    _gather(mgg, mrg, normal, grad, 1 if fit_floor else 0)
+    if fit_floor:
+        for a in range(6):
             normal[0, 1 + a] = mg[_P[a], _Q[a]]
             normal[1 + a, 0] = mg[_P[a], _Q[a]]
-    if fit_floor:
         normal[0, 0] = float(ny * nx)
         grad[0] = rsum
 
@@ -324,6 +330,7 @@ def log_linear(
     cut = floor + level * top
     m4 = np.zeros((5, 5))
     m2 = np.zeros((3, 3))
+    row = np.empty(5)
     for i in range(ny):
         a0 = a1 = a2 = a3 = a4 = 0.0
         b0 = b1 = b2 = 0.0
@@ -343,28 +350,13 @@ def log_linear(
                 b0 += wl
                 b1 += wl * x
                 b2 += wl * x2
-        y = uy[i]
-        yp = 1.0
-        for p in range(5):
-            m4[p, 0] += a0 * yp
-            if p <= 3:
-                m4[p, 1] += a1 * yp
-            if p <= 2:
-                m4[p, 2] += a2 * yp
-                m2[p, 0] += b0 * yp
-            if p <= 1:
-                m4[p, 3] += a3 * yp
-                m2[p, 1] += b1 * yp
-            if p == 0:
-                m4[p, 4] += a4 * yp
-                m2[p, 2] += b2 * yp
-            yp *= y
+        row[0], row[1], row[2], row[3], row[4] = a0, a1, a2, a3, a4
+        _add_row(m4, uy[i], row, 4)
+        row[0], row[1], row[2] = b0, b1, b2
+        _add_row(m2, uy[i], row, 2)
     normal = np.empty((6, 6))
     rhs = np.empty(6)
-    for a in range(6):
-        for k in range(6):
-            normal[a, k] = m4[_P[a] + _P[k], _Q[a] + _Q[k]]
-        rhs[a] = m2[_P[a], _Q[a]]
+    _gather(m4, m2, normal, rhs, 0)
     return cholesky_solve(normal, rhs, out, pivot_min)
 
 
