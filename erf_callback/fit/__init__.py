@@ -1,6 +1,8 @@
 """Measuring a map: the Gaussian fit, the size metrics, and the pixel-grid numerics they share.
 
-Pure numpy (torch tensors are accepted and converted); nothing here knows about models.
+numpy, with compiled (numba) kernels for the 2-D model fit where numba loads (see
+:mod:`erf_callback.fit.kernels`); torch tensors are accepted and converted. Nothing here knows
+about models.
 """
 
 from erf_callback.fit.gaussian import FitMethod, GaussianFit, fit_gaussian
