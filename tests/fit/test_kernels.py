@@ -245,6 +245,7 @@ def test_a_kernel_that_fails_to_compile_leaves_the_fit_on_numpy(monkeypatch, cap
     def broken(module: object) -> None:
         raise RuntimeError("cannot cache function 'evaluate': no locator available")
 
+    monkeypatch.delenv(kernels.JIT_ENV, raising=False)
     monkeypatch.setattr(kernels, "_loaded", kernels._UNTRIED)
     monkeypatch.setattr(kernels, "_warm_up", broken)
     with caplog.at_level(logging.WARNING, logger=kernels.__name__):
