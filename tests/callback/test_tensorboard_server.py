@@ -138,3 +138,12 @@ def test_hparams_tab_compares_runs_by_final_erf_metrics(run) -> None:
     assert values[f"erf/{LAYER}/radius"] == pytest.approx(
         monitor.history.records[-1]["radius"], rel=1e-6
     )
+
+
+def test_the_group_keeps_these_tests_on_one_worker(request) -> None:
+    # xdist groups a test by a suffix of its node id; pytest 9.2 dropped the field xdist 3.8
+    # writes it to, and the group silently stopped working (pytest-dev/pytest-xdist#1386;
+    # constraints.txt pins pytest below 9.2 until xdist follows).
+    if not getattr(request.config.option, "loadgroup", False):
+        pytest.skip("runs under make test (pytest -n 2 --dist loadgroup)")
+    assert request.node.nodeid.endswith("@tensorboard_server"), request.node.nodeid
