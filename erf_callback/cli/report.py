@@ -60,9 +60,13 @@ class Run:
     def layers(self) -> list[str]:
         return list(dict.fromkeys(r["layer"] for r in self.records))
 
+    def with_map(self, layer: str) -> list[dict[str, Any]]:
+        """The layer's probes that gave a map (status ``"ok"``), in order."""
+        return [r for r in self.records if r["layer"] == layer and r.get("status", "ok") == "ok"]
+
     def final(self, layer: str) -> dict[str, Any] | None:
-        """The layer's last probe with a map (status ``"ok"``), or None."""
-        ok = [r for r in self.records if r["layer"] == layer and r.get("status", "ok") == "ok"]
+        """The layer's last probe with a map, or None."""
+        ok = self.with_map(layer)
         return ok[-1] if ok else None
 
     def without_map(self, layer: str) -> list[dict[str, Any]]:
@@ -266,7 +270,7 @@ def render_report_png(run: Run) -> np.ndarray:
     ax = fig.add_subplot(spec[0])
     failed = False
     for layer in layers:
-        ok = [r for r in run.records if r["layer"] == layer and r.get("status", "ok") == "ok"]
+        ok = run.with_map(layer)
         steps, radii = [r["step"] for r in ok], [r.get("radius", math.nan) for r in ok]
         (line,) = ax.plot(steps, radii, "o-", label=layer)
         # Probes without a map (a diverged model, dead units): crosses on the axis, so that a

@@ -315,7 +315,7 @@ def _det_if_positive_definite(m: np.ndarray) -> float | None:
     return determinant(m)
 
 
-def _solve_spd(a: np.ndarray, b: np.ndarray, pivot_min: float = 0.0) -> np.ndarray | None:
+def _solve_spd(a: np.ndarray, b: np.ndarray, pivot_min: float) -> np.ndarray | None:
     """Solve ``a x = b`` for a small symmetric positive definite ``a``; None when it is not
     (a pivot at most ``pivot_min`` times its diagonal entry) or the solution is not finite.
 
